@@ -1,0 +1,114 @@
+"""Timing and peak-memory measurement shared by the benchmarks.
+
+GPU: CUDA events around the call, peak from the caching allocator.
+CPU: wall clock; peak resident memory from /proc (VmHWM reset through
+/proc/self/clear_refs before each measured call), since PyTorch does not track
+CPU allocations. Peak memory is always reported as *extra* bytes over what was
+live before the call (inputs, weights), i.e. the activation/workspace cost.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(fn, device: torch.device) -> int:
+    """Extra bytes at the peak of one call of ``fn`` (result freed afterwards)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return int(peak)
+    if not _reset_cpu_peak():
+        return -1
+    base = _rss_kib("VmRSS")
+    out = fn()
+    peak = _rss_kib("VmHWM") - base
+    del out
+    return max(int(peak) * 1024, 0)
+
+
+def time_ms(fn, device: torch.device, *, warmup: int = 2, reps: int = 5, max_seconds: float = 20.0) -> float:
+    """Median milliseconds of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start_all = time.perf_counter()
+    for _ in range(reps):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize(device)
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start_all > max_seconds:
+            break
+    return statistics.median(times)
+
+
+def compare(impls: dict, device: torch.device, baseline: str, **timing_kw) -> dict:
+    """Time and measure every callable in ``impls``; ratios are baseline/impl
+    for speed (>1 = faster than baseline) and impl/baseline for memory."""
+    rows = {}
+    for name, fn in impls.items():
+        try:
+            ms = time_ms(fn, device, **timing_kw)
+            mem = peak_memory(fn, device)
+            rows[name] = {"ms": round(ms, 4), "peak_extra_mb": round(mem / 2**20, 2)}
+        except Exception as exc:  # a baseline missing (e.g. liger not installed) is recorded, not fatal
+            rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = rows.get(baseline, {})
+    for name, r in rows.items():
+        if "ms" in r and "ms" in base:
+            r["speedup_vs_" + baseline] = round(base["ms"] / r["ms"], 3)
+            if base["peak_extra_mb"] > 0:
+                r["memory_vs_" + baseline] = round(r["peak_extra_mb"] / base["peak_extra_mb"], 3)
+    return rows
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,45 @@
+"""latentfast: fused Triton kernels for latent-reasoning and GRPO fine-tuning.
+
+The Triton device code lives in the top-level ``kernels/`` folder and is installed
+as ``latentfast.kernels`` (a top-level ``kernels`` package would shadow the
+``kernels`` library that transformers imports).
+"""
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["latentfast", "latentfast.*"]) + ["latentfast.kernels"]
+
+setup(
+    name="latentfast",
+    version="0.1.0",
+    description="Fused Triton kernels and trainers for HRPO, CODI and KV-cache distillation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"latentfast.kernels": "kernels"},
+    package_data={"latentfast.data": ["*.jsonl", "LICENSE*"]},
+    install_requires=[
+        # Lower bounds are the versions tested: 2.11 (GPU image) and 2.13 (CPU).
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
+        "transformers>=5.17",
+        "peft>=0.21",
+        "safetensors>=0.8",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6"],
+        "bench": ["liger-kernel>=0.6", "matplotlib>=3.8"],
+        "flash": ["flash-attn>=2.6", "xformers>=0.0.28"],
+        "wandb": ["wandb>=0.17"],
+    },
+    entry_points={
+        "console_scripts": [
+            "latentfast-hrpo=latentfast.train.hrpo:main",
+            "latentfast-codi=latentfast.train.codi:main",
+            "latentfast-kv-distill=latentfast.train.kv_distill:main",
+            "latentfast-diagnose=latentfast.diagnose:main",
+        ]
+    },
+)
