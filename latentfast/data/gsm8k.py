@@ -1,0 +1,50 @@
+"""GSM8K JSONL loading (``question``/``answer`` per line).
+
+A small sample (first 200 train / 100 test problems of GSM8K, MIT licence in
+``LICENSE.gsm8k``, Copyright (c) 2021 OpenAI) ships with the package for the demo
+and the tests; pass the full files' paths for real runs.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+HERE = pathlib.Path(__file__).resolve().parent
+SPLITS = ("train", "test")
+
+
+def sample_path(split: str = "train") -> str:
+    """Path of the shipped GSM8K sample for ``split`` ("train" or "test")."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return str(HERE / f"gsm8k_sample_{split}.jsonl")
+
+
+def load_jsonl(path: str, limit: int | None = None) -> list[dict]:
+    """Rows of a JSONL file; each must carry ``question`` and ``answer``."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "question" not in row or "answer" not in row:
+                raise ValueError(f"{path}:{i + 1}: each line needs 'question' and 'answer' fields")
+            rows.append(row)
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def load_gsm8k(path_or_split: str = "train", limit: int | None = None) -> list[dict]:
+    """``"train"``/``"test"`` reads the shipped sample; anything else is a path."""
+    path = sample_path(path_or_split) if path_or_split in SPLITS else path_or_split
+    return load_jsonl(path, limit)
+
+
+PROMPT_TEMPLATE = "Question: {question}\nAnswer:\n"
+
+
+def format_prompt(question: str) -> str:
+    """The prompt every trainer uses; the model continues with the worked answer."""
+    return PROMPT_TEMPLATE.format(question=question.strip())
