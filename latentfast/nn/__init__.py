@@ -1,0 +1,1 @@
+from latentfast.nn.thinking_residual import ThinkingResidual, ThinkingResidualLambda  # noqa: F401

@@ -58,7 +58,8 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple, what: str = ""):
     """``expected`` may hold None for dimensions that are free."""
     ok = t.dim() == len(expected) and all(e is None or s == e for s, e in zip(t.shape, expected))
     if not ok:
-        exp = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        dims = ["*" if e is None else str(e) for e in expected]
+        exp = "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
         hint = f" ({what})" if what else ""
         raise ValueError(f"{name} must have shape {exp}{hint}, got {tuple(t.shape)}")
 

@@ -1,0 +1,169 @@
+"""Fused HRPO thinking residual as ``torch.library`` custom ops.
+
+    out, a = thinking_residual(e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c=8.0, eps=1e-8)
+
+Forward: two cuBLAS GEMMs (p = h W_p^T, and one stacked z = e [W_r; W_i]^T + b)
+and one Triton epilogue (normalise, gate, mix). Backward recomputes p and z from
+the saved *inputs* instead of keeping N x D activations alive between forward and
+backward, runs one Triton kernel for the whole elementwise chain rule, and four
+GEMMs for the weight / input gradients. ``W_p=None`` serves the original HRPO
+soft-embedding variant, where ``h`` is already the normalised thinking state.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from latentfast.ops._dispatch import check_same_device, check_shape, check_tensor, use_triton
+from latentfast.reference import thinking_residual as ref
+
+
+def _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i):
+    z = torch.addmm(torch.cat([b_r, b_i]), e, torch.cat([W_r, W_i]).t())
+    p = h @ W_p.t() if W_p is not None else h.clone()  # clone: backward writes dp in place
+    return p, z
+
+
+@torch.library.custom_op("latentfast::thinking_residual_fwd", mutates_args=())
+def _fwd(
+    e: torch.Tensor, h: torch.Tensor, W_p: Optional[torch.Tensor], W_r: torch.Tensor, b_r: torch.Tensor,
+    W_i: torch.Tensor, b_i: torch.Tensor, Lambda: torch.Tensor, c: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton(e):
+        out, a = ref.thinking_residual(e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps)
+        return out.contiguous(), a.contiguous()
+    from latentfast.kernels import thinking_residual as K
+
+    p, z = _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i)
+    return K.forward_epilogue(e, p, z, Lambda, c, eps, W_p is not None)
+
+
+@_fwd.register_fake
+def _(e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps):
+    return torch.empty_like(e), torch.empty_like(e)
+
+
+@torch.library.custom_op("latentfast::thinking_residual_bwd", mutates_args=())
+def _bwd(
+    grad_out: torch.Tensor, grad_a: Optional[torch.Tensor],
+    e: torch.Tensor, h: torch.Tensor, W_p: Optional[torch.Tensor], W_r: torch.Tensor, b_r: torch.Tensor,
+    W_i: torch.Tensor, b_i: torch.Tensor, Lambda: torch.Tensor, c: float, eps: float,
+) -> list[torch.Tensor]:
+    """Gradients for (e, h, W_p, W_r, b_r, W_i, b_i, Lambda); dW_p is empty when W_p is None."""
+    if not use_triton(e):
+        return _bwd_reference(grad_out, grad_a, e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps)
+    from latentfast.kernels import thinking_residual as K
+
+    D = e.shape[1]
+    p, z = _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i)
+    de, d_lam, d_br, d_bi = K.backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c, eps, W_p is not None)
+    W_cat = torch.cat([W_r, W_i])
+    de = torch.addmm(de, z, W_cat)  # z now holds dz = [dz_r, dz_i]
+    dW_r, dW_i = z[:, :D].t() @ e, z[:, D:].t() @ e  # two GEMMs: outputs may not alias
+    if W_p is not None:
+        dW_p, dh = p.t() @ h, p @ W_p  # p now holds dp
+    else:
+        dW_p, dh = e.new_empty(0), p
+    return [de, dh, dW_p, dW_r, d_br.to(b_r.dtype), dW_i, d_bi.to(b_i.dtype), d_lam.to(Lambda.dtype)]
+
+
+def _bwd_reference(grad_out, grad_a, e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps):
+    inputs = [e, h, W_p, W_r, b_r, W_i, b_i, Lambda]
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
+        out, a = ref.thinking_residual(*leaves, c, eps)
+        outputs, grads = [out], [grad_out]
+        if grad_a is not None:
+            outputs.append(a)
+            grads.append(grad_a)
+        present = [t for t in leaves if t is not None]
+        got = iter(torch.autograd.grad(outputs, present, grads, allow_unused=True))
+    result = []
+    for t in leaves:
+        g = None if t is None else next(got)
+        if t is None:
+            g = e.new_empty(0)
+        elif g is None:
+            g = torch.zeros_like(t)
+        result.append(g)
+    return result
+
+
+@_bwd.register_fake
+def _(grad_out, grad_a, e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps):
+    like = [e, h, W_p, W_r, b_r, W_i, b_i, Lambda]
+    return [e.new_empty(0) if t is None else torch.empty_like(t) for t in like]
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, c, eps = inputs
+    ctx.has_proj = tensors[2] is not None
+    ctx.save_for_backward(*[t for t in tensors if t is not None])
+    ctx.c, ctx.eps = c, eps
+
+
+def _backward(ctx, grad_out, grad_a):
+    saved = list(ctx.saved_tensors)
+    if not ctx.has_proj:
+        saved.insert(2, None)
+    if grad_out is None:
+        grad_out = torch.zeros_like(saved[0])
+    grads = _bwd(grad_out, grad_a, *saved, ctx.c, ctx.eps)
+    if not ctx.has_proj:
+        grads[2] = None
+    return (*grads, None, None)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def thinking_residual(
+    e: torch.Tensor,
+    h: torch.Tensor,
+    W_p: Optional[torch.Tensor],
+    W_r: torch.Tensor,
+    b_r: torch.Tensor,
+    W_i: torch.Tensor,
+    b_i: torch.Tensor,
+    Lambda: torch.Tensor,
+    c: float = 8.0,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``out = a*e + sqrt(1 - a^2 + eps) * (i * normalize(W_p h))``; returns ``(out, a)``.
+
+    Args:
+        e: (N, D) token embeddings at thinking positions.
+        h: (N, D) last hidden states there (raw; or the normalised state when ``W_p`` is None).
+        W_p: (D, D) thinking projection weight, or None.
+        W_r, W_i: (D, D) gate weights; b_r, b_i: (D,) gate biases; Lambda: (D,).
+    Under autocast every tensor is cast to the autocast dtype (like ``F.linear`` is);
+    otherwise all must share e's dtype. Accumulation is fp32 in the kernels.
+    """
+    names = ["e", "h", "W_p", "W_r", "b_r", "W_i", "b_i", "Lambda"]
+    tensors = [e, h, W_p, W_r, b_r, W_i, b_i, Lambda]
+    for name, t in zip(names, tensors):
+        if t is not None or name != "W_p":
+            check_tensor(name, t, float_=True)
+    check_tensor("e", e, ndim=2)
+    N, D = e.shape
+    check_shape("h", h, (N, D), "same as e: (N thinking positions, hidden size)")
+    for name, t in (("W_p", W_p), ("W_r", W_r), ("W_i", W_i)):
+        if t is not None:
+            check_shape(name, t, (D, D), "(hidden size, hidden size)")
+    for name, t in (("b_r", b_r), ("b_i", b_i), ("Lambda", Lambda)):
+        check_shape(name, t, (D,), "(hidden size,)")
+    check_same_device(**dict(zip(names, tensors)))
+
+    if torch.is_autocast_enabled(e.device.type):
+        dtype = torch.get_autocast_dtype(e.device.type)
+        tensors = [None if t is None else t.to(dtype) for t in tensors]
+    else:
+        bad = [(n, t.dtype) for n, t in zip(names, tensors) if t is not None and t.dtype != e.dtype]
+        if bad:
+            raise TypeError(
+                f"all inputs must have e's dtype {e.dtype} (or run under autocast); got "
+                + ", ".join(f"{n}: {d}" for n, d in bad)
+            )
+    e, h = tensors[0].contiguous(), tensors[1].contiguous()
+    return _fwd(e, h, *tensors[2:], float(c), float(eps))
