@@ -91,7 +91,7 @@ def test_codi_matches_loop_and_grads():
     g = torch.Generator().manual_seed(3)
     B = 3
     student = [torch.randn(B, 7, 16, generator=g, requires_grad=True) for _ in range(4)]
-    teacher = [torch.randn(B, 12, 16, generator=g, requires_grad=True) * 3 for _ in range(4)]
+    teacher = [(torch.randn(B, 12, 16, generator=g) * 3).requires_grad_(True) for _ in range(4)]
     sp, tp = torch.tensor([6, 3, 5]), torch.tensor([11, 8, 2])
     out = CODILoss()(student, teacher, sp, tp)
     exp = codi_reference(student, teacher, sp, tp)
