@@ -1,0 +1,129 @@
+"""Hybrid-thinking generation with the KV cache.
+
+A row is "thinking" until it emits the answer marker (``####``), detected on token
+ids. While thinking, the next input embedding is ``thinking_residual(embed(token),
+state)`` where ``state`` comes from the last hidden state (projection mode) or the
+sampling distribution (soft-embedding mode). The hidden states (or soft states) at
+thinking positions are kept, packed N_think x D, for the training forward.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+def _cache_kw(transformer) -> str:
+    # transformers >= 5.2x renamed ``past_key_values`` to ``cache``; support both.
+    return "cache" if "cache" in inspect.signature(type(transformer).forward).parameters else "past_key_values"
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor       # B x P, left-padded
+    prompt_mask: torch.Tensor      # B x P
+    completion_ids: torch.Tensor   # B x C, right-padded with pad_token_id
+    completion_mask: torch.Tensor  # B x C, 1 up to and including EOS
+    thinking_mask: torch.Tensor    # B x C bool: input embedding mixed with a thinking state
+    thinking_hidden: torch.Tensor  # N x D, row-major over thinking_mask: raw hidden (projection) or state (soft)
+    embeds_ratio: torch.Tensor     # N: a.mean(-1) at each thinking position
+
+    def as_batch(self) -> dict:
+        return {k: getattr(self, k) for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
+                                               "thinking_mask", "thinking_hidden")}
+
+    def to(self, device) -> "Rollout":
+        return Rollout(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, do_sample: bool, generator=None):
+    """Next tokens and the distribution they were drawn from (for the soft embedding)."""
+    probs = torch.softmax(logits / max(temperature, 1e-6), -1)
+    if not do_sample:
+        return logits.argmax(-1), probs
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix reaching top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, *,
+             eos_token_id: int, pad_token_id: int, marker_ids: list[int], temperature: float = 0.5,
+             top_p: float = 1.0, do_sample: bool = True, generator=None) -> Rollout:
+    """Sample (or greedy-decode) completions from a ``HybridThinkingLM``.
+
+    ``marker_ids``: token ids of the answer marker; thinking ends once a row's last
+    ``len(marker_ids)`` tokens equal them (the marker's last token is not mixed).
+    """
+    B, device = prompt_ids.shape[0], prompt_ids.device
+    thinking_mod, tf = model.thinking, model.transformer
+    W, bias = model.lm_head_weight(), model.lm_head_bias()
+    soft = not thinking_mod.uses_projection
+    marker = torch.tensor(marker_ids, device=device)
+    recent = torch.full((B, len(marker_ids)), -1, dtype=torch.long, device=device)
+
+    cache = DynamicCache()
+    kv = {_cache_kw(tf): cache}
+    attn = prompt_mask.long()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = tf(inputs_embeds=model.embed(prompt_ids), attention_mask=attn, position_ids=pos,
+             use_cache=True, **kv)
+    h = out.last_hidden_state[:, -1]
+    next_pos = pos[:, -1:] + 1
+
+    thinking = torch.ones(B, dtype=torch.bool, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    toks, comp_mask, think_mask, states, where, ratios = [], [], [], [], [], []
+    for step in range(max_new_tokens):
+        logits = F.linear(h, W, bias).float()
+        tok, probs = _sample(logits, temperature, top_p, do_sample, generator)
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        recent = torch.cat([recent[:, 1:], tok[:, None]], 1)
+        thinking &= ~(recent == marker).all(-1)
+        mix = thinking & ~finished & (tok != eos_token_id)
+        last = bool((finished | (tok == eos_token_id)).all()) or step == max_new_tokens - 1
+        if last:
+            mix = torch.zeros_like(mix)  # the last token's embedding feeds no prediction
+        toks.append(tok)
+        comp_mask.append(~finished)
+        think_mask.append(mix)
+        finished = finished | (tok == eos_token_id)
+        if last:
+            break
+        e = model.embed(tok)
+        if mix.any():
+            rows = mix.nonzero(as_tuple=True)[0]
+            if soft:  # the original HRPO state: probs @ E / ||probs||_2
+                p = probs[rows]
+                E = model.hf_model.get_input_embeddings().weight
+                state = (p.to(E.dtype) @ E) / p.pow(2).sum(-1, keepdim=True).sqrt().to(E.dtype)
+            else:
+                state = h[rows]
+            mixed, a = thinking_mod(e[rows], state)
+            e = e.index_put((rows,), mixed.to(e.dtype))
+            states.append(state.to(e.dtype))
+            where.append(rows * max_new_tokens + step)
+            ratios.append(a.float().mean(-1))
+        attn = torch.cat([attn, comp_mask[-1].long()[:, None]], 1)
+        out = tf(inputs_embeds=e[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
+                 **kv)
+        h = out.last_hidden_state[:, -1]
+        next_pos = next_pos + 1
+
+    D = h.shape[-1]
+    if states:
+        order = torch.cat(where).argsort()  # step-major -> row-major, matching thinking_mask[...] order
+        thinking_hidden = torch.cat(states)[order]
+        embeds_ratio = torch.cat(ratios)[order]
+    else:
+        thinking_hidden = h.new_zeros(0, D)
+        embeds_ratio = h.new_zeros(0, dtype=torch.float32)
+    return Rollout(prompt_ids, prompt_mask.long(), torch.stack(toks, 1), torch.stack(comp_mask, 1).long(),
+                   torch.stack(think_mask, 1), thinking_hidden, embeds_ratio)

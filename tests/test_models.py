@@ -1,0 +1,141 @@
+"""Hybrid-thinking model layer: generation, stored-state training forward, two-pass parity."""
+import pytest
+import torch
+
+from latentfast.data import build_tokenizer, format_prompt, make_arithmetic
+from latentfast.models import HRPO_MODULES, HybridConfig, HybridThinkingLM, build_tiny_causal_lm, generate
+
+TOK = build_tokenizer()
+
+
+def _model(cfg=None, lora=True, **overrides):
+    torch.manual_seed(0)
+    m = HybridThinkingLM(build_tiny_causal_lm(TOK, **overrides), cfg or HybridConfig())
+    return m.add_lora(8) if lora else m
+
+
+def _rollout(m, n=4, greedy=False, max_new=20):
+    rows = make_arithmetic(n, seed=1)
+    enc = TOK([format_prompt(r["question"]) for r in rows], return_tensors="pt", padding=True)
+    g = torch.Generator().manual_seed(0)
+    return generate(m, enc.input_ids, enc.attention_mask, max_new, eos_token_id=TOK.eos_token_id,
+                    pad_token_id=TOK.pad_token_id, marker_ids=[TOK.answer_marker_id], temperature=1.0,
+                    do_sample=not greedy, generator=g)
+
+
+def _loss_and_grads(m, batch, adv, recompute, ref=None, old=None):
+    m.zero_grad(set_to_none=True)
+    loss, metrics = m(batch, adv, ref_per_token_logps=ref, old_per_token_logps=old, recompute=recompute,
+                      loss_kwargs=dict(beta=0.04 if ref is not None else 0.0))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_rollout_shapes_and_packed_states():
+    m = _model()
+    ro = _rollout(m)
+    B, C = ro.completion_ids.shape
+    assert ro.thinking_mask.shape == (B, C) and ro.thinking_mask.dtype == torch.bool
+    n = int(ro.thinking_mask.sum())
+    assert n > 0 and ro.thinking_hidden.shape == (n, m.config.hidden_size)  # N_think x D, not B x T x D
+    assert ro.embeds_ratio.shape == (n,) and bool(((ro.embeds_ratio > 0) & (ro.embeds_ratio < 1)).all())
+    assert not bool((ro.thinking_mask & ~ro.completion_mask.bool()).any())
+
+
+def test_training_forward_reproduces_greedy_rollout():
+    """Stored states + fused residual in one parallel forward = what generation saw."""
+    m = _model()
+    ro = _rollout(m, greedy=True)
+    b = ro.as_batch()
+    hidden, _ = m.completion_hidden(b)
+    pred = (hidden @ m.lm_head_weight().T).argmax(-1)
+    keep = b["completion_mask"].bool()
+    assert torch.equal(pred[keep], b["completion_ids"][keep])
+
+
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_stored_matches_two_pass_and_projection_gets_gradient(with_ref):
+    """fp32, unchanged policy: stored design == recipe's two-pass (rel. tol 1e-4)."""
+    m = _model()
+    ro = _rollout(m, n=6)
+    b = ro.as_batch()
+    lp = m.per_token_logps(b)
+    adv = torch.randn(6)
+    ref = lp - 0.1 if with_ref else None
+    old = lp + 0.05 * torch.randn_like(lp)  # ratios away from 1 so clipping paths run
+    l1, g1 = _loss_and_grads(m, b, adv, "stored", ref, old)
+    l2, g2 = _loss_and_grads(m, b, adv, "two_pass", ref, old)
+    torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-6)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        scale = g1[name].abs().max().clamp(min=1e-8)
+        assert (g1[name] - g2[name]).abs().max() / scale < 1e-4, name
+    proj = [g for n, g in g1.items() if "thinking_projection" in n]
+    assert len(proj) == 1 and proj[0].norm() > 0
+    for name in ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda", "lora_B"):
+        assert any(name in n and g.norm() > 0 for n, g in g1.items()), name
+
+
+def test_two_pass_clean_is_the_recipe_verbatim_and_runs():
+    m = _model()
+    b = _rollout(m).as_batch()
+    loss, _ = m(b, torch.randn(4), recompute="two_pass_clean")
+    loss.backward()
+    assert m.thinking.projection.weight.grad is not None
+
+
+def test_peft_names_and_reference_is_adapters_disabled():
+    m = _model()
+    names = [n for n, _ in m.named_modules()]
+    for mod in HRPO_MODULES:
+        assert any(n.endswith(mod + ".modules_to_save.default") for n in names), mod
+    b = _rollout(m).as_batch()
+    before = m.per_token_logps(b)
+    with torch.no_grad():  # move the trainable copies; the reference must not move
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    after = m.per_token_logps(b)
+    with m.reference():
+        ref = m.per_token_logps(b)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(ref, before)
+
+
+@pytest.mark.parametrize("cfg", [HybridConfig(thinking_state="soft_embedding"), HybridConfig(projection="layernorm"),
+                                 HybridConfig(projection="mlp")])
+def test_thinking_state_variants(cfg):
+    m = _model(cfg)
+    ro = _rollout(m, greedy=True)
+    b = ro.as_batch()
+    hidden, _ = m.completion_hidden(b)
+    keep = b["completion_mask"].bool()
+    assert torch.equal((hidden @ m.lm_head_weight().T).argmax(-1)[keep], b["completion_ids"][keep])
+    loss, _ = m(b, torch.randn(4))
+    loss.backward()
+    grads = [p.grad for n, p in m.named_parameters() if "thinking_projection" in n and p.grad is not None]
+    if cfg.thinking_state == "soft_embedding":
+        assert m.thinking.projection is None and not grads
+    else:
+        assert grads and all(g.norm() > 0 for g in grads)
+
+
+def test_answer_marker_ends_thinking():
+    m = _model()
+    ro = _rollout(m, n=8, max_new=30)
+    for row_ids, row_think in zip(ro.completion_ids, ro.thinking_mask):
+        hits = (row_ids == TOK.answer_marker_id).nonzero()
+        if len(hits):
+            assert not bool(row_think[hits[0, 0]:].any())
+
+
+def test_wraps_llama_without_peft():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(TOK), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    m = HybridThinkingLM(LlamaForCausalLM(cfg))
+    b = _rollout(m).as_batch()
+    loss, _ = m(b, torch.randn(4))
+    loss.backward()
+    assert m.thinking.projection.weight.grad.norm() > 0
