@@ -252,8 +252,8 @@ class HybridThinkingLM(nn.Module):
         return loss, metrics
 
     @torch.no_grad()
-    def per_token_logps(self, batch: dict, temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
-        """Log-probs of the completion tokens (B x C), chunked: no full logits tensor."""
+    def per_token_logps(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        """Log-probs of the completion tokens (B x C, 0 at padding), no logits tensor."""
         hidden, _ = self.completion_hidden(batch, "stored")
         return per_token_logps(hidden, self.lm_head_weight(), batch["completion_ids"], self.lm_head_bias(),
-                               temperature=temperature, chunk_size=chunk_size)
+                               temperature, batch["completion_mask"])
