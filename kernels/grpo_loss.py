@@ -62,7 +62,7 @@ def _logit_grad_kernel(L_ptr, stride, ids_ptr, lse_ptr, g_ptr, V, inv_t, BLOCK_V
     for off in range(0, V, BLOCK_V):
         idx = off + cols
         valid = idx < V
-        z = tl.load(base + idx, mask=valid, other=0.0).to(tl.float32) * inv_t
+        z = tl.load(base + idx, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
         p = tl.exp(z - lse)
         grad = tl.where(idx == target, coef - coef * p, -coef * p)
         tl.store(base + idx, grad.to(L_ptr.dtype.element_ty), mask=valid)

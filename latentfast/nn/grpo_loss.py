@@ -90,15 +90,18 @@ class FusedLinearGRPOLoss(nn.Module):
     ) -> tuple[torch.Tensor, GRPOMetrics]:
         """_input (B, T, H) completion hidden states; lin_weight (V, H); selected_token_ids,
         attention_mask (B, T); advantages (B,); ref/old_per_token_logps (B, T) or None.
-        ``ref_input`` (+ ``ref_weight``/``ref_bias``): reference hidden states, used to
-        compute the reference log-probs (no grad) when ``ref_per_token_logps`` is None."""
+        ``ref_input`` (+ ``ref_weight``/``ref_bias``, default this lm_head): reference hidden
+        states, used to compute the reference log-probs (no grad) when ``ref_per_token_logps``
+        is None."""
         use_ref = self.beta != 0.0 and self.use_ref_model
         if use_ref and ref_per_token_logps is None:
             if ref_input is None:
                 raise ValueError("use_ref_model=True needs ref_per_token_logps or ref_input")
+            if ref_weight is None:  # same lm_head (e.g. LoRA reference = adapters disabled)
+                ref_weight, ref_bias = lin_weight, bias
             ref_per_token_logps, _ = lm_head_logps(
-                ref_input, lin_weight if ref_weight is None else ref_weight, selected_token_ids,
-                ref_bias, self.temperature, attention_mask, self.chunk_size)
+                ref_input, ref_weight, selected_token_ids, ref_bias, self.temperature, attention_mask,
+                self.chunk_size)
         return fused_linear_grpo_loss(
             _input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
             ref_per_token_logps if use_ref else None, old_per_token_logps,
