@@ -7,6 +7,16 @@ from latentfast.ops import thinking_residual
 from latentfast.reference.thinking_residual import lambda_init
 from latentfast.reference.thinking_residual import thinking_residual as reference
 
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    """Run a test on both CPU backends: the Triton kernel (interpreter) and the torch epilogue."""
+    if request.param == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return request.param
+
+
 NAMES = ["e", "h", "W_p", "W_r", "b_r", "W_i", "b_i", "Lambda"]
 
 
@@ -47,16 +57,16 @@ def assert_matches(tensors, atol=1e-5, rtol=1e-4, ref_tensors=None):
 
 @pytest.mark.parametrize("D", [64, 96, 200])
 @pytest.mark.parametrize("N", [1, 7, 300])
-def test_matches_reference_fp32(N, D):
+def test_matches_reference_fp32(N, D, backend):
     assert_matches(make_inputs(N, D))
 
 
 @pytest.mark.parametrize("D", [64, 200])
-def test_without_projection(D):
+def test_without_projection(D, backend):
     assert_matches(make_inputs(7, D, projection=False))
 
 
-def test_zero_row_of_h():
+def test_zero_row_of_h(backend):
     tensors = make_inputs(5, 96)
     with torch.no_grad():
         tensors[1][2].zero_()
@@ -67,7 +77,7 @@ def test_zero_row_of_h():
 
 @pytest.mark.parametrize("lam", [lambda D: torch.full((D,), -30.0), lambda D: torch.full((D,), 30.0),
                                  lambda D: torch.linspace(-40, 40, D)], ids=["very-neg", "very-pos", "sweep"])
-def test_extreme_lambda(lam):
+def test_extreme_lambda(lam, backend):
     # Lambda < -20 hits softplus's linear branch; Lambda >> 0 drives a -> 1 and
     # sqrt(1 - a^2 + eps) -> 1e-4, where d/da is amplified 1e4x: compared against a
     # float64 reference, with the fp32 rounding that amplification implies.
@@ -76,7 +86,7 @@ def test_extreme_lambda(lam):
     assert_matches(tensors, atol=1e-3, rtol=1e-3, ref_tensors=ref64)
 
 
-def test_empty_mask():
+def test_empty_mask(backend):
     tensors = make_inputs(0, 64)
     out, a = thinking_residual(*tensors)
     assert out.shape == (0, 64) and a.shape == (0, 64)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from latentfast.ops._dispatch import check_same_device, check_shape, check_tensor, use_triton
 from latentfast.reference import thinking_residual as ref
@@ -25,18 +26,23 @@ def _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i):
     return p, z
 
 
+def _epilogues(e: torch.Tensor):
+    """Triton kernels on CUDA / under the interpreter, else the same math in torch ops."""
+    if use_triton(e):
+        from latentfast.kernels import thinking_residual as K
+
+        return K.forward_epilogue, K.backward_epilogue
+    return _torch_forward_epilogue, _torch_backward_epilogue
+
+
 @torch.library.custom_op("latentfast::thinking_residual_fwd", mutates_args=())
 def _fwd(
     e: torch.Tensor, h: torch.Tensor, W_p: Optional[torch.Tensor], W_r: torch.Tensor, b_r: torch.Tensor,
     W_i: torch.Tensor, b_i: torch.Tensor, Lambda: torch.Tensor, c: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if not use_triton(e):
-        out, a = ref.thinking_residual(e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps)
-        return out.contiguous(), a.contiguous()
-    from latentfast.kernels import thinking_residual as K
-
+    forward_epilogue, _ = _epilogues(e)
     p, z = _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i)
-    return K.forward_epilogue(e, p, z, Lambda, c, eps, W_p is not None)
+    return forward_epilogue(e, p, z, Lambda, c, eps, W_p is not None)
 
 
 @_fwd.register_fake
@@ -51,16 +57,12 @@ def _bwd(
     W_i: torch.Tensor, b_i: torch.Tensor, Lambda: torch.Tensor, c: float, eps: float,
 ) -> list[torch.Tensor]:
     """Gradients for (e, h, W_p, W_r, b_r, W_i, b_i, Lambda); dW_p is empty when W_p is None."""
-    if not use_triton(e):
-        return _bwd_reference(grad_out, grad_a, e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps)
-    from latentfast.kernels import thinking_residual as K
-
+    _, backward_epilogue = _epilogues(e)
     D = e.shape[1]
     p, z = _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i)
-    de, d_lam, d_br, d_bi = K.backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c, eps, W_p is not None)
-    W_cat = torch.cat([W_r, W_i])
-    de = torch.addmm(de, z, W_cat)  # z now holds dz = [dz_r, dz_i]
-    dW_r, dW_i = z[:, :D].t() @ e, z[:, D:].t() @ e  # two GEMMs: outputs may not alias
+    de, d_lam, d_br, d_bi = backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c, eps, W_p is not None)
+    de = torch.addmm(de, z, torch.cat([W_r, W_i]))  # z now holds dz = [dz_r, dz_i]
+    dW_r, dW_i = z[:, :D].t() @ e, z[:, D:].t() @ e  # two GEMMs: op outputs may not alias
     if W_p is not None:
         dW_p, dh = p.t() @ h, p @ W_p  # p now holds dp
     else:
@@ -68,32 +70,58 @@ def _bwd(
     return [de, dh, dW_p, dW_r, d_br.to(b_r.dtype), dW_i, d_bi.to(b_i.dtype), d_lam.to(Lambda.dtype)]
 
 
-def _bwd_reference(grad_out, grad_a, e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps):
-    inputs = [e, h, W_p, W_r, b_r, W_i, b_i, Lambda]
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
-        out, a = ref.thinking_residual(*leaves, c, eps)
-        outputs, grads = [out], [grad_out]
-        if grad_a is not None:
-            outputs.append(a)
-            grads.append(grad_a)
-        present = [t for t in leaves if t is not None]
-        got = iter(torch.autograd.grad(outputs, present, grads, allow_unused=True))
-    result = []
-    for t in leaves:
-        g = None if t is None else next(got)
-        if t is None:
-            g = e.new_empty(0)
-        elif g is None:
-            g = torch.zeros_like(t)
-        result.append(g)
-    return result
-
-
 @_bwd.register_fake
 def _(grad_out, grad_a, e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps):
     like = [e, h, W_p, W_r, b_r, W_i, b_i, Lambda]
     return [e.new_empty(0) if t is None else torch.empty_like(t) for t in like]
+
+
+# ---------------------------------------------------------------- CPU epilogues
+# The kernels' math in torch ops (fp32), used on CPU without the interpreter. Custom-op
+# bodies run below the autograd key, so the chain rule is written out, not traced.
+
+def _gates(e, p, z, Lambda, c, eps, has_proj):
+    f = torch.float32
+    D = e.shape[1]
+    norm = p.float().norm(dim=-1, keepdim=True) if has_proj else None
+    hn = p.float() / (norm + ref.NORM_EPS) if has_proj else p.float()
+    r, i = torch.sigmoid(z[:, :D].float()), torch.sigmoid(z[:, D:].float())
+    s = F.softplus(-Lambda.to(f), beta=1, threshold=20)
+    a = torch.exp(-c * s * r)
+    g = torch.sqrt(1 - a * a + eps)
+    return hn, norm, r, i, s, a, g
+
+
+def _torch_forward_epilogue(e, p, z, Lambda, c, eps, has_proj):
+    hn, _, _, i, _, a, g = _gates(e, p, z, Lambda, c, eps, has_proj)
+    out = a * e.float() + g * (i * hn)
+    return out.to(e.dtype), a.to(e.dtype)
+
+
+def _torch_backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c, eps, has_proj):
+    D = e.shape[1]
+    hn, norm, r, i, s, a, g = _gates(e, p, z, Lambda, c, eps, has_proj)
+    go = grad_out.float()
+    d_a = go * (e.float() - i * hn * a / g)
+    if grad_a is not None:
+        d_a = d_a + grad_a.float()
+    d_zi = go * g * hn * i * (1 - i)
+    d_ar = d_a * a * (-c)
+    d_zr = d_ar * s * r * (1 - r)
+    lam = Lambda.float()
+    ds_dlam = torch.where(-lam > 20, -torch.ones_like(lam), -torch.sigmoid(-lam))
+    d_hn = go * g * i
+    if has_proj:
+        inv = 1 / (norm + ref.NORM_EPS)
+        dot = (d_hn * p.float()).sum(-1, keepdim=True)
+        corr = torch.where(norm > 0, dot * inv * inv / norm.clamp_min(1e-30), torch.zeros_like(norm))
+        d_p = d_hn * inv - p.float() * corr
+    else:
+        d_p = d_hn
+    p.copy_(d_p)
+    z[:, :D].copy_(d_zr)
+    z[:, D:].copy_(d_zi)
+    return (go * a).to(e.dtype), (d_ar * r * ds_dlam).sum(0), d_zr.sum(0), d_zi.sum(0)
 
 
 def _setup_context(ctx, inputs, output):

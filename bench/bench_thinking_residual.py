@@ -1,0 +1,49 @@
+"""Fused thinking residual (fwd+bwd) vs eager PyTorch vs torch.compile of eager."""
+from __future__ import annotations
+
+import torch
+
+from measure import compare
+
+from latentfast.ops import thinking_residual
+from latentfast.reference.thinking_residual import lambda_init
+from latentfast.reference.thinking_residual import thinking_residual as eager
+
+
+def _inputs(N, D, dtype, device):
+    mk = lambda *s, scale=1.0: (torch.randn(*s, device=device) * scale).to(dtype).requires_grad_(True)  # noqa: E731
+    return [mk(N, D), mk(N, D), mk(D, D, scale=D**-0.5), mk(D, D, scale=D**-0.5), mk(D, scale=0.1),
+            mk(D, D, scale=D**-0.5), mk(D, scale=0.1), lambda_init(0.9, 0.999, 8.0, D).to(device, dtype).requires_grad_(True)]
+
+
+def _fwd_bwd(fn, tensors, grad_out):
+    def step():
+        out, a = fn(*tensors)
+        out.backward(grad_out)
+        for t in tensors:
+            t.grad = None
+    return step
+
+
+def run(device: torch.device, quick: bool) -> list[dict]:
+    if quick:
+        shapes, dtype = [(512, 256), (1024, 512)], torch.float32
+    else:
+        shapes, dtype = [(8192, 1536), (8192, 4096)], torch.bfloat16
+    compiled = torch.compile(eager)
+    cases = []
+    for N, D in shapes:
+        tensors = _inputs(N, D, dtype, device)
+        grad_out = torch.randn(N, D, device=device, dtype=dtype)
+        impls = {
+            "eager": _fwd_bwd(eager, tensors, grad_out),
+            "torch_compile": _fwd_bwd(compiled, tensors, grad_out),
+            "latentfast": _fwd_bwd(thinking_residual, tensors, grad_out),
+        }
+        rows = compare(impls, device, baseline="eager")
+        if "ms" in rows["torch_compile"] and "ms" in rows["latentfast"]:
+            rows["latentfast"]["speedup_vs_torch_compile"] = round(rows["torch_compile"]["ms"] / rows["latentfast"]["ms"], 3)
+        cases.append({"op": "thinking_residual fwd+bwd", "N": N, "D": D, "dtype": str(dtype).replace("torch.", ""),
+                      "backend": "triton" if device.type == "cuda" else "reference (no Triton on CPU)", "impls": rows})
+        del tensors, grad_out
+    return cases
