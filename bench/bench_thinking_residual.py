@@ -1,6 +1,8 @@
 """Fused thinking residual (fwd+bwd) vs eager PyTorch vs torch.compile of eager."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from measure import compare
@@ -39,6 +41,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
             "eager": _fwd_bwd(eager, tensors, grad_out),
             "torch_compile": _fwd_bwd(compiled, tensors, grad_out),
             "latentfast": _fwd_bwd(thinking_residual, tensors, grad_out),
+            "latentfast_recompute_gates": _fwd_bwd(partial(thinking_residual, recompute_gates=True), tensors, grad_out),
         }
         rows = compare(impls, device, baseline="eager")
         if "ms" in rows["torch_compile"] and "ms" in rows["latentfast"]:

@@ -1,11 +1,15 @@
 """Triton epilogues of the fused thinking residual.
 
-The three GEMMs (p = h W_p^T and z = e [W_r; W_i]^T + b) go to cuBLAS; these
-kernels fuse everything row-wise around them: the L2 normalisation of p, both
-sigmoids, the Lambda gate and the output mix in the forward, and the whole
-chain rule back to dp / dz (written in place over p / z) plus the column
-reductions for dLambda, db_r, db_i in the backward. Every load is cast to fp32,
-so bf16/fp16 inputs accumulate in fp32 (and the interpreter stays exact).
+The GEMMs (p = h W_p^T and one stacked z = e [W_r; W_i]^T + b) go to cuBLAS; these
+kernels fuse everything around them, BLOCK_M rows x the full hidden size per tile:
+the L2 normalisation of p, both sigmoids, the Lambda gate and the output mix in
+the forward; in the backward, the whole chain rule back to dp / dz plus the
+column reductions for dLambda, db_r, db_i (per-program partials, summed by the
+caller: deterministic, no atomics). Every load is cast to fp32, so bf16/fp16
+inputs accumulate in fp32 (and the interpreter stays exact).
+
+All row-major buffers are contiguous: rows of e, p, out, a, grads have stride D,
+rows of z / dz have stride 2D ([z_r | z_i]).
 """
 from __future__ import annotations
 
@@ -15,73 +19,71 @@ import triton.language as tl
 
 NORM_EPS = 1e-8
 
+
 @triton.jit
 def _softplus_neg(lam):
     # softplus(-lam) with PyTorch's threshold=20 (linear above it)
     x = -lam
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
+
 @triton.jit
-def _fwd_kernel(
-    E, P, Z, LAM, OUT, A,
-    D, stride_e, stride_p, stride_z, stride_out,
-    c, eps, norm_eps,
-    HAS_PROJ: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
+def _fwd_kernel(E, P, Z, LAM, OUT, A, N, D, c, eps, norm_eps,
+                HAS_PROJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    m = cols < D
-    e = tl.load(E + row * stride_e + cols, mask=m, other=0.0).to(tl.float32)
-    p = tl.load(P + row * stride_p + cols, mask=m, other=0.0).to(tl.float32)
-    zr = tl.load(Z + row * stride_z + cols, mask=m, other=0.0).to(tl.float32)
-    zi = tl.load(Z + row * stride_z + D + cols, mask=m, other=0.0).to(tl.float32)
-    lam = tl.load(LAM + cols, mask=m, other=0.0).to(tl.float32)
+    mask = (rows[:, None] < N) & (cols[None, :] < D)
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    z_offs = rows[:, None].to(tl.int64) * (2 * D) + cols[None, :]
+    e = tl.load(E + offs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
+    zr = tl.load(Z + z_offs, mask=mask, other=0.0).to(tl.float32)
+    zi = tl.load(Z + z_offs + D, mask=mask, other=0.0).to(tl.float32)
+    lam = tl.load(LAM + cols, mask=cols < D, other=0.0).to(tl.float32)
 
     if HAS_PROJ:
-        hn = p / (tl.sqrt(tl.sum(p * p, axis=0)) + norm_eps)
+        hn = p / (tl.sqrt(tl.sum(p * p, axis=1))[:, None] + norm_eps)
     else:
         hn = p
     r = tl.sigmoid(zr)
     i = tl.sigmoid(zi)
-    a = tl.exp(-c * _softplus_neg(lam) * r)
+    a = tl.exp(-c * _softplus_neg(lam)[None, :] * r)
     g = tl.sqrt(1.0 - a * a + eps)
     out = a * e + g * (i * hn)
-    tl.store(OUT + row * stride_out + cols, out.to(OUT.dtype.element_ty), mask=m)
-    tl.store(A + row * stride_out + cols, a.to(A.dtype.element_ty), mask=m)
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(A + offs, a.to(A.dtype.element_ty), mask=mask)
+
 
 @triton.jit
-def _bwd_kernel(
-    E, P, Z, LAM, GOUT, GA, DE, PARTIAL,
-    N, D, stride_e, stride_p, stride_z, stride_g, stride_de,
-    c, eps, norm_eps, rows_per_program,
-    HAS_PROJ: tl.constexpr, HAS_GA: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Reads p, z (recomputed GEMM outputs) and overwrites them with dp, dz.
-    Writes the direct part of de (a * grad_out) and, per program, partial column
-    sums of dLambda, db_r, db_i into PARTIAL[pid, 0:3, :]."""
+def _bwd_kernel(E, P, Z, LAM, GOUT, GA, DE, DP, DZ, PARTIAL, N, D, c, eps, norm_eps, rows_per_program,
+                HAS_PROJ: tl.constexpr, HAS_GA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Writes de_direct = a * grad_out, dp, dz (dp/dz may alias p/z: each tile is read
+    before it is written) and per-program column partials of dLambda, db_r, db_i."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
-    m = cols < D
-    lam = tl.load(LAM + cols, mask=m, other=0.0).to(tl.float32)
-    s = _softplus_neg(lam)
-    ds_dlam = -tl.sigmoid(-lam)
-    ds_dlam = tl.where(-lam > 20.0, -1.0, ds_dlam)
+    col_ok = cols < D
+    lam = tl.load(LAM + cols, mask=col_ok, other=0.0).to(tl.float32)
+    s = _softplus_neg(lam)[None, :]
+    ds_dlam = tl.where(-lam > 20.0, -1.0, -tl.sigmoid(-lam))[None, :]
 
     acc_lam = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_br = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_bi = tl.zeros([BLOCK_D], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, N)
-    for row in range(row_start, row_end):
-
-        e = tl.load(E + row * stride_e + cols, mask=m, other=0.0).to(tl.float32)
-        p = tl.load(P + row * stride_p + cols, mask=m, other=0.0).to(tl.float32)
-        zr = tl.load(Z + row * stride_z + cols, mask=m, other=0.0).to(tl.float32)
-        zi = tl.load(Z + row * stride_z + D + cols, mask=m, other=0.0).to(tl.float32)
-        go = tl.load(GOUT + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+    for block_start in range(row_start, row_end, BLOCK_M):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < row_end) & col_ok[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        z_offs = rows[:, None].to(tl.int64) * (2 * D) + cols[None, :]
+        e = tl.load(E + offs, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
+        zr = tl.load(Z + z_offs, mask=mask, other=0.0).to(tl.float32)
+        zi = tl.load(Z + z_offs + D, mask=mask, other=0.0).to(tl.float32)
+        go = tl.load(GOUT + offs, mask=mask, other=0.0).to(tl.float32)
 
         if HAS_PROJ:
-            norm = tl.sqrt(tl.sum(p * p, axis=0))
+            norm = tl.sqrt(tl.sum(p * p, axis=1))[:, None]
             inv = 1.0 / (norm + norm_eps)
             hn = p * inv
         else:
@@ -93,81 +95,85 @@ def _bwd_kernel(
 
         d_a = go * (e - i * hn * a / g)
         if HAS_GA:
-            d_a += tl.load(GA + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+            d_a += tl.load(GA + offs, mask=mask, other=0.0).to(tl.float32)
         d_hn = go * g * i
-        d_zi = go * g * hn * i * (1.0 - i)
-        d_ar = d_a * a * (-c)  # d a / d(s*r) = -c a
+        d_zi = d_hn * hn * (1.0 - i)
+        d_ar = d_a * a * (-c)  # d a / d(s * r) = -c * a
         d_zr = d_ar * s * r * (1.0 - r)
-        acc_lam += d_ar * r * ds_dlam
-        acc_br += d_zr
-        acc_bi += d_zi
+        acc_lam += tl.sum(d_ar * r * ds_dlam, axis=0)
+        acc_br += tl.sum(d_zr, axis=0)
+        acc_bi += tl.sum(d_zi, axis=0)
 
         if HAS_PROJ:
             # d/dp [p / (|p| + eps)]; the |p| term vanishes on a zero row (torch's subgradient)
-            dot = tl.sum(d_hn * p, axis=0)
+            dot = tl.sum(d_hn * p, axis=1)[:, None]
             corr = tl.where(norm > 0.0, dot * inv * inv / tl.maximum(norm, 1e-30), 0.0)
             d_p = d_hn * inv - p * corr
         else:
             d_p = d_hn
-        tl.store(P + row * stride_p + cols, d_p.to(P.dtype.element_ty), mask=m)
-        tl.store(Z + row * stride_z + cols, d_zr.to(Z.dtype.element_ty), mask=m)
-        tl.store(Z + row * stride_z + D + cols, d_zi.to(Z.dtype.element_ty), mask=m)
-        tl.store(DE + row * stride_de + cols, (go * a).to(DE.dtype.element_ty), mask=m)
+        tl.store(DP + offs, d_p.to(DP.dtype.element_ty), mask=mask)
+        tl.store(DZ + z_offs, d_zr.to(DZ.dtype.element_ty), mask=mask)
+        tl.store(DZ + z_offs + D, d_zi.to(DZ.dtype.element_ty), mask=mask)
+        tl.store(DE + offs, (go * a).to(DE.dtype.element_ty), mask=mask)
 
     base = PARTIAL + pid * 3 * D
-    tl.store(base + cols, acc_lam, mask=m)
-    tl.store(base + D + cols, acc_br, mask=m)
-    tl.store(base + 2 * D + cols, acc_bi, mask=m)
+    tl.store(base + cols, acc_lam, mask=col_ok)
+    tl.store(base + D + cols, acc_br, mask=col_ok)
+    tl.store(base + 2 * D + cols, acc_bi, mask=col_ok)
 
-def _launch_cfg(D: int):
-    block = triton.next_power_of_2(D)
-    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
-    return block, num_warps
+
+def _tile(D: int):
+    """Full hidden size per tile; ~4K elements per tile keeps registers in check."""
+    block_d = triton.next_power_of_2(D)
+    block_m = max(1, min(16, 4096 // block_d))
+    num_warps = 4 if block_d * block_m <= 2048 else 8
+    if block_d > 4096:
+        num_warps = 16
+    return block_m, block_d, num_warps
+
 
 def forward_epilogue(e, p, z, Lambda, c: float, eps: float, has_proj: bool):
-    """e, p: (N, D); z: (N, 2D) = [e W_r^T + b_r, e W_i^T + b_i]. Returns (out, a)."""
+    """e, p: (N, D) contiguous; z: (N, 2D) = [e W_r^T + b_r | e W_i^T + b_i]. Returns (out, a)."""
     N, D = e.shape
-    out = torch.empty_like(e)
-    a = torch.empty_like(e)
+    out, a = torch.empty_like(e), torch.empty_like(e)
     if N == 0:
         return out, a
-    block, num_warps = _launch_cfg(D)
-    _fwd_kernel[(N,)](
-        e, p, z, Lambda, out, a,
-        D, e.stride(0), p.stride(0), z.stride(0), out.stride(0),
-        float(c), float(eps), NORM_EPS,
-        HAS_PROJ=has_proj, BLOCK_D=block, num_warps=num_warps,
+    block_m, block_d, num_warps = _tile(D)
+    _fwd_kernel[(triton.cdiv(N, block_m),)](
+        e, p, z, Lambda, out, a, N, D, float(c), float(eps), NORM_EPS,
+        HAS_PROJ=has_proj, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
     return out, a
 
-def _num_programs(N: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(N, 4 * sms))
-    return max(1, min(N, 4))
 
-def backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c: float, eps: float, has_proj: bool):
-    """Overwrites p with dp and z with dz. Returns (de_direct, dLambda, db_r, db_i),
-    the reductions in fp32."""
+def _num_programs(N: int, block_m: int, device: torch.device) -> int:
+    blocks = triton.cdiv(N, block_m)
+    if device.type == "cuda":
+        return max(1, min(blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(blocks, 4))
+
+
+def backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c: float, eps: float, has_proj: bool, in_place: bool):
+    """Returns (de_direct, dp, dz, dLambda, db_r, db_i); reductions in fp32.
+    ``in_place=True`` writes dp over p and dz over z (they were recomputed for this call)."""
     N, D = e.shape
     de = torch.empty_like(e)
+    dp, dz = (p, z) if in_place else (torch.empty_like(p), torch.empty_like(z))
     if N == 0:
-        zeros = torch.zeros(D, device=e.device, dtype=torch.float32)
-        return de, zeros, zeros.clone(), zeros.clone()
-    programs = _num_programs(N, e.device)
-    rows_per_program = triton.cdiv(N, programs)
+        zeros = [torch.zeros(D, device=e.device, dtype=torch.float32) for _ in range(3)]
+        return (de, dp, dz, *zeros)
+    block_m, block_d, num_warps = _tile(D)
+    programs = _num_programs(N, block_m, e.device)
+    rows_per_program = triton.cdiv(triton.cdiv(N, programs), block_m) * block_m
     programs = triton.cdiv(N, rows_per_program)
     partial = torch.empty(programs, 3, D, device=e.device, dtype=torch.float32)
-    block, num_warps = _launch_cfg(D)
     grad_out = grad_out.contiguous()
     has_ga = grad_a is not None
-    if has_ga:
-        grad_a = grad_a.contiguous()
+    grad_a = grad_a.contiguous() if has_ga else grad_out
     _bwd_kernel[(programs,)](
-        e, p, z, Lambda, grad_out, grad_a if has_ga else grad_out, de, partial,
-        N, D, e.stride(0), p.stride(0), z.stride(0), grad_out.stride(0), de.stride(0),
+        e, p, z, Lambda, grad_out, grad_a, de, dp, dz, partial, N, D,
         float(c), float(eps), NORM_EPS, rows_per_program,
-        HAS_PROJ=has_proj, HAS_GA=has_ga, BLOCK_D=block, num_warps=num_warps,
+        HAS_PROJ=has_proj, HAS_GA=has_ga, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
     sums = partial.sum(0)
-    return de, sums[0].clone(), sums[1].clone(), sums[2].clone()  # separate storages: op outputs may not alias
+    return de, dp, dz, sums[0].clone(), sums[1].clone(), sums[2].clone()  # op outputs may not alias

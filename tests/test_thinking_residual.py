@@ -94,6 +94,21 @@ def test_empty_mask(backend):
     assert torch.count_nonzero(tensors[3].grad) == 0
 
 
+@pytest.mark.parametrize("recompute_gates", [False, True])
+def test_recompute_gates_and_retain_graph(recompute_gates, backend):
+    tensors = make_inputs(9, 96)
+    op = lambda *ts: thinking_residual(*ts, recompute_gates=recompute_gates)  # noqa: E731
+    out, a = op(*tensors)
+    leaves = [t for t in tensors if t is not None]
+    first = torch.autograd.grad(out.sum() + a.sum(), leaves, retain_graph=True)
+    second = torch.autograd.grad(out.sum() + a.sum(), leaves)  # saved tensors must be intact
+    r_out, r_a = reference(*tensors)
+    want = torch.autograd.grad(r_out.sum() + r_a.sum(), leaves)
+    for g1, g2, w in zip(first, second, want):
+        torch.testing.assert_close(g1, w, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(g2, g1)
+
+
 def test_gradcheck_reference_float64():
     tensors = [None if t is None else t.detach().double().requires_grad_(True) for t in make_inputs(3, 8)]
     assert torch.autograd.gradcheck(lambda *ts: reference(*ts), tensors)

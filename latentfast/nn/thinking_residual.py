@@ -43,9 +43,10 @@ class ThinkingResidual(nn.Module):
     """
 
     def __init__(self, hidden_size: int, c: float = 8.0, r_min: float = 0.9, r_max: float = 0.999,
-                 projection: bool = True, eps: float = 1e-8):
+                 projection: bool = True, eps: float = 1e-8, recompute_gates: bool = False):
         super().__init__()
         self.hidden_size, self.c, self.eps = hidden_size, c, eps
+        self.recompute_gates = recompute_gates  # True: least memory, one more GEMM in backward
         self.thinking_projection = nn.Linear(hidden_size, hidden_size, bias=False) if projection else None
         self.thinking_residual_gate_r = nn.Linear(hidden_size, hidden_size)
         self.thinking_residual_gate_i = nn.Linear(hidden_size, hidden_size)
@@ -74,7 +75,7 @@ class ThinkingResidual(nn.Module):
             self.thinking_residual_gate_r.weight, self.thinking_residual_gate_r.bias,
             self.thinking_residual_gate_i.weight, self.thinking_residual_gate_i.bias,
             self.thinking_residual_Lambda.Lambda,
-            self.c, self.eps,
+            self.c, self.eps, self.recompute_gates,
         )
         return out.view(shape), a.view(shape)
 

@@ -3,10 +3,12 @@
     out, a = thinking_residual(e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c=8.0, eps=1e-8)
 
 Forward: two cuBLAS GEMMs (p = h W_p^T, and one stacked z = e [W_r; W_i]^T + b)
-and one Triton epilogue (normalise, gate, mix). Backward recomputes p and z from
-the saved *inputs* instead of keeping N x D activations alive between forward and
-backward, runs one Triton kernel for the whole elementwise chain rule, and four
-GEMMs for the weight / input gradients. ``W_p=None`` serves the original HRPO
+and one Triton epilogue (normalise, gate, mix). No N x D activation of the chain
+(h', r, i, a, sqrt(.), products: seven in eager PyTorch) is kept for backward: it
+recomputes p from the saved input h (one GEMM) and keeps only the gate
+pre-activations z (or recomputes them too, ``recompute_gates=True``), runs one
+Triton kernel for the whole elementwise chain rule, and the GEMMs for the weight /
+input gradients. ``W_p=None`` serves the original HRPO
 soft-embedding variant, where ``h`` is already the normalised thinking state.
 """
 from __future__ import annotations
@@ -20,10 +22,13 @@ from latentfast.ops._dispatch import check_same_device, check_shape, check_tenso
 from latentfast.reference import thinking_residual as ref
 
 
+def _projection(h, W_p):
+    return h @ W_p.t() if W_p is not None else h.clone()  # clone: backward writes dp in place
+
+
 def _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i):
     z = torch.addmm(torch.cat([b_r, b_i]), e, torch.cat([W_r, W_i]).t())
-    p = h @ W_p.t() if W_p is not None else h.clone()  # clone: backward writes dp in place
-    return p, z
+    return _projection(h, W_p), z
 
 
 def _epilogues(e: torch.Tensor):
@@ -38,40 +43,51 @@ def _epilogues(e: torch.Tensor):
 @torch.library.custom_op("latentfast::thinking_residual_fwd", mutates_args=())
 def _fwd(
     e: torch.Tensor, h: torch.Tensor, W_p: Optional[torch.Tensor], W_r: torch.Tensor, b_r: torch.Tensor,
-    W_i: torch.Tensor, b_i: torch.Tensor, Lambda: torch.Tensor, c: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    W_i: torch.Tensor, b_i: torch.Tensor, Lambda: torch.Tensor, c: float, eps: float, recompute_gates: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, a, z); z (the gate pre-activations) is kept for backward unless
+    ``recompute_gates``, in which case an empty tensor is returned instead."""
     forward_epilogue, _ = _epilogues(e)
     p, z = _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i)
-    return forward_epilogue(e, p, z, Lambda, c, eps, W_p is not None)
+    out, a = forward_epilogue(e, p, z, Lambda, c, eps, W_p is not None)
+    return out, a, (e.new_empty(0) if recompute_gates else z)
 
 
 @_fwd.register_fake
-def _(e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps):
-    return torch.empty_like(e), torch.empty_like(e)
+def _(e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps, recompute_gates):
+    z = e.new_empty(0) if recompute_gates else e.new_empty(e.shape[0], 2 * e.shape[1])
+    return torch.empty_like(e), torch.empty_like(e), z
 
 
 @torch.library.custom_op("latentfast::thinking_residual_bwd", mutates_args=())
 def _bwd(
-    grad_out: torch.Tensor, grad_a: Optional[torch.Tensor],
+    grad_out: torch.Tensor, grad_a: Optional[torch.Tensor], z_saved: torch.Tensor,
     e: torch.Tensor, h: torch.Tensor, W_p: Optional[torch.Tensor], W_r: torch.Tensor, b_r: torch.Tensor,
     W_i: torch.Tensor, b_i: torch.Tensor, Lambda: torch.Tensor, c: float, eps: float,
 ) -> list[torch.Tensor]:
-    """Gradients for (e, h, W_p, W_r, b_r, W_i, b_i, Lambda); dW_p is empty when W_p is None."""
+    """Gradients for (e, h, W_p, W_r, b_r, W_i, b_i, Lambda); dW_p is empty when W_p is None.
+    ``z_saved`` is empty when the gates are to be recomputed."""
     _, backward_epilogue = _epilogues(e)
     D = e.shape[1]
-    p, z = _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i)
-    de, d_lam, d_br, d_bi = backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c, eps, W_p is not None)
-    de = torch.addmm(de, z, torch.cat([W_r, W_i]))  # z now holds dz = [dz_r, dz_i]
-    dW_r, dW_i = z[:, :D].t() @ e, z[:, D:].t() @ e  # two GEMMs: op outputs may not alias
-    if W_p is not None:
-        dW_p, dh = p.t() @ h, p @ W_p  # p now holds dp
+    recompute_gates = z_saved.numel() == 0 and e.shape[0] > 0
+    if recompute_gates:
+        p, z = _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i)
     else:
-        dW_p, dh = e.new_empty(0), p
+        p, z = _projection(h, W_p), z_saved.view(e.shape[0], 2 * D)
+    # in place over p always (ours); over z only when recomputed (a saved z must survive retain_graph)
+    de, dp, dz, d_lam, d_br, d_bi = backward_epilogue(
+        e, p, z, Lambda, grad_out, grad_a, c, eps, W_p is not None, in_place=recompute_gates)
+    de = torch.addmm(de, dz, torch.cat([W_r, W_i]))
+    dW_r, dW_i = dz[:, :D].t() @ e, dz[:, D:].t() @ e  # two GEMMs: op outputs may not alias
+    if W_p is not None:
+        dW_p, dh = dp.t() @ h, dp @ W_p
+    else:
+        dW_p, dh = e.new_empty(0), dp
     return [de, dh, dW_p, dW_r, d_br.to(b_r.dtype), dW_i, d_bi.to(b_i.dtype), d_lam.to(Lambda.dtype)]
 
 
 @_bwd.register_fake
-def _(grad_out, grad_a, e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps):
+def _(grad_out, grad_a, z_saved, e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps):
     like = [e, h, W_p, W_r, b_r, W_i, b_i, Lambda]
     return [e.new_empty(0) if t is None else torch.empty_like(t) for t in like]
 
@@ -98,7 +114,7 @@ def _torch_forward_epilogue(e, p, z, Lambda, c, eps, has_proj):
     return out.to(e.dtype), a.to(e.dtype)
 
 
-def _torch_backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c, eps, has_proj):
+def _torch_backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c, eps, has_proj, in_place):
     D = e.shape[1]
     hn, norm, r, i, s, a, g = _gates(e, p, z, Lambda, c, eps, has_proj)
     go = grad_out.float()
@@ -118,29 +134,29 @@ def _torch_backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c, eps, has_proj
         d_p = d_hn * inv - p.float() * corr
     else:
         d_p = d_hn
-    p.copy_(d_p)
-    z[:, :D].copy_(d_zr)
-    z[:, D:].copy_(d_zi)
-    return (go * a).to(e.dtype), (d_ar * r * ds_dlam).sum(0), d_zr.sum(0), d_zi.sum(0)
+    dp = d_p.to(p.dtype)
+    dz = torch.cat([d_zr, d_zi], dim=1).to(z.dtype)
+    return (go * a).to(e.dtype), dp, dz, (d_ar * r * ds_dlam).sum(0), d_zr.sum(0), d_zi.sum(0)
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, c, eps = inputs
+    *tensors, c, eps, _ = inputs
     ctx.has_proj = tensors[2] is not None
-    ctx.save_for_backward(*[t for t in tensors if t is not None])
+    ctx.save_for_backward(output[2], *[t for t in tensors if t is not None])
     ctx.c, ctx.eps = c, eps
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, grad_a):
-    saved = list(ctx.saved_tensors)
+def _backward(ctx, grad_out, grad_a, _grad_z):
+    z_saved, *saved = ctx.saved_tensors
     if not ctx.has_proj:
         saved.insert(2, None)
     if grad_out is None:
         grad_out = torch.zeros_like(saved[0])
-    grads = _bwd(grad_out, grad_a, *saved, ctx.c, ctx.eps)
+    grads = _bwd(grad_out, grad_a, z_saved, *saved, ctx.c, ctx.eps)
     if not ctx.has_proj:
         grads[2] = None
-    return (*grads, None, None)
+    return (*grads, None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -157,6 +173,7 @@ def thinking_residual(
     Lambda: torch.Tensor,
     c: float = 8.0,
     eps: float = 1e-8,
+    recompute_gates: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``out = a*e + sqrt(1 - a^2 + eps) * (i * normalize(W_p h))``; returns ``(out, a)``.
 
@@ -165,6 +182,9 @@ def thinking_residual(
         h: (N, D) last hidden states there (raw; or the normalised state when ``W_p`` is None).
         W_p: (D, D) thinking projection weight, or None.
         W_r, W_i: (D, D) gate weights; b_r, b_i: (D,) gate biases; Lambda: (D,).
+        recompute_gates: False keeps the gate pre-activations (N x 2D) for backward;
+            True keeps nothing but the inputs and recomputes them (one more GEMM of
+            N x D x 2D in backward, 2 N x D less memory). The projection is always recomputed.
     Under autocast every tensor is cast to the autocast dtype (like ``F.linear`` is);
     otherwise all must share e's dtype. Accumulation is fp32 in the kernels.
     """
@@ -194,4 +214,5 @@ def thinking_residual(
                 + ", ".join(f"{n}: {d}" for n, d in bad)
             )
     e, h = tensors[0].contiguous(), tensors[1].contiguous()
-    return _fwd(e, h, *tensors[2:], float(c), float(eps))
+    out, a, _ = _fwd(e, h, *tensors[2:], float(c), float(eps), bool(recompute_gates))
+    return out, a

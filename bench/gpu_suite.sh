@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One-shot GPU validation: the CUDA tests, then the benchmarks at GPU shapes.
+#   bash bench/gpu_suite.sh [pytest paths...]     (BENCH="thinking_residual grpo_loss" to pick)
+# Logs and bench JSON land in $OUT when set (the device tool), else bench/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then  # optional baselines (liger-kernel) carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m cuda -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+for b in ${BENCH:-thinking_residual grpo_loss attention_importance hrpo_step kv_distill_step}; do
+  timeout "${BENCH_TIMEOUT:-150}" python3 bench/run.py --only "$b" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | grep -E "^\[|^\| (eager|latentfast|liger|torch_compile|three)" 
+done
