@@ -23,6 +23,16 @@ from latentfast.ops.attention_importance import attention_token_importance
 from latentfast.ops.kv_loss import kv_loss
 
 
+def cache_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(K, V), ...] per layer, each (B, H_kv, T, d), from an HF cache (``DynamicCache``
+    of transformers 5, older ``key_cache``/``value_cache`` caches, or legacy tuples)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(kv[0], kv[1]) for kv in cache]
+
+
 class KVProjection(nn.Module):
     """Learnable map of a student K/V cache (B, Hs, T, ds) to the teacher's (B, Ht, T, dt):
     one linear map over the concatenated heads for K, one for V. Identity-initialised
