@@ -107,7 +107,7 @@ def test_opcheck():
 # ---------------------------------------------------------------- module
 
 
-def attention_setup(B=2, H=2, T=17, D=16, seed=0):
+def attention_setup(B=2, T=17, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, 4, T, 8, generator=g) * 2
     k = torch.randn(B, 2, T, 8, generator=g)
