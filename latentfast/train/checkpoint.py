@@ -1,0 +1,82 @@
+"""Resumable checkpoints in safetensors.
+
+``checkpoint-<step>/``: ``model.safetensors`` (trainable parameters, or the full model
+when ``full``), ``optimizer.safetensors`` (optimizer state flattened to tensors),
+``trainer_state.json`` (step, param-group hyper-parameters, scheduler, extra state).
+Works for plain, DDP and FSDP2 models through torch.distributed.checkpoint's
+full-state-dict helpers; rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from .dist import is_main
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _trainable_names(model) -> set:
+    names = set()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            names.add(n.replace("module.", "", 1) if n.startswith("module.") else n)
+    return names
+
+
+def save(out_dir: str, step: int, model, optimizer, scheduler=None, extra: dict | None = None,
+         full: bool = False) -> str | None:
+    path = pathlib.Path(out_dir) / f"checkpoint-{step}"
+    msd = get_model_state_dict(model, options=_FULL)
+    if not full:
+        keep = _trainable_names(model)
+        msd = {k: v for k, v in msd.items() if k in keep}
+    osd = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    if not is_main():
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in msd.items()}, str(path / "model.safetensors"))
+    flat = {}
+    for name, st in osd["state"].items():
+        for key, v in st.items():
+            flat[f"{name}::{key}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+    save_file(flat, str(path / "optimizer.safetensors"))
+    groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
+    state = {"step": step, "param_groups": groups,
+             "scheduler": scheduler.state_dict() if scheduler is not None else None, "extra": extra or {}}
+    (path / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+    return str(path)
+
+
+def load(path: str, model, optimizer=None, scheduler=None) -> dict:
+    """Restore in place; returns the trainer_state dict (``step``, ``extra``)."""
+    path = pathlib.Path(path)
+    state = json.loads((path / "trainer_state.json").read_text())
+    msd = load_file(str(path / "model.safetensors"))
+    set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True, strict=False))
+    if optimizer is not None:
+        flat = load_file(str(path / "optimizer.safetensors"))
+        st: dict = {}
+        for k, v in flat.items():
+            name, key = k.rsplit("::", 1)
+            st.setdefault(name, {})[key] = v
+        set_optimizer_state_dict(model, optimizer, {"state": st, "param_groups": state["param_groups"]},
+                                 options=StateDictOptions(full_state_dict=True))
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def latest(out_dir: str) -> str | None:
+    ckpts = sorted(pathlib.Path(out_dir).glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    ckpts = [p for p in ckpts if (p / "trainer_state.json").exists()]
+    return str(ckpts[-1]) if ckpts else None
+
+
+__all__ = ["save", "load", "latest"]

@@ -1,0 +1,491 @@
+"""HRPO: GRPO training of hybrid latent reasoning (seed notes 000/001).
+
+    latentfast-hrpo                                   # embedded demo: tiny model + SFT warm-up + HRPO
+    python -m latentfast.train.hrpo --model_name /models/Qwen2.5-1.5B-Instruct --train_data gsm8k/train.jsonl
+    torchrun --nproc_per_node 8 -m latentfast.train.hrpo --model_name ... [--fsdp]
+    # two-stage schedule from the recipe: freeze the projection, then unfreeze it
+    latentfast-hrpo --lr_thinking_projection 0 ...
+    latentfast-hrpo --resume_from_checkpoint runs/hrpo/checkpoint-250 --lr_thinking_projection 5e-5 ...
+
+Arguments and defaults are the recipe's (hrpo_gsm8k.py). With no ``--model_name`` the
+embedded demo runs: a small Qwen2 model built from a config and a tokenizer built in
+code, a short supervised warm-up on the synthetic arithmetic task, then HRPO; demo
+presets (printed at start) replace the defaults of the arguments you do not set.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import pathlib
+import random
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from latentfast.data import format_prompt, get_reward_funcs, load_gsm8k, make_arithmetic
+from latentfast.data.rewards import correctness_reward
+from latentfast.models import HybridConfig, HybridThinkingLM, generate
+
+from . import checkpoint, dist
+
+DEMO_MODEL = "tiny"
+# Small-model presets for the embedded demo (only for arguments not given explicitly).
+DEMO_PRESET = dict(lr=1e-3, lora_rank=16, lr_residual_gate=1e-3, lr_residual_Lambda=1e-3, lr_thinking_projection=1e-3,
+                   beta=0.005, group_size=8, per_device_train_batch_size=64, gradient_accumulation_steps=1,
+                   temperature=1.0, max_prompt_length=96, max_completion_length=28, max_steps=40, warmup_ratio=0.05,
+                   max_grad_norm=1.0, train_data="synthetic", eval_data="synthetic", eval_size=256, eval_steps=20,
+                   sft_steps=250, save_steps=20)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # --- the recipe's arguments (hrpo_gsm8k.py) ---
+    a("--model_name", default=DEMO_MODEL, help="local HF model path; 'tiny' = embedded demo")
+    a("--lora_rank", type=int, default=32, help="LoRA rank (alpha = 2*rank, q/k/v/o/gate/up/down); 0 = full")
+    a("--lr", type=float, default=5e-6)
+    a("--beta", type=float, default=0.005, help="KL coefficient (reference = adapters disabled)")
+    a("--residual_r_min", type=float, default=0.99)
+    a("--residual_r_max", type=float, default=0.999)
+    a("--lr_residual_gate", type=float, default=1e-4)
+    a("--lr_residual_Lambda", type=float, default=1e-3)
+    a("--lr_thinking_projection", type=float, default=1e-4, help="0 freezes the projection (two-stage schedule)")
+    a("--weight_decay", type=float, default=0.1)
+    a("--warmup_ratio", type=float, default=0.1)
+    a("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"])
+    a("--optimizer", default="adamw_torch", help="adamw_torch, or paged_adamw_8bit (needs bitsandbytes)")
+    a("--max_grad_norm", type=float, default=0.1)
+    a("--group_size", type=int, default=4)
+    a("--temperature", type=float, default=0.5)
+    a("--top_p", type=float, default=1.0)
+    a("--gradient_accumulation_steps", type=int, default=4)
+    a("--per_device_train_batch_size", type=int, default=8, help="completions per device per micro-batch")
+    a("--max_prompt_length", type=int, default=1024)
+    a("--max_completion_length", type=int, default=1024)
+    a("--seed", type=int, default=42)
+    a("--loss_type", default="grpo", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+    a("--epsilon_low", type=float, default=0.2)
+    a("--epsilon_high", type=float, default=0.2)
+    a("--num_train_epochs", type=float, default=1.0)
+    a("--max_steps", type=int, default=-1, help="> 0 overrides num_train_epochs")
+    a("--save_steps", type=int, default=250)
+    a("--resume_from_checkpoint", default=None, help="checkpoint dir, or 'latest' in --output_dir")
+    # --- HRPO model switches ---
+    a("--thinking_state", default="projection", choices=["projection", "soft_embedding"])
+    a("--projection", default="linear", choices=["linear", "layernorm", "mlp"])
+    a("--recompute", default="stored", choices=["stored", "two_pass", "two_pass_clean"],
+      help="stored = this design; two_pass = the recipe's extra no-grad forward (for comparison)")
+    # --- data / eval / output ---
+    a("--train_data", default="gsm8k_sample", help="JSONL path, 'gsm8k_sample' (shipped) or 'synthetic'")
+    a("--eval_data", default="gsm8k_sample_test", help="JSONL path, 'gsm8k_sample_test' or 'synthetic'")
+    a("--eval_size", type=int, default=100)
+    a("--eval_steps", type=int, default=0, help="evaluate every N steps (0: only before and after)")
+    a("--reward_funcs", nargs="+", default=["correctness"], help="names in latentfast.data.rewards.REWARDS")
+    a("--output_dir", default="runs/hrpo")
+    a("--sft_steps", type=int, default=0, help="supervised warm-up steps before HRPO (demo)")
+    a("--sft_lr", type=float, default=3e-3)
+    a("--device", default=None)
+    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    a("--fsdp", action="store_true", help="shard with PyTorch FSDP2 (torchrun)")
+    a("--wandb_project", default=None)
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = _explicit_dests(parser, argv)
+    args.demo = args.model_name == DEMO_MODEL
+    if args.demo:
+        for k, v in DEMO_PRESET.items():
+            if k not in explicit:
+                setattr(args, k, v)
+    if args.per_device_train_batch_size % args.group_size:
+        parser.error("--per_device_train_batch_size must be a multiple of --group_size")
+    return args
+
+
+def _explicit_dests(parser, argv) -> set:
+    """Destinations the user set on the command line (parse again with no defaults)."""
+    saved = {a: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, d in saved.items():
+            a.default = d
+
+
+# ----------------------------------------------------------------------------- data
+def load_rows(spec: str, n: int | None, seed: int) -> list[dict]:
+    if spec == "synthetic":
+        return make_arithmetic(n or 20000, seed=seed, min_steps=1, max_steps=3)
+    if spec in ("gsm8k_sample", "gsm8k_sample_train"):
+        return load_gsm8k("train", n)
+    if spec == "gsm8k_sample_test":
+        return load_gsm8k("test", n)
+    return load_gsm8k(spec, n)
+
+
+class PromptStream:
+    """Deterministic prompt order (a fresh seeded shuffle each epoch): item ``i`` of the
+    global stream depends only on ``i``, so resuming at a step continues the stream."""
+
+    def __init__(self, rows, seed):
+        self.rows, self.seed, self._perm = rows, seed, {}
+
+    def __getitem__(self, i):
+        epoch, pos = divmod(i, len(self.rows))
+        if epoch not in self._perm:
+            self._perm = {epoch: random.Random(self.seed + epoch).sample(range(len(self.rows)), len(self.rows))}
+        return self.rows[self._perm[epoch][pos]]
+
+
+def encode_prompts(tok, rows, max_len, device):
+    tok.padding_side, tok.truncation_side = "left", "left"
+    enc = tok([format_prompt(r["question"]) for r in rows], return_tensors="pt", padding=True, truncation=True,
+              max_length=max_len)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def decode_completions(tok, rollout) -> list[str]:
+    ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, tok.pad_token_id)
+    return tok.batch_decode(ids.tolist(), skip_special_tokens=True)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(r - mean_group) / (std_group + 1e-4), TRL's GRPO normalisation."""
+    g = rewards.view(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).view(-1)
+
+
+# ----------------------------------------------------------------------------- model
+def load_model(args, device):
+    """(tokenizer, HF causal LM). The demo builds both in code."""
+    if args.demo:
+        from latentfast.data import build_tokenizer
+        from latentfast.models import build_tiny_causal_lm
+
+        tok = build_tokenizer()
+        base = pathlib.Path(args.output_dir) / "base_model"
+        if (base / "config.json").exists():  # resumed demo: reuse the warmed-up base
+            from transformers import AutoModelForCausalLM
+
+            return tok, AutoModelForCausalLM.from_pretrained(str(base)).to(device), True
+        return tok, build_tiny_causal_lm(tok, seed=args.seed).to(device), False
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model_name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lm = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=dtype).to(device)
+    return tok, lm, True
+
+
+def sft_warmup(lm, tok, args, device, rank):
+    """Teacher-forced cross-entropy on the answers (the demo's tiny model starts random)."""
+    rows = make_arithmetic(20000, seed=args.seed + 7)
+    opt = torch.optim.AdamW(lm.parameters(), lr=args.sft_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20)
+                                              * 0.5 * (1 + math.cos(math.pi * s / args.sft_steps)))
+    rng = random.Random(args.seed)  # same batches on every rank -> identical weights without a sync
+    lm.train()
+    bar = tqdm(range(args.sft_steps), desc="sft warm-up", disable=rank != 0)
+    for _ in bar:
+        batch = rng.sample(rows, 64)
+        prompts = [format_prompt(r["question"]) for r in batch]
+        full = [p + r["answer"] + tok.eos_token for p, r in zip(prompts, batch)]
+        tok.padding_side = "right"
+        enc = tok(full, return_tensors="pt", padding=True).to(device)
+        plen = [len(tok(p)["input_ids"]) for p in prompts]
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        for i, n in enumerate(plen):
+            labels[i, :n] = -100  # loss on the answer only
+        loss = lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def optimizer_groups(model, args) -> list[dict]:
+    """The recipe's groups (patch.py): decay / no-decay / gates / Lambda / projection."""
+    def special(n):
+        return "thinking_residual" in n or "thinking_projection" in n
+
+    def decays(n, p):
+        return p.dim() >= 2 and not n.endswith("bias") and "norm" not in n.lower()
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        dict(params=[p for n, p in named if not special(n) and decays(n, p)], lr=args.lr, weight_decay=args.weight_decay),
+        dict(params=[p for n, p in named if not special(n) and not decays(n, p)], lr=args.lr, weight_decay=0.0),
+        dict(params=[p for n, p in named if "thinking_residual_gate" in n], lr=args.lr_residual_gate,
+             weight_decay=args.weight_decay),
+        dict(params=[p for n, p in named if "thinking_residual_Lambda" in n], lr=args.lr_residual_Lambda,
+             weight_decay=0.0),
+        dict(params=[p for n, p in named if "thinking_projection" in n], lr=args.lr_thinking_projection,
+             weight_decay=args.weight_decay),
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups, args):
+    if args.optimizer == "paged_adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW8bit(groups)
+        except ImportError:
+            print("[hrpo] bitsandbytes not installed: using torch AdamW", flush=True)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.99))
+
+
+def make_scheduler(opt, args, total):
+    warm = max(1, int(args.warmup_ratio * total))
+
+    def f(s):
+        if s < warm:
+            return (s + 1) / warm
+        if args.lr_scheduler_type == "constant":
+            return 1.0
+        t = (s - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * t)) if args.lr_scheduler_type == "cosine" else 1 - t
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def projection_weight(model):
+    proj = model.thinking.projection
+    if proj is None:
+        return None
+    if hasattr(proj, "weight"):  # (PEFT resolves .weight to the trainable copy)
+        return proj.weight
+    mats = [p for p in proj.parameters() if p.dim() == 2]  # LayerNorm/MLP variants: first matrix
+    return next((p for p in mats if p.requires_grad), mats[0])
+
+
+# ----------------------------------------------------------------------------- loop
+@torch.no_grad()
+def evaluate(model, wrapped, tok, rows, args, device, rank, world, marker_ids, amp):
+    """Greedy hybrid decoding; (accuracy, format rate) over ``rows``, split across ranks."""
+    model.eval()
+    mine = rows[rank::world]
+    correct = fmt = 0.0
+    for i in range(0, len(mine), 64):
+        batch = mine[i:i + 64]
+        ids, mask = encode_prompts(tok, batch, args.max_prompt_length, device)
+        with amp(), dist.gathered(wrapped):
+            ro = generate(model, ids, mask, args.max_completion_length, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, marker_ids=marker_ids, temperature=args.temperature,
+                          do_sample=False)
+        texts = decode_completions(tok, ro)
+        correct += sum(correctness_reward(texts, [r["answer"] for r in batch]))
+        fmt += sum(get_reward_funcs(["format"])[0](texts))
+    t = torch.tensor([correct, fmt, len(mine)], device=device, dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    return (t[0] / t[2].clamp(min=1)).item(), (t[1] / t[2].clamp(min=1)).item()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, rank, world = dist.setup(args.device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    use_bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    out = pathlib.Path(args.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.demo:
+            print("[hrpo] embedded demo; presets: " + json.dumps({k: getattr(args, k) for k in DEMO_PRESET}),
+                  flush=True)
+
+    tok, lm, warmed = load_model(args, device)
+    if args.sft_steps > 0 and not warmed:
+        sft_warmup(lm, tok, args, device, rank)
+        if rank == 0 and args.demo:
+            lm.save_pretrained(str(out / "base_model"))  # resume needs the warmed-up base
+    torch.manual_seed(args.seed)  # identical thinking-module init on every rank
+    cfg = HybridConfig(thinking_state=args.thinking_state, projection=args.projection,
+                       r_min=args.residual_r_min, r_max=args.residual_r_max)
+    model = HybridThinkingLM(lm, cfg)
+    if args.lora_rank > 0:
+        model.add_lora(args.lora_rank)
+    elif args.beta != 0.0:
+        raise SystemExit("--beta > 0 needs a reference policy: use --lora_rank > 0 (adapters disabled = reference)")
+    if args.lr_thinking_projection == 0:  # stage 1 of the two-stage schedule: projection frozen
+        for n, p in model.named_parameters():
+            if "thinking_projection" in n:
+                p.requires_grad_(False)
+    wrapped = dist.wrap(model, device, args.fsdp, layers=list(model.transformer.layers))
+    model = dist.unwrap(wrapped)
+    proj_w = projection_weight(model)  # after wrapping: FSDP2 replaces parameters
+    groups = optimizer_groups(model, args)
+    opt = make_optimizer(groups, args)
+
+    train_rows = load_rows(args.train_data, None, args.seed)
+    eval_rows = load_rows(args.eval_data, args.eval_size, args.seed + 10_000)
+    stream = PromptStream(train_rows, args.seed)
+    ppm = args.per_device_train_batch_size // args.group_size  # prompts per micro-batch
+    per_step = ppm * args.gradient_accumulation_steps * world
+    total = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * len(train_rows) / per_step))
+    sched = make_scheduler(opt, args, total)
+    marker_ids = tok.encode(cfg.answer_marker, add_special_tokens=False)
+    reward_fns = get_reward_funcs(args.reward_funcs)
+
+    start = 0
+    resume = checkpoint.latest(args.output_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+    w0 = None if proj_w is None else _full(proj_w).detach().float().clone()
+    if resume:
+        target = [g["initial_lr"] for g in opt.param_groups]  # this run's lrs (e.g. projection unfrozen)
+        saved = json.loads((pathlib.Path(resume) / "trainer_state.json").read_text())
+        same_groups = len(saved["param_groups"]) == len(opt.param_groups)
+        state = checkpoint.load(resume, wrapped, opt if same_groups else None, sched)
+        start = state["step"]
+        sched.base_lrs = target
+        for g, lr in zip(opt.param_groups, target):
+            g["initial_lr"], g["lr"] = lr, lr * sched.lr_lambdas[0](sched.last_epoch)
+        if rank == 0:
+            note = "" if same_groups else " (optimizer groups changed: fresh optimizer state)"
+            print(f"[hrpo] resumed from {resume} at step {start}{note}", flush=True)
+    wandb = None
+    if args.wandb_project and rank == 0:
+        import wandb
+
+        wandb.init(project=args.wandb_project, config=vars(args))
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+
+    def record(row):
+        if log is not None:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            if wandb is not None:
+                wandb.log(row, step=row.get("step"))
+
+    acc0, fmt0 = evaluate(model, wrapped, tok, eval_rows, args, device, rank, world, marker_ids, amp)
+    record({"step": start, "eval_accuracy": acc0, "eval_format": fmt0})
+    if rank == 0:
+        print(f"[hrpo] step {start}: held-out accuracy {acc0:.3f} (format {fmt0:.3f})", flush=True)
+
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
+    bar = tqdm(range(start, total), desc="hrpo", disable=rank != 0, initial=start, total=total)
+    for step in bar:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        gen.manual_seed(args.seed * 100003 + step * 1009 + rank)  # resumable sampling
+        t0 = time.perf_counter()
+        # 1) rollouts for every micro-batch (no grad), rewards, advantages, reference log-probs
+        micro, stats = [], {"reward": [], "accuracy": [], "completion_length": [], "thinking_fraction": [],
+                            "embeds_ratio": []}
+        model.eval()
+        for m in range(args.gradient_accumulation_steps):
+            base = (step * args.gradient_accumulation_steps + m) * ppm * world + rank * ppm
+            rows = [stream[base + i] for i in range(ppm)]
+            rows_g = [r for r in rows for _ in range(args.group_size)]
+            ids, mask = encode_prompts(tok, rows_g, args.max_prompt_length, device)
+            with torch.no_grad(), amp(), dist.gathered(wrapped):
+                ro = generate(model, ids, mask, args.max_completion_length, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, marker_ids=marker_ids, temperature=args.temperature,
+                              top_p=args.top_p, generator=gen)
+                batch = ro.as_batch()
+                ref = None
+                if args.beta != 0.0:
+                    with model.reference():
+                        ref = model.per_token_logps(batch)
+            texts = decode_completions(tok, ro)
+            answers = [r["answer"] for r in rows_g]
+            rewards = torch.tensor([sum(v) for v in zip(*[fn(texts, answers) for fn in reward_fns])],
+                                   device=device, dtype=torch.float32)
+            micro.append((batch, group_advantages(rewards, args.group_size), ref))
+            lens = ro.completion_mask.sum(1).float()
+            stats["reward"].append(rewards.mean().item())
+            stats["accuracy"].append(sum(correctness_reward(texts, answers)) / len(texts))
+            stats["completion_length"].append(lens.mean().item())
+            stats["thinking_fraction"].append((ro.thinking_mask.sum() / lens.sum().clamp(min=1)).item())
+            if ro.embeds_ratio.numel():
+                stats["embeds_ratio"].append(ro.embeds_ratio.mean().item())
+            stats.setdefault("reward_std", []).append(rewards.std().item())
+        t_roll = time.perf_counter() - t0
+        n_tokens = sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b, _, _ in micro)
+        n_items = sum(int(b["completion_mask"].sum()) for b, _, _ in micro) * world if args.loss_type == "dapo" else None
+
+        # 2) policy-gradient step over the micro-batches
+        model.train()
+        t1 = time.perf_counter()
+        loss_kw = dict(beta=args.beta, epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high,
+                       loss_type=args.loss_type, max_completion_length=args.max_completion_length)
+        if n_items is not None:
+            loss_kw["num_items_in_batch"] = n_items
+        losses, lmetrics = [], {}
+        for m, (batch, adv, ref) in enumerate(micro):
+            sync = m == len(micro) - 1
+            ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
+            with ctx, amp():
+                loss, met = wrapped(batch, adv, ref_per_token_logps=ref, recompute=args.recompute, loss_kwargs=loss_kw)
+                (loss / args.gradient_accumulation_steps).backward()
+            losses.append(loss.item())
+            for k, v in met.items():
+                lmetrics.setdefault(k, []).append(float(v))
+        proj_grad = None
+        if proj_w is not None and proj_w.grad is not None:
+            proj_grad = _full(proj_w.grad).float().norm().item()
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        t_train = time.perf_counter() - t1
+
+        row = {"step": step + 1, "loss": sum(losses) / len(losses), "grad_norm": float(_full(grad_norm)),
+               "lr": sched.get_last_lr()[0]}
+        row.update({k: sum(v) / len(v) for k, v in stats.items() if v})
+        row.update({k: sum(v) / len(v) for k, v in lmetrics.items()})
+        if proj_w is not None:
+            row["thinking_projection/weight_change"] = (_full(proj_w).detach().float() - w0).abs().mean().item()
+            row["thinking_projection/grad_norm"] = proj_grad if proj_grad is not None else 0.0
+        row = dist.all_mean(row, device)
+        row["step"] = step + 1
+        row["tokens_per_s"] = n_tokens * world / (t_roll + t_train)
+        row["train_tokens_per_s"] = n_tokens * world / t_train
+        row["rollout_s"], row["train_s"] = t_roll, t_train
+        row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < total:
+            row["eval_accuracy"], row["eval_format"] = evaluate(model, wrapped, tok, eval_rows, args, device, rank,
+                                                                world, marker_ids, amp)
+        record(row)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row.get('kl', 0):.4f}")
+        if args.save_steps and (step + 1) % args.save_steps == 0:
+            checkpoint.save(args.output_dir, step + 1, wrapped, opt, sched, full=False)
+
+    acc1, fmt1 = evaluate(model, wrapped, tok, eval_rows, args, device, rank, world, marker_ids, amp)
+    record({"step": total, "eval_accuracy": acc1, "eval_format": fmt1})
+    final = checkpoint.save(args.output_dir, total, wrapped, opt, sched, full=False)
+    if rank == 0:
+        print(f"[hrpo] held-out accuracy {acc0:.3f} -> {acc1:.3f} (format {fmt0:.3f} -> {fmt1:.3f}); "
+              f"checkpoint {final}; metrics {out / 'metrics.jsonl'}", flush=True)
+    if log is not None:
+        log.close()
+    # one number per rank over the trainable weights: DDP/FSDP ranks must agree
+    checksum = sum(_full(p.detach()).double().abs().sum().item() for p in params)
+    dist.cleanup()
+    return {"eval_accuracy_before": acc0, "eval_accuracy_after": acc1, "trainable_checksum": checksum}
+
+
+if __name__ == "__main__":
+    main()
