@@ -12,6 +12,15 @@ from safetensors.torch import load_file
 
 from latentfast.train import hrpo
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny shapes: a second intra-op thread only adds contention (18x slower on a busy 2-core box)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # A few seconds per run: tiny model, short warm-up, three small HRPO steps.
 FAST = ["--sft_steps", "5", "--max_steps", "4", "--per_device_train_batch_size", "8", "--group_size", "4",
         "--max_completion_length", "12", "--eval_size", "8", "--save_steps", "2", "--seed", "3"]

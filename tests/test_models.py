@@ -8,6 +8,14 @@ from latentfast.models import HRPO_MODULES, HybridConfig, HybridThinkingLM, buil
 TOK = build_tokenizer()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()  # tiny shapes: extra intra-op threads only add contention
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(cfg=None, lora=True, **overrides):
     torch.manual_seed(0)
     m = HybridThinkingLM(build_tiny_causal_lm(TOK, **overrides), cfg or HybridConfig())
