@@ -114,3 +114,10 @@ def test_two_process_gloo_stays_in_sync(tmp_path, extra):
     assert r0["trainable_checksum"] == pytest.approx(r1["trainable_checksum"], rel=1e-6)
     assert r0["eval_accuracy_after"] == r1["eval_accuracy_after"]  # all-reduced
     assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").exists()
+
+
+@pytest.mark.cuda
+def test_cuda_short_run_bf16(tmp_path):
+    res = hrpo.main(FAST + ["--output_dir", str(tmp_path / "run"), "--device", "cuda"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-2]["peak_mem_mb"] > 0 and res["trainable_checksum"] > 0

@@ -147,3 +147,26 @@ def test_wraps_llama_without_peft():
     loss, _ = m(b, torch.randn(4))
     loss.backward()
     assert m.thinking.projection.weight.grad.norm() > 0
+
+
+@pytest.mark.cuda
+def test_cuda_parity_fp32_and_bf16_autocast_step():
+    """Real Triton kernels: fp32 stored == two-pass; bf16 autocast rollout + step runs."""
+    m = _model().cuda()
+    rows = make_arithmetic(8, seed=1)
+    enc = TOK([format_prompt(r["question"]) for r in rows], return_tensors="pt", padding=True).to("cuda")
+    ro = generate(m, enc.input_ids, enc.attention_mask, 20, eos_token_id=TOK.eos_token_id,
+                  pad_token_id=TOK.pad_token_id, marker_ids=[TOK.answer_marker_id], temperature=1.0)
+    b = ro.as_batch()
+    adv = torch.randn(8, device="cuda")
+    l1, g1 = _loss_and_grads(m, b, adv, "stored")
+    l2, g2 = _loss_and_grads(m, b, adv, "two_pass")
+    torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-5)
+    for name in g1:
+        assert (g1[name] - g2[name]).abs().max() / g1[name].abs().max().clamp(min=1e-8) < 1e-3, name
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ro = generate(m, enc.input_ids, enc.attention_mask, 20, eos_token_id=TOK.eos_token_id,
+                      pad_token_id=TOK.pad_token_id, marker_ids=[TOK.answer_marker_id], temperature=1.0)
+        loss, _ = m(ro.as_batch(), adv)
+    loss.backward()
+    assert torch.isfinite(loss) and m.thinking.projection.weight.grad.norm() > 0
