@@ -36,11 +36,11 @@ from . import checkpoint, dist
 
 DEMO_MODEL = "tiny"
 # Small-model presets for the embedded demo (only for arguments not given explicitly).
-DEMO_PRESET = dict(lr=1e-3, lora_rank=16, lr_residual_gate=1e-3, lr_residual_Lambda=1e-3, lr_thinking_projection=1e-3,
+DEMO_PRESET = dict(lr=5e-4, lora_rank=16, lr_residual_gate=5e-4, lr_residual_Lambda=1e-3, lr_thinking_projection=5e-4,
                    beta=0.005, group_size=8, per_device_train_batch_size=64, gradient_accumulation_steps=1,
-                   temperature=1.0, max_prompt_length=96, max_completion_length=28, max_steps=40, warmup_ratio=0.05,
-                   max_grad_norm=1.0, train_data="synthetic", eval_data="synthetic", eval_size=256, eval_steps=20,
-                   sft_steps=250, save_steps=20)
+                   temperature=1.0, max_prompt_length=96, max_completion_length=28, max_steps=400, warmup_ratio=0.05,
+                   max_grad_norm=1.0, train_data="synthetic", eval_data="synthetic", eval_size=256, eval_steps=100,
+                   sft_steps=250, save_steps=100)
 
 
 def build_parser() -> argparse.ArgumentParser:
