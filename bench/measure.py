@@ -67,6 +67,9 @@ def _cpu_peak_in_child(fn) -> int:
         peak = -1
         try:
             os.close(r)
+            # libgomp is not fork-safe: a parallel region in the child waits forever for
+            # the parent's worker threads. One thread keeps ATen's loops inline.
+            torch.set_num_threads(1)
             ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
             del_out = fn()  # warm-up: lazy initialisation and copy-on-write faults
             del del_out
