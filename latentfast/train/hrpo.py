@@ -304,6 +304,8 @@ def evaluate(model, wrapped, tok, rows, args, device, rank, world, marker_ids, a
 def main(argv=None):
     args = parse_args(argv)
     device, rank, world = dist.setup(args.device)
+    if args.demo and device.type == "cpu":
+        torch.set_num_threads(1)  # tiny shapes: more intra-op threads only contend (much slower on a busy box)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     use_bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
