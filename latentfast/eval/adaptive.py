@@ -1,0 +1,326 @@
+"""Adaptive explicit/latent decoding of a CODI model, switched by next-token entropy.
+
+    python -m latentfast.eval.adaptive --ckpt_dir runs/codi --baseline_mode adaptive --verbose
+    python -m latentfast.eval.adaptive --model_type codi --base_model_path /models/Llama-3.2-1B-Instruct \\
+        --ckpt_dir checkpoints/hybrid_codi --prj_dim 2048 --data_name gsm8k_test.jsonl --bf16 \\
+        --baseline_mode adaptive --max_switch_count 5 --window_e_to_l 5 --window_l_to_e 0
+
+Modes (``--baseline_mode``):
+  explicit  plain greedy CoT decoding, never latent.
+  latent    CODI inference: ``<bot>``, ``num_latent`` latent steps, ``<eot>``, then the
+            answer decoded explicitly.
+  adaptive  start explicit; per sample, after at least ``window_e_to_l`` explicit tokens,
+            switch to latent (feed ``<bot>``) when the next-token entropy drops below the
+            running mean entropy of the explicit tokens so far (the model is sure: the
+            step is easy, compress it -- the same rule phase 1 used to pick latent steps);
+            in latent mode, after at least ``max(1, window_l_to_e)`` latent steps, switch
+            back (feed ``<eot>``) when the entropy rises above that mean, and always
+            after ``num_latent`` latent steps. At most ``max_switch_count`` switches
+            (both directions count; a latent block is only opened when there is room to
+            close it), and never once the answer marker ``####`` has been written.
+Reports accuracy, explicit tokens generated, latent steps and switches per problem.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from latentfast.data.rewards import correctness_reward, extract_answer
+
+MODES = ("adaptive", "explicit", "latent")
+TOKEN, BOT, LATENT, EOT = "token", "bot", "latent", "eot"
+
+
+@dataclass
+class SwitchController:
+    """Mode switching for one sequence. Call ``decide(entropy)`` once per decoding step with
+    the entropy (nats) of the prediction just made; it returns what to feed next:
+    ``"token"`` (the predicted token), ``"bot"``, ``"latent"`` (a latent embedding) or ``"eot"``."""
+
+    mode: str = "adaptive"
+    max_switch_count: int = 5
+    window_e_to_l: int = 5
+    window_l_to_e: int = 0
+    num_latent: int = 6
+    state: str = "explicit"
+    steps_in_mode: int = 0
+    switches: int = 0
+    latent_steps: int = 0
+    answering: bool = False
+    ent_sum: float = 0.0
+    ent_count: int = 0
+    events: list = field(default_factory=list)  # (step, "E->L" | "L->E", entropy, reference)
+    _t: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def reference(self) -> float:
+        return self.ent_sum / self.ent_count if self.ent_count else math.inf
+
+    def _switch(self, to: str, entropy: float) -> None:
+        self.events.append((self._t, "E->L" if to == "latent" else "L->E", round(entropy, 4),
+                            round(self.reference, 4) if self.ent_count else None))
+        self.state, self.steps_in_mode = to, 0
+        self.switches += 1
+
+    def decide(self, entropy: float) -> str:
+        entropy = float(entropy)
+        self._t += 1
+        if self.state == "latent":
+            cap = self.steps_in_mode >= self.num_latent
+            early = (self.mode == "adaptive" and self.steps_in_mode >= max(1, self.window_l_to_e)
+                     and entropy > self.reference)
+            if cap or early:
+                self._switch("explicit", entropy)
+                return EOT
+            self.steps_in_mode += 1
+            self.latent_steps += 1
+            return LATENT
+        # explicit
+        if self.mode == "latent" and self.switches == 0:  # CODI: latent block right after the prompt
+            self._switch("latent", entropy)
+            return BOT
+        if (self.mode == "adaptive" and not self.answering and self.switches + 2 <= self.max_switch_count
+                and self.steps_in_mode >= self.window_e_to_l and entropy < self.reference):
+            self._switch("latent", entropy)
+            return BOT
+        self.ent_sum += entropy
+        self.ent_count += 1
+        self.steps_in_mode += 1
+        return TOKEN
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: int
+    latent_steps: int
+    switches: int
+    trace: list  # [("E", text) | ("L", n_steps), ...]
+    events: list
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@torch.no_grad()
+def generate_adaptive(model, tok, questions: list[str], mode: str = "adaptive", max_new_tokens: int = 256,
+                      max_switch_count: int = 5, window_e_to_l: int = 5, window_l_to_e: int = 0,
+                      amp=None) -> list[Generation]:
+    """Greedy batched decoding with a ``SwitchController`` per sequence (``model``: CODIModel)."""
+    from latentfast.data import format_prompt
+    from latentfast.models.codi import new_cache
+
+    amp = amp or (lambda: torch.autocast("cpu", enabled=False))
+    device = model.lm.get_input_embeddings().weight.device
+    tok.padding_side = "left"
+    enc = tok([format_prompt(q) for q in questions], return_tensors="pt", padding=True)
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    B = ids.shape[0]
+    ctrl = [SwitchController(mode, max_switch_count, window_e_to_l, window_l_to_e, model.num_latent)
+            for _ in range(B)]
+    out_ids = [[] for _ in range(B)]
+    traces = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    marker = list(tok.answer_marker_ids)
+    cache = new_cache(model.config)
+    with amp():
+        o = model.run(model.embed(ids), mask, (mask.cumsum(1) - 1).clamp(min=0), cache=cache)
+    h = o.last_hidden_state[:, -1]
+    pos = mask.sum(1)
+    budget = max_new_tokens + max_switch_count * (model.num_latent + 2) + model.num_latent + 2
+    for _ in range(budget):
+        logits = model.logits(h).float()
+        ent, nxt = _entropy(logits).tolist(), logits.argmax(-1).tolist()
+        feed = torch.full((B,), tok.pad_token_id, dtype=torch.long, device=device)
+        use_latent = torch.zeros(B, dtype=torch.bool, device=device)
+        for b in range(B):
+            if done[b]:
+                continue
+            act = ctrl[b].decide(ent[b])
+            tr = traces[b]
+            if act == TOKEN:
+                out_ids[b].append(nxt[b])
+                feed[b] = nxt[b]
+                if tr and tr[-1][0] == "E":
+                    tr[-1][1].append(nxt[b])
+                else:
+                    tr.append(("E", [nxt[b]]))
+                if out_ids[b][-len(marker):] == marker:
+                    ctrl[b].answering = True
+                if nxt[b] == tok.eos_token_id or len(out_ids[b]) >= max_new_tokens:
+                    done[b] = True
+            elif act == BOT:
+                feed[b] = tok.bot_token_id
+                tr.append(("L", 0))
+            elif act == EOT:
+                feed[b] = tok.eot_token_id
+            else:
+                use_latent[b] = True
+                tr[-1] = ("L", tr[-1][1] + 1)
+        if bool(done.all()):
+            break
+        with amp():
+            emb = model.embed(feed)
+            if bool(use_latent.any()):
+                emb = torch.where(use_latent[:, None], model.latent_embed(h).to(emb.dtype), emb)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
+            o = model.run(emb[:, None], mask, pos[:, None], cache=cache)
+        h = o.last_hidden_state[:, -1]
+        pos = pos + 1
+    gens = []
+    for b in range(B):
+        trace = [(k, tok.decode(v, skip_special_tokens=True) if k == "E" else v) for k, v in traces[b]]
+        gens.append(Generation(tok.decode(out_ids[b], skip_special_tokens=True),
+                               sum(1 for t in out_ids[b] if t != tok.eos_token_id), ctrl[b].latent_steps,
+                               ctrl[b].switches, trace, ctrl[b].events))
+    return gens
+
+
+def format_trace(g: Generation) -> str:
+    parts = [f"E{v!r}" if k == "E" else f"L({v})" for k, v in g.trace]
+    return " -> ".join(parts) if parts else "(nothing)"
+
+
+def evaluate(model, tok, rows: list[dict], mode: str = "adaptive", batch_size: int = 32, max_new_tokens: int = 256,
+             max_switch_count: int = 5, window_e_to_l: int = 5, window_l_to_e: int = 0, amp=None,
+             verbose: bool = False, rank: int = 0, world: int = 1, progress: bool = False, records=None) -> dict:
+    """Accuracy and mean explicit tokens / latent steps / switches over ``rows`` (split over ranks)."""
+    was_training = model.training
+    model.eval()
+    mine = rows[rank::world]
+    sums = torch.zeros(5, dtype=torch.float64)
+    for i in tqdm(range(0, len(mine), batch_size), desc=f"eval {mode}", disable=not progress):
+        batch = mine[i:i + batch_size]
+        gens = generate_adaptive(model, tok, [r["question"] for r in batch], mode, max_new_tokens, max_switch_count,
+                                 window_e_to_l, window_l_to_e, amp)
+        correct = correctness_reward([g.text for g in gens], [r["answer"] for r in batch])
+        for j, (r, g, c) in enumerate(zip(batch, gens, correct)):
+            sums += torch.tensor([c, g.tokens, g.latent_steps, g.switches, 1.0], dtype=torch.float64)
+            if verbose:
+                gold = extract_answer(r["answer"]) if "####" in r["answer"] else r["answer"]
+                print(f"[{mode}] #{rank + (i + j) * world}: {format_trace(g)}\n"
+                      f"    switches: {g.events or 'none'} | pred {extract_answer(g.text)} gold {gold} "
+                      f"{'OK' if c else 'WRONG'}", flush=True)
+            if records is not None:
+                records.append({"mode": mode, "question": r["question"], "gold": r["answer"], "output": g.text,
+                                "correct": c, "tokens": g.tokens, "latent_steps": g.latent_steps,
+                                "switches": g.switches, "events": g.events, "trace": g.trace})
+    if world > 1 and torch.distributed.is_initialized():
+        dev = model.lm.get_input_embeddings().weight.device
+        t = sums.to(dev)
+        torch.distributed.all_reduce(t)
+        sums = t.cpu()
+    n = max(1.0, sums[4].item())
+    model.train(was_training)
+    return {"mode": mode, "accuracy": sums[0].item() / n, "tokens": sums[1].item() / n,
+            "latent_steps": sums[2].item() / n, "switches": sums[3].item() / n, "n": int(sums[4].item())}
+
+
+def results_table(results: list[dict]) -> str:
+    lines = ["| mode | accuracy | explicit tokens | latent steps | switches | n |", "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['mode']} | {r['accuracy']:.3f} | {r['tokens']:.1f} | {r['latent_steps']:.2f} | "
+                     f"{r['switches']:.2f} | {r['n']} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model_type", default="codi", choices=["codi"])
+    a("--base_model_path", default=None, help="HF model path or 'tiny' (default: from the checkpoint's codi_config.json)")
+    a("--ckpt_dir", default=None, help="latentfast-codi output/checkpoint dir, or an original CODI checkpoint")
+    a("--prj_dim", type=int, default=None, help="default: codi_config.json, else 2048")
+    a("--num_latent", type=int, default=None, help="default: codi_config.json, else 6")
+    a("--use_prj", action=argparse.BooleanOptionalAction, default=None)
+    a("--lora_rank", type=int, default=None, help="LoRA rank of the checkpoint (0 = none)")
+    a("--lora_alpha", type=int, default=None)
+    a("--data_name", default="gsm8k", help="'gsm8k' (shipped test sample), 'synthetic' or a JSONL path")
+    a("--max_samples", type=int, default=None)
+    a("--batch_size", type=int, default=32)
+    a("--max_new_tokens", type=int, default=256)
+    a("--baseline_mode", default="adaptive", choices=list(MODES) + ["all"])
+    a("--max_switch_count", type=int, default=5)
+    a("--window_e_to_l", type=int, default=5)
+    a("--window_l_to_e", type=int, default=0)
+    a("--verbose", action="store_true", help="print every problem's explicit/latent trace and switches")
+    a("--output_file", default=None, help="JSONL of per-problem results")
+    a("--seed", type=int, default=0)
+    a("--device", default=None)
+    a("--bf16", action=argparse.BooleanOptionalAction, default=None)
+    return p
+
+
+def load_codi(base_model_path: str, ckpt_dir: str | None, device, num_latent: int = 6, prj_dim: int = 2048,
+              use_prj: bool = True, lora_rank: int = 0, lora_alpha: int | None = None, seed: int = 0):
+    """(tokenizer, CODIModel) from a base model and an optional CODI checkpoint."""
+    from latentfast.models.codi import CODIModel, load_weights, prepare_tokenizer
+    from latentfast.train.common import load_causal_lm
+
+    tok, lm = load_causal_lm(base_model_path, device, seed=seed)
+    prepare_tokenizer(tok, lm)
+    model = CODIModel(lm, tok.bot_token_id, tok.eot_token_id, num_latent=num_latent, prj_dim=prj_dim,
+                      use_prj=use_prj)
+    if lora_rank:
+        model.add_lora(lora_rank, lora_alpha)
+    if ckpt_dir:
+        res = load_weights(model, ckpt_dir)
+        if res["missing"]:
+            print(f"[adaptive] {len(res['missing'])} weights not in the checkpoint (kept from the base model)")
+    return tok, model.to(device)
+
+
+def codi_config(ckpt_dir: str | None) -> dict:
+    """The trainer's ``codi_config.json`` next to (or above) the checkpoint, if any."""
+    if not ckpt_dir:
+        return {}
+    p = pathlib.Path(ckpt_dir)
+    for d in (p, p.parent):
+        if (d / "codi_config.json").exists():
+            return json.loads((d / "codi_config.json").read_text())
+    return {}
+
+
+def main(argv=None):
+    from latentfast.train.common import amp_context, load_rows
+
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = codi_config(args.ckpt_dir)
+    base = args.base_model_path or cfg.get("model_name_or_path", "tiny")
+    pick = (lambda v, k, d: v if v is not None else cfg.get(k, d))
+    tok, model = load_codi(base, args.ckpt_dir, device, pick(args.num_latent, "num_latent", 6),
+                           pick(args.prj_dim, "prj_dim", 2048), pick(args.use_prj, "use_prj", True),
+                           pick(args.lora_rank, "lora_rank", 0), pick(args.lora_alpha, "lora_alpha", None), args.seed)
+    data = "gsm8k_test" if args.data_name == "gsm8k" else args.data_name
+    n = args.max_samples or (100 if data == "synthetic" else None)
+    rows = load_rows(data, n, seed=args.seed + 10_000)
+    amp = amp_context(device, args.bf16)
+    modes = list(MODES) if args.baseline_mode == "all" else [args.baseline_mode]
+    records = [] if args.output_file else None
+    results = [evaluate(model, tok, rows, m, args.batch_size, args.max_new_tokens, args.max_switch_count,
+                        args.window_e_to_l, args.window_l_to_e, amp, args.verbose, progress=True, records=records)
+               for m in modes]
+    print(results_table(results), flush=True)
+    if records is not None:
+        with open(args.output_file, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

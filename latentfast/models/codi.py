@@ -1,0 +1,372 @@
+"""CODI (Shen et al. 2025): an explicit-CoT teacher and a latent student sharing one model.
+
+Teacher sequence:  prompt  step_1\\n step_2\\n ...  #### N <eos>
+Student sequence:  prompt  step_1\\n <bot> z z z z z z <eot> step_3\\n ...  #### N <eos>
+
+A run of latent steps is replaced by ``<bot>``, ``num_latent`` latent positions and
+``<eot>``; each latent position's input embedding is ``prj(h)`` with ``h`` the
+last-layer hidden state of the position before it (``prj`` = Linear -> GELU ->
+Linear -> LayerNorm, the original CODI module names, so CODI checkpoints load).
+Pure CODI is the case "every step latent"; seed note 003's hybrid samples mix
+explicit and latent steps.
+
+    loss = CE(student's explicit tokens) + distill_loss_factor * CODILoss(hidden at the
+           token before the answer, every layer, L1 / teacher std) + ref_loss_factor *
+           CE(teacher's full explicit sequence)
+
+Batching hybrid samples: the student batch is laid out as segments
+``E0 L1 E1 L2 ... EM`` (token chunks E, latent blocks L). A sample with fewer blocks
+or shorter chunks leaves *holes* (attention mask 0, position ids counted over real
+tokens only), so every sample sees exactly its own sequence while token chunks still
+run as one batched forward and each latent column as one batched step, through one
+KV cache. ``tests/test_codi.py`` checks this against per-sample forwards.
+"""
+from __future__ import annotations
+
+import inspect
+import pathlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentfast.data import ANSWER_MARKER, BOT, EOT, format_prompt
+from latentfast.nn import CODILoss
+
+LATENT = -1  # placeholder id of a latent position in an encoded student sequence
+
+
+# ----------------------------------------------------------------------------- data
+def split_answer(answer: str, marker: str = ANSWER_MARKER) -> tuple[list[str], str]:
+    """GSM8K answer -> (reasoning step lines, final answer text after the marker)."""
+    if marker not in answer:
+        raise ValueError(f"answer has no {marker!r} line: {answer[-80:]!r}")
+    body, final = answer.rsplit(marker, 1)
+    steps = [s.strip() for s in body.strip().split("\n") if s.strip()]
+    return steps, final.strip().split("\n", 1)[0]
+
+
+def prepare_tokenizer(tok, lm=None):
+    """Make sure ``tok`` has pad/``<|bot|>``/``<|eot|>`` tokens (adding them, and growing
+    ``lm``'s embeddings, for a stock HF model) and the ``*_id`` attributes used here."""
+    added = []
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    for t in (BOT, EOT):
+        if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id):
+            added.append(t)
+    if added:
+        tok.add_special_tokens({"additional_special_tokens": added})
+    tok.bot_token_id, tok.eot_token_id = tok.convert_tokens_to_ids(BOT), tok.convert_tokens_to_ids(EOT)
+    tok.answer_marker_ids = tok(ANSWER_MARKER, add_special_tokens=False)["input_ids"]
+    if lm is not None and lm.get_input_embeddings().weight.shape[0] < len(tok):
+        lm.resize_token_embeddings(len(tok))
+    return tok
+
+
+def encode_example(tok, question: str, steps: list[str], final: str, latent=None, num_latent: int = 6) -> dict:
+    """Token ids for one sample. ``latent[i]`` marks step ``i`` as compressed (default:
+    none, i.e. pure CoT). Returns teacher/student ``ids``, ``labels`` (True where the
+    token is a training target), ``distill`` (index of the last answer-marker token:
+    the token right before the answer, where CODI aligns hidden states) and the
+    teacher's ``step_spans`` ([start, end) of each step's tokens)."""
+    latent = [False] * len(steps) if latent is None else list(latent)
+    if len(latent) != len(steps):
+        raise ValueError(f"{len(latent)} latent flags for {len(steps)} steps")
+    prompt = tok(format_prompt(question))["input_ids"]
+    step_ids = [tok(s + "\n", add_special_tokens=False)["input_ids"] for s in steps]
+    answer = tok.answer_marker_ids + tok(" " + final, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n_marker = len(tok.answer_marker_ids)
+
+    t_ids = list(prompt) + [i for s in step_ids for i in s] + answer
+    spans, pos = [], len(prompt)
+    for s in step_ids:
+        spans.append((pos, pos + len(s)))
+        pos += len(s)
+    t_lab = [False] * len(prompt) + [True] * (len(t_ids) - len(prompt))
+    s_ids, s_lab = list(prompt), [False] * len(prompt)
+    i = 0
+    while i < len(steps):
+        if latent[i]:
+            while i < len(steps) and latent[i]:  # one block per run of latent steps
+                i += 1
+            block = [tok.bot_token_id] + [LATENT] * num_latent + [tok.eot_token_id]
+            s_ids += block
+            s_lab += [False] * len(block)  # <bot>/<eot> are inserted by the decoder, not predicted
+        else:
+            s_ids += step_ids[i]
+            s_lab += [True] * len(step_ids[i])
+            i += 1
+    s_ids += answer
+    s_lab += [True] * len(answer)
+    return {"teacher_ids": t_ids, "teacher_labels": t_lab, "teacher_distill": len(t_ids) - len(answer) + n_marker - 1,
+            "teacher_step_spans": spans,
+            "student_ids": s_ids, "student_labels": s_lab, "student_distill": len(s_ids) - len(answer) + n_marker - 1,
+            "num_latent_blocks": s_ids.count(tok.bot_token_id) if num_latent else 0}
+
+
+def _targets(ids, labels):
+    """Next-token targets at the predicting positions (-100 where nothing is learnt)."""
+    return [ids[t + 1] if labels[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Teacher tensors (right-padded) and the student's segment layout (see module doc)."""
+    B = len(examples)
+    T = max(len(e["teacher_ids"]) for e in examples)
+    t_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    t_mask = torch.zeros(B, T, dtype=torch.long)
+    t_tgt = torch.full((B, T), -100, dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e["teacher_ids"])
+        t_ids[b, :n] = torch.tensor(e["teacher_ids"])
+        t_mask[b, :n] = 1
+        t_tgt[b, :n] = torch.tensor(_targets(e["teacher_ids"], e["teacher_labels"]))
+    out = {"teacher_ids": t_ids, "teacher_mask": t_mask, "teacher_targets": t_tgt,
+           "teacher_distill": torch.tensor([e["teacher_distill"] for e in examples])}
+
+    # student: split each sequence into chunks E0 L1 E1 ... (canonical slots 0..2M)
+    chunks = []
+    for e in examples:
+        ids, cs, cur, t = e["student_ids"], [], [], 0
+        while t < len(ids):
+            if ids[t] == LATENT:
+                cs.append(cur)
+                start = t
+                while t < len(ids) and ids[t] == LATENT:
+                    t += 1
+                cs.append(list(range(start, t)))
+                cur = []
+            else:
+                cur.append(t)
+                t += 1
+        cs.append(cur)
+        chunks.append(cs)
+    n_slots = max(len(c) for c in chunks)
+    widths = [max((len(c[j]) for c in chunks if j < len(c)), default=0) for j in range(n_slots)]
+    starts = [sum(widths[:j]) for j in range(n_slots)]
+    W = sum(widths)
+    s_ids = torch.full((B, W), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, W, dtype=torch.long)
+    latent = torch.zeros(B, W, dtype=torch.bool)
+    tgt = torch.full((B, W), -100, dtype=torch.long)
+    distill = torch.zeros(B, dtype=torch.long)
+    for b, (e, cs) in enumerate(zip(examples, chunks)):
+        targets = _targets(e["student_ids"], e["student_labels"])
+        for j, idx in enumerate(cs):
+            for off, t in enumerate(idx):
+                col = starts[j] + off
+                valid[b, col] = 1
+                if e["student_ids"][t] == LATENT:
+                    latent[b, col] = True
+                else:
+                    s_ids[b, col] = e["student_ids"][t]
+                tgt[b, col] = targets[t]
+                if t == e["student_distill"]:
+                    distill[b] = col
+    segments = [(starts[j], starts[j] + widths[j], j % 2 == 1) for j in range(n_slots) if widths[j] > 0]
+    out.update(student_ids=s_ids, student_valid=valid, student_latent=latent, student_targets=tgt,
+               student_positions=(valid.cumsum(1) - 1).clamp(min=0), student_distill=distill, segments=segments)
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+def _cache_kwarg(base) -> str:
+    # transformers 5.24 renamed past_key_values -> cache (the GPU image has 5.17)
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def new_cache(config):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+class CODIModel(nn.Module):
+    """``codi``: the causal LM (optionally PEFT-wrapped); ``prj``: the latent projection.
+
+    Args:
+        num_latent: latent positions per latent block.
+        prj_dim: hidden width of ``prj`` (2048 at 1B scale); ``use_prj=False`` feeds the
+            raw last hidden state back.
+        distill_layers / distill_loss_type: ``CODILoss`` options ('all', 'l1').
+    """
+
+    def __init__(self, lm, bot_id: int, eot_id: int, num_latent: int = 6, prj_dim: int = 2048, use_prj: bool = True,
+                 prj_dropout: float = 0.0, distill_loss_factor: float = 1.0, ref_loss_factor: float = 1.0,
+                 distill_layers="all", distill_loss_type: str = "l1"):
+        super().__init__()
+        self.codi = lm
+        self.bot_id, self.eot_id, self.num_latent = bot_id, eot_id, num_latent
+        self.distill_loss_factor, self.ref_loss_factor = distill_loss_factor, ref_loss_factor
+        dim = lm.config.hidden_size
+        self.prj = None
+        if use_prj:  # same layout and names as CODI's model.py: prj.1 / prj.3 / prj.ln
+            self.prj = nn.Sequential(nn.Dropout(prj_dropout), nn.Linear(dim, prj_dim), nn.GELU(),
+                                     nn.Linear(prj_dim, dim))
+            self.prj.add_module("ln", nn.LayerNorm(dim))
+        self.distill = CODILoss(layers=distill_layers, loss_type=distill_loss_type)
+        self._cache_kw = _cache_kwarg(self.base)
+
+    # -- pieces -----------------------------------------------------------------
+    @property
+    def lm(self) -> nn.Module:
+        """The HF causal LM underneath any PEFT wrapper."""
+        m = self.codi
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    @property
+    def base(self) -> nn.Module:
+        return self.lm.model
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def add_lora(self, rank: int, alpha: int | None = None, dropout: float = 0.1):
+        """LoRA on every linear of the blocks (CODI trains r=128, alpha=32 adapters)."""
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, task_type="CAUSAL_LM",
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        self.codi = get_peft_model(self.codi, cfg)
+        return self
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def latent_embed(self, h: torch.Tensor) -> torch.Tensor:
+        """Input embedding of a latent position from the previous last hidden state."""
+        return self.prj(h) if self.prj is not None else h
+
+    def run(self, embeds, attention_mask, position_ids, cache=None, hidden_states: bool = False):
+        """One decoder call on ``inputs_embeds``; returns the HF output (``last_hidden_state``
+        is after the final norm; ``hidden_states`` has the embeddings + every block)."""
+        kw = {self._cache_kw: cache} if cache is not None else {}
+        emb = self.lm.get_input_embeddings().weight
+        return self.base(inputs_embeds=embeds.to(emb.dtype) if not torch.is_autocast_enabled() else embeds,
+                         attention_mask=attention_mask, position_ids=position_ids, use_cache=cache is not None,
+                         output_hidden_states=hidden_states, **kw)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_output_embeddings()(h)
+
+    def _ce(self, final_hidden, targets):
+        sel = targets != -100
+        if not sel.any():
+            return final_hidden.sum() * 0.0
+        return F.cross_entropy(self.logits(final_hidden[sel]).float(), targets[sel])
+
+    # -- passes -------------------------------------------------------------------
+    def teacher_forward(self, batch):
+        """Explicit CoT pass: (CE over the CoT and answer, hidden-state tuple)."""
+        ids, mask = batch["teacher_ids"], batch["teacher_mask"]
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.run(self.embed(ids), mask, pos, hidden_states=True)
+        return self._ce(out.last_hidden_state, batch["teacher_targets"]), out.hidden_states
+
+    def student_forward(self, batch):
+        """Hybrid pass over the segment layout: (CE on explicit tokens, hidden-state tuple)."""
+        ids, valid, pos = batch["student_ids"], batch["student_valid"], batch["student_positions"]
+        B = ids.shape[0]
+        cache = new_cache(self.config)
+        per_layer, last_h = None, None
+        for start, end, is_latent in batch["segments"]:
+            cols = [(start, end)] if not is_latent else [(c, c + 1) for c in range(start, end)]
+            for s, e in cols:
+                if is_latent:
+                    emb = self.latent_embed(last_h)[:, None]
+                    # holes of samples without this block must not carry a stale state forward
+                    emb = torch.where(valid[:, s:e, None].bool(), emb, torch.zeros_like(emb))
+                else:
+                    emb = self.embed(ids[:, s:e])
+                out = self.run(emb, valid[:, :e], pos[:, s:e], cache=cache, hidden_states=True)
+                hs = out.hidden_states
+                per_layer = [[h] for h in hs] if per_layer is None else [p + [h] for p, h in zip(per_layer, hs)]
+                # last valid column of this call, per sample (keep the old state where none)
+                v = valid[:, s:e]
+                has = v.any(1)
+                last = (v * torch.arange(1, e - s + 1, device=v.device)).argmax(1)
+                cur = out.last_hidden_state[torch.arange(B, device=v.device), last]
+                last_h = cur if last_h is None else torch.where(has[:, None], cur, last_h)
+        hidden = tuple(torch.cat(p, dim=1) for p in per_layer)
+        return self._ce(hidden[-1], batch["student_targets"]), hidden
+
+    def forward(self, batch: dict, student_index: torch.Tensor | None = None):
+        """Total loss and metrics. ``student_index``: rows of the batch that get the latent
+        student pass (the others are pure-CoT samples: teacher CE only); default all."""
+        ref_ce, t_hidden = self.teacher_forward(batch)
+        loss = self.ref_loss_factor * ref_ce
+        metrics = {"ref_ce": ref_ce.detach()}
+        has_student = batch.get("segments") is not None and batch["student_ids"].shape[0] > 0
+        if has_student:
+            ce, s_hidden = self.student_forward(batch)
+            sel = student_index if student_index is not None else slice(None)
+            t_sel = tuple(h[sel] for h in t_hidden)
+            distill = self.distill(s_hidden, t_sel, batch["student_distill"], batch["teacher_distill"][sel])
+            loss = loss + ce + self.distill_loss_factor * distill
+            metrics.update(ce=ce.detach(), distill=distill.detach())
+        if self.prj is not None and (not has_student or not bool(batch["student_latent"].any())):
+            loss = loss + 0.0 * sum(p.sum() for p in self.prj.parameters())  # DDP: every param gets a grad
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+def split_batch(examples: list[dict], cot_only: list[bool], pad_id: int) -> tuple[dict, torch.Tensor]:
+    """Collate the teacher side of every example and the student side of the non-CoT ones.
+    Returns (batch, student_index) for ``CODIModel.forward``."""
+    batch = collate(examples, pad_id)
+    keep = [i for i, c in enumerate(cot_only) if not c]
+    if len(keep) == len(examples):
+        return batch, torch.arange(len(examples))
+    if not keep:
+        batch["segments"] = None
+        batch["student_ids"] = batch["student_ids"][:0]
+        return batch, torch.zeros(0, dtype=torch.long)
+    student = collate([examples[i] for i in keep], pad_id)
+    for k, v in student.items():
+        if k.startswith("student_") or k == "segments":
+            batch[k] = v
+    return batch, torch.tensor(keep)
+
+
+# ----------------------------------------------------------------------------- weights
+def load_weights(model: CODIModel, path: str) -> dict:
+    """Restore a CODI model from one of our checkpoints (``checkpoint-N`` dir or an output
+    dir holding them) or an original CODI ``pytorch_model.bin`` / ``model.safetensors``
+    (keys ``codi.*`` / ``prj.*``). Returns {'missing': [...], 'unexpected': [...]}."""
+    p = pathlib.Path(path)
+    if p.is_dir() and not (p / "trainer_state.json").exists():
+        from latentfast.train.checkpoint import latest
+
+        ck = latest(str(p))
+        if ck is not None:
+            p = pathlib.Path(ck)
+    f = None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if p.is_dir() and (p / name).exists():
+            f = p / name
+            break
+    if f is None and p.is_file():
+        f = p
+    if f is None:
+        raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin under {path}")
+    if f.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(f))
+    else:
+        sd = torch.load(str(f), map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    peft = "codi.base_model.model."
+    fixed = {}
+    for k, v in sd.items():  # PEFT-saved CODI weights into an un-wrapped model, or vice versa
+        if k not in own and k.startswith(peft) and "codi." + k[len(peft):] in own:
+            k = "codi." + k[len(peft):]
+        elif k not in own and k.startswith("codi.") and peft + k[5:] in own:
+            k = peft + k[5:]
+        fixed[k] = v
+    if not any(k in own for k in fixed if not k.startswith("prj.")):
+        raise ValueError(f"{f}: no model key matches this model (LoRA checkpoint? pass the same --lora_rank)")
+    res = model.load_state_dict(fixed, strict=False)
+    return {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}

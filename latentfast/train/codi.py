@@ -1,0 +1,288 @@
+"""CODI hybrid explicit/implicit training (seed note 003).
+
+    latentfast-codi                                    # embedded demo (tiny model, synthetic data)
+    python -m latentfast.train.codi --model_name_or_path /models/Llama-3.2-1B-Instruct \\
+        --hybrid_data_path data/hybrid_training/hybrid_training_data.json --output_dir checkpoints/hybrid_codi \\
+        --num_train_epochs 5 --per_device_train_batch_size 4 --learning_rate 2e-5 \\
+        --num_latent 6 --prj_dim 2048 --hybrid_cot_only_ratio 0.2 --bf16
+    ... --restore_from ./CODI/pretrained/CODI-llama3.2-1b-Instruct   # continue from a CODI checkpoint
+    torchrun --nproc_per_node 8 -m latentfast.train.codi ...
+
+One model is both teacher (explicit CoT) and student (latent steps, see
+``latentfast.models.codi``). Per sample, with probability ``--hybrid_cot_only_ratio``
+the latent part is skipped (pure CoT: teacher CE only); otherwise the sample's
+latent steps (from the phase-1 JSON of ``latentfast.train.codi_data``, or every step
+for a plain GSM8K JSONL = original CODI) become latent blocks, and
+
+    loss = CE(student) + distill_loss_factor * CODI distill + ref_loss_factor * CE(teacher)
+
+The demo (no ``--model_name_or_path``) runs the whole pipeline on a tiny model: an
+explicit-CoT warm-up (it stands in for the pretrained model), phase-1 entropies,
+hybrid training, then ``latentfast.eval.adaptive`` in the three modes.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from latentfast.eval import adaptive
+from latentfast.models.codi import CODIModel, encode_example, load_weights, prepare_tokenizer, split_batch
+
+from . import checkpoint, codi_data, dist
+from .common import JsonlLogger, amp_context, apply_preset, load_causal_lm, load_rows, peak_mem_mb, warmup_schedule
+
+DEMO = "tiny"
+DEMO_PRESET = dict(learning_rate=1e-3, per_device_train_batch_size=32, max_steps=250, warmup_ratio=0.05,
+                   prj_dim=256, num_latent=3, sft_steps=300, hybrid_samples=1024, eval_size=100, save_steps=0,
+                   logging_steps=25, max_new_tokens=40, train_data="synthetic", eval_data="synthetic",
+                   distill_loss_factor=1.0)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # --- the recipe's arguments (phase2_train_compatible.py) ---
+    a("--model_name_or_path", default=DEMO, help="local HF model path; 'tiny' = embedded demo")
+    a("--hybrid_data_path", default=None, help="phase-1 JSON (latentfast.train.codi_data); default: --train_data")
+    a("--output_dir", default="runs/codi")
+    a("--num_train_epochs", type=float, default=5)
+    a("--per_device_train_batch_size", type=int, default=4)
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--learning_rate", type=float, default=2e-5)
+    a("--warmup_ratio", type=float, default=0.1)
+    a("--weight_decay", type=float, default=0.0)
+    a("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"])
+    a("--max_grad_norm", type=float, default=2.0)
+    a("--max_steps", type=int, default=-1, help="> 0 overrides num_train_epochs")
+    a("--num_latent", type=int, default=6, help="latent steps per latent block")
+    a("--prj_dim", type=int, default=2048)
+    a("--use_prj", action=argparse.BooleanOptionalAction, default=True)
+    a("--prj_dropout", type=float, default=0.0)
+    a("--distill_loss_factor", type=float, default=1.0)
+    a("--ref_loss_factor", type=float, default=1.0)
+    a("--distill_loss_type", default="l1", choices=["l1", "smooth_l1"])
+    a("--distill_layers", default="all", help="'all' | 'middle' | 'last' | 'i,j,...'")
+    a("--hybrid_cot_only_ratio", type=float, default=0.2, help="share of samples trained as pure explicit CoT")
+    a("--restore_from", default=None, help="CODI checkpoint to start from (ours or original CODI weights)")
+    a("--resume_from_checkpoint", default=None, help="checkpoint dir, or 'latest' in --output_dir")
+    a("--lora_rank", type=int, default=0, help="0 = full fine-tuning; CODI uses 128 (alpha 32)")
+    a("--lora_alpha", type=int, default=None)
+    a("--seed", type=int, default=42)
+    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    a("--device", default=None)
+    # --- data / eval / logging ---
+    a("--train_data", default="gsm8k", help="without --hybrid_data_path: JSONL path, 'gsm8k' sample or 'synthetic'"
+      " (every step latent = original CODI)")
+    a("--eval_data", default="gsm8k_test", help="JSONL path, 'gsm8k_test' sample, 'synthetic' or 'none'")
+    a("--eval_size", type=int, default=100)
+    a("--eval_modes", default="latent,explicit,adaptive")
+    a("--max_new_tokens", type=int, default=256)
+    a("--save_steps", type=int, default=500)
+    a("--logging_steps", type=int, default=10)
+    # --- demo only ---
+    a("--sft_steps", type=int, default=0, help="explicit-CoT warm-up steps before phase 1 (demo)")
+    a("--sft_lr", type=float, default=3e-3)
+    a("--hybrid_samples", type=int, default=0, help="demo: phase-1 samples generated in-process")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.demo = args.model_name_or_path == DEMO
+    if args.demo:
+        apply_preset(args, parser, argv, DEMO_PRESET)
+    return args
+
+
+class SampleStream:
+    """Item ``i`` of a deterministic, epoch-reshuffled stream (resumable; one shuffle for all ranks)."""
+
+    def __init__(self, rows, seed):
+        self.rows, self.seed, self._perm = rows, seed, {}
+
+    def __getitem__(self, i):
+        epoch, pos = divmod(i, len(self.rows))
+        if epoch not in self._perm:
+            self._perm = {epoch: random.Random(self.seed + epoch).sample(range(len(self.rows)), len(self.rows))}
+        return self.rows[self._perm[epoch][pos]]
+
+
+def make_batch(tok, samples, index0, args, device):
+    """Encode samples; each one is pure CoT with probability hybrid_cot_only_ratio (seeded by
+    its stream index, so a resumed run draws the same)."""
+    exs, cot = [], []
+    for j, s in enumerate(samples):
+        pure = random.Random(args.seed * 7919 + index0 + j).random() < args.hybrid_cot_only_ratio
+        latent = s.get("latent", [True] * len(s["steps"]))  # no phase-1 flags: original CODI
+        if not any(latent):
+            pure = True
+        exs.append(encode_example(tok, s["question"], s["steps"], s["final"], None if pure else latent,
+                                  args.num_latent))
+        cot.append(pure)
+    batch, idx = split_batch(exs, cot, tok.pad_token_id)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return batch, idx.to(device)
+
+
+def sft_warmup(model: CODIModel, tok, rows, args, device, rank, amp):
+    """Explicit-CoT CE only (the demo's tiny model starts random; real runs start pretrained)."""
+    opt = torch.optim.AdamW(model.codi.parameters(), lr=args.sft_lr, weight_decay=0.0)
+    sched = warmup_schedule(opt, args.sft_steps, 0.05)
+    rng = random.Random(args.seed)  # same batches on every rank -> identical weights without a sync
+    model.train()
+    bar = tqdm(range(args.sft_steps), desc="explicit CoT warm-up", disable=rank != 0)
+    for _ in bar:
+        exs = [encode_example(tok, s["question"], s["steps"], s["final"]) for s in rng.sample(rows, 64)]
+        batch, _ = split_batch(exs, [True] * len(exs), tok.pad_token_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with amp():
+            loss, _ = model.teacher_forward(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.codi.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(ce=f"{loss.item():.3f}")
+
+
+def load_samples(args, tok, model, device, rank, amp):
+    if args.hybrid_data_path:
+        return codi_data.load_hybrid(args.hybrid_data_path)
+    rows = load_rows(args.train_data, None, args.seed)
+    samples = codi_data.from_rows(rows)
+    if args.demo and args.hybrid_samples:
+        # phase 1 in-process with the warmed-up model: entropy-guided + random hybrid samples
+        sub = rows[:args.hybrid_samples]
+        ents = codi_data.step_entropies(model.lm, tok, sub, 64, amp, progress=rank == 0)
+        samples = codi_data.make_hybrid(sub, ents, seed=args.seed)
+        if rank == 0:
+            print(f"[codi] phase 1 (in-process): {json.dumps(codi_data.summary(samples))}", flush=True)
+    return samples
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, rank, world = dist.setup(args.device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    amp = amp_context(device, args.bf16)
+    out = pathlib.Path(args.output_dir)
+    t_start = time.time()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.demo:
+            print("[codi] embedded demo; presets: " + json.dumps({k: getattr(args, k) for k in DEMO_PRESET}),
+                  flush=True)
+
+    tok, lm = load_causal_lm(args.model_name_or_path, device, seed=args.seed)
+    prepare_tokenizer(tok, lm)
+    torch.manual_seed(args.seed)  # identical prj init on every rank
+    model = CODIModel(lm, tok.bot_token_id, tok.eot_token_id, num_latent=args.num_latent, prj_dim=args.prj_dim,
+                      use_prj=args.use_prj, prj_dropout=args.prj_dropout, distill_loss_factor=args.distill_loss_factor,
+                      ref_loss_factor=args.ref_loss_factor, distill_layers=args.distill_layers,
+                      distill_loss_type=args.distill_loss_type).to(device)
+    if args.lora_rank:
+        model.add_lora(args.lora_rank, args.lora_alpha)
+    if args.restore_from:
+        res = load_weights(model, args.restore_from)
+        if rank == 0:
+            print(f"[codi] restored {args.restore_from} ({len(res['missing'])} missing, "
+                  f"{len(res['unexpected'])} unexpected keys)", flush=True)
+    if rank == 0:
+        cfg = {k: getattr(args, k) for k in ("model_name_or_path", "num_latent", "prj_dim", "use_prj", "lora_rank",
+                                             "lora_alpha")}
+        (out / "codi_config.json").write_text(json.dumps(cfg, indent=1))
+    if args.demo and args.sft_steps and not args.resume_from_checkpoint:
+        sft_warmup(model, tok, codi_data.from_rows(load_rows(args.train_data, None, args.seed + 1)), args, device,
+                   rank, amp)
+
+    samples = load_samples(args, tok, model, device, rank, amp)
+    eval_rows = [] if args.eval_data == "none" else load_rows(args.eval_data, args.eval_size, args.seed + 10_000)
+    B = args.per_device_train_batch_size
+    per_step = B * args.gradient_accumulation_steps * world
+    total = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * len(samples) / per_step))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=args.learning_rate)
+    sched = warmup_schedule(opt, total, args.warmup_ratio, args.lr_scheduler_type)
+    wrapped = dist.wrap(model, device)
+    start = 0
+    resume = checkpoint.latest(args.output_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+    if resume:
+        start = checkpoint.load(resume, wrapped, opt, sched)["step"]
+        if rank == 0:
+            print(f"[codi] resumed from {resume} at step {start}", flush=True)
+    log = JsonlLogger(out / "metrics.jsonl", enabled=rank == 0)
+    modes = [m for m in args.eval_modes.split(",") if m]
+
+    def run_eval(step, tag):
+        res = []
+        for m in modes:
+            r = adaptive.evaluate(model, tok, eval_rows, m, 64, args.max_new_tokens, amp=amp, rank=rank, world=world)
+            log.log({"step": step, "eval": tag, **r})
+            res.append(r)
+        return res
+
+    stream = SampleStream(samples, args.seed)
+    bar = tqdm(range(start, total), desc="codi", disable=rank != 0, initial=start, total=total)
+    first = None
+    for step in bar:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        model.train()
+        sums = {}
+        for m in range(args.gradient_accumulation_steps):
+            base = ((step * args.gradient_accumulation_steps + m) * world + rank) * B
+            batch, sidx = make_batch(tok, [stream[base + i] for i in range(B)], base, args, device)
+            sync = m == args.gradient_accumulation_steps - 1
+            ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
+            with ctx, amp():
+                loss, met = wrapped(batch, sidx)
+                (loss / args.gradient_accumulation_steps).backward()
+            for k, v in met.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / args.gradient_accumulation_steps
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        row = dist.all_mean(sums, device)
+        row.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
+                   step_s=time.perf_counter() - t0, peak_mem_mb=peak_mem_mb(device))
+        first = first or row
+        log.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row.get('ce', 0):.3f}", ref=f"{row['ref_ce']:.3f}",
+                        distill=f"{row.get('distill', 0):.3f}")
+        if rank == 0 and args.logging_steps and (step + 1) % args.logging_steps == 0:
+            tqdm.write(f"Step {step + 1}: loss={row['loss']:.4f} ce={row.get('ce', 0):.4f} "
+                       f"ref_ce={row['ref_ce']:.4f} distill={row.get('distill', 0):.4f} lr={row['lr']:.2e}")
+        if args.save_steps and (step + 1) % args.save_steps == 0:
+            checkpoint.save(args.output_dir, step + 1, wrapped, opt, sched)
+    final = checkpoint.save(args.output_dir, total, wrapped, opt, sched)
+    results = run_eval(total, "final") if eval_rows and modes else []
+    if rank == 0:
+        if results:
+            table = adaptive.results_table(results)
+            (out / "eval.md").write_text(table + "\n")
+            print(table, flush=True)
+        if first is not None:
+            print(f"[codi] loss {first['loss']:.3f} -> {row['loss']:.3f} (ce {first.get('ce', 0):.3f} -> "
+                  f"{row.get('ce', 0):.3f}, ref_ce {first['ref_ce']:.3f} -> {row['ref_ce']:.3f}); checkpoint {final}; "
+                  f"metrics {out / 'metrics.jsonl'}; {time.time() - t_start:.0f}s", flush=True)
+    log.close()
+    dist.cleanup()
+    return {"first": first, "last": row if first is not None else None, "eval": results}
+
+
+if __name__ == "__main__":
+    main()

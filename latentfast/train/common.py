@@ -1,0 +1,122 @@
+"""Small helpers shared by the CODI and KV-distillation trainers.
+
+``explicit_args`` (which flags the user typed, so demo presets never override them),
+``load_rows`` (JSONL path / shipped GSM8K sample / synthetic arithmetic),
+``warmup_schedule`` (linear warm-up then cosine/linear/constant), ``JsonlLogger``
+(rank-0 metrics file), ``amp_context`` (bf16 autocast or nothing) and ``peak_mem_mb``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import pathlib
+import resource
+
+import torch
+
+from latentfast.data import load_gsm8k, make_arithmetic
+
+
+def explicit_args(parser: argparse.ArgumentParser, argv) -> set:
+    """Destinations set on the command line (re-parse with every default suppressed)."""
+    saved = {a: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, d in saved.items():
+            a.default = d
+
+
+def apply_preset(args, parser, argv, preset: dict) -> None:
+    """Demo presets replace the defaults of the arguments the user did not type."""
+    typed = explicit_args(parser, argv)
+    for k, v in preset.items():
+        if k not in typed:
+            setattr(args, k, v)
+
+
+def load_rows(spec: str, n: int | None = None, seed: int = 0) -> list[dict]:
+    """``synthetic`` | ``gsm8k_sample`` / ``gsm8k`` (shipped train sample) |
+    ``gsm8k_sample_test`` | a JSONL path with ``question``/``answer`` lines."""
+    if spec == "synthetic":
+        return make_arithmetic(n or 20000, seed=seed, min_steps=1, max_steps=3)
+    if spec in ("gsm8k_sample", "gsm8k_sample_train", "gsm8k"):
+        return load_gsm8k("train", n)
+    if spec in ("gsm8k_sample_test", "gsm8k_test"):
+        return load_gsm8k("test", n)
+    return load_gsm8k(spec, n)
+
+
+def warmup_schedule(opt, total: int, warmup_ratio: float, kind: str = "cosine"):
+    """LambdaLR: linear warm-up over ``warmup_ratio * total`` steps, then ``kind``."""
+    warm = max(1, int(warmup_ratio * total))
+
+    def f(s):
+        if s < warm:
+            return (s + 1) / warm
+        if kind == "constant":
+            return 1.0
+        t = min(1.0, (s - warm) / max(1, total - warm))
+        return 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else 1 - t
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def amp_context(device: torch.device, bf16: bool | None):
+    """bf16 autocast when asked (default: on for CUDA); a no-op context otherwise."""
+    on = bf16 if bf16 is not None else device.type == "cuda"
+    if on:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    """Peak CUDA memory since the last reset, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class JsonlLogger:
+    """Appends one JSON object per line to ``path`` on rank 0 (no-op elsewhere)."""
+
+    def __init__(self, path, enabled: bool = True, mode: str = "a"):
+        self.f = None
+        if enabled:
+            pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(path, mode)
+
+    def log(self, row: dict) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def load_causal_lm(name: str, device, dtype=None, seed: int = 0, size: str = "tiny", **overrides):
+    """(tokenizer, model). ``name='tiny'`` builds the project tokenizer and a small Qwen2
+    from a config (``size`` / ``overrides``, random weights, no download); anything
+    else is a local Hugging Face model path."""
+    if name == "tiny":
+        from latentfast.data import build_tokenizer
+        from latentfast.models import build_tiny_causal_lm
+
+        tok = build_tokenizer()
+        lm = build_tiny_causal_lm(tok, size=size, seed=seed, **overrides).to(device)
+        return tok, lm if dtype is None else lm.to(dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return tok, AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
