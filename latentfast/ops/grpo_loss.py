@@ -114,19 +114,19 @@ def _pg_terms(logp, adv, weight, pg_weight, old, ref, seg, n_seg, *, beta, eps_l
 
 # ----------------------------------------------------------------- per-chunk backends
 def _torch_logit_stats(L, ids, inv_t):
-    z = L.float() * inv_t
+    z = L.float() * inv_t if (inv_t != 1.0 or L.dtype != torch.float32) else L
     lse = torch.logsumexp(z, dim=-1)
     logp_all = z - lse[:, None]
-    ent = -(logp_all.exp() * logp_all).sum(-1)
+    ent = -torch.bmm(logp_all.exp().unsqueeze(1), logp_all.unsqueeze(2)).view(-1)  # row-wise dot
     return lse, logp_all.gather(1, ids[:, None]).squeeze(1), ent
 
 
 def _torch_logit_grad_(L, ids, lse, g, inv_t):
-    z = L.float() * inv_t
-    grad = torch.exp(z - lse[:, None]).mul_(-g[:, None])
-    grad.scatter_add_(1, ids[:, None], g[:, None])
-    L.copy_(grad.mul_(inv_t))
-    return L
+    coef = (g * inv_t)[:, None]
+    z = L.float() * inv_t if (inv_t != 1.0 or L.dtype != torch.float32) else L
+    grad = torch.exp(z - lse[:, None]).mul_(-coef)
+    grad.scatter_add_(1, ids[:, None], coef)
+    return L.copy_(grad)
 
 
 def _backends(t: torch.Tensor):
@@ -248,12 +248,11 @@ def _grpo_fwd(
         x_c, ids_c = x2[s:e], ids1[s:e].contiguous()
         Lc = _linear_chunk(x_c, weight, bias, L[: e - s])
         lse, logp[s:e], ent[s:e] = stats(Lc, ids_c, inv_t)
-        seg = seq[s:e] - seq[s] if sequence_level else None
-        n_seg = int(seq[e - 1] - seq[s]) + 1 if sequence_level else 0
+        seg = seq[s:e] if sequence_level else None  # global sequence index: no host sync
         sl = slice(s, e)
         loss_c, g, coef[sl], kl_c = _pg_terms(
             logp[sl], adv[sl], w[sl], None if pg_w is None else pg_w[sl].float(),
-            None if old is None else old[sl], None if ref is None else ref[sl], seg, n_seg,
+            None if old is None else old[sl], None if ref is None else ref[sl], seg, B,
             beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
             sequence_level=sequence_level, bias_kl=bias_kl)
         loss += loss_c
