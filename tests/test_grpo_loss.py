@@ -238,8 +238,9 @@ def _rel_err(a, b):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_cuda_bf16_matches_fp32_reference(level):
     """bf16 inputs, fp32 reference on the same (bf16-rounded) inputs.
-    Tolerance: loss rel 1e-2; gradients rel. Frobenius error <= 3e-2 (bf16 logits and
-    bf16 grad-of-logits feed the GEMMs, as in any bf16 lm_head)."""
+    Tolerance: loss atol 5e-3 + rtol 1e-2 (the loss is a mean of +-A terms, so it can sit
+    near 0); gradients rel. Frobenius error <= 3e-2 (bf16 logits and bf16 grad-of-logits
+    feed the GEMMs, as in any bf16 lm_head)."""
     torch.manual_seed(0)
     b_, t_, h_, v_ = 4, 256, 512, 32000 + 37
     x = torch.randn(b_, t_, h_, device="cuda", dtype=torch.bfloat16)
@@ -253,7 +254,7 @@ def test_cuda_bf16_matches_fp32_reference(level):
     kw = dict(beta=0.04, loss_type="dapo", importance_sampling_level=level, temperature=0.9)
     want = _run(ref.grpo_loss, x.float(), W.float(), None, ids, mask, adv, refp, old, **kw)
     got = _run(fused_linear_grpo_loss, x, W, None, ids, mask, adv, refp, old, chunk_size=1, **kw)
-    assert abs(got[0].item() - want[0].item()) <= 1e-2 * abs(want[0].item()) + 1e-4
+    assert abs(got[0].item() - want[0].item()) <= 1e-2 * abs(want[0].item()) + 5e-3
     assert _rel_err(got[1], want[1]) < 3e-2
     assert _rel_err(got[2], want[2]) < 3e-2
     for k in ("kl", "entropy", "ratio_mean"):
@@ -264,20 +265,22 @@ def test_cuda_bf16_matches_fp32_reference(level):
 def test_cuda_fp32_tight_and_memory():
     """fp32 on GPU matches tightly; peak extra memory stays O(chunk * V), not O(B*T*V)."""
     torch.manual_seed(0)
-    b_, t_, h_, v_ = 4, 512, 256, 50257
+    b_, t_, h_, v_ = 4, 1024, 128, 50257
     x = torch.randn(b_, t_, h_, device="cuda")
     W = torch.randn(v_, h_, device="cuda") * 0.05
     ids = torch.randint(0, v_, (b_, t_), device="cuda")
     mask = torch.ones(b_, t_, device="cuda", dtype=torch.long)
     adv = torch.randn(b_, device="cuda")
     want = _run(ref.grpo_loss, x, W, None, ids, mask, adv, None, None, beta=0.0, loss_type="bnpo")
+    xx, WW = x.clone().requires_grad_(), W.clone().requires_grad_()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    got = _run(fused_linear_grpo_loss, x, W, None, ids, mask, adv, None, None, beta=0.0, loss_type="bnpo",
-               chunk_size=1)
+    loss, _ = fused_linear_grpo_loss(xx, WW, ids, mask, adv, beta=0.0, loss_type="bnpo", chunk_size=1)
+    loss.backward()
+    torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
-    assert _rel_err(got[2], want[2]) < 1e-4 and _rel_err(got[1], want[1]) < 1e-4
-    logits_bytes = b_ * t_ * v_ * 4
-    assert peak < 0.5 * logits_bytes, (peak, logits_bytes)
+    torch.testing.assert_close(loss.detach(), want[0], atol=1e-5, rtol=1e-4)
+    assert _rel_err(xx.grad, want[1]) < 1e-4 and _rel_err(WW.grad, want[2]) < 1e-4
+    logits_bytes = b_ * t_ * v_ * 4  # one fp32 copy of the logits; eager keeps several
+    assert peak < 0.3 * logits_bytes, (peak, logits_bytes)
