@@ -25,6 +25,13 @@ def test_latent_mode_is_codi_inference():
     assert run(c, [0.1, 9.0, 9.0, 9.0, 0.0, 0.0]) == [BOT, LATENT, LATENT, EOT, TOKEN, TOKEN]
 
 
+def test_latent_blocks_open_only_at_step_boundaries():
+    c = SwitchController("adaptive", window_e_to_l=1)
+    assert c.decide(2.0) == TOKEN
+    assert c.decide(0.1, boundary=False) == TOKEN  # mid-step: keep writing
+    assert c.decide(0.1, boundary=True) == BOT
+
+
 def test_adaptive_window_and_low_entropy_switch():
     c = SwitchController("adaptive", window_e_to_l=3, window_l_to_e=0, num_latent=6)
     # three explicit tokens (mean 2.0) before any switch is allowed, even at low entropy
@@ -34,16 +41,18 @@ def test_adaptive_window_and_low_entropy_switch():
     assert c.decide(2.5) == TOKEN          # above the running mean: stay explicit
     assert c.decide(0.5) == BOT            # below it: compress
     assert c.events[-1][1] == "E->L"
-    assert c.decide(9.0) == LATENT         # the first latent step is always fed (window 0 -> 1)
-    assert c.decide(0.1) == LATENT         # confident: keep going
-    assert c.decide(9.0) == EOT            # uncertain again: back to explicit
+    assert c.decide(4.0) == LATENT         # the first latent step is always fed (window 0 -> 1); its
+    assert c.latent_reference == 4.0       # entropy is the block's reference
+    assert c.decide(0.1) == LATENT         # more confident: keep going
+    assert c.decide(4.5) == EOT            # less confident than at the start: back to explicit
+    assert c.events[-1][1:] == ("L->E", 4.5, 4.0)
     assert c.latent_steps == 2 and c.switches == 2
 
 
 def test_adaptive_window_l_to_e_and_cap():
     c = SwitchController("adaptive", window_e_to_l=1, window_l_to_e=3, num_latent=4)
     assert run(c, [1.0, 0.1]) == [TOKEN, BOT]
-    assert run(c, [9.0, 9.0, 9.0]) == [LATENT, LATENT, LATENT]   # window: 3 latent steps first
+    assert run(c, [1.0, 9.0, 9.0]) == [LATENT, LATENT, LATENT]   # window: 3 latent steps first
     assert c.decide(9.0) == EOT
     c = SwitchController("adaptive", window_e_to_l=1, num_latent=2)
     assert run(c, [1.0, 0.1, 0.0, 0.0, 0.0]) == [TOKEN, BOT, LATENT, LATENT, EOT]  # capped at num_latent

@@ -9,13 +9,17 @@ Modes (``--baseline_mode``):
   explicit  plain greedy CoT decoding, never latent.
   latent    CODI inference: ``<bot>``, ``num_latent`` latent steps, ``<eot>``, then the
             answer decoded explicitly.
-  adaptive  start explicit; per sample, after at least ``window_e_to_l`` explicit tokens,
-            switch to latent (feed ``<bot>``) when the next-token entropy drops below the
-            running mean entropy of the explicit tokens so far (the model is sure: the
-            step is easy, compress it -- the same rule phase 1 used to pick latent steps);
+  adaptive  start explicit; per sample, at a step boundary (the last token ended a line,
+            as latent blocks replace whole steps in training) and after at least
+            ``window_e_to_l`` explicit tokens, switch to latent (feed ``<bot>``) when the
+            next-token entropy drops below the running mean entropy of the explicit tokens
+            so far (the model is sure: the step is easy, compress it -- the rule phase 1
+            used to pick latent steps);
             in latent mode, after at least ``max(1, window_l_to_e)`` latent steps, switch
-            back (feed ``<eot>``) when the entropy rises above that mean, and always
-            after ``num_latent`` latent steps. At most ``max_switch_count`` switches
+            back (feed ``<eot>``) when the entropy rises above the block's own reference
+            (its first latent position's entropy: latent positions are not trained to
+            predict text, so their entropies live on another scale than explicit ones),
+            and always after ``num_latent`` latent steps. At most ``max_switch_count`` switches
             (both directions count; a latent block is only opened when there is room to
             close it), and never once the answer marker ``####`` has been written.
 Reports accuracy, explicit tokens generated, latent steps and switches per problem.
@@ -23,6 +27,7 @@ Reports accuracy, explicit tokens generated, latent steps and switches per probl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import pathlib
@@ -55,6 +60,7 @@ class SwitchController:
     answering: bool = False
     ent_sum: float = 0.0
     ent_count: int = 0
+    latent_reference: float = math.inf
     events: list = field(default_factory=list)  # (step, "E->L" | "L->E", entropy, reference)
     _t: int = 0
 
@@ -67,18 +73,22 @@ class SwitchController:
         return self.ent_sum / self.ent_count if self.ent_count else math.inf
 
     def _switch(self, to: str, entropy: float) -> None:
+        ref = self.reference if to == "latent" else self.latent_reference
         self.events.append((self._t, "E->L" if to == "latent" else "L->E", round(entropy, 4),
-                            round(self.reference, 4) if self.ent_count else None))
+                            round(ref, 4) if math.isfinite(ref) else None))
         self.state, self.steps_in_mode = to, 0
         self.switches += 1
 
-    def decide(self, entropy: float) -> str:
+    def decide(self, entropy: float, boundary: bool = True) -> str:
+        """``boundary``: the last explicit token ended a step (a latent block may open)."""
         entropy = float(entropy)
         self._t += 1
         if self.state == "latent":
+            if self.steps_in_mode == 0:
+                self.latent_reference = entropy
             cap = self.steps_in_mode >= self.num_latent
             early = (self.mode == "adaptive" and self.steps_in_mode >= max(1, self.window_l_to_e)
-                     and entropy > self.reference)
+                     and entropy > self.latent_reference)
             if cap or early:
                 self._switch("explicit", entropy)
                 return EOT
@@ -89,7 +99,7 @@ class SwitchController:
         if self.mode == "latent" and self.switches == 0:  # CODI: latent block right after the prompt
             self._switch("latent", entropy)
             return BOT
-        if (self.mode == "adaptive" and not self.answering and self.switches + 2 <= self.max_switch_count
+        if (self.mode == "adaptive" and boundary and not self.answering and self.switches + 2 <= self.max_switch_count
                 and self.steps_in_mode >= self.window_e_to_l and entropy < self.reference):
             self._switch("latent", entropy)
             return BOT
@@ -107,6 +117,18 @@ class Generation:
     switches: int
     trace: list  # [("E", text) | ("L", n_steps), ...]
     events: list
+
+
+@functools.lru_cache(maxsize=8)
+def _line_end_ids_cached(tok) -> frozenset:
+    return frozenset(i for i in range(len(tok)) if tok.decode([i]).endswith("\n"))
+
+
+def _line_end_ids(tok) -> frozenset:
+    try:
+        return _line_end_ids_cached(tok)
+    except TypeError:  # unhashable tokenizer
+        return _line_end_ids_cached.__wrapped__(tok)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -134,6 +156,7 @@ def generate_adaptive(model, tok, questions: list[str], mode: str = "adaptive", 
     traces = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     marker = list(tok.answer_marker_ids)
+    ends_line = _line_end_ids(tok)
     cache = new_cache(model.config)
     with amp():
         o = model.run(model.embed(ids), mask, (mask.cumsum(1) - 1).clamp(min=0), cache=cache)
@@ -148,7 +171,7 @@ def generate_adaptive(model, tok, questions: list[str], mode: str = "adaptive", 
         for b in range(B):
             if done[b]:
                 continue
-            act = ctrl[b].decide(ent[b])
+            act = ctrl[b].decide(ent[b], boundary=not out_ids[b] or out_ids[b][-1] in ends_line)
             tr = traces[b]
             if act == TOKEN:
                 out_ids[b].append(nxt[b])
@@ -201,7 +224,7 @@ def evaluate(model, tok, rows: list[dict], mode: str = "adaptive", batch_size: i
     model.eval()
     mine = rows[rank::world]
     sums = torch.zeros(5, dtype=torch.float64)
-    for i in tqdm(range(0, len(mine), batch_size), desc=f"eval {mode}", disable=not progress):
+    for i in tqdm(range(0, len(mine), batch_size), desc=f"eval {mode}", disable=not progress or verbose):
         batch = mine[i:i + batch_size]
         gens = generate_adaptive(model, tok, [r["question"] for r in batch], mode, max_new_tokens, max_switch_count,
                                  window_e_to_l, window_l_to_e, amp)
@@ -278,7 +301,7 @@ def load_codi(base_model_path: str, ckpt_dir: str | None, device, num_latent: in
         model.add_lora(lora_rank, lora_alpha)
     if ckpt_dir:
         res = load_weights(model, ckpt_dir)
-        if res["missing"]:
+        if [k for k in res["missing"] if not k.endswith("lm_head.weight")]:  # tied: saved once
             print(f"[adaptive] {len(res['missing'])} weights not in the checkpoint (kept from the base model)")
     return tok, model.to(device)
 

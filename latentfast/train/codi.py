@@ -39,8 +39,8 @@ from . import checkpoint, codi_data, dist
 from .common import JsonlLogger, amp_context, apply_preset, load_causal_lm, load_rows, peak_mem_mb, warmup_schedule
 
 DEMO = "tiny"
-DEMO_PRESET = dict(learning_rate=1e-3, per_device_train_batch_size=32, max_steps=250, warmup_ratio=0.05,
-                   prj_dim=256, num_latent=3, sft_steps=300, hybrid_samples=1024, eval_size=100, save_steps=0,
+DEMO_PRESET = dict(learning_rate=1e-3, per_device_train_batch_size=32, max_steps=200, warmup_ratio=0.05,
+                   prj_dim=256, num_latent=3, sft_steps=200, hybrid_samples=1024, eval_size=100, save_steps=0,
                    logging_steps=25, max_new_tokens=40, train_data="synthetic", eval_data="synthetic",
                    distill_loss_factor=1.0)
 
