@@ -78,7 +78,7 @@ def test_losses_zero_when_student_is_teacher(tok):
         t_out = kv_distill.teacher_outputs(teacher, t_cap, d, b, step=5, amp=amp)
         _, met = d(b, t_out, step=5)
         assert d.kv.last_weighted
-        assert float(met["kv"]) == pytest.approx(0.0, abs=1e-10)
+        assert float(met["kv"]) == pytest.approx(0.0, abs=1e-10) and float(met["kv_mse"]) == pytest.approx(0.0, abs=1e-10)
         assert float(met["cka"]) == pytest.approx(0.0, abs=1e-5)
         assert float(met["codi"]) == pytest.approx(0.0, abs=1e-6)
 

@@ -197,11 +197,15 @@ class KVDistiller(nn.Module):
         loss, met = ce, {"ce": ce.detach()}
         if self.kv is not None:
             s_kv = [self.capture.kv(s) for s, _ in self.pairs]
+            if weighting:  # the plain MSE too, so weighted and unweighted runs compare on one scale
+                with torch.no_grad():
+                    met["kv_mse"] = self.kv(s_kv, teacher["kv"], step=-1, attention_mask=batch["attention_mask"])
             kv = self.kv(s_kv, teacher["kv"], step=step, attention_mask=batch["attention_mask"],
                          student_attention=self.capture.qk(self.s_imp) if weighting else None,
                          teacher_importance=teacher.get("importance"))
             loss = loss + self.kv_weight * kv
             met["kv"] = kv.detach()
+            met.setdefault("kv_mse", met["kv"])
         if self.cka is not None:
             cka = self.cka(out.hidden_states, teacher["hidden"], batch["attention_mask"])
             loss = loss + self.cka_weight * cka
@@ -357,17 +361,19 @@ def summarize(name, res) -> dict:
     h = res["history"]
     tail = h[-max(1, len(h) // 10):]  # mean of the last 10% of steps: less noisy than the last one
     mean = (lambda k: sum(r.get(k, 0.0) for r in tail) / len(tail))
-    return {"config": name, "ce": mean("ce"), "kv": mean("kv"), "cka": mean("cka"), "loss": mean("loss"),
+    return {"config": name, "ce": mean("ce"), "kv": mean("kv"), "kv_mse": mean("kv_mse"), "cka": mean("cka"),
+            "loss": mean("loss"),
             "first_ce": h[0]["ce"] if h else float("nan"), **res["final"],
             "step_ms": 1e3 * sum(r["step_s"] for r in h[1:]) / max(1, len(h) - 1),
             "peak_mem_mb": max((r["peak_mem_mb"] for r in h), default=0.0)}
 
 
 def compare_table(rows: list[dict]) -> str:
-    lines = ["| config | CE (first -> last) | KV | CKA | eval CE | eval acc | step ms | peak MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | CE (first -> last) | KV loss | KV MSE (unweighted) | CKA | eval CE | eval acc | step ms | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['first_ce']:.3f} -> {r['ce']:.3f} | {r['kv']:.4f} | {r['cka']:.4f} | "
+        lines.append(f"| {r['config']} | {r['first_ce']:.3f} -> {r['ce']:.3f} | {r['kv']:.4f} | {r['kv_mse']:.4f} | "
+                     f"{r['cka']:.4f} | "
                      f"{r.get('eval_ce', float('nan')):.3f} | {r.get('eval_accuracy', float('nan')):.3f} | "
                      f"{r['step_ms']:.0f} | {r['peak_mem_mb']:.0f} |")
     return "\n".join(lines)
@@ -379,7 +385,7 @@ def plot_curves(results: dict, path: pathlib.Path, warmup: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["loss", "ce", "kv", "cka"]
+    keys = ["loss", "ce", "kv_mse", "cka"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
     for ax, k in zip(axes, keys):
         for name, res in results.items():
