@@ -154,7 +154,7 @@ def _chunk_bounds(n_rows: int, rows: int, seq_ends: Optional[list[int]]) -> list
     return bounds
 
 
-def _resolve_rows(chunk_rows: int, V: int, T: int, elt: int) -> int:
+def _resolve_rows(chunk_rows: int, V: int, elt: int) -> int:
     if chunk_rows > 0:
         return chunk_rows
     rows = max(16, _CHUNK_BYTES // (V * elt))
@@ -182,7 +182,7 @@ def _logp_entropy(
         x2, ids1 = x2.index_select(0, rows_idx), ids1.index_select(0, rows_idx)
     n = x2.shape[0]
     logp, ent = (torch.empty(n, device=x.device, dtype=torch.float32) for _ in range(2))
-    rows = _resolve_rows(chunk_rows, V, 1, x.element_size())
+    rows = _resolve_rows(chunk_rows, V, x.element_size())
     L = torch.empty(min(rows, n), V, device=x.device, dtype=x.dtype)
     for s in range(0, n, rows):
         e = min(s + rows, n)
@@ -231,7 +231,7 @@ def _grpo_fwd(
     ref = ref.float() if ref is not None else None
     seq = rows_idx // T
 
-    rows = _resolve_rows(chunk_rows, V, T, x.element_size())
+    rows = _resolve_rows(chunk_rows, V, x.element_size())
     seq_ends = None
     if sequence_level:  # chunks of whole sequences: the sequence ratio is then chunk-local
         seq_ends = torch.cumsum(mask.reshape(B, T).ne(0).sum(1), 0).tolist()
