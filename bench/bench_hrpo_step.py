@@ -74,7 +74,7 @@ def _train_step(m, batch, adv, ref, mode, amp):
 def run(device, quick):
     cuda = device.type == "cuda"
     if cuda:
-        size, dtype, lora, B, P, C, gen_C = "0.5b", torch.bfloat16, 32, 8, 256, 512, 256
+        size, dtype, lora, B, P, C, gen_C = "0.5b", torch.bfloat16, 32, 8, 256, 512, 128
     elif quick:
         size, dtype, lora, B, P, C, gen_C = "tiny", torch.float32, 16, 16, 48, 64, 32
     else:
