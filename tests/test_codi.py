@@ -172,3 +172,21 @@ def test_trainer_end_to_end(tmp_path, capsys):
     r = adaptive.main(["--ckpt_dir", str(out), "--data_name", "synthetic", "--max_samples", "4",
                        "--baseline_mode", "all", "--max_new_tokens", "6"])
     assert [x["mode"] for x in r] == ["adaptive", "explicit", "latent"]
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_training_steps(tok):
+    dev = torch.device("cuda")
+    m = make_model(tok).to(dev)
+    batch, idx = split_batch(examples(tok, n=8, seed=1, latent_prob=0.5), [False] * 8, tok.pad_token_id)
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = m(batch, idx.to(dev))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses

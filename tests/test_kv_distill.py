@@ -151,3 +151,40 @@ def test_compare_writes_table_and_plot(tmp_path):
     assert "| baseline |" in table and "| +attention+cka |" in table
     assert (out / "loss_curves.png").stat().st_size > 1000
     assert res["compare"][2]["cka"] > 0 and res["compare"][0]["cka"] == 0
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_step_fused_matches_eager_importance(tok):
+    """GPU: Triton importance/KV loss through the trainer under bf16 autocast."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    teacher = build_tiny_causal_lm(tok, **TEACHER).to(dev).eval().requires_grad_(False)
+    student = build_tiny_causal_lm(tok, **STUDENT).to(dev)
+    args = _args(use_attention_weighted_kv=True, attention_weighted_kv_warmup=0, cka_weight=0.05, codi_weight=0.1)
+    d = kv_distill.KVDistiller(student, teacher.config, args).to(dev)
+    t_cap = KVCapture(teacher, [t for _, t in d.pairs], [d.t_imp])
+    amp = kv_distill.amp_context(dev, True)
+    b = kv_distill.encode(tok, make_arithmetic(8, seed=4), 96, dev)
+    opt = torch.optim.AdamW(d.parameters(), lr=3e-3)
+    losses = []
+    for step in range(6):
+        t_out = kv_distill.teacher_outputs(teacher, t_cap, d, b, step, amp)
+        with amp():
+            loss, met = d(b, t_out, step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        assert d.kv.last_weighted
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    with torch.no_grad(), amp(), KVCapture(student, [1], [1]) as cap:
+        student.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    q, k = cap.qk(1)
+    student.config._attn_implementation = "eager"
+    with torch.no_grad(), amp():
+        attn = student.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                             output_attentions=True).attentions[1]
+    student.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(attention_token_importance(q, k, attention_mask=b["attention_mask"]),
+                               attention_token_importance(attn.float(), attention_mask=b["attention_mask"]),
+                               atol=2e-2, rtol=5e-2)

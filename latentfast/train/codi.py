@@ -160,11 +160,15 @@ def load_samples(args, tok, model, device, rank, amp):
     samples = codi_data.from_rows(rows)
     if args.demo and args.hybrid_samples:
         # phase 1 in-process with the warmed-up model: entropy-guided + random hybrid samples
+        saved = pathlib.Path(args.output_dir) / codi_data.OUTPUT_NAME
+        if args.resume_from_checkpoint and saved.exists():  # the resumed run keeps its data
+            return codi_data.load_hybrid(str(saved))
         sub = rows[:args.hybrid_samples]
         ents = codi_data.step_entropies(model.lm, tok, sub, 64, amp, progress=rank == 0)
         samples = codi_data.make_hybrid(sub, ents, seed=args.seed)
         if rank == 0:
-            print(f"[codi] phase 1 (in-process): {json.dumps(codi_data.summary(samples))}", flush=True)
+            saved.write_text(json.dumps(samples, indent=1))
+            print(f"[codi] phase 1 (in-process): {json.dumps(codi_data.summary(samples))} -> {saved}", flush=True)
     return samples
 
 
@@ -182,7 +186,10 @@ def main(argv=None):
             print("[codi] embedded demo; presets: " + json.dumps({k: getattr(args, k) for k in DEMO_PRESET}),
                   flush=True)
 
-    tok, lm = load_causal_lm(args.model_name_or_path, device, seed=args.seed)
+    # fp32 master weights under bf16 autocast (as HF Trainer's --bf16); a frozen LoRA base may stay bf16
+    use_bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
+    dtype = torch.bfloat16 if (args.lora_rank and use_bf16) else torch.float32
+    tok, lm = load_causal_lm(args.model_name_or_path, device, dtype=dtype, seed=args.seed)
     prepare_tokenizer(tok, lm)
     torch.manual_seed(args.seed)  # identical prj init on every rank
     model = CODIModel(lm, tok.bot_token_id, tok.eot_token_id, num_latent=args.num_latent, prj_dim=args.prj_dim,

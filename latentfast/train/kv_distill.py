@@ -50,7 +50,7 @@ DEMO_TEACHER = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6,
                     intermediate_size=512)
 DEMO_PRESET = dict(lr=2e-3, batch_size=32, max_steps=120, warmup_ratio=0.05, attention_weighted_kv_warmup=40,
                    dataset_name="synthetic", subset_size=4000, eval_size=64, max_length=128, logging_steps=20,
-                   save_steps=0, teacher_sft_steps=250, max_new_tokens=32)
+                   save_steps=0, teacher_sft_steps=200, max_new_tokens=32, use_attention_weighted_kv=True)
 COMPARE = {  # the recipe's three configurations (seed note 004)
     "baseline": dict(use_attention_weighted_kv=False, use_teacher_attention=False, cka_weight=0.0),
     "+attention": dict(use_attention_weighted_kv=True, use_teacher_attention=False, cka_weight=0.0),
@@ -71,7 +71,8 @@ def build_parser():
     a("--lr", type=float, default=5e-5)
     a("--output_dir", default="runs/kv_distill")
     a("--kv_weight", type=float, default=1.0)
-    a("--use_attention_weighted_kv", action="store_true")
+    a("--use_attention_weighted_kv", action=argparse.BooleanOptionalAction, default=False,
+      help="weight the KV loss by attention after the warm-up (demo: on)")
     a("--attention_weighted_kv_warmup", type=int, default=1000)
     a("--use_teacher_attention", action="store_true", help="weight by the teacher's attention (steadier)")
     a("--cka_weight", type=float, default=0.0, help="recipe: 0.05")
@@ -245,7 +246,7 @@ def teacher_sft(teacher, tok, rows, args, device, rank, amp):
     rng = random.Random(args.seed)  # same batches on every rank -> identical teachers
     teacher.train()
     for _ in tqdm(range(args.teacher_sft_steps), desc="teacher warm-up", disable=rank != 0):
-        b = encode(tok, rng.sample(rows, 64), args.max_length, device)
+        b = encode(tok, rng.sample(rows, 32), args.max_length, device)
         with amp():
             loss = answer_ce(teacher, teacher.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
                              .last_hidden_state, b["targets"])
@@ -388,10 +389,10 @@ def plot_curves(results: dict, path: pathlib.Path, warmup: int) -> None:
     keys = ["loss", "ce", "kv_mse", "cka"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
     for ax, k in zip(axes, keys):
-        for name, res in results.items():
+        for i, (name, res) in enumerate(results.items()):
             pts = [(r["step"], r[k]) for r in res["history"] if k in r]
             if pts:
-                ax.plot(*zip(*pts), label=name, lw=1.2)
+                ax.plot(*zip(*pts), label=name, lw=1.2, color=f"C{i}")  # one colour per config on every panel
         ax.axvline(warmup, color="gray", ls=":", lw=0.8)
         ax.set_title(k)
         ax.set_xlabel("step")
