@@ -29,8 +29,9 @@ from latentfast.train import kv_distill
 
 def _models(device, dtype, student_size, teacher_size, teacher_overrides):
     tok = build_tokenizer()
-    student = build_tiny_causal_lm(tok, size=student_size, seed=0).to(device, dtype)
-    teacher = build_tiny_causal_lm(tok, size=teacher_size, seed=1, **teacher_overrides).to(device, dtype)
+    with torch.device(device):  # initialise on the device: a 1.5B random init on the CPU takes ~a minute
+        student = build_tiny_causal_lm(tok, size=student_size, seed=0).to(dtype)
+        teacher = build_tiny_causal_lm(tok, size=teacher_size, seed=1, **teacher_overrides).to(dtype)
     teacher.eval().requires_grad_(False)
     return student, teacher
 
