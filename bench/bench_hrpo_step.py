@@ -74,7 +74,7 @@ def _train_step(m, batch, adv, ref, mode, amp):
 def run(device, quick):
     cuda = device.type == "cuda"
     if cuda:
-        size, dtype, lora, B, P, C, gen_C = "0.5b", torch.bfloat16, 32, 8, 256, 512, 128
+        size, dtype, lora, B, P, C, gen_C = "0.5b", torch.bfloat16, 32, 8, 256, 512, 64
     elif quick:
         size, dtype, lora, B, P, C, gen_C = "tiny", torch.float32, 16, 16, 48, 64, 32
     else:
@@ -100,7 +100,7 @@ def run(device, quick):
         return _train_step(m, ro.as_batch(), adv, ref[:, :ro.completion_ids.shape[1]], mode, amp)
 
     impls = {mode: (lambda mode=mode: with_rollout(mode)) for mode in ("stored", "two_pass")}
-    cases.append(_case("rollout+train", impls, device, B, P // 2, gen_C, size, None, reps=3))
+    cases.append(_case("rollout+train", impls, device, B, P // 2, gen_C, size, None, reps=2))
     return cases
 
 
