@@ -36,7 +36,8 @@ from latentfast.eval import adaptive
 from latentfast.models.codi import CODIModel, encode_example, load_weights, prepare_tokenizer, split_batch
 
 from . import checkpoint, codi_data, dist
-from .common import JsonlLogger, amp_context, apply_preset, load_causal_lm, load_rows, peak_mem_mb, warmup_schedule
+from .common import (JsonlLogger, SampleStream, amp_context, apply_preset, load_causal_lm, load_rows, peak_mem_mb,
+                     warmup_schedule)
 
 DEMO = "tiny"
 DEMO_PRESET = dict(learning_rate=1e-3, per_device_train_batch_size=32, max_steps=200, warmup_ratio=0.05,
@@ -100,19 +101,6 @@ def parse_args(argv=None):
     if args.demo:
         apply_preset(args, parser, argv, DEMO_PRESET)
     return args
-
-
-class SampleStream:
-    """Item ``i`` of a deterministic, epoch-reshuffled stream (resumable; one shuffle for all ranks)."""
-
-    def __init__(self, rows, seed):
-        self.rows, self.seed, self._perm = rows, seed, {}
-
-    def __getitem__(self, i):
-        epoch, pos = divmod(i, len(self.rows))
-        if epoch not in self._perm:
-            self._perm = {epoch: random.Random(self.seed + epoch).sample(range(len(self.rows)), len(self.rows))}
-        return self.rows[self._perm[epoch][pos]]
 
 
 def make_batch(tok, samples, index0, args, device):

@@ -1,9 +1,10 @@
-"""Small helpers shared by the CODI and KV-distillation trainers.
+"""Small helpers shared by the HRPO, CODI and KV-distillation trainers.
 
 ``explicit_args`` (which flags the user typed, so demo presets never override them),
-``load_rows`` (JSONL path / shipped GSM8K sample / synthetic arithmetic),
-``warmup_schedule`` (linear warm-up then cosine/linear/constant), ``JsonlLogger``
-(rank-0 metrics file), ``amp_context`` (bf16 autocast or nothing) and ``peak_mem_mb``.
+``load_rows`` (JSONL path / shipped GSM8K sample / synthetic arithmetic), ``SampleStream``
+(resumable epoch-shuffled order), ``warmup_schedule`` (linear warm-up then
+cosine/linear/constant), ``JsonlLogger`` (rank-0 metrics file), ``amp_context`` (bf16
+autocast or nothing), ``peak_mem_mb`` and ``load_causal_lm``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import contextlib
 import json
 import math
 import pathlib
+import random
 import resource
 
 import torch
@@ -49,6 +51,21 @@ def load_rows(spec: str, n: int | None = None, seed: int = 0) -> list[dict]:
     if spec in ("gsm8k_sample_test", "gsm8k_test"):
         return load_gsm8k("test", n)
     return load_gsm8k(spec, n)
+
+
+class SampleStream:
+    """Item ``i`` of a deterministic stream over ``rows``, a fresh seeded shuffle each epoch
+    (one shuffle for all ranks): item ``i`` depends only on ``i``, so a resumed run
+    continues the stream."""
+
+    def __init__(self, rows, seed):
+        self.rows, self.seed, self._perm = rows, seed, {}
+
+    def __getitem__(self, i):
+        epoch, pos = divmod(i, len(self.rows))
+        if epoch not in self._perm:
+            self._perm = {epoch: random.Random(self.seed + epoch).sample(range(len(self.rows)), len(self.rows))}
+        return self.rows[self._perm[epoch][pos]]
 
 
 def warmup_schedule(opt, total: int, warmup_ratio: float, kind: str = "cosine"):

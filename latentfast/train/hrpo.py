@@ -20,7 +20,6 @@ import json
 import math
 import pathlib
 import random
-import resource
 import sys
 import time
 
@@ -33,6 +32,7 @@ from latentfast.data.rewards import correctness_reward
 from latentfast.models import HybridConfig, HybridThinkingLM, generate
 
 from . import checkpoint, dist
+from .common import JsonlLogger, SampleStream, amp_context, apply_preset, load_causal_lm, peak_mem_mb
 
 DEMO_MODEL = "tiny"
 # Small-model presets for the embedded demo (only for arguments not given explicitly).
@@ -100,27 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    explicit = _explicit_dests(parser, argv)
     args.demo = args.model_name == DEMO_MODEL
     if args.demo:
-        for k, v in DEMO_PRESET.items():
-            if k not in explicit:
-                setattr(args, k, v)
+        apply_preset(args, parser, argv, DEMO_PRESET)
     if args.per_device_train_batch_size % args.group_size:
         parser.error("--per_device_train_batch_size must be a multiple of --group_size")
     return args
-
-
-def _explicit_dests(parser, argv) -> set:
-    """Destinations the user set on the command line (parse again with no defaults)."""
-    saved = {a: a.default for a in parser._actions}
-    try:
-        for a in parser._actions:
-            a.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for a, d in saved.items():
-            a.default = d
 
 
 # ----------------------------------------------------------------------------- data
@@ -132,20 +117,6 @@ def load_rows(spec: str, n: int | None, seed: int) -> list[dict]:
     if spec == "gsm8k_sample_test":
         return load_gsm8k("test", n)
     return load_gsm8k(spec, n)
-
-
-class PromptStream:
-    """Deterministic prompt order (a fresh seeded shuffle each epoch): item ``i`` of the
-    global stream depends only on ``i``, so resuming at a step continues the stream."""
-
-    def __init__(self, rows, seed):
-        self.rows, self.seed, self._perm = rows, seed, {}
-
-    def __getitem__(self, i):
-        epoch, pos = divmod(i, len(self.rows))
-        if epoch not in self._perm:
-            self._perm = {epoch: random.Random(self.seed + epoch).sample(range(len(self.rows)), len(self.rows))}
-        return self.rows[self._perm[epoch][pos]]
 
 
 def encode_prompts(tok, rows, max_len, device):
@@ -168,26 +139,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- model
 def load_model(args, device):
-    """(tokenizer, HF causal LM). The demo builds both in code."""
-    if args.demo:
+    """(tokenizer, HF causal LM, warmed up?). The demo builds both in code."""
+    base = pathlib.Path(args.output_dir) / "base_model"
+    if args.demo and (base / "config.json").exists():  # resumed demo: reuse the warmed-up base
+        from transformers import AutoModelForCausalLM
+
         from latentfast.data import build_tokenizer
-        from latentfast.models import build_tiny_causal_lm
 
         tok = build_tokenizer()
-        base = pathlib.Path(args.output_dir) / "base_model"
-        if (base / "config.json").exists():  # resumed demo: reuse the warmed-up base
-            from transformers import AutoModelForCausalLM
-
-            return tok, AutoModelForCausalLM.from_pretrained(str(base)).to(device), True
-        return tok, build_tiny_causal_lm(tok, seed=args.seed).to(device), False
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.model_name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    lm = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=dtype).to(device)
-    return tok, lm, True
+        return tok, AutoModelForCausalLM.from_pretrained(str(base)).to(device), True
+    tok, lm = load_causal_lm(args.model_name, device, seed=args.seed)
+    return tok, lm, not args.demo
 
 
 def sft_warmup(lm, tok, args, device, rank):
@@ -308,8 +270,7 @@ def main(argv=None):
         torch.set_num_threads(1)  # tiny shapes: more intra-op threads only contend (much slower on a busy box)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    use_bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    amp = amp_context(device, args.bf16)
     out = pathlib.Path(args.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -342,7 +303,7 @@ def main(argv=None):
 
     train_rows = load_rows(args.train_data, None, args.seed)
     eval_rows = load_rows(args.eval_data, args.eval_size, args.seed + 10_000)
-    stream = PromptStream(train_rows, args.seed)
+    stream = SampleStream(train_rows, args.seed)
     ppm = args.per_device_train_batch_size // args.group_size  # prompts per micro-batch
     per_step = ppm * args.gradient_accumulation_steps * world
     total = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * len(train_rows) / per_step))
@@ -370,14 +331,12 @@ def main(argv=None):
         import wandb
 
         wandb.init(project=args.wandb_project, config=vars(args))
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    log = JsonlLogger(out / "metrics.jsonl", enabled=rank == 0)
 
     def record(row):
-        if log is not None:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            if wandb is not None:
-                wandb.log(row, step=row.get("step"))
+        log.log(row)
+        if wandb is not None:  # (rank 0 only, as the metrics file)
+            wandb.log(row, step=row.get("step"))
 
     acc0, fmt0 = evaluate(model, wrapped, tok, eval_rows, args, device, rank, world, marker_ids, amp)
     record({"step": start, "eval_accuracy": acc0, "eval_format": fmt0})
@@ -465,8 +424,7 @@ def main(argv=None):
         row["tokens_per_s"] = n_tokens * world / (t_roll + t_train)
         row["train_tokens_per_s"] = n_tokens * world / t_train
         row["rollout_s"], row["train_s"] = t_roll, t_train
-        row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        row["peak_mem_mb"] = peak_mem_mb(device)
         if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < total:
             row["eval_accuracy"], row["eval_format"] = evaluate(model, wrapped, tok, eval_rows, args, device, rank,
                                                                 world, marker_ids, amp)
@@ -481,8 +439,7 @@ def main(argv=None):
     if rank == 0:
         print(f"[hrpo] held-out accuracy {acc0:.3f} -> {acc1:.3f} (format {fmt0:.3f} -> {fmt1:.3f}); "
               f"checkpoint {final}; metrics {out / 'metrics.jsonl'}", flush=True)
-    if log is not None:
-        log.close()
+    log.close()
     # one number per rank over the trainable weights: DDP/FSDP ranks must agree
     checksum = sum(_full(p.detach()).double().abs().sum().item() for p in params)
     dist.cleanup()
