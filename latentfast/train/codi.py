@@ -23,7 +23,6 @@ hybrid training, then ``latentfast.eval.adaptive`` in the three modes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import pathlib
 import random
@@ -36,8 +35,8 @@ from latentfast.eval import adaptive
 from latentfast.models.codi import CODIModel, encode_example, load_weights, prepare_tokenizer, split_batch
 
 from . import checkpoint, codi_data, dist
-from .common import (JsonlLogger, SampleStream, amp_context, apply_preset, load_causal_lm, load_rows, peak_mem_mb,
-                     warmup_schedule)
+from .common import (JsonlLogger, SampleStream, accumulate_grads, amp_context, apply_preset, load_causal_lm, load_rows,
+                     optimizer_step, peak_mem_mb, reset_peak_mem, warmup_schedule)
 
 DEMO = "tiny"
 DEMO_PRESET = dict(learning_rate=1e-3, per_device_train_batch_size=32, max_steps=200, warmup_ratio=0.05,
@@ -232,25 +231,17 @@ def main(argv=None):
     bar = tqdm(range(start, total), desc="codi", disable=rank != 0, initial=start, total=total)
     first = None
     for step in bar:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_mem(device)
         t0 = time.perf_counter()
         model.train()
-        sums = {}
-        for m in range(args.gradient_accumulation_steps):
-            base = ((step * args.gradient_accumulation_steps + m) * world + rank) * B
-            batch, sidx = make_batch(tok, [stream[base + i] for i in range(B)], base, args, device)
-            sync = m == args.gradient_accumulation_steps - 1
-            ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
-            with ctx, amp():
-                loss, met = wrapped(batch, sidx)
-                (loss / args.gradient_accumulation_steps).backward()
-            for k, v in met.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / args.gradient_accumulation_steps
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+
+        def micro_batches():  # (batch, student indices) per micro-batch
+            for m in range(args.gradient_accumulation_steps):
+                base = ((step * args.gradient_accumulation_steps + m) * world + rank) * B
+                yield make_batch(tok, [stream[base + i] for i in range(B)], base, args, device)
+
+        sums = accumulate_grads(wrapped, micro_batches(), args.gradient_accumulation_steps, amp)
+        grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm)
         row = dist.all_mean(sums, device)
         row.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
                    step_s=time.perf_counter() - t0, peak_mem_mb=peak_mem_mb(device))

@@ -4,7 +4,8 @@
 ``load_rows`` (JSONL path / shipped GSM8K sample / synthetic arithmetic), ``SampleStream``
 (resumable epoch-shuffled order), ``warmup_schedule`` (linear warm-up then
 cosine/linear/constant), ``JsonlLogger`` (rank-0 metrics file), ``amp_context`` (bf16
-autocast or nothing), ``peak_mem_mb`` and ``load_causal_lm``.
+autocast or nothing), ``reset_peak_mem``/``peak_mem_mb``, the gradient-accumulation
+step (``accumulate_grads``, ``no_sync_unless``, ``optimizer_step``) and ``load_causal_lm``.
 """
 from __future__ import annotations
 
@@ -91,11 +92,47 @@ def amp_context(device: torch.device, bf16: bool | None):
     return contextlib.nullcontext
 
 
+def reset_peak_mem(device: torch.device) -> None:
+    """Start a new CUDA peak-memory window (``peak_mem_mb`` then reports this step's peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_mem_mb(device: torch.device) -> float:
     """Peak CUDA memory since the last reset, or this process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def no_sync_unless(wrapped, sync: bool):
+    """DDP's ``no_sync()`` for a micro-batch whose gradients are not all-reduced yet;
+    a no-op context on the syncing one or for an unwrapped / FSDP module."""
+    return wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
+
+
+def accumulate_grads(wrapped, calls, n: int, amp) -> dict:
+    """Forward + backward of ``loss / n`` for each of the ``n`` argument tuples that
+    ``calls`` yields (``wrapped(*args) -> (loss, metrics)``, under ``amp()``); gradients
+    sync on the last only. Returns each metric averaged over the micro-batches."""
+    sums = {}
+    for m, call_args in enumerate(calls):
+        with no_sync_unless(wrapped, m == n - 1), amp():
+            loss, met = wrapped(*call_args)
+            (loss / n).backward()
+        for k, v in met.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / n
+    return sums
+
+
+def optimizer_step(params, opt, sched, max_grad_norm: float):
+    """Clip the gradients of ``params``, step the optimizer and the schedule, clear the
+    gradients; returns the total norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 class JsonlLogger:

@@ -15,7 +15,6 @@ presets (printed at start) replace the defaults of the arguments you do not set.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import pathlib
@@ -32,7 +31,8 @@ from latentfast.data.rewards import correctness_reward
 from latentfast.models import HybridConfig, HybridThinkingLM, generate
 
 from . import checkpoint, dist
-from .common import JsonlLogger, SampleStream, amp_context, apply_preset, load_causal_lm, peak_mem_mb
+from .common import (JsonlLogger, SampleStream, amp_context, apply_preset, load_causal_lm, no_sync_unless,
+                     optimizer_step, peak_mem_mb, reset_peak_mem)
 
 DEMO_MODEL = "tiny"
 # Small-model presets for the embedded demo (only for arguments not given explicitly).
@@ -346,8 +346,7 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
     bar = tqdm(range(start, total), desc="hrpo", disable=rank != 0, initial=start, total=total)
     for step in bar:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_mem(device)
         gen.manual_seed(args.seed * 100003 + step * 1009 + rank)  # resumable sampling
         t0 = time.perf_counter()
         # 1) rollouts for every micro-batch (no grad), rewards, advantages, reference log-probs
@@ -394,9 +393,7 @@ def main(argv=None):
             loss_kw["num_items_in_batch"] = n_items
         losses, lmetrics = [], {}
         for m, (batch, adv, ref) in enumerate(micro):
-            sync = m == len(micro) - 1
-            ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
-            with ctx, amp():
+            with no_sync_unless(wrapped, m == len(micro) - 1), amp():
                 loss, met = wrapped(batch, adv, ref_per_token_logps=ref, recompute=args.recompute, loss_kwargs=loss_kw)
                 (loss / args.gradient_accumulation_steps).backward()
             losses.append(loss.item())
@@ -406,10 +403,7 @@ def main(argv=None):
         if proj_w is not None and proj_w.grad is not None:
             proj_grad = _full(proj_w.grad).float().norm().item()
         params = [p for g in opt.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm)
         t_train = time.perf_counter() - t1
 
         row = {"step": step + 1, "loss": sum(losses) / len(losses), "grad_norm": float(_full(grad_norm)),

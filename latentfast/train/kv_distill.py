@@ -23,7 +23,6 @@ Both models run their normal SDPA/flash attention: K/V/Q come from hooks
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import pathlib
@@ -42,7 +41,8 @@ from latentfast.models.kv_capture import KVCapture
 from latentfast.nn import AttentionWeightedKVLoss, CKALoss, CODILoss, KVProjection, layer_pairs
 
 from . import checkpoint, dist
-from .common import JsonlLogger, amp_context, apply_preset, load_causal_lm, load_rows, peak_mem_mb, warmup_schedule
+from .common import (JsonlLogger, accumulate_grads, amp_context, apply_preset, load_causal_lm, load_rows, optimizer_step,
+                     peak_mem_mb, reset_peak_mem, warmup_schedule)
 
 DEMO = "tiny"
 # the demo teacher: wider/deeper than the tiny student, other KV-head count (exercises KVProjection)
@@ -310,28 +310,20 @@ def train(args, student, teacher, tok, rows, eval_rows, device, rank, world, out
     history = []
     bar = tqdm(range(start, total), desc=out.name, disable=rank != 0, initial=start, total=total)
     for step in bar:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_mem(device)
         t0 = time.perf_counter()
         distiller.train()
-        sums = {}
-        for m in range(args.gradient_accumulation_steps):
-            base = ((step * args.gradient_accumulation_steps + m) * world + rank) * args.batch_size
-            order = random.Random(args.seed + base // len(rows)).sample(range(len(rows)), len(rows))
-            batch = encode(tok, [rows[order[(base + i) % len(rows)]] for i in range(args.batch_size)],
-                           args.max_length, device)
-            t_out = teacher_outputs(teacher, t_capture, distiller, batch, step, amp)
-            sync = m == args.gradient_accumulation_steps - 1
-            ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
-            with ctx, amp():
-                loss, met = wrapped(batch, t_out, step)
-                (loss / args.gradient_accumulation_steps).backward()
-            for k, v in met.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / args.gradient_accumulation_steps
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+
+        def micro_batches():  # (batch, teacher outputs, step) per micro-batch
+            for m in range(args.gradient_accumulation_steps):
+                base = ((step * args.gradient_accumulation_steps + m) * world + rank) * args.batch_size
+                order = random.Random(args.seed + base // len(rows)).sample(range(len(rows)), len(rows))
+                batch = encode(tok, [rows[order[(base + i) % len(rows)]] for i in range(args.batch_size)],
+                               args.max_length, device)
+                yield batch, teacher_outputs(teacher, t_capture, distiller, batch, step, amp), step
+
+        sums = accumulate_grads(wrapped, micro_batches(), args.gradient_accumulation_steps, amp)
+        grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm)
         row = dist.all_mean(sums, device)
         row.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
                    step_s=time.perf_counter() - t0, peak_mem_mb=peak_mem_mb(device),
