@@ -47,6 +47,6 @@ def run(device: torch.device, quick: bool) -> list[dict]:
         if "ms" in rows["torch_compile"] and "ms" in rows["latentfast"]:
             rows["latentfast"]["speedup_vs_torch_compile"] = round(rows["torch_compile"]["ms"] / rows["latentfast"]["ms"], 3)
         cases.append({"op": "thinking_residual fwd+bwd", "N": N, "D": D, "dtype": str(dtype).replace("torch.", ""),
-                      "backend": "triton" if device.type == "cuda" else "reference (no Triton on CPU)", "impls": rows})
+                      "backend": "triton" if device.type == "cuda" else "torch ops (no Triton on CPU)", "impls": rows})
         del tensors, grad_out
     return cases

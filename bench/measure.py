@@ -70,10 +70,12 @@ def _cpu_peak_in_child(fn) -> int:
             # libgomp is not fork-safe: a parallel region in the child waits forever for
             # the parent's worker threads. One thread keeps ATen's loops inline.
             torch.set_num_threads(1)
-            ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
             del_out = fn()  # warm-up: lazy initialisation and copy-on-write faults
             del del_out
             gc.collect()
+            libc.malloc_trim(0)  # return free heap pages, so reusing them shows up in RSS again
             if _reset_cpu_peak():
                 base = _rss_kib("VmRSS")
                 out = fn()

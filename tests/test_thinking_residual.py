@@ -7,16 +7,6 @@ from latentfast.ops import thinking_residual
 from latentfast.reference.thinking_residual import lambda_init
 from latentfast.reference.thinking_residual import thinking_residual as reference
 
-@pytest.fixture(params=["triton", "torch"])
-def backend(request, monkeypatch):
-    """Run a test on both CPU backends: the Triton kernel (interpreter) and the torch epilogue."""
-    if request.param == "torch":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    elif not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return request.param
-
-
 NAMES = ["e", "h", "W_p", "W_r", "b_r", "W_i", "b_i", "Lambda"]
 
 
@@ -57,16 +47,16 @@ def assert_matches(tensors, atol=1e-5, rtol=1e-4, ref_tensors=None):
 
 @pytest.mark.parametrize("D", [64, 96, 200])
 @pytest.mark.parametrize("N", [1, 7, 300])
-def test_matches_reference_fp32(N, D, backend):
+def test_matches_reference_fp32(N, D):
     assert_matches(make_inputs(N, D))
 
 
 @pytest.mark.parametrize("D", [64, 200])
-def test_without_projection(D, backend):
+def test_without_projection(D):
     assert_matches(make_inputs(7, D, projection=False))
 
 
-def test_zero_row_of_h(backend):
+def test_zero_row_of_h():
     tensors = make_inputs(5, 96)
     with torch.no_grad():
         tensors[1][2].zero_()
@@ -77,7 +67,7 @@ def test_zero_row_of_h(backend):
 
 @pytest.mark.parametrize("lam", [lambda D: torch.full((D,), -30.0), lambda D: torch.full((D,), 30.0),
                                  lambda D: torch.linspace(-40, 40, D)], ids=["very-neg", "very-pos", "sweep"])
-def test_extreme_lambda(lam, backend):
+def test_extreme_lambda(lam):
     # Lambda < -20 hits softplus's linear branch; Lambda >> 0 drives a -> 1 and
     # sqrt(1 - a^2 + eps) -> 1e-4, where d/da is amplified 1e4x: compared against a
     # float64 reference, with the fp32 rounding that amplification implies.
@@ -86,7 +76,7 @@ def test_extreme_lambda(lam, backend):
     assert_matches(tensors, atol=1e-3, rtol=1e-3, ref_tensors=ref64)
 
 
-def test_empty_mask(backend):
+def test_empty_mask():
     tensors = make_inputs(0, 64)
     out, a = thinking_residual(*tensors)
     assert out.shape == (0, 64) and a.shape == (0, 64)
@@ -95,7 +85,7 @@ def test_empty_mask(backend):
 
 
 @pytest.mark.parametrize("recompute_gates", [False, True])
-def test_recompute_gates_and_retain_graph(recompute_gates, backend):
+def test_recompute_gates_and_retain_graph(recompute_gates):
     tensors = make_inputs(9, 96)
     op = lambda *ts: thinking_residual(*ts, recompute_gates=recompute_gates)  # noqa: E731
     out, a = op(*tensors)
@@ -107,6 +97,18 @@ def test_recompute_gates_and_retain_graph(recompute_gates, backend):
     for g1, g2, w in zip(first, second, want):
         torch.testing.assert_close(g1, w, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(g2, g1)
+
+
+def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CPU dispatch")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tensors = make_inputs(7, 64)
+    out, a = thinking_residual(*tensors)
+    assert "latentfast" not in type(out.grad_fn).__name__  # plain autograd graph of the recipe
+    assert_matches(tensors)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        torch.ops.latentfast.thinking_residual_fwd(*[t.detach() if t is not None else None for t in tensors], 8.0, 1e-8, False)
 
 
 def test_gradcheck_reference_float64():

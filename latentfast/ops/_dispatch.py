@@ -8,19 +8,19 @@ Dispatch rule (same for all ops):
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+# Found, not imported: importing triton here would fix TRITON_INTERPRET before the caller
+# sets it, and a plain constant keeps torch.compile from tracing a cache wrapper.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install on an unsupported platform
-        return False
-    return True
+    return TRITON_AVAILABLE
 
 
 def interpreter_enabled() -> bool:

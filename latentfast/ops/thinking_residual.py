@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from latentfast.ops._dispatch import check_same_device, check_shape, check_tensor, use_triton
 from latentfast.reference import thinking_residual as ref
@@ -32,12 +31,12 @@ def _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i):
 
 
 def _epilogues(e: torch.Tensor):
-    """Triton kernels on CUDA / under the interpreter, else the same math in torch ops."""
-    if use_triton(e):
-        from latentfast.kernels import thinking_residual as K
+    if not use_triton(e):
+        raise RuntimeError("latentfast::thinking_residual_* run Triton kernels: CUDA tensors, or CPU tensors "
+                           "with TRITON_INTERPRET=1; thinking_residual() uses the reference otherwise")
+    from latentfast.kernels import thinking_residual as K
 
-        return K.forward_epilogue, K.backward_epilogue
-    return _torch_forward_epilogue, _torch_backward_epilogue
+    return K.forward_epilogue, K.backward_epilogue
 
 
 @torch.library.custom_op("latentfast::thinking_residual_fwd", mutates_args=())
@@ -90,53 +89,6 @@ def _bwd(
 def _(grad_out, grad_a, z_saved, e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps):
     like = [e, h, W_p, W_r, b_r, W_i, b_i, Lambda]
     return [e.new_empty(0) if t is None else torch.empty_like(t) for t in like]
-
-
-# ---------------------------------------------------------------- CPU epilogues
-# The kernels' math in torch ops (fp32), used on CPU without the interpreter. Custom-op
-# bodies run below the autograd key, so the chain rule is written out, not traced.
-
-def _gates(e, p, z, Lambda, c, eps, has_proj):
-    f = torch.float32
-    D = e.shape[1]
-    norm = p.float().norm(dim=-1, keepdim=True) if has_proj else None
-    hn = p.float() / (norm + ref.NORM_EPS) if has_proj else p.float()
-    r, i = torch.sigmoid(z[:, :D].float()), torch.sigmoid(z[:, D:].float())
-    s = F.softplus(-Lambda.to(f), beta=1, threshold=20)
-    a = torch.exp(-c * s * r)
-    g = torch.sqrt(1 - a * a + eps)
-    return hn, norm, r, i, s, a, g
-
-
-def _torch_forward_epilogue(e, p, z, Lambda, c, eps, has_proj):
-    hn, _, _, i, _, a, g = _gates(e, p, z, Lambda, c, eps, has_proj)
-    out = a * e.float() + g * (i * hn)
-    return out.to(e.dtype), a.to(e.dtype)
-
-
-def _torch_backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c, eps, has_proj, in_place):
-    D = e.shape[1]
-    hn, norm, r, i, s, a, g = _gates(e, p, z, Lambda, c, eps, has_proj)
-    go = grad_out.float()
-    d_a = go * (e.float() - i * hn * a / g)
-    if grad_a is not None:
-        d_a = d_a + grad_a.float()
-    d_zi = go * g * hn * i * (1 - i)
-    d_ar = d_a * a * (-c)
-    d_zr = d_ar * s * r * (1 - r)
-    lam = Lambda.float()
-    ds_dlam = torch.where(-lam > 20, -torch.ones_like(lam), -torch.sigmoid(-lam))
-    d_hn = go * g * i
-    if has_proj:
-        inv = 1 / (norm + ref.NORM_EPS)
-        dot = (d_hn * p.float()).sum(-1, keepdim=True)
-        corr = torch.where(norm > 0, dot * inv * inv / norm.clamp_min(1e-30), torch.zeros_like(norm))
-        d_p = d_hn * inv - p.float() * corr
-    else:
-        d_p = d_hn
-    dp = d_p.to(p.dtype)
-    dz = torch.cat([d_zr, d_zi], dim=1).to(z.dtype)
-    return (go * a).to(e.dtype), dp, dz, (d_ar * r * ds_dlam).sum(0), d_zr.sum(0), d_zi.sum(0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -213,6 +165,8 @@ def thinking_residual(
                 f"all inputs must have e's dtype {e.dtype} (or run under autocast); got "
                 + ", ".join(f"{n}: {d}" for n, d in bad)
             )
+    if not use_triton(e):  # CPU without the interpreter: the plain PyTorch recipe, autograd as usual
+        return ref.thinking_residual(*tensors, c, eps)
     e, h = tensors[0].contiguous(), tensors[1].contiguous()
     out, a, _ = _fwd(e, h, *tensors[2:], float(c), float(eps), bool(recompute_gates))
     return out, a
