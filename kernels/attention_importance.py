@@ -36,7 +36,7 @@ def _row_lse_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64: b * stride overflows int32 past 2^31 elements
     b = pid_bh // H
     h = pid_bh % H
     hk = h // n_rep
@@ -86,7 +86,7 @@ def _column_sum_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64: b * stride overflows int32 past 2^31 elements
     b = pid_bh // H
     h = pid_bh % H
     hk = h // n_rep

@@ -153,12 +153,15 @@ def _num_programs(N: int, block_m: int, device: torch.device) -> int:
     return max(1, min(blocks, 4))
 
 
-def backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c: float, eps: float, has_proj: bool, in_place: bool):
+def backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c: float, eps: float, has_proj: bool,
+                      dp_in_place: bool, dz_in_place: bool):
     """Returns (de_direct, dp, dz, dLambda, db_r, db_i); reductions in fp32.
-    ``in_place=True`` writes dp over p and dz over z (they were recomputed for this call)."""
+    ``dp_in_place`` / ``dz_in_place`` write dp over p / dz over z, for buffers that were
+    recomputed for this call (never for saved tensors or inputs)."""
     N, D = e.shape
     de = torch.empty_like(e)
-    dp, dz = (p, z) if in_place else (torch.empty_like(p), torch.empty_like(z))
+    dp = p if dp_in_place else torch.empty_like(p)
+    dz = z if dz_in_place else torch.empty_like(z)
     if N == 0:
         zeros = [torch.zeros(D, device=e.device, dtype=torch.float32) for _ in range(3)]
         return (de, dp, dz, *zeros)

@@ -24,7 +24,7 @@ def _wse_fwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # int64: b * stride overflows int32 past 2^31 elements
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d0 = tl.arange(0, BLOCK_D)
     t_ok = offs_t < T
@@ -53,7 +53,7 @@ def _wse_bwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)

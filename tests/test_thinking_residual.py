@@ -190,3 +190,16 @@ def test_half_precision_cuda(N, D, dtype, tol):
 @pytest.mark.cuda
 def test_fp32_cuda():
     assert_matches(make_inputs(300, 200, device="cuda"), atol=1e-4, rtol=1e-3)
+
+
+def test_non_contiguous_inputs():
+    tensors = make_inputs(7, 64)
+    lam = torch.zeros(128)
+    lam[::2] = tensors[7].detach()
+    strided = [t for t in tensors]
+    strided[7] = lam[::2].requires_grad_(False)  # stride 2
+    strided[0] = torch.cat([tensors[0].detach(), tensors[0].detach()], 1)[:, ::2]  # non-contiguous rows
+    out, a = thinking_residual(*strided)
+    r_out, r_a = reference(*strided)
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, r_a, atol=1e-5, rtol=1e-5)

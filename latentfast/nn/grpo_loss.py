@@ -15,9 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latentfast.ops.grpo_loss import GRPOMetrics, fused_linear_grpo_loss, lm_head_logps
+from latentfast.ops.grpo_loss import LOSS_TYPES, GRPOMetrics, fused_linear_grpo_loss, lm_head_logps
 
 __all__ = ["FusedLinearGRPOLoss", "GRPOMetrics"]
+
+# Liger 0.8.5 constructor arguments for its other loss types: accepted, unused.
+_LIGER_ONLY_ARGS = {"vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"}
 
 
 class FusedLinearGRPOLoss(nn.Module):
@@ -54,7 +57,10 @@ class FusedLinearGRPOLoss(nn.Module):
         **liger_only,
     ):
         super().__init__()
-        if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        unknown = set(liger_only) - _LIGER_ONLY_ARGS
+        if unknown:
+            raise TypeError(f"FusedLinearGRPOLoss got unexpected keyword arguments {sorted(unknown)}")
+        if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type {loss_type!r} is not supported; use grpo, bnpo, dr_grpo or dapo")
         if delta is not None and delta <= 0:
             raise ValueError(f"delta must be positive, got {delta}")

@@ -309,9 +309,10 @@ _grpo_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------- public API
-def _check_inputs(x, weight, bias, ids, mask, advantages, old, ref, vllm_is_ratio):
-    check_tensor("_input", x, ndim=3, float_=True)
-    B, T, H = x.shape
+def _check_head(x, weight, bias, ids):
+    """x (..., H), weight (V, H), bias (V,), ids shaped like x.shape[:-1] with values in [0, V)."""
+    check_tensor("_input", x, float_=True)
+    H = x.shape[-1]
     check_tensor("lin_weight", weight, ndim=2, float_=True)
     check_shape("lin_weight", weight, (None, H), "(vocab_size, hidden_size)")
     if weight.dtype != x.dtype:
@@ -323,7 +324,17 @@ def _check_inputs(x, weight, bias, ids, mask, advantages, old, ref, vllm_is_rati
     check_tensor("selected_token_ids", ids)
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"selected_token_ids must be int64/int32 token ids, got {ids.dtype}")
-    check_shape("selected_token_ids", ids, (B, T), "(batch, seq_len) of _input")
+    check_shape("selected_token_ids", ids, tuple(x.shape[:-1]), "(batch, seq_len) of _input")
+    check_same_device(_input=x, lin_weight=weight, bias=bias, selected_token_ids=ids)
+    if not torch.compiler.is_compiling() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"selected_token_ids must lie in [0, {V}), got range "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+
+
+def _check_inputs(x, weight, bias, ids, mask, advantages, old, ref, vllm_is_ratio):
+    check_tensor("_input", x, ndim=3, float_=True)
+    B, T, H = x.shape
+    _check_head(x, weight, bias, ids)
     check_tensor("attention_mask", mask)
     check_shape("attention_mask", mask, (B, T), "(batch, seq_len) of _input")
     check_tensor("advantages", advantages, float_=True)
@@ -338,12 +349,8 @@ def _check_inputs(x, weight, bias, ids, mask, advantages, old, ref, vllm_is_rati
         if vllm_is_ratio.shape not in ((B,), (B, 1), (B, T)):
             raise ValueError(f"vllm_is_ratio must have shape ({B},), ({B}, 1) or ({B}, {T}), "
                              f"got {tuple(vllm_is_ratio.shape)}")
-    check_same_device(_input=x, lin_weight=weight, bias=bias, selected_token_ids=ids, attention_mask=mask,
-                      advantages=advantages, old_per_token_logps=old, ref_per_token_logps=ref,
-                      vllm_is_ratio=vllm_is_ratio)
-    if not torch.compiler.is_compiling() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
-        raise ValueError(f"selected_token_ids must lie in [0, {V}), got range "
-                         f"[{int(ids.min())}, {int(ids.max())}]")
+    check_same_device(_input=x, attention_mask=mask, advantages=advantages, old_per_token_logps=old,
+                      ref_per_token_logps=ref, vllm_is_ratio=vllm_is_ratio)
 
 
 def _world_size() -> int:
@@ -386,13 +393,14 @@ def _entropy_mask(entropy, mask, top_entropy_quantile):
 def lm_head_logps(x: torch.Tensor, weight: torch.Tensor, selected_token_ids: torch.Tensor,
                   bias: torch.Tensor | None = None, temperature: float = 1.0,
                   mask: torch.Tensor | None = None, chunk_size: int | None = None):
-    """No-grad per-token ``log_softmax(x W^T + b)/T)[ids]`` and entropy without the logits.
+    """No-grad per-token ``log_softmax((x W^T + b) / T)[ids]`` and entropy without the logits.
 
     For old/reference log-probs: ``ref, _ = lm_head_logps(ref_hidden, W, ids, mask=mask)``.
     Shapes: x (..., H), ids (...); returns two fp32 tensors shaped like ids (0 where mask == 0).
     """
-    check_tensor("x", x, float_=True)
-    check_shape("selected_token_ids", selected_token_ids, tuple(x.shape[:-1]), "x.shape[:-1]")
+    _check_head(x, weight, bias, selected_token_ids)
+    if mask is not None:
+        check_shape("mask", mask, tuple(selected_token_ids.shape), "same as selected_token_ids")
     rows = (chunk_size or 0) * (x.shape[1] if x.dim() == 3 else 1)
     with torch.no_grad():
         return _logp_entropy(x.detach(), weight.detach(), None if bias is None else bias.detach(),

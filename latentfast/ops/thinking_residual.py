@@ -22,7 +22,7 @@ from latentfast.reference import thinking_residual as ref
 
 
 def _projection(h, W_p):
-    return h @ W_p.t() if W_p is not None else h.clone()  # clone: backward writes dp in place
+    return h @ W_p.t() if W_p is not None else h
 
 
 def _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i):
@@ -73,9 +73,11 @@ def _bwd(
         p, z = _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i)
     else:
         p, z = _projection(h, W_p), z_saved.view(e.shape[0], 2 * D)
-    # in place over p always (ours); over z only when recomputed (a saved z must survive retain_graph)
+    # gradients overwrite only buffers recomputed here: p = h W_p^T (not h itself), and z when
+    # recomputed (a saved z must survive retain_graph)
     de, dp, dz, d_lam, d_br, d_bi = backward_epilogue(
-        e, p, z, Lambda, grad_out, grad_a, c, eps, W_p is not None, in_place=recompute_gates)
+        e, p, z, Lambda, grad_out, grad_a, c, eps, W_p is not None,
+        dp_in_place=W_p is not None, dz_in_place=recompute_gates)
     de = torch.addmm(de, dz, torch.cat([W_r, W_i]))
     dW_r, dW_i = dz[:, :D].t() @ e, dz[:, D:].t() @ e  # two GEMMs: op outputs may not alias
     if W_p is not None:
@@ -167,6 +169,7 @@ def thinking_residual(
             )
     if not use_triton(e):  # CPU without the interpreter: the plain PyTorch recipe, autograd as usual
         return ref.thinking_residual(*tensors, c, eps)
+    tensors[7] = tensors[7].contiguous()  # the kernels read Lambda with stride 1
     e, h = tensors[0].contiguous(), tensors[1].contiguous()
     out, a, _ = _fwd(e, h, *tensors[2:], float(c), float(eps), bool(recompute_gates))
     return out, a
