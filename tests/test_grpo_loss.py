@@ -290,3 +290,20 @@ def test_cuda_fp32_tight_and_memory():
     assert _rel_err(xx.grad, want[1]) < 1e-4 and _rel_err(WW.grad, want[2]) < 1e-4
     logits_bytes = b_ * t_ * v_ * 4  # one fp32 copy of the logits; eager keeps several
     assert peak < 0.3 * logits_bytes, (peak, logits_bytes)
+
+
+def test_autocast_casts_like_the_lm_head():
+    """Under autocast, fp32 hidden states and weight run in the autocast dtype (as F.linear
+    would) instead of raising a dtype mismatch."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    W = (torch.randn(40, 16) * 0.1).requires_grad_(True)
+    ids = torch.randint(0, 40, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    adv = torch.randn(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = fused_linear_grpo_loss(x, W, ids, mask, adv, beta=0.0, loss_type="bnpo")
+    want, _ = fused_linear_grpo_loss(x.bfloat16(), W.bfloat16(), ids, mask, adv, beta=0.0, loss_type="bnpo")
+    torch.testing.assert_close(loss.float(), want.float())
+    loss.backward()
+    assert x.grad.dtype == torch.float32 and W.grad is not None and W.grad.abs().sum() > 0

@@ -309,6 +309,14 @@ _grpo_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------- public API
+def _autocast(x, weight, bias):
+    """Under autocast, compute in the autocast dtype, as ``F.linear`` (the lm_head) would."""
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    return x, weight, bias
+
+
 def _check_head(x, weight, bias, ids):
     """x (..., H), weight (V, H), bias (V,), ids shaped like x.shape[:-1] with values in [0, V)."""
     check_tensor("_input", x, float_=True)
@@ -398,6 +406,7 @@ def lm_head_logps(x: torch.Tensor, weight: torch.Tensor, selected_token_ids: tor
     For old/reference log-probs: ``ref, _ = lm_head_logps(ref_hidden, W, ids, mask=mask)``.
     Shapes: x (..., H), ids (...); returns two fp32 tensors shaped like ids (0 where mask == 0).
     """
+    x, weight, bias = _autocast(x, weight, bias)
     _check_head(x, weight, bias, selected_token_ids)
     if mask is not None:
         check_shape("mask", mask, tuple(selected_token_ids.shape), "same as selected_token_ids")
@@ -452,7 +461,8 @@ def fused_linear_grpo_loss(
         (loss, GRPOMetrics(kl, entropy, ratio_mean, clip_ratio_low, clip_ratio_high,
         clip_ratio_region)), metrics detached.
     """
-    x, W, ids, adv = _input, lin_weight, selected_token_ids, advantages
+    x, W, bias = _autocast(_input, lin_weight, bias)
+    ids, adv = selected_token_ids, advantages
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if importance_sampling_level not in ("token", "sequence"):
