@@ -381,6 +381,17 @@ def _dapo_normalizer(mask: torch.Tensor, num_items_in_batch) -> torch.Tensor:
     return (n / world).clamp(min=1.0)
 
 
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile's 'linear' rule by sorting: no 2^24-element input limit."""
+    if values.numel() == 0:
+        return values.new_tensor(float("nan"))
+    v = values.sort().values
+    pos = q * (v.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, v.numel() - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
 def _entropy_mask(entropy, mask, top_entropy_quantile):
     """TRL get_high_entropy_mask; the quantile is over every rank's completion tokens."""
     values = torch.where(mask, entropy, torch.full_like(entropy, float("nan"))).reshape(-1)
@@ -393,7 +404,7 @@ def _entropy_mask(entropy, mask, top_entropy_quantile):
         gathered = [torch.empty_like(padded) for _ in range(_world_size())]
         dist.all_gather(gathered, padded)
         values = torch.cat(gathered)
-    threshold = torch.nanquantile(values, 1.0 - top_entropy_quantile)
+    threshold = _quantile(values[~values.isnan()], 1.0 - top_entropy_quantile)
     # no completion token anywhere -> NaN threshold -> empty mask, as TRL
     return ((entropy * mask) >= threshold) & mask
 
