@@ -56,13 +56,18 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, do_sample: b
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, *,
              eos_token_id: int, pad_token_id: int, marker_ids: list[int], temperature: float = 0.5,
-             top_p: float = 1.0, do_sample: bool = True, generator=None) -> Rollout:
+             top_p: float = 1.0, do_sample: bool = True, generator=None, sync_ranks: bool = True) -> Rollout:
     """Sample (or greedy-decode) completions from a ``HybridThinkingLM``.
 
     ``marker_ids``: token ids of the answer marker; thinking ends once a row's last
     ``len(marker_ids)`` tokens equal them (the marker's last token is not mixed).
+    ``sync_ranks``: when torch.distributed is initialised with several ranks, every
+    rank keeps decoding (finished rows emit padding) until all ranks' rows are done,
+    so sharded (FSDP) forwards stay collective; pass False when only this rank calls.
     """
     B, device = prompt_ids.shape[0], prompt_ids.device
+    collective = (sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized()
+                  and torch.distributed.get_world_size() > 1)
     thinking_mod, tf = model.thinking, model.transformer
     W, bias = model.lm_head_weight(), model.lm_head_bias()
     soft = not thinking_mod.uses_projection
@@ -88,7 +93,11 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
         recent = torch.cat([recent[:, 1:], tok[:, None]], 1)
         thinking &= ~(recent == marker).all(-1)
         mix = thinking & ~finished & (tok != eos_token_id)
-        last = bool((finished | (tok == eos_token_id)).all()) or step == max_new_tokens - 1
+        done = (finished | (tok == eos_token_id)).all()
+        if collective and step < max_new_tokens - 1:  # stop only once every rank is done
+            done = done.to(torch.int32)
+            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+        last = bool(done) or step == max_new_tokens - 1
         if last:
             mix = torch.zeros_like(mix)  # the last token's embedding feeds no prediction
         toks.append(tok)

@@ -246,14 +246,24 @@ def evaluate(model, wrapped, tok, rows, args, device, rank, world, marker_ids, a
     """Greedy hybrid decoding; (accuracy, format rate) over ``rows``, split across ranks."""
     model.eval()
     mine = rows[rank::world]
+    # every rank runs the same number of batches (generation and FSDP gathers are
+    # collective): rank 0 holds the most rows; a rank out of rows repeats a batch and
+    # ignores the result
+    per_rank = -(-len(rows) // world)  # ceil
+    n_batches = -(-per_rank // 64)
     correct = fmt = 0.0
-    for i in range(0, len(mine), 64):
-        batch = mine[i:i + 64]
+    for b in range(n_batches):
+        batch = mine[b * 64:(b + 1) * 64]
+        pad = not batch
+        if pad:
+            batch = mine[-64:] if mine else rows[:1]
         ids, mask = encode_prompts(tok, batch, args.max_prompt_length, device)
         with amp(), dist.gathered(wrapped):
             ro = generate(model, ids, mask, args.max_completion_length, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id, marker_ids=marker_ids, temperature=args.temperature,
                           do_sample=False)
+        if pad:
+            continue
         texts = decode_completions(tok, ro)
         correct += sum(correctness_reward(texts, [r["answer"] for r in batch]))
         fmt += sum(get_reward_funcs(["format"])[0](texts))
