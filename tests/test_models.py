@@ -84,6 +84,21 @@ def test_stored_matches_two_pass_and_projection_gets_gradient(with_ref):
         assert any(name in n and g.norm() > 0 for n, g in g1.items()), name
 
 
+def test_no_thinking_positions_still_give_thinking_modules_a_gradient():
+    """A micro-batch with nothing mixed: thinking modules get zero (not missing) grads,
+    as DDP without find_unused_parameters requires."""
+    m = _model()
+    b = _rollout(m).as_batch()
+    b["thinking_mask"] = torch.zeros_like(b["thinking_mask"])
+    b["thinking_hidden"] = b["thinking_hidden"][:0]
+    loss, _ = m(b, torch.randn(4))
+    loss.backward()
+    trainable = [(n, p) for n, p in m.thinking.named_parameters() if p.requires_grad]
+    assert trainable
+    for n, p in trainable:
+        assert p.grad is not None and not p.grad.any(), n
+
+
 def test_two_pass_clean_is_the_recipe_verbatim_and_runs():
     m = _model()
     b = _rollout(m).as_batch()

@@ -249,6 +249,10 @@ class HybridThinkingLM(nn.Module):
                                   old_per_token_logps=old_per_token_logps, **(loss_kwargs or {}))
         if a is not None:
             metrics["embeds_ratio"] = a.detach().float().mean()
+        else:  # nothing mixed: keep the thinking modules in the graph (DDP expects every grad)
+            params = [p for p in self.thinking.parameters() if p.requires_grad]
+            if params:
+                loss = loss + 0 * sum(p.sum() for p in params).to(loss.dtype)
         return loss, metrics
 
     @torch.no_grad()
