@@ -161,3 +161,15 @@ def test_generate_early_stop_is_collective_under_fsdp(tmp_path):
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0 == {"steps": 6, "length": 1}
     assert r1 == {"steps": 6, "length": 6}
+
+
+@pytest.mark.parametrize("lora_rank,bf16,expected", [(0, None, torch.float32), (32, None, torch.bfloat16),
+                                                      (32, False, torch.float32)])
+def test_full_finetune_loads_fp32_master_weights(monkeypatch, tmp_path, lora_rank, bf16, expected):
+    seen = {}
+    monkeypatch.setattr(hrpo, "load_causal_lm", lambda name, device, dtype=None, seed=0: seen.update(dtype=dtype)
+                        or ("tok", "lm"))
+    args = hrpo.parse_args(["--model_name", "/models/x", "--lora_rank", str(lora_rank), "--output_dir",
+                            str(tmp_path)] + ([] if bf16 is None else ["--no-bf16"]))
+    hrpo.load_model(args, torch.device("cuda"))
+    assert seen["dtype"] == expected

@@ -148,7 +148,11 @@ def load_model(args, device):
 
         tok = build_tokenizer()
         return tok, AutoModelForCausalLM.from_pretrained(str(base)).to(device), True
-    tok, lm = load_causal_lm(args.model_name, device, seed=args.seed)
+    # fp32 master weights under bf16 autocast (as codi.py and HF Trainer's --bf16): AdamW steps on
+    # bf16 weights lose most updates; only a frozen LoRA base may stay bf16
+    use_bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
+    dtype = torch.bfloat16 if (args.lora_rank > 0 and use_bf16 and not args.demo) else torch.float32
+    tok, lm = load_causal_lm(args.model_name, device, dtype=dtype, seed=args.seed)
     return tok, lm, not args.demo
 
 
