@@ -58,6 +58,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # resuming a finished run: no training steps, evaluation and checkpoint only
+    res = hrpo.main(FAST + ["--output_dir", str(part), "--max_steps", "4", "--resume_from_checkpoint", "latest"])
+    assert res["trainable_checksum"] > 0
 
 
 def test_optimizer_groups_follow_the_recipe():

@@ -357,6 +357,7 @@ def main(argv=None):
     if rank == 0:
         print(f"[hrpo] step {start}: held-out accuracy {acc0:.3f} (format {fmt0:.3f})", flush=True)
 
+    params = [p for g in opt.param_groups for p in g["params"]]  # (also for the checksum of a finished run)
     gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
     bar = tqdm(range(start, total), desc="hrpo", disable=rank != 0, initial=start, total=total)
     for step in bar:
@@ -416,7 +417,6 @@ def main(argv=None):
         proj_grad = None
         if proj_w is not None and proj_w.grad is not None:
             proj_grad = _full(proj_w.grad).float().norm().item()
-        params = [p for g in opt.param_groups for p in g["params"]]
         grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm)
         t_train = time.perf_counter() - t1
 
