@@ -54,11 +54,13 @@ def _models(args):
                                        intermediate_size=512) if args.teacher_model is None else None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from latentfast.models.local import from_local
+
     if args.model_name is not None:
-        tok = AutoTokenizer.from_pretrained(args.model_name)
-        student = AutoModelForCausalLM.from_pretrained(args.model_name, dtype="auto")
+        tok = from_local(AutoTokenizer, args.model_name)
+        student = from_local(AutoModelForCausalLM, args.model_name, dtype="auto")
     if args.teacher_model is not None:
-        teacher = AutoModelForCausalLM.from_pretrained(args.teacher_model, dtype="auto")
+        teacher = from_local(AutoModelForCausalLM, args.teacher_model, dtype="auto")
     return tok, student.to(args.device).eval(), teacher.to(args.device).eval()
 
 

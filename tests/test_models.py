@@ -185,3 +185,16 @@ def test_cuda_parity_fp32_and_bf16_autocast_step():
         loss, _ = m(ro.as_batch(), adv)
     loss.backward()
     assert torch.isfinite(loss) and m.thinking.projection.weight.grad.norm() > 0
+
+
+def test_pretrained_loads_are_local_only(tmp_path):
+    from latentfast.train.common import load_causal_lm
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        load_causal_lm(missing, "cpu")
+    with pytest.raises(FileNotFoundError, match="not found locally"):
+        HybridThinkingLM.from_pretrained("some-org/some-model-not-cached")
+    build_tiny_causal_lm(TOK).save_pretrained(str(tmp_path / "tiny"))
+    m = HybridThinkingLM.from_pretrained(str(tmp_path / "tiny"))
+    assert m.config.hidden_size > 0

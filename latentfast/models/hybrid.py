@@ -130,7 +130,9 @@ class HybridThinkingLM(nn.Module):
     def from_pretrained(cls, path: str, cfg: HybridConfig | None = None, **hf_kwargs) -> "HybridThinkingLM":
         from transformers import AutoModelForCausalLM
 
-        return cls(AutoModelForCausalLM.from_pretrained(path, **hf_kwargs), cfg)
+        from .local import from_local
+
+        return cls(from_local(AutoModelForCausalLM, path, **hf_kwargs), cfg)  # local files only
 
     @classmethod
     def from_config(cls, config, cfg: HybridConfig | None = None) -> "HybridThinkingLM":

@@ -168,9 +168,11 @@ def load_causal_lm(name: str, device, dtype=None, seed: int = 0, size: str = "ti
         return tok, lm if dtype is None else lm.to(dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    from latentfast.models.local import from_local
+
+    tok = from_local(AutoTokenizer, name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return tok, AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+    return tok, from_local(AutoModelForCausalLM, name, dtype=dtype).to(device)

@@ -145,9 +145,10 @@ def load_model(args, device):
         from transformers import AutoModelForCausalLM
 
         from latentfast.data import build_tokenizer
+        from latentfast.models.local import from_local
 
         tok = build_tokenizer()
-        return tok, AutoModelForCausalLM.from_pretrained(str(base)).to(device), True
+        return tok, from_local(AutoModelForCausalLM, base).to(device), True
     # fp32 master weights under bf16 autocast (as codi.py and HF Trainer's --bf16): AdamW steps on
     # bf16 weights lose most updates; only a frozen LoRA base may stay bf16
     use_bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
