@@ -19,20 +19,18 @@ import json
 import math
 import pathlib
 import random
-import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from latentfast.data import format_prompt, get_reward_funcs, load_gsm8k, make_arithmetic
+from latentfast.data import format_prompt, get_reward_funcs, make_arithmetic
 from latentfast.data.rewards import correctness_reward
 from latentfast.models import HybridConfig, HybridThinkingLM, generate
 
 from . import checkpoint, dist
-from .common import (JsonlLogger, SampleStream, amp_context, apply_preset, load_causal_lm, no_sync_unless,
-                     optimizer_step, peak_mem_mb, reset_peak_mem)
+from .common import (JsonlLogger, SampleStream, amp_context, apply_preset, load_causal_lm, load_rows,
+                     no_sync_unless, optimizer_step, peak_mem_mb, reset_peak_mem)
 
 DEMO_MODEL = "tiny"
 # Small-model presets for the embedded demo (only for arguments not given explicitly).
@@ -109,16 +107,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- data
-def load_rows(spec: str, n: int | None, seed: int) -> list[dict]:
-    if spec == "synthetic":
-        return make_arithmetic(n or 20000, seed=seed, min_steps=1, max_steps=3)
-    if spec in ("gsm8k_sample", "gsm8k_sample_train"):
-        return load_gsm8k("train", n)
-    if spec == "gsm8k_sample_test":
-        return load_gsm8k("test", n)
-    return load_gsm8k(spec, n)
-
-
 def encode_prompts(tok, rows, max_len, device):
     tok.padding_side, tok.truncation_side = "left", "left"
     enc = tok([format_prompt(r["question"]) for r in rows], return_tensors="pt", padding=True, truncation=True,
