@@ -176,3 +176,36 @@ def test_full_finetune_loads_fp32_master_weights(monkeypatch, tmp_path, lora_ran
                             str(tmp_path)] + ([] if bf16 is None else ["--no-bf16"]))
     hrpo.load_model(args, torch.device("cuda"))
     assert seen["dtype"] == expected
+
+
+def test_checkpoint_load_rejects_a_different_model_layout(tmp_path):
+    from latentfast.data import build_tokenizer
+    from latentfast.models import HybridConfig, HybridThinkingLM, build_tiny_causal_lm
+    from latentfast.train import checkpoint
+
+    tok = build_tokenizer()
+
+    def make(projection="linear", lora=4, freeze_projection=False):
+        torch.manual_seed(0)
+        m = HybridThinkingLM(build_tiny_causal_lm(tok, num_hidden_layers=1), HybridConfig(projection=projection))
+        if lora:
+            m.add_lora(lora)
+        for n, p in m.named_parameters():
+            if freeze_projection and "thinking_projection" in n:
+                p.requires_grad_(False)
+        return m
+
+    def save(m, name):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
+        return checkpoint.save(str(tmp_path / name), 1, m, opt)
+
+    full = save(make(), "full")
+    checkpoint.load(full, make())  # same layout
+    with pytest.raises(RuntimeError, match="does not match"):
+        checkpoint.load(full, make(projection="mlp"))  # different projection
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        checkpoint.load(full, make(lora=0))  # LoRA on -> off
+    stage1 = save(make(freeze_projection=True), "stage1")
+    checkpoint.load(stage1, make())  # two-stage schedule: the frozen projection is unfrozen
+    with pytest.raises(RuntimeError, match="missing trainable parameters"):
+        checkpoint.load(stage1, make(projection="mlp"))

@@ -22,12 +22,12 @@ from .dist import is_main
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def _fqn(n: str) -> str:
+    return n.replace("module.", "", 1) if n.startswith("module.") else n  # DDP prefix
+
+
 def _trainable_names(model) -> set:
-    names = set()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            names.add(n.replace("module.", "", 1) if n.startswith("module.") else n)
-    return names
+    return {_fqn(n) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save(out_dir: str, step: int, model, optimizer, scheduler=None, extra: dict | None = None,
@@ -49,7 +49,9 @@ def save(out_dir: str, step: int, model, optimizer, scheduler=None, extra: dict 
     save_file(flat, str(path / "optimizer.safetensors"))
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
     state = {"step": step, "param_groups": groups,
-             "scheduler": scheduler.state_dict() if scheduler is not None else None, "extra": extra or {}}
+             "scheduler": scheduler.state_dict() if scheduler is not None else None, "extra": extra or {},
+             # every parameter at save time: a frozen one (not saved) may be unfrozen on resume
+             "param_names": sorted(_fqn(n) for n, _ in model.named_parameters())}
     (path / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
     return str(path)
 
@@ -59,7 +61,20 @@ def load(path: str, model, optimizer=None, scheduler=None) -> dict:
     path = pathlib.Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
     msd = load_file(str(path / "model.safetensors"))
-    set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True, strict=False))
+    # non-strict: a trainable-only checkpoint has no frozen weights. But a checkpoint from a
+    # different model layout (--projection, LoRA on/off, thinking state) must not load silently.
+    missing = _trainable_names(model) - msd.keys()
+    known = state.get("param_names")  # frozen at save time, trainable now: keeps its (seeded) init
+    missing = sorted(missing - set(known)) if known is not None else []
+    res = set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True, strict=False))
+    unexpected = sorted(_fqn(k) for k in getattr(res, "unexpected_keys", ()))
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        raise RuntimeError(f"checkpoint {path} does not match the model (different --projection, LoRA rank or "
+                           f"thinking state?): " + "; ".join(
+                               f"{what}: {few(keys)}" for what, keys in (("missing trainable parameters", missing),
+                                                                       ("unexpected keys", unexpected)) if keys))
     if optimizer is not None:
         flat = load_file(str(path / "optimizer.safetensors"))
         st: dict = {}
