@@ -108,7 +108,8 @@ def _worker(rank, world, port, argv, out):
     pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps(res))
 
 
-@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+@pytest.mark.parametrize("extra", [[], ["--fsdp"], ["--loss_type", "dapo", "--gradient_accumulation_steps", "2"]],
+                         ids=["ddp", "fsdp2", "ddp-dapo-ga2"])
 def test_two_process_gloo_stays_in_sync(tmp_path, extra):
     argv = FAST + ["--output_dir", str(tmp_path / "run"), "--max_steps", "2"] + extra
     mp.spawn(_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)

@@ -386,7 +386,15 @@ def main(argv=None):
             stats.setdefault("reward_std", []).append(rewards.std().item())
         t_roll = time.perf_counter() - t0
         n_tokens = sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b, _, _ in micro)
-        n_items = sum(int(b["completion_mask"].sum()) for b, _, _ in micro) * world if args.loss_type == "dapo" else None
+        n_items = None
+        if args.loss_type == "dapo":  # the op's convention: completion tokens of the whole step, all ranks and
+            # micro-batches (it divides by world itself; micro-batch losses then add up to one token-mean)
+            t = torch.tensor(sum(int(b["completion_mask"].sum()) for b, _, _ in micro), device=device,
+                             dtype=torch.int64)
+            if world > 1:
+                torch.distributed.all_reduce(t)
+            n_items = int(t.item())
+        ga_scale = 1 if n_items is not None else args.gradient_accumulation_steps  # dapo: already normalised
 
         # 2) policy-gradient step over the micro-batches
         model.train()
@@ -399,7 +407,7 @@ def main(argv=None):
         for m, (batch, adv, ref) in enumerate(micro):
             with no_sync_unless(wrapped, m == len(micro) - 1), amp():
                 loss, met = wrapped(batch, adv, ref_per_token_logps=ref, recompute=args.recompute, loss_kwargs=loss_kw)
-                (loss / args.gradient_accumulation_steps).backward()
+                (loss / ga_scale).backward()
             losses.append(loss.item())
             for k, v in met.items():
                 lmetrics.setdefault(k, []).append(float(v))
@@ -409,7 +417,8 @@ def main(argv=None):
         grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm)
         t_train = time.perf_counter() - t1
 
-        row = {"step": step + 1, "loss": sum(losses) / len(losses), "grad_norm": float(_full(grad_norm)),
+        step_loss = sum(losses) if n_items is not None else sum(losses) / len(losses)  # dapo: parts of one mean
+        row = {"step": step + 1, "loss": step_loss, "grad_norm": float(_full(grad_norm)),
                "lr": sched.get_last_lr()[0]}
         row.update({k: sum(v) / len(v) for k, v in stats.items() if v})
         row.update({k: sum(v) / len(v) for k, v in lmetrics.items()})
