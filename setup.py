@@ -36,9 +36,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "latentfast-hrpo=latentfast.train.hrpo:main",
-            "latentfast-codi=latentfast.train.codi:main",
-            "latentfast-kv-distill=latentfast.train.kv_distill:main",
+            "latentfast-hrpo=latentfast.train.hrpo:cli",
+            "latentfast-codi=latentfast.train.codi:cli",
+            "latentfast-kv-distill=latentfast.train.kv_distill:cli",
             "latentfast-diagnose=latentfast.diagnose:main",
         ]
     },

@@ -270,5 +270,13 @@ def main(argv=None):
     return {"first": first, "last": row if first is not None else None, "eval": results}
 
 
-if __name__ == "__main__":
+
+def cli() -> int:
+    """Console-script entry point: main() returns its results dict for callers and tests,
+    which sys.exit would print and turn into exit status 1."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    cli()

@@ -452,5 +452,13 @@ def main(argv=None):
     return {"eval_accuracy_before": acc0, "eval_accuracy_after": acc1, "trainable_checksum": checksum}
 
 
-if __name__ == "__main__":
+
+def cli() -> int:
+    """Console-script entry point: main() returns its results dict for callers and tests,
+    which sys.exit would print and turn into exit status 1."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    cli()

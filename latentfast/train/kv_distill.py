@@ -459,5 +459,13 @@ def main(argv=None):
     return {"compare": rows_out}
 
 
-if __name__ == "__main__":
+
+def cli() -> int:
+    """Console-script entry point: main() returns its results dict for callers and tests,
+    which sys.exit would print and turn into exit status 1."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    cli()
