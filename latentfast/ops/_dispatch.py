@@ -69,10 +69,3 @@ def check_same_device(**tensors):
     if len(set(devices.values())) > 1:
         desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on one device, got {desc}")
-
-
-def check_same_dtype(**tensors):
-    dtypes = {n: t.dtype for n, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if len(set(dtypes.values())) > 1:
-        desc = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
-        raise TypeError(f"tensors must share one dtype, got {desc}")
