@@ -76,7 +76,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
         for name, r in rows.items():
             if floor and "ms" in r:
                 r["vs_three_matmuls"] = round(r["ms"] / floor, 3)
-            if "peak_extra_mb" in r and rows.get("liger", {}).get("peak_extra_mb"):
+            if r.get("peak_extra_mb") is not None and rows.get("liger", {}).get("peak_extra_mb"):
                 r["memory_vs_liger"] = round(r["peak_extra_mb"] / rows["liger"]["peak_extra_mb"], 3)
         cases.append({"op": "lm_head + GRPO loss fwd+bwd", "shape": {"B": B, "T": T, "H": H, "V": V},
                       "completion_fill": fill, "dtype": str(dtype).replace("torch.", ""),

@@ -53,12 +53,17 @@ def peak_memory(fn, device: torch.device) -> int:
     return _cpu_peak_in_child(fn)
 
 
+_CHILD_TIMEOUT_S = 60.0
+
+
 def _cpu_peak_in_child(fn) -> int:
     """Run ``fn`` once in a forked child whose glibc serves every tensor-sized block
     by mmap (fixed 64 KiB threshold), so peak RSS tracks peak live bytes; the parent's
     allocator, and so its timings, stay untouched."""
     import ctypes
     import os
+    import select
+    import signal
     import struct
 
     r, w = os.pipe()
@@ -85,8 +90,13 @@ def _cpu_peak_in_child(fn) -> int:
             os.write(w, struct.pack("q", int(peak)))
             os._exit(0)
     os.close(w)
-    data = os.read(r, 8)
+    # A forked child can still deadlock on a lock some other parent thread held at fork
+    # time (compile workers, allocator): give up after a while rather than hang the run.
+    ready, _, _ = select.select([r], [], [], _CHILD_TIMEOUT_S)
+    data = os.read(r, 8) if ready else b""
     os.close(r)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     return max(struct.unpack("q", data)[0], 0) if len(data) == 8 else -1
 
@@ -122,8 +132,8 @@ def compare(impls: dict, device: torch.device, baseline: str, **timing_kw) -> di
     for name, fn in impls.items():
         try:
             ms = time_ms(fn, device, **timing_kw)
-            mem = peak_memory(fn, device)
-            rows[name] = {"ms": round(ms, 4), "peak_extra_mb": round(mem / 2**20, 2)}
+            mem = peak_memory(fn, device)  # -1: could not be measured
+            rows[name] = {"ms": round(ms, 4), "peak_extra_mb": round(mem / 2**20, 2) if mem >= 0 else None}
         except Exception as exc:  # a baseline missing (e.g. liger not installed) is recorded, not fatal
             rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         gc.collect()
@@ -133,7 +143,7 @@ def compare(impls: dict, device: torch.device, baseline: str, **timing_kw) -> di
     for name, r in rows.items():
         if "ms" in r and "ms" in base:
             r["speedup_vs_" + baseline] = round(base["ms"] / r["ms"], 3)
-            if base["peak_extra_mb"] > 0:
+            if base["peak_extra_mb"] and r["peak_extra_mb"] is not None:
                 r["memory_vs_" + baseline] = round(r["peak_extra_mb"] / base["peak_extra_mb"], 3)
     return rows
 
