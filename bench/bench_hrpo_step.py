@@ -94,9 +94,10 @@ def run(device, quick):
     def with_rollout(mode):
         prompts = batch["prompt_ids"][:, -P // 2:]
         pmask = batch["prompt_mask"][:, -P // 2:]
+        gen = torch.Generator(device).manual_seed(0)  # every impl and rep decodes the same rollout
         with torch.no_grad(), amp():
             ro = generate(m, prompts, pmask, gen_C, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                          marker_ids=[tok.answer_marker_id], temperature=1.0)
+                          marker_ids=[tok.answer_marker_id], temperature=1.0, generator=gen)
         return _train_step(m, ro.as_batch(), adv, ref[:, :ro.completion_ids.shape[1]], mode, amp)
 
     impls = {mode: (lambda mode=mode: with_rollout(mode)) for mode in ("stored", "two_pass")}

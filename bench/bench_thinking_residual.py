@@ -8,6 +8,7 @@ import torch
 from measure import compare
 
 from latentfast.ops import thinking_residual
+from latentfast.profiling import saved_activation_bytes
 from latentfast.reference.thinking_residual import lambda_init
 from latentfast.reference.thinking_residual import thinking_residual as eager
 
@@ -27,6 +28,20 @@ def _fwd_bwd(fn, tensors, grad_out):
     return step
 
 
+def _saved_activations(rows: dict, fwd: dict, tensors: list) -> None:
+    """Activation memory proper: bytes autograd keeps for backward beyond inputs and
+    outputs (the peak column also counts the gradients and the backward's temporaries)."""
+    for name, fn in fwd.items():
+        if "error" in rows[name]:
+            continue
+        _, saved = saved_activation_bytes(lambda: fn(*tensors), tensors)
+        rows[name]["saved_activation_mb"] = round(saved / 2**20, 2)
+    base = rows["eager"].get("saved_activation_mb")
+    for r in rows.values():
+        if base and "saved_activation_mb" in r:
+            r["saved_activation_vs_eager"] = round(r["saved_activation_mb"] / base, 3)
+
+
 def run(device: torch.device, quick: bool) -> list[dict]:
     if quick:
         shapes, dtype = [(512, 256), (1024, 512)], torch.float32
@@ -44,6 +59,9 @@ def run(device: torch.device, quick: bool) -> list[dict]:
             "latentfast_recompute_gates": _fwd_bwd(partial(thinking_residual, recompute_gates=True), tensors, grad_out),
         }
         rows = compare(impls, device, baseline="eager")
+        fwd = {"eager": eager, "torch_compile": compiled, "latentfast": thinking_residual,
+               "latentfast_recompute_gates": partial(thinking_residual, recompute_gates=True)}
+        _saved_activations(rows, fwd, tensors)
         if "ms" in rows["torch_compile"] and "ms" in rows["latentfast"]:
             rows["latentfast"]["speedup_vs_torch_compile"] = round(rows["torch_compile"]["ms"] / rows["latentfast"]["ms"], 3)
         cases.append({"op": "thinking_residual fwd+bwd", "N": N, "D": D, "dtype": str(dtype).replace("torch.", ""),

@@ -39,15 +39,20 @@ def to_markdown(results: dict) -> str:
         for case in entry.get("cases", []):
             meta = {k: v for k, v in case.items() if k != "impls"}
             lines.append("`" + json.dumps(meta) + "`\n")
-            lines.append("| impl | ms | peak extra MB | speed ratio | memory ratio |")
-            lines.append("|---|---|---|---|---|")
+            saved = any("saved_activation_mb" in r for r in case["impls"].values())
+            extra = " saved activations MB (ratio) |" if saved else ""
+            lines.append("| impl | ms | peak extra MB | speed ratio | memory ratio |" + extra)
+            lines.append("|---|---|---|---|---|" + ("---|" if saved else ""))
             for name, r in case["impls"].items():
                 if "error" in r:
-                    lines.append(f"| {name} | error: {r['error']} | | | |")
+                    lines.append(f"| {name} | error: {r['error']} | | | |" + (" |" if saved else ""))
                     continue
                 sp = next((f"{v} ({k[len('speedup_vs_'):]})" for k, v in r.items() if k.startswith("speedup_vs_")), "")
                 mr = next((f"{v} ({k[len('memory_vs_'):]})" for k, v in r.items() if k.startswith("memory_vs_")), "")
-                lines.append(f"| {name} | {r['ms']} | {r['peak_extra_mb']} | {sp} | {mr} |")
+                row = f"| {name} | {r['ms']} | {r['peak_extra_mb']} | {sp} | {mr} |"
+                if saved:
+                    row += f" {r.get('saved_activation_mb', '')} ({r.get('saved_activation_vs_eager', '')}) |"
+                lines.append(row)
             lines.append("")
     return "\n".join(lines)
 

@@ -198,3 +198,32 @@ def test_pretrained_loads_are_local_only(tmp_path):
     build_tiny_causal_lm(TOK).save_pretrained(str(tmp_path / "tiny"))
     m = HybridThinkingLM.from_pretrained(str(tmp_path / "tiny"))
     assert m.config.hidden_size > 0
+
+
+def test_generation_stops_on_any_of_several_eos_ids():
+    """Chat checkpoints end turns with several ids (e.g. <|im_end|> and <|endoftext|>)."""
+    m = _model().eval()
+    rows = make_arithmetic(3, seed=1)
+    enc = TOK([format_prompt(r["question"]) for r in rows], return_tensors="pt", padding=True)
+    kw = dict(pad_token_id=TOK.pad_token_id, marker_ids=[TOK.answer_marker_id], do_sample=False)
+    free = generate(m, enc.input_ids, enc.attention_mask, 8, eos_token_id=TOK.eos_token_id, **kw)
+    stop = int(free.completion_ids[0, 2])  # row 0's third token becomes a second EOS
+    first = int((free.completion_ids[0] == stop).nonzero()[0])
+    ro = generate(m, enc.input_ids, enc.attention_mask, 8, eos_token_id=[TOK.eos_token_id, stop], **kw)
+    assert ro.completion_mask[0].tolist() == [1] * (first + 1) + [0] * (ro.completion_mask.shape[1] - first - 1)
+    assert (ro.completion_ids[0, first + 1:] == TOK.pad_token_id).all()
+    assert not ro.thinking_mask[0, first:].any()  # an EOS token is never mixed
+    torch.testing.assert_close(ro.completion_ids[:, :first + 1], free.completion_ids[:, :first + 1])
+    with pytest.raises(ValueError, match="eos_token_id"):
+        generate(m, enc.input_ids, enc.attention_mask, 2, eos_token_id=[], **kw)
+
+
+def test_eos_token_ids_merges_tokenizer_and_generation_config():
+    from types import SimpleNamespace
+
+    from latentfast.models import eos_token_ids
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, TOK.eos_token_id, 9]))
+    assert eos_token_ids(TOK, model) == [TOK.eos_token_id, 7, 9]
+    assert eos_token_ids(TOK, SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=5))) == [TOK.eos_token_id, 5]
+    assert eos_token_ids(TOK) == [TOK.eos_token_id]

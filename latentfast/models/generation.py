@@ -9,6 +9,7 @@ thinking positions are kept, packed N_think x D, for the training forward.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +54,31 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, do_sample: b
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
 
 
+def _as_list(ids, name: str) -> list[int]:
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    if not ids or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"{name} must be an int or a non-empty sequence of ints, got {ids!r}")
+    return ids
+
+
+def eos_token_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS plus the model's
+    ``generation_config.eos_token_id`` (an int or a list in HF checkpoints)."""
+    ids = [tokenizer.eos_token_id]
+    gen_cfg = getattr(model, "generation_config", None) if model is not None else None
+    extra = getattr(gen_cfg, "eos_token_id", None)
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, *,
-             eos_token_id: int, pad_token_id: int, marker_ids: list[int], temperature: float = 0.5,
+             eos_token_id: int | Sequence[int], pad_token_id: int, marker_ids: list[int], temperature: float = 0.5,
              top_p: float = 1.0, do_sample: bool = True, generator=None, sync_ranks: bool = True) -> Rollout:
     """Sample (or greedy-decode) completions from a ``HybridThinkingLM``.
 
+    ``eos_token_id``: one id or several (chat models end turns with e.g. both
+    ``<|im_end|>`` and ``<|endoftext|>``; see ``eos_token_ids``).
     ``marker_ids``: token ids of the answer marker; thinking ends once a row's last
     ``len(marker_ids)`` tokens equal them (the marker's last token is not mixed).
     ``sync_ranks``: when torch.distributed is initialised with several ranks, every
@@ -72,6 +92,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     W, bias = model.lm_head_weight(), model.lm_head_bias()
     soft = not thinking_mod.uses_projection
     marker = torch.tensor(marker_ids, device=device)
+    eos = torch.tensor(_as_list(eos_token_id, "eos_token_id"), device=device)
     recent = torch.full((B, len(marker_ids)), -1, dtype=torch.long, device=device)
 
     cache = DynamicCache()
@@ -92,8 +113,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         recent = torch.cat([recent[:, 1:], tok[:, None]], 1)
         thinking &= ~(recent == marker).all(-1)
-        mix = thinking & ~finished & (tok != eos_token_id)
-        done = (finished | (tok == eos_token_id)).all()
+        is_eos = torch.isin(tok, eos)
+        mix = thinking & ~finished & ~is_eos
+        done = (finished | is_eos).all()
         if collective and step < max_new_tokens - 1:  # stop only once every rank is done
             done = done.to(torch.int32)
             torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
@@ -103,7 +125,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
         toks.append(tok)
         comp_mask.append(~finished)
         think_mask.append(mix)
-        finished = finished | (tok == eos_token_id)
+        finished = finished | is_eos
         if last:
             break
         e = model.embed(tok)

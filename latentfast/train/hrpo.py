@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from latentfast.data import format_prompt, get_reward_funcs, make_arithmetic
 from latentfast.data.rewards import correctness_reward
-from latentfast.models import HybridConfig, HybridThinkingLM, generate
+from latentfast.models import HybridConfig, HybridThinkingLM, eos_token_ids, generate
 
 from . import checkpoint, dist
 from .common import (JsonlLogger, SampleStream, amp_context, apply_preset, load_causal_lm, load_rows,
@@ -251,8 +251,9 @@ def evaluate(model, wrapped, tok, rows, args, device, rank, world, marker_ids, a
         if pad:
             batch = mine[-64:] if mine else rows[:1]
         ids, mask = encode_prompts(tok, batch, args.max_prompt_length, device)
+        eos_ids = eos_token_ids(tok, model.hf_model)
         with amp(), dist.gathered(wrapped):
-            ro = generate(model, ids, mask, args.max_completion_length, eos_token_id=tok.eos_token_id,
+            ro = generate(model, ids, mask, args.max_completion_length, eos_token_id=eos_ids,
                           pad_token_id=tok.pad_token_id, marker_ids=marker_ids, temperature=args.temperature,
                           do_sample=False)
         if pad:
@@ -312,6 +313,7 @@ def main(argv=None):
     total = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * len(train_rows) / per_step))
     sched = make_scheduler(opt, args, total)
     marker_ids = tok.encode(cfg.answer_marker, add_special_tokens=False)
+    eos_ids = eos_token_ids(tok, model.hf_model)
     reward_fns = get_reward_funcs(args.reward_funcs)
 
     start = 0
@@ -363,7 +365,7 @@ def main(argv=None):
             rows_g = [r for r in rows for _ in range(args.group_size)]
             ids, mask = encode_prompts(tok, rows_g, args.max_prompt_length, device)
             with torch.no_grad(), amp(), dist.gathered(wrapped):
-                ro = generate(model, ids, mask, args.max_completion_length, eos_token_id=tok.eos_token_id,
+                ro = generate(model, ids, mask, args.max_completion_length, eos_token_id=eos_ids,
                               pad_token_id=tok.pad_token_id, marker_ids=marker_ids, temperature=args.temperature,
                               top_p=args.top_p, generator=gen)
                 batch = ro.as_batch()
