@@ -35,8 +35,12 @@ def _row_lse_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # int64: b * stride overflows int32 past 2^31 elements
+    # one flat grid axis (CUDA caps axes 1 and 2 at 65535), token blocks fastest so
+    # programs running together share one head's Q/K in L2
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(T, BLOCK_M)
+    pid_m = pid % n_blocks
+    pid_bh = (pid // n_blocks).to(tl.int64)  # int64: b * stride overflows int32 past 2^31 elements
     b = pid_bh // H
     h = pid_bh % H
     hk = h // n_rep
@@ -85,8 +89,12 @@ def _column_sum_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # int64: b * stride overflows int32 past 2^31 elements
+    # one flat grid axis (CUDA caps axes 1 and 2 at 65535), token blocks fastest so
+    # programs running together share one head's Q/K in L2
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(T, BLOCK_N)
+    pid_n = pid % n_blocks
+    pid_bh = (pid // n_blocks).to(tl.int64)  # int64: b * stride overflows int32 past 2^31 elements
     b = pid_bh // H
     h = pid_bh % H
     hk = h // n_rep
@@ -152,7 +160,7 @@ def row_lse(q, k, *, causal=True, attention_mask=None, scale=None) -> torch.Tens
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     mask, s_mb, has_mask = _mask_arg(attention_mask, q)
     bm, bn, bd = _blocks(T, D)
-    grid = (triton.cdiv(T, bm), B * H)
+    grid = (triton.cdiv(T, bm) * B * H,)
     _row_lse_kernel[grid](
         q, k, mask, lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -179,7 +187,7 @@ def attention_importance(q, k, *, causal=True, attention_mask=None, lse=None, sc
     partial = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     mask, s_mb, has_mask = _mask_arg(attention_mask, q)
     bm, bn, bd = _blocks(T, D)
-    grid = (triton.cdiv(T, bn), B * H)
+    grid = (triton.cdiv(T, bn) * B * H,)
     _column_sum_kernel[grid](
         q, k, mask, lse, partial,
         q.stride(0), q.stride(1), q.stride(2),

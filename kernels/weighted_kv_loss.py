@@ -23,8 +23,10 @@ def _wse_fwd_kernel(
     H, T, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)  # int64: b * stride overflows int32 past 2^31 elements
+    pid = tl.program_id(0)  # flat grid (CUDA caps axes 1 and 2 at 65535): token blocks fastest
+    n_t = tl.cdiv(T, BLOCK_T)
+    pid_t = pid % n_t
+    b = (pid // n_t).to(tl.int64)  # int64: b * stride overflows int32 past 2^31 elements
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d0 = tl.arange(0, BLOCK_D)
     t_ok = offs_t < T
@@ -40,7 +42,7 @@ def _wse_fwd_kernel(
             diff = x - y
             acc += tl.sum(diff * diff, 1)
     w = tl.load(W + b * s_wb + offs_t * s_wt, mask=t_ok, other=0.0).to(tl.float32)
-    tl.store(Partial + b * tl.num_programs(0) + pid_t, tl.sum(acc * w, 0))
+    tl.store(Partial + pid, tl.sum(acc * w, 0))  # pid = b * n_t + pid_t
 
 
 @triton.jit
@@ -52,8 +54,10 @@ def _wse_bwd_kernel(
     H, T, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)  # flat grid, as in the forward
+    n_t = tl.cdiv(T, BLOCK_T)
+    pid_t = pid % n_t
+    bh = (pid // n_t).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -87,7 +91,7 @@ def weighted_sq_error(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torc
     bt, bd = _blocks(T, D)
     n_t = triton.cdiv(T, bt)
     partial = torch.empty((B, n_t), device=x.device, dtype=torch.float32)
-    _wse_fwd_kernel[(n_t, B)](
+    _wse_fwd_kernel[(n_t * B,)](
         x, y, w, partial,
         *x.stride(), *y.stride(), *w.stride(),
         H, T, D, BLOCK_T=bt, BLOCK_D=bd,
@@ -101,7 +105,7 @@ def weighted_sq_error_backward(x, y, w, grad) -> torch.Tensor:
     bt, bd = _blocks(T, D)
     dx = torch.empty((B, H, T, D), device=x.device, dtype=x.dtype)
     grad = grad.reshape(1).to(torch.float32)
-    _wse_bwd_kernel[(triton.cdiv(T, bt), B * H)](
+    _wse_bwd_kernel[(triton.cdiv(T, bt) * B * H,)](
         x, y, w, grad, dx,
         *x.stride(), *y.stride(), *w.stride(),
         H, T, D, BLOCK_T=bt, BLOCK_D=bd,
