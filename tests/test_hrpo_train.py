@@ -148,13 +148,16 @@ def _early_stop_worker(rank, world, port, out):
         fully_shard(model)
         ids = torch.tensor([[5, 6, 7, 8]]) + rank  # rank-dependent prompts
         mask = torch.ones_like(ids)
-        kw = dict(pad_token_id=tok.pad_token_id, marker_ids=[1, 2], do_sample=False)
+        kw = dict(pad_token_id=tok.pad_token_id, marker_ids=[1, 2], do_sample=False, check_every=1)
         with torch.no_grad(), tdist.gathered(model):
             first = generate(model, ids, mask, 1, eos_token_id=-1, **kw).completion_ids[0, 0].item()
+            forwards = []
+            hook = model.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
             # rank 0 finishes at its first token, rank 1 never: rank 0 must keep stepping
             ro = generate(model, ids, mask, 6, eos_token_id=first if rank == 0 else -1, **kw)
+            hook.remove()
         pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps(
-            {"steps": ro.completion_ids.shape[1], "length": int(ro.completion_mask.sum())}))
+            {"forwards": len(forwards), "steps": ro.completion_ids.shape[1], "length": int(ro.completion_mask.sum())}))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -163,8 +166,9 @@ def test_generate_early_stop_is_collective_under_fsdp(tmp_path):
     mp.spawn(_early_stop_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
-    assert r0 == {"steps": 6, "length": 1}
-    assert r1 == {"steps": 6, "length": 6}
+    # prefill + 5 decode steps on both ranks; rank 0's padding-only steps are trimmed
+    assert r0 == {"forwards": 6, "steps": 1, "length": 1}
+    assert r1 == {"forwards": 6, "steps": 6, "length": 6}
 
 
 @pytest.mark.parametrize("lora_rank,bf16,expected", [(0, None, torch.float32), (32, None, torch.bfloat16),

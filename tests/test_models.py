@@ -227,3 +227,35 @@ def test_eos_token_ids_merges_tokenizer_and_generation_config():
     assert eos_token_ids(TOK, model) == [TOK.eos_token_id, 7, 9]
     assert eos_token_ids(TOK, SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=5))) == [TOK.eos_token_id, 5]
     assert eos_token_ids(TOK) == [TOK.eos_token_id]
+
+
+@pytest.mark.parametrize("state", ["projection", "soft_embedding"])
+def test_rollout_is_independent_of_the_host_sync_interval(state):
+    """check_every only changes when the host looks: same tokens, masks and states,
+    with rows ending (and leaving the thinking phase) at different steps."""
+    m = _model(HybridConfig(thinking_state=state)).eval()
+    rows = make_arithmetic(5, seed=3)
+    enc = TOK([format_prompt(r["question"]) for r in rows], return_tensors="pt", padding=True)
+
+    def run(every, eos, marker):
+        g = torch.Generator().manual_seed(7)
+        return generate(m, enc.input_ids, enc.attention_mask, 24, eos_token_id=eos, pad_token_id=TOK.pad_token_id,
+                        marker_ids=marker, temperature=1.0, generator=g, check_every=every)
+
+    free = run(1, TOK.eos_token_id, [TOK.answer_marker_id])
+    # the tiny random model never says EOS or "####": promote tokens it does sample
+    eos, marker = [TOK.eos_token_id, int(free.completion_ids[0, 9])], [int(free.completion_ids[1, 4])]
+    out = [run(every, eos, marker) for every in (1, 3, 64)]
+    ref = out[0]
+    assert ref.completion_mask[0].sum() <= 10 and ref.thinking_mask[1, 5:].sum() == 0
+    assert ref.thinking_hidden.shape[0] == int(ref.thinking_mask.sum()) > 0
+    for ro in out[1:]:
+        for name in ("completion_ids", "completion_mask", "thinking_mask"):
+            assert torch.equal(getattr(ro, name), getattr(ref, name)), name
+        torch.testing.assert_close(ro.thinking_hidden, ref.thinking_hidden)
+        torch.testing.assert_close(ro.embeds_ratio, ref.embeds_ratio)
+    # every row ends at its first token: the steps decoded past the end are trimmed
+    stop_all = [TOK.eos_token_id] + free.completion_ids[:, 0].tolist()
+    for every in (1, 64):
+        ro = run(every, stop_all, marker)
+        assert ro.completion_ids.shape[1] == 1 and ro.thinking_hidden.shape[0] == 0

@@ -51,7 +51,9 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, do_sample: b
         sp = sp.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
         probs = probs / probs.sum(-1, keepdim=True)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+    # exponential race (Gumbel-max): an exact categorical draw, no host sync, cheaper than multinomial
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1), probs
 
 
 def _as_list(ids, name: str) -> list[int]:
@@ -74,22 +76,31 @@ def eos_token_ids(tokenizer, model=None) -> list[int]:
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, *,
              eos_token_id: int | Sequence[int], pad_token_id: int, marker_ids: list[int], temperature: float = 0.5,
-             top_p: float = 1.0, do_sample: bool = True, generator=None, sync_ranks: bool = True) -> Rollout:
+             top_p: float = 1.0, do_sample: bool = True, generator=None, sync_ranks: bool = True,
+             check_every: int = 8) -> Rollout:
     """Sample (or greedy-decode) completions from a ``HybridThinkingLM``.
 
     ``eos_token_id``: one id or several (chat models end turns with e.g. both
     ``<|im_end|>`` and ``<|endoftext|>``; see ``eos_token_ids``).
     ``marker_ids``: token ids of the answer marker; thinking ends once a row's last
     ``len(marker_ids)`` tokens equal them (the marker's last token is not mixed).
+    ``check_every``: decoding steps between host synchronisations. A step queues its
+    work without waiting for the device (every row is mixed and masked on device); only
+    every ``check_every`` steps does the host look at whether all rows are done and pack
+    that window's thinking states, so up to ``check_every - 1`` steps past the end may
+    be decoded (as padding) and are trimmed from the result.
     ``sync_ranks``: when torch.distributed is initialised with several ranks, every
     rank keeps decoding (finished rows emit padding) until all ranks' rows are done,
     so sharded (FSDP) forwards stay collective; pass False when only this rank calls.
     """
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     B, device = prompt_ids.shape[0], prompt_ids.device
     collective = (sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized()
                   and torch.distributed.get_world_size() > 1)
     thinking_mod, tf = model.thinking, model.transformer
     W, bias = model.lm_head_weight(), model.lm_head_bias()
+    E = model.hf_model.get_input_embeddings().weight
     soft = not thinking_mod.uses_projection
     marker = torch.tensor(marker_ids, device=device)
     eos = torch.tensor(_as_list(eos_token_id, "eos_token_id"), device=device)
@@ -106,7 +117,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
 
     thinking = torch.ones(B, dtype=torch.bool, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    toks, comp_mask, think_mask, states, where, ratios = [], [], [], [], [], []
+    toks, comp_mask, think_mask = [], [], []
+    window = _StateWindow(max_new_tokens)
     for step in range(max_new_tokens):
         logits = F.linear(h, W, bias).float()
         tok, probs = _sample(logits, temperature, top_p, do_sample, generator)
@@ -114,47 +126,72 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
         recent = torch.cat([recent[:, 1:], tok[:, None]], 1)
         thinking &= ~(recent == marker).all(-1)
         is_eos = torch.isin(tok, eos)
-        mix = thinking & ~finished & ~is_eos
-        done = (finished | is_eos).all()
-        if collective and step < max_new_tokens - 1:  # stop only once every rank is done
-            done = done.to(torch.int32)
-            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
-        last = bool(done) or step == max_new_tokens - 1
-        if last:
-            mix = torch.zeros_like(mix)  # the last token's embedding feeds no prediction
+        mix = thinking & ~finished & ~is_eos  # all False once every row is done
         toks.append(tok)
         comp_mask.append(~finished)
-        think_mask.append(mix)
         finished = finished | is_eos
+        last = step == max_new_tokens - 1
+        if not last and (step + 1) % check_every == 0:  # the loop's only host synchronisation
+            done = finished.all().to(torch.int32)
+            if collective:  # stop only once every rank is done
+                torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+            last = bool(done)
         if last:
+            think_mask.append(torch.zeros_like(mix))  # the last token's embedding feeds no prediction
             break
+        think_mask.append(mix)
         e = model.embed(tok)
-        if mix.any():
-            rows = mix.nonzero(as_tuple=True)[0]
-            if soft:  # the original HRPO state: probs @ E / ||probs||_2
-                p = probs[rows]
-                E = model.hf_model.get_input_embeddings().weight
-                state = (p.to(E.dtype) @ E) / p.pow(2).sum(-1, keepdim=True).sqrt().to(E.dtype)
-            else:
-                state = h[rows]
-            mixed, a = thinking_mod(e[rows], state)
-            e = e.index_put((rows,), mixed.to(e.dtype))
-            states.append(state.to(e.dtype))
-            where.append(rows * max_new_tokens + step)
-            ratios.append(a.float().mean(-1))
+        if soft:  # the original HRPO state: probs @ E / ||probs||_2
+            state = (probs.to(E.dtype) @ E) / probs.pow(2).sum(-1, keepdim=True).sqrt().to(E.dtype)
+        else:
+            state = h
+        mixed, a = thinking_mod(e, state)
+        e = torch.where(mix[:, None], mixed.to(e.dtype), e)
+        window.add(step, mix, state.to(e.dtype), a.float().mean(-1))
+        if (step + 1) % check_every == 0:
+            window.pack()
         attn = torch.cat([attn, comp_mask[-1].long()[:, None]], 1)
         out = tf(inputs_embeds=e[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
                  **kv)
         h = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
 
-    D = h.shape[-1]
-    if states:
-        order = torch.cat(where).argsort()  # step-major -> row-major, matching thinking_mask[...] order
-        thinking_hidden = torch.cat(states)[order]
-        embeds_ratio = torch.cat(ratios)[order]
-    else:
-        thinking_hidden = h.new_zeros(0, D)
-        embeds_ratio = h.new_zeros(0, dtype=torch.float32)
-    return Rollout(prompt_ids, prompt_mask.long(), torch.stack(toks, 1), torch.stack(comp_mask, 1).long(),
-                   torch.stack(think_mask, 1), thinking_hidden, embeds_ratio)
+    comp = torch.stack(comp_mask, 1)
+    steps = int(comp.any(0).nonzero().max()) + 1  # trim the padding-only steps decoded past the end
+    thinking_hidden, embeds_ratio = window.result(like=h)
+    return Rollout(prompt_ids, prompt_mask.long(), torch.stack(toks, 1)[:, :steps], comp[:, :steps].long(),
+                   torch.stack(think_mask, 1)[:, :steps], thinking_hidden, embeds_ratio)
+
+
+class _StateWindow:
+    """Thinking states of the last few steps, (B, D) each, packed to the mixed rows
+    only when the host synchronises anyway (one ``nonzero`` per window)."""
+
+    def __init__(self, max_new_tokens: int):
+        self.max_new_tokens = max_new_tokens
+        self.steps, self.masks, self.states, self.ratios = [], [], [], []
+        self.packed_states, self.packed_where, self.packed_ratios = [], [], []
+
+    def add(self, step, mix, state, ratio):
+        self.steps.append(step)
+        self.masks.append(mix)
+        self.states.append(state)
+        self.ratios.append(ratio)
+
+    def pack(self):
+        if not self.steps:
+            return
+        rows, cols = torch.stack(self.masks, 1).nonzero(as_tuple=True)  # B x k window
+        steps = torch.tensor(self.steps, device=rows.device)[cols]
+        self.packed_states.append(torch.stack(self.states, 1)[rows, cols])
+        self.packed_ratios.append(torch.stack(self.ratios, 1)[rows, cols])
+        self.packed_where.append(rows * self.max_new_tokens + steps)
+        self.steps, self.masks, self.states, self.ratios = [], [], [], []
+
+    def result(self, like: torch.Tensor):
+        """(N x D states, N ratios), row-major over the thinking mask."""
+        self.pack()
+        if not self.packed_where:
+            return like.new_zeros(0, like.shape[-1]), like.new_zeros(0, dtype=torch.float32)
+        order = torch.cat(self.packed_where).argsort()
+        return torch.cat(self.packed_states)[order], torch.cat(self.packed_ratios)[order]
