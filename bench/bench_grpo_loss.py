@@ -2,16 +2,21 @@
 
 impls: eager (TRL-style: full logits, fp32 log_softmax + entropy; latentfast.reference),
 torch_compile of eager, liger (LigerFusedLinearGRPOLoss, if installed), latentfast,
-and three_matmuls: the forward GEMM plus the two backward GEMMs alone, the floor any
-fused lm_head loss pays. ``vs_three_matmuls`` = impl ms / floor ms (target <= 1.2).
+on CPU latentfast_native (the per-chunk kernels from kernels/csrc, when the library is
+built; ``latentfast`` is then the torch-ops path, LATENTFAST_NATIVE=0), and
+three_matmuls: the forward GEMM plus the two backward GEMMs alone, the floor any fused
+lm_head loss pays. ``vs_three_matmuls`` = impl ms / floor ms (target <= 1.2).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from measure import compare
 
 from latentfast.nn import FusedLinearGRPOLoss
+from latentfast.ops import _native
 from latentfast.reference.grpo_loss import grpo_loss as eager_loss
 
 KW = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo", temperature=1.0)
@@ -38,6 +43,21 @@ def _step(fn, x, W, *args):
     return step
 
 
+def _with_native(step, on: bool):
+    """Run ``step`` with the native CPU kernels switched on or off (LATENTFAST_NATIVE)."""
+    def run():
+        old = os.environ.get(_native.ENV_SWITCH)
+        os.environ[_native.ENV_SWITCH] = "1" if on else "0"
+        try:
+            return step()
+        finally:
+            if old is None:
+                del os.environ[_native.ENV_SWITCH]
+            else:
+                os.environ[_native.ENV_SWITCH] = old
+    return run
+
+
 def _three_matmuls(x, W):
     x2 = x.detach().reshape(-1, x.shape[-1])
     Wd = W.detach()
@@ -58,6 +78,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
     # CPU: one sequence per chunk so the small case still shows the memory saving
     fused = FusedLinearGRPOLoss(**KW, chunk_size=1 if quick else None)
     compiled = torch.compile(eager_loss)
+    native = device.type == "cpu" and _native.available()
     cases = []
     for B, T, H, V, fill in cases_spec:
         x, W, ids, mask, adv, ref = _inputs(B, T, H, V, dtype, device, fill)
@@ -66,7 +87,8 @@ def run(device: torch.device, quick: bool) -> list[dict]:
             "eager": _step(lambda *a: eager_loss(*a, **KW), x, W, *args),
             "torch_compile": _step(lambda *a: compiled(*a, **KW), x, W, *args),
             "liger": _liger_step(x, W, args),
-            "latentfast": _step(fused, x, W, *args),
+            "latentfast": _with_native(_step(fused, x, W, *args), on=False),
+            **({"latentfast_native": _with_native(_step(fused, x, W, *args), on=True)} if native else {}),
             "three_matmuls": _three_matmuls(x, W),
         }
         if fill < 1:  # the padded case: compile and the floor add nothing new
@@ -80,7 +102,9 @@ def run(device: torch.device, quick: bool) -> list[dict]:
                 r["memory_vs_liger"] = round(r["peak_extra_mb"] / rows["liger"]["peak_extra_mb"], 3)
         cases.append({"op": "lm_head + GRPO loss fwd+bwd", "shape": {"B": B, "T": T, "H": H, "V": V},
                       "completion_fill": fill, "dtype": str(dtype).replace("torch.", ""),
-                      "backend": "triton" if device.type == "cuda" else "torch (no Triton on CPU)", "impls": rows})
+                      "backend": "triton" if device.type == "cuda" else
+                      "torch (no Triton on CPU)" + ("; latentfast_native: kernels/csrc" if native else ""),
+                      "impls": rows})
         del x, W, impls
     return cases
 

@@ -9,9 +9,9 @@ One sweep over row chunks of the *completion tokens only* (padding rows are drop
 before any GEMM). Per chunk of R rows:
 
     L  = x_c W^T (+ b)                 cuBLAS, (R, V) buffer reused across chunks
-    lse, logp, entropy = stats(L)      Triton, one read of L
+    lse, logp, entropy = stats(L)      Triton (CPU: native C++ or torch), one read of L
     g  = dLoss/dlogp                   torch, (R,) ops: the GRPO math (_pg_terms)
-    L <- g (onehot - softmax(L/T))/T   Triton, in place
+    L <- g (onehot - softmax(L/T))/T   Triton (CPU: native C++ or torch), in place
     grad_x_c = L W ; grad_W += L^T x_c cuBLAS
 
 So the gradients are finished when the forward returns (Liger-style) with three GEMMs
@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from latentfast.ops import _native
 from latentfast.ops._dispatch import check_same_device, check_shape, check_tensor, use_triton
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -130,11 +131,16 @@ def _torch_logit_grad_(L, ids, lse, g, inv_t):
 
 
 def _backends(t: torch.Tensor):
-    """Triton kernels on CUDA / under the interpreter, else the same math in torch."""
+    """Triton kernels on CUDA / under the interpreter; on CPU the native kernels
+    (kernels/csrc, when built and not switched off by LATENTFAST_NATIVE=0), else the
+    same math in torch."""
     if use_triton(t):
         from latentfast.kernels import grpo_loss as K
 
         return K.logit_stats, K.logit_grad_
+    if t.device.type == "cpu" and _native.enabled():
+        ops = torch.ops.latentfast_native
+        return ops.logit_stats, ops.logit_grad_
     return _torch_logit_stats, _torch_logit_grad_
 
 
