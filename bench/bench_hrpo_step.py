@@ -100,7 +100,7 @@ def run(device, quick):
                           marker_ids=[tok.answer_marker_id], temperature=1.0, generator=gen)
         return _train_step(m, ro.as_batch(), adv, ref[:, :ro.completion_ids.shape[1]], mode, amp)
 
-    impls = {mode: (lambda mode=mode: with_rollout(mode)) for mode in ("stored", "two_pass")}
+    impls = {mode: (lambda mode=mode: with_rollout(mode)) for mode in ("stored", "two_pass", "recipe_logits")}
     cases.append(_case("rollout+train", impls, device, B, P // 2, gen_C, size, None, reps=2))
     return cases
 

@@ -221,3 +221,13 @@ def test_saved_activations_at_most_a_third_of_eager(projection):
     assert fused == 2 * N * D * 4
     assert fused <= eager / (3 if projection else 2)
     assert lean == 0
+
+
+def test_float64_inputs_get_float64_results():
+    """The kernels accumulate in fp32; fp64 inputs take the reference instead."""
+    tensors = make_inputs(7, 96, dtype=torch.float64)
+    out, a = thinking_residual(*tensors)
+    ref_out, ref_a = reference(*tensors)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(a, ref_a, atol=1e-12, rtol=1e-12)

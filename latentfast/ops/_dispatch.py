@@ -31,8 +31,10 @@ def interpreter_enabled() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """True when the fused Triton kernel should run for tensors living like ``t``."""
-    if not triton_available():
+    """True when the fused Triton kernel should run for tensors living like ``t``.
+    float64 always takes the reference: the kernels accumulate in fp32, and a user
+    asking for fp64 (gradcheck, numerics studies) must get fp64."""
+    if not triton_available() or t.dtype == torch.float64:
         return False
     if t.device.type == "cuda":
         return True
