@@ -18,3 +18,5 @@ for entry in ${BENCH:-thinking_residual grpo_loss attention_importance hrpo_step
   b=${entry%%:*}; t=${entry#*:}; [ "$t" = "$entry" ] && t=${BENCH_TIMEOUT:-150}
   timeout "$t" python3 bench/run.py --only "$b" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | grep -E "^\[|^\| "
 done
+# per-kernel time of the thinking residual (fused / eager / GEMMs alone): where to look next
+timeout "${PROFILE_TIMEOUT:-90}" python3 bench/profile_thinking_residual.py --out "$OUT" 2>&1 | tail -5
