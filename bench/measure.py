@@ -101,40 +101,59 @@ def _cpu_peak_in_child(fn) -> int:
     return max(struct.unpack("q", data)[0], 0) if len(data) == 8 else -1
 
 
+def _time_once(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize(device)
+        return s.elapsed_time(e)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_ms(fn, device: torch.device, *, warmup: int = 2, reps: int = 5, max_seconds: float = 20.0) -> float:
     """Median milliseconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
+    return time_round_robin({"fn": fn}, device, warmup=warmup, reps=reps, max_seconds=max_seconds)["fn"]
+
+
+def time_round_robin(impls: dict, device: torch.device, *, warmup: int = 2, reps: int = 5,
+                     max_seconds: float = 60.0) -> dict:
+    """Median milliseconds of each callable, timed in turns (rep 1 of every impl, then
+    rep 2, ...) so that drift on a noisy machine (clock, neighbours) hits all alike.
+    An impl that raises is left out of the result (its exception is stored instead)."""
+    times: dict = {name: [] for name in impls}
+    for name, fn in impls.items():
+        try:
+            for _ in range(warmup):
+                fn()
+        except Exception as exc:  # a baseline missing (e.g. liger not installed) is recorded, not fatal
+            times[name] = exc
     _sync(device)
-    times = []
-    start_all = time.perf_counter()
+    live = [n for n in impls if isinstance(times[n], list)]
+    start = time.perf_counter()
     for _ in range(reps):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize(device)
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - start_all > max_seconds:
+        for name in live:
+            times[name].append(_time_once(impls[name], device))
+        if time.perf_counter() - start > max_seconds:
             break
-    return statistics.median(times)
+    return {n: (statistics.median(t) if isinstance(t, list) else t) for n, t in times.items()}
 
 
 def compare(impls: dict, device: torch.device, baseline: str, **timing_kw) -> dict:
-    """Time and measure every callable in ``impls``; ratios are baseline/impl
-    for speed (>1 = faster than baseline) and impl/baseline for memory."""
+    """Time (round robin) and measure every callable in ``impls``; ratios are
+    baseline/impl for speed (>1 = faster than baseline) and impl/baseline for memory."""
     rows = {}
-    for name, fn in impls.items():
+    for name, ms in time_round_robin(impls, device, **timing_kw).items():
+        if isinstance(ms, Exception):
+            rows[name] = {"error": f"{type(ms).__name__}: {str(ms)[:200]}"}
+            continue
         try:
-            ms = time_ms(fn, device, **timing_kw)
-            mem = peak_memory(fn, device)  # -1: could not be measured
+            mem = peak_memory(impls[name], device)  # -1: could not be measured
             rows[name] = {"ms": round(ms, 4), "peak_extra_mb": round(mem / 2**20, 2) if mem >= 0 else None}
-        except Exception as exc:  # a baseline missing (e.g. liger not installed) is recorded, not fatal
+        except Exception as exc:
             rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         gc.collect()
         if device.type == "cuda":
@@ -145,7 +164,7 @@ def compare(impls: dict, device: torch.device, baseline: str, **timing_kw) -> di
             r["speedup_vs_" + baseline] = round(base["ms"] / r["ms"], 3)
             if base["peak_extra_mb"] and r["peak_extra_mb"] is not None:
                 r["memory_vs_" + baseline] = round(r["peak_extra_mb"] / base["peak_extra_mb"], 3)
-    return rows
+    return {name: rows[name] for name in impls}
 
 
 def device_name(device: torch.device) -> str:
