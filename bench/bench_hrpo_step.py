@@ -7,6 +7,8 @@ impls (same model, LoRA, batch and fused GRPO loss unless named):
                     hidden cache, then the forward+backward (baseline of the ratios).
   recipe_logits     two_pass as the recipe writes it (unmixed first pass) + a full
                     logits tensor and the eager GRPO loss: the recipe's whole step.
+  stored_checkpointed  stored with activation checkpointing of the decoder layers
+                    (``--gradient_checkpointing``): the memory/compute trade-off.
 Case "train" excludes the rollout; case "rollout+train" includes KV-cache generation.
 CPU: the tiny Qwen2 (fp32). GPU: a Qwen2.5-0.5B-shaped model (random weights, bf16
 weights + bf16 autocast, vocab 151936).
@@ -89,7 +91,11 @@ def run(device, quick):
     ref = torch.full((B, C), -7.0, device=device)
     impls = {mode: (lambda mode=mode: _train_step(m, batch, adv, ref, mode, amp))
              for mode in ("stored", "two_pass", "recipe_logits")}
+    _, m_ckpt = _model(device, size, lora, dtype)  # same weights (same seed), decoder layers checkpointed
+    m_ckpt.enable_activation_checkpointing().train()
+    impls["stored_checkpointed"] = lambda: _train_step(m_ckpt, batch, adv, ref, "stored", amp)
     cases.append(_case("train", impls, device, B, P, C, size, batch))
+    del m_ckpt, impls
 
     def with_rollout(mode):
         prompts = batch["prompt_ids"][:, -P // 2:]

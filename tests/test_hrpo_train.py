@@ -45,6 +45,13 @@ def test_short_run_logs_metrics_and_checkpoints(tmp_path):
     assert any("thinking_projection" in n for n in names) and any("lora_" in n for n in names)
 
 
+def test_gradient_checkpointing_trains_the_same_model(tmp_path):
+    short = FAST[:FAST.index("--max_steps") + 1] + ["2"] + FAST[FAST.index("--max_steps") + 2:]
+    plain = hrpo.main(short + ["--output_dir", str(tmp_path / "plain")])
+    ckpt = hrpo.main(short + ["--output_dir", str(tmp_path / "ckpt"), "--gradient_checkpointing"])
+    assert ckpt["trainable_checksum"] == pytest.approx(plain["trainable_checksum"], rel=1e-5)
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     hrpo.main(FAST + ["--output_dir", str(full)])

@@ -259,3 +259,23 @@ def test_rollout_is_independent_of_the_host_sync_interval(state):
     for every in (1, 64):
         ro = run(every, stop_all, marker)
         assert ro.completion_ids.shape[1] == 1 and ro.thinking_hidden.shape[0] == 0
+
+
+def test_activation_checkpointing_same_loss_and_grads_less_saved_memory():
+    from latentfast.profiling import saved_activation_bytes
+
+    m = _model()
+    batch = _rollout(m).as_batch()
+    adv = torch.randn(4)
+    m.train()
+    _, plain_saved = saved_activation_bytes(lambda: m(batch, adv)[0])
+    l1, g1 = _loss_and_grads(m, batch, adv, "stored")
+    m.enable_activation_checkpointing()
+    m.train()
+    _, ckpt_saved = saved_activation_bytes(lambda: m(batch, adv)[0])
+    l2, g2 = _loss_and_grads(m, batch, adv, "stored")
+    torch.testing.assert_close(l1, l2)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert ckpt_saved < plain_saved / 2, (ckpt_saved, plain_saved)

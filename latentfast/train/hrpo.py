@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=None)
     a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
     a("--fsdp", action="store_true", help="shard with PyTorch FSDP2 (torchrun)")
+    a("--gradient_checkpointing", action="store_true",
+      help="recompute decoder-layer activations in backward (less memory, ~1/3 more compute)")
     a("--wandb_project", default=None)
     return p
 
@@ -295,6 +297,8 @@ def main(argv=None):
         model.add_lora(args.lora_rank)
     elif args.beta != 0.0:
         raise SystemExit("--beta > 0 needs a reference policy: use --lora_rank > 0 (adapters disabled = reference)")
+    if args.gradient_checkpointing:
+        model.enable_activation_checkpointing()
     if args.lr_thinking_projection == 0:  # stage 1 of the two-stage schedule: projection frozen
         for n, p in model.named_parameters():
             if "thinking_projection" in n:
