@@ -19,6 +19,52 @@ import triton.language as tl
 
 NORM_EPS = 1e-8
 
+# Tile shapes are tuned on the device (once per hidden size, dtype and variant): the
+# whole-row tiles keep ~15 fp32 values live per element, so the best rows-per-tile x
+# warps trade-off between register spills and parallelism differs by GPU and D.
+# Candidates hold 8-32 elements of each live tensor per thread.
+_TILE_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16) for w in (4, 8, 16)]
+TUNE_UNDER_INTERPRETER = False  # tests flip it to exercise the multi-config path on CPU
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _heuristic_tile(D: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) used when not tuning (the interpreter): ~4K elements per tile."""
+    block_d = triton.next_power_of_2(D)
+    block_m = max(1, min(16, 4096 // block_d))
+    return block_m, (4 if block_d * block_m <= 2048 else 8 if block_d <= 4096 else 16)
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    block_d = kwargs["BLOCK_D"]
+    if _interpreting() and not TUNE_UNDER_INTERPRETER:
+        m, w = _heuristic_tile(named_args["D"])
+        return [c for c in configs if c.kwargs["BLOCK_M"] == m and c.num_warps == w]
+    kept = [c for c in configs if 8 <= c.kwargs["BLOCK_M"] * block_d // (32 * c.num_warps) <= 32]
+    return kept or configs[:1]
+
+
+def _bench(fn, quantiles=None, **_):
+    """CUDA: Triton's benchmarker. Interpreter: a wall-clock timing (tests only)."""
+    if not _interpreting():
+        return triton.testing.do_bench(fn, quantiles=quantiles)
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+def _autotune(key, restore_value=None):
+    return triton.autotune(configs=_TILE_CONFIGS, key=key, restore_value=restore_value, do_bench=_bench,
+                           prune_configs_by={"early_config_prune": _prune_tiles})
+
 
 @triton.jit
 def _softplus_neg(lam):
@@ -27,6 +73,7 @@ def _softplus_neg(lam):
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
+@_autotune(key=["D", "HAS_PROJ"])
 @triton.jit
 def _fwd_kernel(E, P, Z, LAM, OUT, A, N, D, c, eps, norm_eps,
                 HAS_PROJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -54,6 +101,7 @@ def _fwd_kernel(E, P, Z, LAM, OUT, A, N, D, c, eps, norm_eps,
     tl.store(A + offs, a.to(A.dtype.element_ty), mask=mask)
 
 
+@_autotune(key=["D", "HAS_PROJ", "HAS_GA"], restore_value=["P", "Z"])  # dp / dz may overwrite p / z
 @triton.jit
 def _bwd_kernel(E, P, Z, LAM, GOUT, GA, DE, DP, DZ, PARTIAL, N, D, c, eps, norm_eps, rows_per_program,
                 HAS_PROJ: tl.constexpr, HAS_GA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -122,32 +170,24 @@ def _bwd_kernel(E, P, Z, LAM, GOUT, GA, DE, DP, DZ, PARTIAL, N, D, c, eps, norm_
     tl.store(base + 2 * D + cols, acc_bi, mask=col_ok)
 
 
-def _tile(D: int):
-    """Full hidden size per tile; ~4K elements per tile keeps registers in check."""
-    block_d = triton.next_power_of_2(D)
-    block_m = max(1, min(16, 4096 // block_d))
-    num_warps = 4 if block_d * block_m <= 2048 else 8
-    if block_d > 4096:
-        num_warps = 16
-    return block_m, block_d, num_warps
-
-
 def forward_epilogue(e, p, z, Lambda, c: float, eps: float, has_proj: bool):
     """e, p: (N, D) contiguous; z: (N, 2D) = [e W_r^T + b_r | e W_i^T + b_i]. Returns (out, a)."""
     N, D = e.shape
     out, a = torch.empty_like(e), torch.empty_like(e)
     if N == 0:
         return out, a
-    block_m, block_d, num_warps = _tile(D)
-    _fwd_kernel[(triton.cdiv(N, block_m),)](
+    _fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]),)](
         e, p, z, Lambda, out, a, N, D, float(c), float(eps), NORM_EPS,
-        HAS_PROJ=has_proj, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_PROJ=has_proj, BLOCK_D=triton.next_power_of_2(D),
     )
     return out, a
 
 
-def _num_programs(N: int, block_m: int, device: torch.device) -> int:
-    blocks = triton.cdiv(N, block_m)
+_MAX_BLOCK_M = 16
+
+
+def _num_programs(N: int, device: torch.device) -> int:
+    blocks = triton.cdiv(N, _MAX_BLOCK_M)
     if device.type == "cuda":
         return max(1, min(blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
     return max(1, min(blocks, 4))
@@ -165,9 +205,10 @@ def backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c: float, eps: float, h
     if N == 0:
         zeros = [torch.zeros(D, device=e.device, dtype=torch.float32) for _ in range(3)]
         return (de, dp, dz, *zeros)
-    block_m, block_d, num_warps = _tile(D)
-    programs = _num_programs(N, block_m, e.device)
-    rows_per_program = triton.cdiv(triton.cdiv(N, programs), block_m) * block_m
+    # A fixed grid of persistent programs, each owning a row range that every tuned
+    # BLOCK_M divides; the per-program column partials do not depend on the tile shape.
+    programs = _num_programs(N, e.device)
+    rows_per_program = triton.cdiv(triton.cdiv(N, programs), _MAX_BLOCK_M) * _MAX_BLOCK_M
     programs = triton.cdiv(N, rows_per_program)
     partial = torch.empty(programs, 3, D, device=e.device, dtype=torch.float32)
     grad_out = grad_out.contiguous()
@@ -176,7 +217,7 @@ def backward_epilogue(e, p, z, Lambda, grad_out, grad_a, c: float, eps: float, h
     _bwd_kernel[(programs,)](
         e, p, z, Lambda, grad_out, grad_a, de, dp, dz, partial, N, D,
         float(c), float(eps), NORM_EPS, rows_per_program,
-        HAS_PROJ=has_proj, HAS_GA=has_ga, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_PROJ=has_proj, HAS_GA=has_ga, BLOCK_D=triton.next_power_of_2(D),
     )
     sums = partial.sum(0)
     return de, dp, dz, sums[0].clone(), sums[1].clone(), sums[2].clone()  # op outputs may not alias

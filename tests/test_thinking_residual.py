@@ -33,8 +33,8 @@ def run(fn, tensors, grad_seed=1):
     return out, a, grads
 
 
-def assert_matches(tensors, atol=1e-5, rtol=1e-4, ref_tensors=None):
-    out, a, grads = run(thinking_residual, tensors)
+def assert_matches(tensors, atol=1e-5, rtol=1e-4, ref_tensors=None, op=thinking_residual):
+    out, a, grads = run(op, tensors)
     ref_in = ref_tensors or tensors
     r_out, r_a, r_grads = run(reference, ref_in)
     torch.testing.assert_close(out.float(), r_out.float(), atol=atol, rtol=rtol)
@@ -231,3 +231,27 @@ def test_float64_inputs_get_float64_results():
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(a, ref_a, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("recompute_gates", [False, True])
+def test_tile_autotuning_keeps_results_exact(monkeypatch, recompute_gates):
+    """On a GPU the tile shape is tuned by timing several configs on the real buffers;
+    the backward may write dp/dz over recomputed p/z, so every trial must start from
+    restored inputs. Run that multi-config path here (the interpreter otherwise uses
+    one heuristic tile) and compare with the reference."""
+    from latentfast.kernels import thinking_residual as K
+
+    monkeypatch.setattr(K, "TUNE_UNDER_INTERPRETER", True)
+    for kernel in (K._fwd_kernel, K._bwd_kernel):
+        kernel.cache.clear()
+    try:
+        pruned = K._prune_tiles(K._TILE_CONFIGS, {"D": 200}, BLOCK_D=256)
+        assert len(pruned) > 1  # the benchmarking path really runs
+        tensors = make_inputs(37, 200)
+        assert_matches(tensors, ref_tensors=[t.detach().clone().requires_grad_(True) for t in tensors],
+                       op=lambda *t: thinking_residual(*t, recompute_gates=recompute_gates))
+        for kernel in (K._fwd_kernel, K._bwd_kernel):
+            assert len(kernel.cache) == 1 and len(kernel.configs_timings) == len(pruned)
+    finally:
+        for kernel in (K._fwd_kernel, K._bwd_kernel):
+            kernel.cache.clear()
