@@ -134,38 +134,47 @@ def test_cuda_short_run_bf16(tmp_path):
     assert rows[-2]["peak_mem_mb"] > 0 and res["trainable_checksum"] > 0
 
 
-def _early_stop_worker(rank, world, port, out):
-    import datetime
-
+def _early_stop_run(rank, out):
     from torch.distributed.fsdp import fully_shard
 
     from latentfast.data import build_tokenizer
     from latentfast.models import HybridThinkingLM, build_tiny_causal_lm, generate
     from latentfast.train import dist as tdist
 
+    tok = build_tokenizer()
+    model = HybridThinkingLM(build_tiny_causal_lm(tok, seed=0))
+    for layer in model.transformer.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    ids = torch.tensor([[5, 6, 7, 8]]) + rank  # rank-dependent prompts
+    mask = torch.ones_like(ids)
+    kw = dict(pad_token_id=tok.pad_token_id, marker_ids=[1, 2], do_sample=False, check_every=1)
+    with torch.no_grad(), tdist.gathered(model):
+        first = generate(model, ids, mask, 1, eos_token_id=-1, **kw).completion_ids[0, 0].item()
+        forwards = []
+        hook = model.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
+        # rank 0 finishes at its first token, rank 1 never: rank 0 must keep stepping
+        ro = generate(model, ids, mask, 6, eos_token_id=first if rank == 0 else -1, **kw)
+        hook.remove()
+    pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps(
+        {"forwards": len(forwards), "steps": ro.completion_ids.shape[1], "length": int(ro.completion_mask.sum())}))
+
+
+def _early_stop_worker(rank, world, port, out):
+    import datetime
+    import gc
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=60))
     try:
-        tok = build_tokenizer()
-        model = HybridThinkingLM(build_tiny_causal_lm(tok, seed=0))
-        for layer in model.transformer.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        ids = torch.tensor([[5, 6, 7, 8]]) + rank  # rank-dependent prompts
-        mask = torch.ones_like(ids)
-        kw = dict(pad_token_id=tok.pad_token_id, marker_ids=[1, 2], do_sample=False, check_every=1)
-        with torch.no_grad(), tdist.gathered(model):
-            first = generate(model, ids, mask, 1, eos_token_id=-1, **kw).completion_ids[0, 0].item()
-            forwards = []
-            hook = model.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
-            # rank 0 finishes at its first token, rank 1 never: rank 0 must keep stepping
-            ro = generate(model, ids, mask, 6, eos_token_id=first if rank == 0 else -1, **kw)
-            hook.remove()
-        pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps(
-            {"forwards": len(forwards), "steps": ro.completion_ids.shape[1], "length": int(ro.completion_mask.sum())}))
+        _early_stop_run(rank, out)
     finally:
+        # drop the FSDP modules (they hold the process group) before tearing it down, or
+        # gloo's threads can outlive it and abort the process at exit
+        gc.collect()
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

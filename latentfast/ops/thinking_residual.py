@@ -64,8 +64,10 @@ def _bwd(
     e: torch.Tensor, h: torch.Tensor, W_p: Optional[torch.Tensor], W_r: torch.Tensor, b_r: torch.Tensor,
     W_i: torch.Tensor, b_i: torch.Tensor, Lambda: torch.Tensor, c: float, eps: float,
 ) -> list[torch.Tensor]:
-    """Gradients for (e, h, W_p, W_r, b_r, W_i, b_i, Lambda); dW_p is empty when W_p is None.
-    ``z_saved`` is empty when the gates are to be recomputed."""
+    """Gradients for (e, h, W_p, [W_r; W_i], b_r, b_i, Lambda): the two gate weights'
+    gradients come stacked from one GEMM (op outputs may not alias, so the autograd
+    formula splits them); dW_p is empty when W_p is None. ``z_saved`` is empty when the
+    gates are to be recomputed."""
     _, backward_epilogue = _epilogues(e)
     D = e.shape[1]
     recompute_gates = z_saved.numel() == 0 and e.shape[0] > 0
@@ -79,18 +81,20 @@ def _bwd(
         e, p, z, Lambda, grad_out, grad_a, c, eps, W_p is not None,
         dp_in_place=W_p is not None, dz_in_place=recompute_gates)
     de = torch.addmm(de, dz, torch.cat([W_r, W_i]))
-    dW_r, dW_i = dz[:, :D].t() @ e, dz[:, D:].t() @ e  # two GEMMs: op outputs may not alias
+    dW_ri = dz.t() @ e  # (2D, D): both gate weights in one GEMM
     if W_p is not None:
         dW_p, dh = dp.t() @ h, dp @ W_p
     else:
         dW_p, dh = e.new_empty(0), dp
-    return [de, dh, dW_p, dW_r, d_br.to(b_r.dtype), dW_i, d_bi.to(b_i.dtype), d_lam.to(Lambda.dtype)]
+    return [de, dh, dW_p, dW_ri, d_br.to(b_r.dtype), d_bi.to(b_i.dtype), d_lam.to(Lambda.dtype)]
 
 
 @_bwd.register_fake
 def _(grad_out, grad_a, z_saved, e, h, W_p, W_r, b_r, W_i, b_i, Lambda, c, eps):
-    like = [e, h, W_p, W_r, b_r, W_i, b_i, Lambda]
-    return [e.new_empty(0) if t is None else torch.empty_like(t) for t in like]
+    dW_p = e.new_empty(0) if W_p is None else torch.empty_like(W_p)
+    dW_ri = W_r.new_empty(2 * W_r.shape[0], W_r.shape[1])
+    return [torch.empty_like(e), torch.empty_like(h), dW_p, dW_ri, torch.empty_like(b_r), torch.empty_like(b_i),
+            torch.empty_like(Lambda)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -107,10 +111,9 @@ def _backward(ctx, grad_out, grad_a, _grad_z):
         saved.insert(2, None)
     if grad_out is None:
         grad_out = torch.zeros_like(saved[0])
-    grads = _bwd(grad_out, grad_a, z_saved, *saved, ctx.c, ctx.eps)
-    if not ctx.has_proj:
-        grads[2] = None
-    return (*grads, None, None, None)
+    de, dh, dW_p, dW_ri, d_br, d_bi, d_lam = _bwd(grad_out, grad_a, z_saved, *saved, ctx.c, ctx.eps)
+    dW_r, dW_i = dW_ri.chunk(2)
+    return (de, dh, dW_p if ctx.has_proj else None, dW_r, d_br, dW_i, d_bi, d_lam, None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)

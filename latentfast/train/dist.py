@@ -5,6 +5,7 @@ process with no process group. Backend: nccl on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 
@@ -29,7 +30,10 @@ def setup(device: str | None = None) -> tuple[torch.device, int, int]:
 
 
 def cleanup():
+    """Tear the process group down once nothing refers to it: callers drop their DDP/FSDP
+    modules first; otherwise gloo's threads can outlive it and abort the process at exit."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

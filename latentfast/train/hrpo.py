@@ -454,6 +454,7 @@ def main(argv=None):
     log.close()
     # one number per rank over the trainable weights: DDP/FSDP ranks must agree
     checksum = sum(_full(p.detach()).double().abs().sum().item() for p in params)
+    del wrapped, model, opt, sched, params, proj_w  # DDP/FSDP state holds the process group: release it first
     dist.cleanup()
     return {"eval_accuracy_before": acc0, "eval_accuracy_after": acc1, "trainable_checksum": checksum}
 
