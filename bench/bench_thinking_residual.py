@@ -31,19 +31,18 @@ def _fwd_bwd(fn, tensors, grad_out):
 
 def _gemms_only(tensors, grad_out):
     """The floor: just the GEMMs the fused op runs (forward p and the stacked gates;
-    backward p again, de, dW_r, dW_i, dW_p, dh), no elementwise work at all."""
+    backward p again, de, [dW_r; dW_i], dW_p, dh), no elementwise work at all."""
     e, h, W_p, W_r, b_r, W_i, b_i, _ = [t.detach() for t in tensors]
     W_ri, b_ri = torch.cat([W_r, W_i]), torch.cat([b_r, b_i])
     dz = torch.cat([grad_out, grad_out], 1)
-    D = e.shape[1]
 
     def step():
         p, z = h @ W_p.t(), torch.addmm(b_ri, e, W_ri.t())  # forward
         p = h @ W_p.t()  # backward recomputes p
         de = torch.addmm(grad_out, dz, W_ri)
-        dW_r, dW_i = dz[:, :D].t() @ e, dz[:, D:].t() @ e
+        dW_ri = dz.t() @ e
         dW_p, dh = p.t() @ h, p @ W_p
-        return z, de, dW_r, dW_i, dW_p, dh
+        return z, de, dW_ri, dW_p, dh
     return step
 
 
