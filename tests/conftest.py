@@ -16,6 +16,20 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def kernel_device():
+    """Where this session runs the Triton kernels: CUDA, else the CPU under the
+    interpreter. Tests of kernel-only behaviour use it; a GPU machine (no interpreter,
+    CPU tensors take the reference) runs them on CUDA instead."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1 (the kernel path)")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

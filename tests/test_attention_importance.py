@@ -69,10 +69,14 @@ def test_scale_and_noncontiguous_inputs():
     assert not torch.allclose(out, reference(q, k), atol=1e-4)
 
 
-def test_lse_from_attention_forward_is_used():
-    q, k = make_qk(2, 4, 4, 33, 16)
-    v = torch.randn_like(k)
-    _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
+def test_lse_from_attention_forward_is_used(kernel_device):
+    q, k = make_qk(2, 4, 4, 33, 16, device=kernel_device)
+    if kernel_device == "cpu":
+        v = torch.randn_like(k)
+        _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
+    else:  # the same natural-log row LSE the attention forward returns
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        lse = torch.logsumexp(s.masked_fill(torch.ones(33, 33, device=q.device).triu(1).bool(), float("-inf")), -1)
     with_lse = attention_token_importance(q, k, lse=lse)
     torch.testing.assert_close(with_lse, reference(q, k), atol=1e-6, rtol=1e-5)
     # a shifted lse scales every probability: proves the given lse replaces the first pass
