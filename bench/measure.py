@@ -1,15 +1,17 @@
 """Timing and peak-memory measurement shared by the benchmarks.
 
 GPU: CUDA events around the call, peak from the caching allocator.
-CPU: wall clock; peak resident memory from /proc (VmHWM reset through
-/proc/self/clear_refs) of one call run in a forked child, since PyTorch does not
-track CPU allocations. Peak memory is always reported as *extra* bytes over what was
-live before the call (inputs, weights), i.e. the activation/workspace cost.
+CPU: wall clock; peak tensor memory replayed from the profiler's allocation events.
+Peak memory is always reported as *extra* bytes over what was live before the call
+(inputs, weights), i.e. the activation/workspace cost.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -18,23 +20,6 @@ import torch
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_cpu_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def peak_memory(fn, device: torch.device) -> int:
@@ -50,55 +35,39 @@ def peak_memory(fn, device: torch.device) -> int:
         peak = torch.cuda.max_memory_allocated(device) - base
         del out
         return int(peak)
-    return _cpu_peak_in_child(fn)
+    return _cpu_peak_profiled(fn)
 
 
-_CHILD_TIMEOUT_S = 60.0
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Kineto prints start/stop lines on fd 2 from C++: mute the fd while profiling."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _cpu_peak_in_child(fn) -> int:
-    """Run ``fn`` once in a forked child whose glibc serves every tensor-sized block
-    by mmap (fixed 64 KiB threshold), so peak RSS tracks peak live bytes; the parent's
-    allocator, and so its timings, stay untouched."""
-    import ctypes
-    import os
-    import select
-    import signal
-    import struct
+def _cpu_peak_profiled(fn) -> int:
+    """PyTorch keeps no CPU allocator statistics, but its profiler records every CPU
+    tensor allocation and free: replay them in time order and take the highest running
+    total. Exact and deterministic (tensor bytes, as the CUDA number), unlike RSS."""
+    from torch.profiler import ProfilerActivity, profile
 
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        peak = -1
-        try:
-            os.close(r)
-            # libgomp is not fork-safe: a parallel region in the child waits forever for
-            # the parent's worker threads. One thread keeps ATen's loops inline.
-            torch.set_num_threads(1)
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-            del_out = fn()  # warm-up: lazy initialisation and copy-on-write faults
-            del del_out
-            gc.collect()
-            libc.malloc_trim(0)  # return free heap pages, so reusing them shows up in RSS again
-            if _reset_cpu_peak():
-                base = _rss_kib("VmRSS")
-                out = fn()
-                peak = (_rss_kib("VmHWM") - base) * 1024
-                del out
-        finally:
-            os.write(w, struct.pack("q", int(peak)))
-            os._exit(0)
-    os.close(w)
-    # A forked child can still deadlock on a lock some other parent thread held at fork
-    # time (compile workers, allocator): give up after a while rather than hang the run.
-    ready, _, _ = select.select([r], [], [], _CHILD_TIMEOUT_S)
-    data = os.read(r, 8) if ready else b""
-    os.close(r)
-    if not ready:
-        os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return max(struct.unpack("q", data)[0], 0) if len(data) == 8 else -1
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def _time_once(fn, device: torch.device) -> float:
