@@ -16,6 +16,7 @@ weights + bf16 autocast, vocab 151936).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -93,9 +94,9 @@ def run(device, quick):
              for mode in ("stored", "two_pass", "recipe_logits")}
     _, m_ckpt = _model(device, size, lora, dtype)  # same weights (same seed), decoder layers checkpointed
     m_ckpt.enable_activation_checkpointing().train()
-    impls["stored_checkpointed"] = lambda: _train_step(m_ckpt, batch, adv, ref, "stored", amp)
+    impls["stored_checkpointed"] = functools.partial(_train_step, m_ckpt, batch, adv, ref, "stored", amp)
     cases.append(_case("train", impls, device, B, P, C, size, batch))
-    del m_ckpt, impls
+    del impls, m_ckpt  # free the second model before the rollout case
 
     def with_rollout(mode):
         prompts = batch["prompt_ids"][:, -P // 2:]

@@ -1,6 +1,5 @@
 """KV distillation: capture hooks vs the cache/eager attention, zero losses for student = teacher,
 training steps, the recipe's log tags and --compare."""
-import argparse
 import copy
 import json
 
