@@ -52,6 +52,8 @@ def _prune_tiles(configs, named_args, **kwargs):
 def _bench(fn, quantiles=None, **_):
     """CUDA: Triton's benchmarker. Interpreter: a wall-clock timing (tests only)."""
     if not _interpreting():
+        import triton.testing
+
         return triton.testing.do_bench(fn, quantiles=quantiles)
     import time
 
