@@ -1,14 +1,19 @@
 """Fused thinking residual (fwd+bwd) vs eager PyTorch vs torch.compile of eager, and
-the floor: the same GEMMs with no elementwise work (``gemms_only``)."""
+the floor: the same GEMMs with no elementwise work (``gemms_only``). On CPU,
+``latentfast*`` rows run with LATENTFAST_NATIVE=0 (the reference: no Triton there), and
+``latentfast_native*`` rows take the fused op with the native epilogues (kernels/csrc,
+when the library is built)."""
 from __future__ import annotations
 
+import contextlib
+import os
 from functools import partial
 
 import torch
 
 from measure import compare
 
-from latentfast.ops import thinking_residual
+from latentfast.ops import _native, thinking_residual
 from latentfast.profiling import saved_activation_bytes
 from latentfast.reference.thinking_residual import lambda_init
 from latentfast.reference.thinking_residual import thinking_residual as eager
@@ -27,6 +32,27 @@ def _fwd_bwd(fn, tensors, grad_out):
         for t in tensors:
             t.grad = None
     return step
+
+
+@contextlib.contextmanager
+def _native_switch(on: bool):
+    old = os.environ.get(_native.ENV_SWITCH)
+    os.environ[_native.ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[_native.ENV_SWITCH]
+        else:
+            os.environ[_native.ENV_SWITCH] = old
+
+
+def _native_on(fn, on: bool):
+    """``fn`` run with the native CPU epilogues switched on or off."""
+    def run(*args):
+        with _native_switch(on):
+            return fn(*args)
+    return run
 
 
 def _gemms_only(tensors, grad_out):
@@ -66,6 +92,12 @@ def run(device: torch.device, quick: bool) -> list[dict]:
     else:
         shapes, dtype = [(8192, 1536), (8192, 4096)], torch.bfloat16
     compiled = torch.compile(eager)
+    native = device.type == "cpu" and _native.available()
+    lean = partial(thinking_residual, recompute_gates=True)
+    fused = {"latentfast": _native_on(thinking_residual, False), "latentfast_recompute_gates": _native_on(lean, False)}
+    if native:
+        fused.update(latentfast_native=_native_on(thinking_residual, True),
+                     latentfast_native_recompute_gates=_native_on(lean, True))
     cases = []
     for N, D in shapes:
         tensors = _inputs(N, D, dtype, device)
@@ -73,20 +105,21 @@ def run(device: torch.device, quick: bool) -> list[dict]:
         impls = {
             "eager": _fwd_bwd(eager, tensors, grad_out),
             "torch_compile": _fwd_bwd(compiled, tensors, grad_out),
-            "latentfast": _fwd_bwd(thinking_residual, tensors, grad_out),
-            "latentfast_recompute_gates": _fwd_bwd(partial(thinking_residual, recompute_gates=True), tensors, grad_out),
+            **{name: _fwd_bwd(fn, tensors, grad_out) for name, fn in fused.items()},
             "gemms_only": _gemms_only(tensors, grad_out),
         }
         rows = compare(impls, device, baseline="eager")
-        fwd = {"eager": eager, "torch_compile": compiled, "latentfast": thinking_residual,
-               "latentfast_recompute_gates": partial(thinking_residual, recompute_gates=True)}
+        fwd = {"eager": eager, "torch_compile": compiled, **fused}
         _saved_activations(rows, fwd, tensors)
-        fused = rows["latentfast"]
-        if "ms" in fused:
-            for other in ("torch_compile", "gemms_only"):
-                if "ms" in rows[other]:
-                    fused["speedup_vs_" + other] = round(rows[other]["ms"] / fused["ms"], 3)
+        for name in ("latentfast", "latentfast_native"):
+            r = rows.get(name, {})
+            if "ms" in r:
+                for other in ("torch_compile", "gemms_only"):
+                    if "ms" in rows[other]:
+                        r["speedup_vs_" + other] = round(rows[other]["ms"] / r["ms"], 3)
+        backend = "triton" if device.type == "cuda" else "torch ops (no Triton on CPU)" + (
+            "; latentfast_native: fused op, kernels/csrc epilogues" if native else "")
         cases.append({"op": "thinking_residual fwd+bwd", "N": N, "D": D, "dtype": str(dtype).replace("torch.", ""),
-                      "backend": "triton" if device.type == "cuda" else "torch ops (no Triton on CPU)", "impls": rows})
+                      "backend": backend, "impls": rows})
         del tensors, grad_out
     return cases

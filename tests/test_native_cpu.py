@@ -1,10 +1,12 @@
-"""Optional native CPU backend (kernels/csrc, CMakeLists.txt) vs the torch per-chunk functions.
+"""Optional native CPU backend (kernels/csrc, CMakeLists.txt): the GRPO loss's per-chunk
+kernels vs the torch functions, and the thinking residual's epilogues end to end vs the reference.
 
 A session fixture builds the library with CMake into a temporary folder (skipped only when
 cmake or a C++ compiler is missing) and loads it through latentfast.ops._native. The suite
 sets TRITON_INTERPRET=1 on CPU, so the ops are called directly, and the end-to-end checks
 set TRITON_INTERPRET=0 so that dispatch reaches the native path.
 """
+import importlib
 import os
 import shutil
 import subprocess
@@ -17,6 +19,10 @@ import torch
 from latentfast.ops import _native
 from latentfast.ops import grpo_loss as G
 from latentfast.reference import grpo_loss as ref
+from latentfast.reference.thinking_residual import thinking_residual as tr_reference
+from test_thinking_residual import assert_matches, make_inputs
+
+TR = importlib.import_module("latentfast.ops.thinking_residual")  # the package exports the function under this name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -228,3 +234,177 @@ def test_user_lib_that_fails_to_load_raises(tmp_path):
     env["LATENTFAST_NATIVE_LIB"] = str(tmp_path / "missing.so")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "latentfast native library not found" in r.stderr
+
+
+# ------------------------------------------------------------------ thinking residual epilogues
+
+
+@pytest.fixture
+def tr_native(native_dispatch, monkeypatch):
+    """Dispatch of thinking_residual() on CPU; counts the native epilogue calls, failing if
+    _epilogues picks anything but the native ops."""
+    calls = {"fwd": 0, "bwd": 0}
+    real = TR._epilogues
+
+    def counted(fn, key):
+        def call(*args, **kw):
+            calls[key] += 1
+            return fn(*args, **kw)
+        return call
+
+    def spy(e):
+        fwd, bwd = real(e)
+        assert fwd == native_dispatch.thinking_residual_fwd_epilogue
+        assert bwd == native_dispatch.thinking_residual_bwd_epilogue
+        return counted(fwd, "fwd"), counted(bwd, "bwd")
+
+    monkeypatch.setattr(TR, "_epilogues", spy)
+    return calls
+
+
+def _tr(recompute_gates):
+    return lambda *ts: TR.thinking_residual(*ts, recompute_gates=recompute_gates)
+
+
+@pytest.mark.parametrize("recompute_gates", [False, True])
+@pytest.mark.parametrize("projection", [True, False])
+@pytest.mark.parametrize("D", [1, 96, 200])
+@pytest.mark.parametrize("N", [1, 7, 300])
+def test_thinking_residual_native_fp32(tr_native, N, D, projection, recompute_gates):
+    tensors = make_inputs(N, D, projection)
+    out, _ = TR.thinking_residual(*tensors)
+    assert "latentfast_thinking_residual" in type(out.grad_fn).__name__  # the custom op, not the recipe
+    tr_native["fwd"] = 0
+    assert_matches(tensors, op=_tr(recompute_gates))  # values and all eight (seven without W_p) gradients
+    assert tr_native == {"fwd": 1, "bwd": 1}
+
+
+@pytest.mark.parametrize("recompute_gates", [False, True])
+def test_thinking_residual_native_zero_row_and_retain_graph(tr_native, recompute_gates):
+    tensors = make_inputs(5, 96)
+    with torch.no_grad():
+        tensors[1][2].zero_()  # |p| = 0: the norm's subgradient, as torch's
+    out, a = _tr(recompute_gates)(*tensors)
+    leaves = [t for t in tensors if t is not None]
+    first = torch.autograd.grad(out.sum() + a.sum(), leaves, retain_graph=True)
+    second = torch.autograd.grad(out.sum() + a.sum(), leaves)  # a saved z must survive the in-place dz
+    assert all(torch.isfinite(g).all() for g in first)
+    for g1, g2 in zip(first, second):
+        torch.testing.assert_close(g2, g1, atol=0, rtol=0)
+    assert_matches(tensors, op=_tr(recompute_gates))
+
+
+@pytest.mark.parametrize("lam", [lambda D: torch.full((D,), -30.0), lambda D: torch.full((D,), 30.0),
+                                 lambda D: torch.linspace(-40, 40, D)], ids=["very-neg", "very-pos", "sweep"])
+def test_thinking_residual_native_extreme_lambda(tr_native, lam):
+    """Lambda < -20: softplus's linear branch; Lambda >> 0: a -> 1, g -> 1e-4 amplifies d/da
+    1e4x, so against a float64 reference with the fp32 rounding that implies."""
+    tensors = make_inputs(7, 64, lam=lam)
+    ref64 = [None if t is None else t.detach().double().requires_grad_(True) for t in tensors]
+    assert_matches(tensors, atol=1e-3, rtol=1e-3, ref_tensors=ref64)
+    assert tr_native["bwd"] == 1
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("projection", [True, False])
+def test_thinking_residual_native_half_inputs(tr_native, dtype, tol, projection):
+    """bf16/fp16 inputs vs the fp32 reference on the same (rounded) inputs: the epilogues
+    compute in fp32, so the error is the rounding of the GEMM outputs, out and the gradients
+    (measured: <= 1.5e-2 bf16, <= 1.4e-3 fp16; eager in bf16 is off by O(1) in dW here)."""
+    tensors = make_inputs(300, 200, projection, dtype=dtype)
+    ref32 = [None if t is None else t.detach().float().requires_grad_(True) for t in tensors]
+    assert_matches(tensors, atol=tol, rtol=tol, ref_tensors=ref32)
+    assert tr_native == {"fwd": 1, "bwd": 1}
+
+
+@pytest.mark.parametrize("projection", [True, False])
+def test_thinking_residual_native_saved_activations(tr_native, projection):
+    """The native path keeps what the kernel path does: z (2 N x D) or, recomputing the
+    gates, nothing; eager keeps ~6 N x D (4 without the projection)."""
+    from latentfast.profiling import saved_activation_bytes
+
+    N, D = 300, 200
+    tensors = make_inputs(N, D, projection)
+    _, eager = saved_activation_bytes(lambda: tr_reference(*tensors), tensors)
+    _, fused = saved_activation_bytes(lambda: TR.thinking_residual(*tensors), tensors)
+    _, lean = saved_activation_bytes(lambda: TR.thinking_residual(*tensors, recompute_gates=True), tensors)
+    assert tr_native["fwd"] == 2
+    assert fused == 2 * N * D * 4
+    assert fused <= eager / (3 if projection else 2)
+    assert lean == 0
+
+
+def test_thinking_residual_native_torch_compile(tr_native):
+    from latentfast.nn import ThinkingResidual
+
+    m = ThinkingResidual(64)
+    e, h = torch.randn(5, 64, requires_grad=True), torch.randn(5, 64)
+    out, a = torch.compile(m, fullgraph=True)(e, h)  # the custom op in the graph, no break
+    assert tr_native["fwd"] == 1
+    ref_out, _ = tr_reference(e, h, m.thinking_projection.weight, m.thinking_residual_gate_r.weight,
+                              m.thinking_residual_gate_r.bias, m.thinking_residual_gate_i.weight,
+                              m.thinking_residual_gate_i.bias, m.thinking_residual_Lambda.Lambda)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    (out.sum() + a.mean()).backward()
+    assert tr_native["bwd"] == 1 and e.grad is not None
+
+
+def test_thinking_residual_native_switch_and_float64(native_dispatch, monkeypatch):
+    tensors = make_inputs(7, 32)
+    assert TR._fused(tensors[0])
+    monkeypatch.setenv("LATENTFAST_NATIVE", "0")  # switched off: the reference with plain autograd
+    out, _ = TR.thinking_residual(*tensors)
+    assert "latentfast" not in type(out.grad_fn).__name__
+    monkeypatch.delenv("LATENTFAST_NATIVE")
+    t64 = make_inputs(7, 32, dtype=torch.float64)  # fp64 always takes the reference
+    out, _ = TR.thinking_residual(*t64)
+    assert out.dtype == torch.float64 and "latentfast" not in type(out.grad_fn).__name__
+    with pytest.raises(RuntimeError, match="not float64"):
+        TR._epilogues(t64[0])
+
+
+def _epilogue_args(N, D, dtype=torch.float32):
+    g = torch.Generator().manual_seed(N + D)
+    e, p, go, ga = (torch.randn(N, D, generator=g).to(dtype) for _ in range(4))
+    z = torch.randn(N, 2 * D, generator=g).to(dtype)
+    return e, p, z, torch.linspace(-3, 6, D), go, ga
+
+
+def test_thinking_residual_epilogue_in_place_and_determinism(native):
+    e, p, z, lam, go, ga = _epilogue_args(333, 70)
+    bwd = native.thinking_residual_bwd_epilogue
+    want = bwd(e, p, z, lam, go, ga, 8.0, 1e-8, True, False, False)
+    p2, z2 = p.clone(), z.clone()
+    got = bwd(e, p2, z2, lam, go, ga, 8.0, 1e-8, True, True, True)
+    assert got[1].data_ptr() == p2.data_ptr() and got[2].data_ptr() == z2.data_ptr()  # written over p / z
+    for w, o in zip(want, got):
+        assert torch.equal(w, o)
+    threads = torch.get_num_threads()
+    try:  # column sums over fixed row chunks: bitwise the same for any thread count
+        torch.set_num_threads(1)
+        one = bwd(e, p, z, lam, go, ga, 8.0, 1e-8, True, False, False)
+    finally:
+        torch.set_num_threads(threads)
+    for w, o in zip(want, one):
+        assert torch.equal(w, o)
+    empty = bwd(e[:0], p[:0], z[:0], lam, go[:0], None, 8.0, 1e-8, True, False, False)
+    assert [t.shape for t in empty] == [(0, 70), (0, 70), (0, 140), (70,), (70,), (70,)]
+    assert all((t == 0).all() for t in empty[3:])
+
+
+def test_thinking_residual_epilogue_bad_input_is_a_clear_error(native):
+    e, p, z, lam, go, ga = _epilogue_args(4, 8)
+    fwd, bwd = native.thinking_residual_fwd_epilogue, native.thinking_residual_bwd_epilogue
+    cases = [
+        (lambda: fwd(e[0], p, z, lam, 8.0, 1e-8, True), r"e must be 2-D"),
+        (lambda: fwd(e.double(), p, z, lam, 8.0, 1e-8, True), r"e must be float32, bfloat16 or float16"),
+        (lambda: fwd(e, p.half(), z, lam, 8.0, 1e-8, True), r"p must have e's dtype Float"),
+        (lambda: fwd(e, p, z[:, :8], lam, 8.0, 1e-8, True), r"z must have shape \(4, 16\)"),
+        (lambda: fwd(e, p.t().contiguous().t(), z, lam, 8.0, 1e-8, True), r"p must be contiguous"),
+        (lambda: fwd(e, p, z, lam[:3], 8.0, 1e-8, True), r"Lambda must have shape \(8,\)"),
+        (lambda: bwd(e, p, z, lam, go[:2], ga, 8.0, 1e-8, True, False, False), r"grad_out must have shape \(4, 8\)"),
+        (lambda: bwd(e, p, z, lam, go, ga.bfloat16(), 8.0, 1e-8, True, False, False), r"grad_a must have e's dtype"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            fn()

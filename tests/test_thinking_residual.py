@@ -103,6 +103,7 @@ def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("CPU dispatch")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("LATENTFAST_NATIVE", "0")  # the native epilogues: tests/test_native_cpu.py
     tensors = make_inputs(7, 64)
     out, a = thinking_residual(*tensors)
     assert "latentfast" not in type(out.grad_fn).__name__  # plain autograd graph of the recipe

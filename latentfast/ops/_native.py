@@ -47,6 +47,11 @@ def loaded_path() -> str | None:
     return _loaded
 
 
+def looked_up() -> bool:
+    """True once the library was loaded or looked for (``available()`` then does no file I/O)."""
+    return _tried or _loaded is not None
+
+
 def available() -> bool:
     """True once the library is loaded; tries the env path / default location on first call."""
     global _tried

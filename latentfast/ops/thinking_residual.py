@@ -10,6 +10,11 @@ pre-activations z (or recomputes them too, ``recompute_gates=True``), runs one
 Triton kernel for the whole elementwise chain rule, and the GEMMs for the weight /
 input gradients. ``W_p=None`` serves the original HRPO
 soft-embedding variant, where ``h`` is already the normalised thinking state.
+
+Epilogues: Triton on CUDA or under ``TRITON_INTERPRET=1``; on CPU otherwise the native
+C++ ones (``kernels/csrc/thinking_residual.cpp``) when that library is built and not
+switched off (``LATENTFAST_NATIVE=0``), with the same memory savings; else (and for
+float64) ``thinking_residual()`` runs the plain reference with autograd.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from latentfast.ops import _native
 from latentfast.ops._dispatch import check_same_device, check_shape, check_tensor, use_triton
 from latentfast.reference import thinking_residual as ref
 
@@ -30,13 +36,32 @@ def _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i):
     return _projection(h, W_p), z
 
 
-def _epilogues(e: torch.Tensor):
-    if not use_triton(e):
-        raise RuntimeError("latentfast::thinking_residual_* run Triton kernels: CUDA tensors, or CPU tensors "
-                           "with TRITON_INTERPRET=1; thinking_residual() uses the reference otherwise")
-    from latentfast.kernels import thinking_residual as K
+def _use_native(e: torch.Tensor) -> bool:
+    """CPU, not float64, native library enabled and built with these ops (an older build may lack them).
+    Inside torch.compile only a library already looked up counts (no file I/O in a traced graph)."""
+    if e.device.type != "cpu" or e.dtype == torch.float64:
+        return False
+    if torch.compiler.is_compiling() and not _native.looked_up():
+        return False
+    return _native.enabled() and hasattr(torch.ops.latentfast_native, "thinking_residual_fwd_epilogue")
 
-    return K.forward_epilogue, K.backward_epilogue
+
+def _fused(e: torch.Tensor) -> bool:
+    return use_triton(e) or _use_native(e)
+
+
+def _epilogues(e: torch.Tensor):
+    """(forward_epilogue, backward_epilogue): Triton (CUDA / interpreter), else native (CPU)."""
+    if use_triton(e):
+        from latentfast.kernels import thinking_residual as K
+
+        return K.forward_epilogue, K.backward_epilogue
+    if _use_native(e):
+        ops = torch.ops.latentfast_native
+        return ops.thinking_residual_fwd_epilogue, ops.thinking_residual_bwd_epilogue
+    raise RuntimeError("latentfast::thinking_residual_* run Triton kernels (CUDA tensors, or CPU tensors with "
+                       "TRITON_INTERPRET=1) or, on CPU, the native kernels (library built, LATENTFAST_NATIVE not 0, "
+                       f"not float64); got {e.device.type} {e.dtype}. thinking_residual() uses the reference otherwise")
 
 
 @torch.library.custom_op("latentfast::thinking_residual_fwd", mutates_args=())
@@ -170,7 +195,7 @@ def thinking_residual(
                 f"all inputs must have e's dtype {e.dtype} (or run under autocast); got "
                 + ", ".join(f"{n}: {d}" for n, d in bad)
             )
-    if not use_triton(e):  # CPU without the interpreter: the plain PyTorch recipe, autograd as usual
+    if not _fused(tensors[0]):  # no Triton / native epilogue (or float64): the plain recipe, autograd as usual
         return ref.thinking_residual(*tensors, c, eps)
     tensors[7] = tensors[7].contiguous()  # the kernels read Lambda with stride 1
     e, h = tensors[0].contiguous(), tensors[1].contiguous()
