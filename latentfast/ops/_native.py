@@ -73,3 +73,15 @@ def available() -> bool:
 def enabled() -> bool:
     """Use the native kernels: library available and not switched off by LATENTFAST_NATIVE=0."""
     return os.environ.get(ENV_SWITCH, "1") != "0" and available()
+
+
+def usable(t: torch.Tensor, op: str) -> bool:
+    """Run ``torch.ops.latentfast_native.<op>`` for tensors like ``t``: CPU, not float64
+    (the kernels accumulate in fp32), enabled, and this build has ``op`` (an older build
+    may lack it). Inside torch.compile only a library already looked up counts (no file
+    I/O in a traced graph)."""
+    if t.device.type != "cpu" or t.dtype == torch.float64:
+        return False
+    if torch.compiler.is_compiling() and not looked_up():
+        return False
+    return enabled() and hasattr(torch.ops.latentfast_native, op)

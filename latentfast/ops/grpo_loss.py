@@ -138,7 +138,7 @@ def _backends(t: torch.Tensor):
         from latentfast.kernels import grpo_loss as K
 
         return K.logit_stats, K.logit_grad_
-    if t.device.type == "cpu" and t.dtype != torch.float64 and _native.enabled():
+    if _native.usable(t, "logit_stats"):
         ops = torch.ops.latentfast_native
         return ops.logit_stats, ops.logit_grad_
     return _torch_logit_stats, _torch_logit_grad_

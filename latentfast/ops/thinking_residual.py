@@ -37,13 +37,7 @@ def _gemm_outputs(e, h, W_p, W_r, b_r, W_i, b_i):
 
 
 def _use_native(e: torch.Tensor) -> bool:
-    """CPU, not float64, native library enabled and built with these ops (an older build may lack them).
-    Inside torch.compile only a library already looked up counts (no file I/O in a traced graph)."""
-    if e.device.type != "cpu" or e.dtype == torch.float64:
-        return False
-    if torch.compiler.is_compiling() and not _native.looked_up():
-        return False
-    return _native.enabled() and hasattr(torch.ops.latentfast_native, "thinking_residual_fwd_epilogue")
+    return _native.usable(e, "thinking_residual_fwd_epilogue")
 
 
 def _fused(e: torch.Tensor) -> bool:

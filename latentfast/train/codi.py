@@ -35,8 +35,8 @@ from latentfast.eval import adaptive
 from latentfast.models.codi import CODIModel, encode_example, load_weights, prepare_tokenizer, split_batch
 
 from . import checkpoint, codi_data, dist
-from .common import (JsonlLogger, SampleStream, accumulate_grads, amp_context, apply_preset, load_causal_lm, load_rows,
-                     optimizer_step, peak_mem_mb, reset_peak_mem, warmup_schedule)
+from .common import (JsonlLogger, SampleStream, accumulate_grads, amp_context, console_entry, load_causal_lm,
+                     load_rows, optimizer_step, parse_with_demo, peak_mem_mb, reset_peak_mem, warmup_schedule)
 
 DEMO = "tiny"
 DEMO_PRESET = dict(learning_rate=1e-3, per_device_train_batch_size=32, max_steps=200, warmup_ratio=0.05,
@@ -94,12 +94,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.demo = args.model_name_or_path == DEMO
-    if args.demo:
-        apply_preset(args, parser, argv, DEMO_PRESET)
-    return args
+    return parse_with_demo(build_parser(), argv, "model_name_or_path", DEMO, DEMO_PRESET)
 
 
 def make_batch(tok, samples, index0, args, device):
@@ -270,12 +265,7 @@ def main(argv=None):
     return {"first": first, "last": row if first is not None else None, "eval": results}
 
 
-
-def cli() -> int:
-    """Console-script entry point: main() returns its results dict for callers and tests,
-    which sys.exit would print and turn into exit status 1."""
-    main()
-    return 0
+cli = console_entry(main)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,25 @@ def apply_preset(args, parser, argv, preset: dict) -> None:
             setattr(args, k, v)
 
 
+def parse_with_demo(parser: argparse.ArgumentParser, argv, model_arg: str, demo: str, preset: dict):
+    """Parse ``argv``; ``args.demo`` is True when ``--<model_arg>`` names the embedded demo,
+    whose preset then replaces the defaults the user did not type."""
+    args = parser.parse_args(argv)
+    args.demo = getattr(args, model_arg) == demo
+    if args.demo:
+        apply_preset(args, parser, argv, preset)
+    return args
+
+
+def console_entry(main):
+    """Console-script entry point for ``main``: main() returns its results dict for callers
+    and tests, which sys.exit would print and turn into exit status 1."""
+    def cli() -> int:
+        main()
+        return 0
+    return cli
+
+
 def load_rows(spec: str, n: int | None = None, seed: int = 0) -> list[dict]:
     """``synthetic`` | ``gsm8k_sample`` / ``gsm8k`` (shipped train sample) |
     ``gsm8k_sample_test`` | a JSONL path with ``question``/``answer`` lines."""

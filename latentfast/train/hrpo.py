@@ -29,8 +29,8 @@ from latentfast.data.rewards import correctness_reward
 from latentfast.models import HybridConfig, HybridThinkingLM, eos_token_ids, generate
 
 from . import checkpoint, dist
-from .common import (JsonlLogger, SampleStream, amp_context, apply_preset, load_causal_lm, load_rows,
-                     no_sync_unless, optimizer_step, peak_mem_mb, reset_peak_mem)
+from .common import (JsonlLogger, SampleStream, amp_context, console_entry, load_causal_lm, load_rows, no_sync_unless,
+                     optimizer_step, parse_with_demo, peak_mem_mb, reset_peak_mem)
 
 DEMO_MODEL = "tiny"
 # Small-model presets for the embedded demo (only for arguments not given explicitly).
@@ -99,10 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    args.demo = args.model_name == DEMO_MODEL
-    if args.demo:
-        apply_preset(args, parser, argv, DEMO_PRESET)
+    args = parse_with_demo(parser, argv, "model_name", DEMO_MODEL, DEMO_PRESET)
     if args.per_device_train_batch_size % args.group_size:
         parser.error("--per_device_train_batch_size must be a multiple of --group_size")
     return args
@@ -459,12 +456,7 @@ def main(argv=None):
     return {"eval_accuracy_before": acc0, "eval_accuracy_after": acc1, "trainable_checksum": checksum}
 
 
-
-def cli() -> int:
-    """Console-script entry point: main() returns its results dict for callers and tests,
-    which sys.exit would print and turn into exit status 1."""
-    main()
-    return 0
+cli = console_entry(main)
 
 
 if __name__ == "__main__":

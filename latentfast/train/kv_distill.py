@@ -41,8 +41,8 @@ from latentfast.models.kv_capture import KVCapture
 from latentfast.nn import AttentionWeightedKVLoss, CKALoss, CODILoss, KVProjection, layer_pairs
 
 from . import checkpoint, dist
-from .common import (JsonlLogger, accumulate_grads, amp_context, apply_preset, load_causal_lm, load_rows, optimizer_step,
-                     peak_mem_mb, reset_peak_mem, warmup_schedule)
+from .common import (JsonlLogger, accumulate_grads, amp_context, console_entry, load_causal_lm, load_rows,
+                     optimizer_step, parse_with_demo, peak_mem_mb, reset_peak_mem, warmup_schedule)
 
 DEMO = "tiny"
 # the demo teacher: wider/deeper than the tiny student, other KV-head count (exercises KVProjection)
@@ -103,11 +103,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.demo = args.model_name == DEMO
-    if args.demo:
-        apply_preset(args, parser, argv, DEMO_PRESET)
+    args = parse_with_demo(build_parser(), argv, "model_name", DEMO, DEMO_PRESET)
     if args.eval_data is None:
         args.eval_data = "synthetic" if args.dataset_name == "synthetic" else "gsm8k_test"
     return args
@@ -459,12 +455,7 @@ def main(argv=None):
     return {"compare": rows_out}
 
 
-
-def cli() -> int:
-    """Console-script entry point: main() returns its results dict for callers and tests,
-    which sys.exit would print and turn into exit status 1."""
-    main()
-    return 0
+cli = console_entry(main)
 
 
 if __name__ == "__main__":
