@@ -83,11 +83,6 @@ def _time_once(fn, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_ms(fn, device: torch.device, *, warmup: int = 2, reps: int = 5, max_seconds: float = 20.0) -> float:
-    """Median milliseconds of ``fn()``."""
-    return time_round_robin({"fn": fn}, device, warmup=warmup, reps=reps, max_seconds=max_seconds)["fn"]
-
-
 def time_round_robin(impls: dict, device: torch.device, *, warmup: int = 2, reps: int = 5,
                      max_seconds: float = 60.0) -> dict:
     """Median milliseconds of each callable, timed in turns (rep 1 of every impl, then

@@ -13,6 +13,9 @@ rows of z / dz have stride 2D ([z_r | z_i]).
 """
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 import triton
 import triton.language as tl
@@ -28,8 +31,6 @@ TUNE_UNDER_INTERPRETER = False  # tests flip it to exercise the multi-config pat
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -55,8 +56,6 @@ def _bench(fn, quantiles=None, **_):
         import triton.testing
 
         return triton.testing.do_bench(fn, quantiles=quantiles)
-    import time
-
     t0 = time.perf_counter()
     fn()
     ms = (time.perf_counter() - t0) * 1e3
