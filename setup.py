@@ -17,7 +17,9 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"latentfast.kernels": "kernels"},
-    package_data={"latentfast.data": ["*.jsonl", "LICENSE*"]},
+    package_data={"latentfast.data": ["*.jsonl", "LICENSE*"],
+                  # the native CPU backend is compiled from these on first use (latentfast/ops/_native.py)
+                  "latentfast.kernels": ["csrc/*.cpp", "csrc/*.h"]},
     install_requires=[
         # Lower bounds are the versions tested: 2.11 (GPU image) and 2.13 (CPU).
         "torch>=2.11",
@@ -27,10 +29,12 @@ setup(
         "safetensors>=0.8",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "matplotlib>=3.8",  # --compare plots (latentfast-kv-distill)
+        "ninja>=1.11",  # builds the native CPU backend on first use (torch.utils.cpp_extension)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6"],
-        "bench": ["liger-kernel>=0.6", "matplotlib>=3.8"],
+        "bench": ["liger-kernel>=0.6"],
         "flash": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "wandb": ["wandb>=0.17"],
     },

@@ -27,12 +27,17 @@ def load_jsonl(path: str, limit: int | None = None) -> list[dict]:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "question" not in row or "answer" not in row:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{i + 1}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict) or "question" not in row or "answer" not in row:
                 raise ValueError(f"{path}:{i + 1}: each line needs 'question' and 'answer' fields")
             rows.append(row)
             if limit is not None and len(rows) >= limit:
                 break
+    if not rows:
+        raise ValueError(f"{path}: no rows (an empty JSONL file; expected one JSON object per line)")
     return rows
 
 

@@ -1,27 +1,89 @@
-"""Loader of the optional native CPU backend (``kernels/csrc/``, built by ``CMakeLists.txt``).
+"""Loader of the native CPU backend (``kernels/csrc/``), built once on first use.
 
 The library registers ``torch.ops.latentfast_native.*``. It is looked up once, on first
-use: the path in ``LATENTFAST_NATIVE_LIB`` if set (a failure to load it raises, since the
-user asked for it), else ``latentfast/_native/liblatentfast_native.so`` where the CMake
-build writes it (absent or unloadable: silently unavailable, the torch path runs).
-``LATENTFAST_NATIVE=0`` keeps the library unused without unloading it (benchmarks).
+use, in this order:
+
+1. ``LATENTFAST_NATIVE_LIB``: a path the user gives (a failure to load it raises);
+2. ``latentfast/_native/liblatentfast_native.so``, where a manual CMake build writes it;
+3. the build cache: ``$LATENTFAST_CACHE`` (default ``~/.cache/latentfast``)
+   ``/native/torch-<version>/``, compiled there on first use against the torch this process
+   runs (``torch.utils.cpp_extension``: ninja, a source-and-flags hash that rebuilds when
+   either changes, and a file lock so concurrent ranks build once and the others wait).
+
+Why not at ``pip install``: pip's isolated build environment would need its own torch (a
+second, multi-GB download) and would build against a torch the user may not run. When
+the build cannot run (no C++ compiler, ``LATENTFAST_NATIVE_BUILD=0``) one log line says
+so and the torch path runs. ``LATENTFAST_NATIVE=0`` keeps the library unused (benchmarks).
+``python -m latentfast.ops._native`` builds (or finds) it and prints where.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import sys
+import time
 
 import torch
 
+log = logging.getLogger("latentfast")
+
 ENV_LIB = "LATENTFAST_NATIVE_LIB"
 ENV_SWITCH = "LATENTFAST_NATIVE"
+ENV_BUILD = "LATENTFAST_NATIVE_BUILD"
+ENV_CACHE = "LATENTFAST_CACHE"
 _SUFFIX = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
 _PREFIX = "" if sys.platform == "win32" else "lib"
 DEFAULT_PATH = pathlib.Path(__file__).resolve().parent.parent / "_native" / f"{_PREFIX}latentfast_native{_SUFFIX}"
 
 _loaded: str | None = None  # path of the loaded library
 _tried = False
+_why_unavailable: str | None = None
+# -ffp-contract=off keeps (L * inv_t) rounded before "- lse", as the torch path does; the
+# others let the branch-free loops vectorise (see CMakeLists.txt, which uses the same flags)
+CFLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+
+
+def sources() -> list[str]:
+    """The C++ sources, shipped inside the package as ``latentfast/kernels/csrc``."""
+    import latentfast.kernels as k
+
+    return sorted(str(p) for p in (pathlib.Path(k.__file__).resolve().parent / "csrc").glob("*.cpp"))
+
+
+def cache_dir() -> pathlib.Path:
+    root = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "latentfast")
+    tag = torch.__version__.replace("+", "_")
+    return pathlib.Path(root) / "native" / f"torch-{tag}-py{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def build(verbose: bool = False) -> str:
+    """Compile the library into ``cache_dir()`` (a no-op when an up-to-date build is there)
+    and load it; returns its path. Raises RuntimeError saying why it could not."""
+    from torch.utils import cpp_extension
+
+    srcs = sources()
+    if not srcs:
+        raise RuntimeError("the C++ sources (latentfast/kernels/csrc/*.cpp) are not installed")
+    out = cache_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    try:
+        cpp_extension.verify_ninja_availability()
+        cpp_extension.load(name="latentfast_native", sources=srcs, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                           build_directory=str(out), is_python_module=False, verbose=verbose)
+    except Exception as exc:  # compiler missing, compile error, ninja missing: the torch path runs
+        detail = str(exc).strip().splitlines()
+        raise RuntimeError(detail[-1] if detail else type(exc).__name__) from exc
+    libs = sorted(out.glob("latentfast_native*" + _SUFFIX), key=lambda p: p.stat().st_mtime)
+    if not libs or not hasattr(torch.ops.latentfast_native, "logit_stats"):
+        raise RuntimeError(f"the build in {out} registered no latentfast_native::logit_stats")
+    global _loaded, _tried
+    _loaded, _tried = str(libs[-1]), True
+    if time.time() - t0 > 1.0:
+        log.warning("latentfast: built the native CPU backend in %.0f s (once; cached in %s)", time.time() - t0, out)
+    return _loaded
 
 
 def load(path: str | os.PathLike) -> None:
@@ -65,9 +127,25 @@ def available() -> bool:
     if DEFAULT_PATH.is_file():
         try:
             load(DEFAULT_PATH)
-        except RuntimeError:  # e.g. built against another torch: fall back to the torch path
-            return False
+            return True
+        except RuntimeError:  # e.g. built against another torch: try the build cache
+            pass
+    global _why_unavailable
+    if os.environ.get(ENV_BUILD, "1") == "0":
+        _why_unavailable = f"{ENV_BUILD}=0"
+        return False
+    try:
+        build()
+    except RuntimeError as exc:
+        _why_unavailable = str(exc)
+        log.warning("latentfast: native CPU backend unavailable (%s); the torch path runs instead "
+                    "(same results, slower). Needs a C++ compiler; see `python -m latentfast.ops._native`.", exc)
     return _loaded is not None
+
+
+def why_unavailable() -> str | None:
+    """Why the last ``available()`` found no library (None when it did or was not asked)."""
+    return _why_unavailable
 
 
 def enabled() -> bool:
@@ -85,3 +163,12 @@ def usable(t: torch.Tensor, op: str) -> bool:
     if torch.compiler.is_compiling() and not looked_up():
         return False
     return enabled() and hasattr(torch.ops.latentfast_native, op)
+
+
+if __name__ == "__main__":
+    t = time.time()
+    try:
+        where = build(verbose="-v" in sys.argv)
+    except RuntimeError as exc:
+        sys.exit(f"latentfast native CPU backend: cannot build ({exc})")
+    print(f"latentfast native CPU backend: {where} ({time.time() - t:.1f} s)")

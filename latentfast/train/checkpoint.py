@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from .dist import is_main
+from .guard import assert_finite_weights
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -37,6 +38,7 @@ def save(out_dir: str, step: int, model, optimizer, scheduler=None, extra: dict 
     if not full:
         keep = _trainable_names(model)
         msd = {k: v for k, v in msd.items() if k in keep}
+    assert_finite_weights(msd.items(), f"checkpoint {path}")  # every rank: none returns early
     osd = get_optimizer_state_dict(model, optimizer, options=_FULL)
     if not is_main():
         return None

@@ -35,8 +35,10 @@ from latentfast.eval import adaptive
 from latentfast.models.codi import CODIModel, encode_example, load_weights, prepare_tokenizer, split_batch
 
 from . import checkpoint, codi_data, dist
-from .common import (JsonlLogger, SampleStream, accumulate_grads, amp_context, console_entry, load_causal_lm,
-                     load_rows, optimizer_step, parse_with_demo, peak_mem_mb, reset_peak_mem, warmup_schedule)
+from .common import (JsonlLogger, SampleStream, accumulate_grads, amp_context, check_data_arg, check_resume_arg,
+                     console_entry, load_causal_lm, load_rows, optimizer_step, parse_with_demo, peak_mem_mb,
+                     reset_peak_mem, warmup_schedule)
+from .guard import NonFiniteGuard
 
 DEMO = "tiny"
 DEMO_PRESET = dict(learning_rate=1e-3, per_device_train_batch_size=32, max_steps=200, warmup_ratio=0.05,
@@ -90,11 +92,20 @@ def build_parser():
     a("--sft_steps", type=int, default=0, help="explicit-CoT warm-up steps before phase 1 (demo)")
     a("--sft_lr", type=float, default=3e-3)
     a("--hybrid_samples", type=int, default=0, help="demo: phase-1 samples generated in-process")
+    a("--max_nonfinite_steps", type=int, default=10,
+      help="stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)")
     return p
 
 
 def parse_args(argv=None):
-    return parse_with_demo(build_parser(), argv, "model_name_or_path", DEMO, DEMO_PRESET)
+    parser = build_parser()
+    args = parse_with_demo(parser, argv, "model_name_or_path", DEMO, DEMO_PRESET)
+    check_data_arg(parser, "--train_data", args.train_data)
+    check_data_arg(parser, "--eval_data", args.eval_data, allowed=("none",))
+    if args.hybrid_data_path is not None and not pathlib.Path(args.hybrid_data_path).is_file():
+        parser.error(f"--hybrid_data_path {args.hybrid_data_path!r}: no such file")
+    check_resume_arg(parser, args.resume_from_checkpoint)
+    return args
 
 
 def make_batch(tok, samples, index0, args, device):
@@ -121,17 +132,15 @@ def sft_warmup(model: CODIModel, tok, rows, args, device, rank, amp):
     rng = random.Random(args.seed)  # same batches on every rank -> identical weights without a sync
     model.train()
     bar = tqdm(range(args.sft_steps), desc="explicit CoT warm-up", disable=rank != 0)
-    for _ in bar:
+    guard = NonFiniteGuard(args.max_nonfinite_steps, "explicit CoT warm-up")
+    for step in bar:
         exs = [encode_example(tok, s["question"], s["steps"], s["final"]) for s in rng.sample(rows, 64)]
         batch, _ = split_batch(exs, [True] * len(exs), tok.pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with amp():
             loss, _ = model.teacher_forward(batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.codi.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model.codi.parameters(), opt, sched, 1.0, guard=guard, loss=loss, step=step + 1)
         bar.set_postfix(ce=f"{loss.item():.3f}")
 
 
@@ -206,9 +215,12 @@ def main(argv=None):
     sched = warmup_schedule(opt, total, args.warmup_ratio, args.lr_scheduler_type)
     wrapped = dist.wrap(model, device)
     start = 0
+    guard = NonFiniteGuard(args.max_nonfinite_steps, "codi")
     resume = checkpoint.latest(args.output_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
     if resume:
-        start = checkpoint.load(resume, wrapped, opt, sched)["step"]
+        state = checkpoint.load(resume, wrapped, opt, sched)
+        start = state["step"]
+        guard.load_state_dict(state["extra"].get("nonfinite", {}))
         if rank == 0:
             print(f"[codi] resumed from {resume} at step {start}", flush=True)
     log = JsonlLogger(out / "metrics.jsonl", enabled=rank == 0)
@@ -236,10 +248,11 @@ def main(argv=None):
                 yield make_batch(tok, [stream[base + i] for i in range(B)], base, args, device)
 
         sums = accumulate_grads(wrapped, micro_batches(), args.gradient_accumulation_steps, amp)
-        grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm)
+        grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm, guard=guard, loss=sums.get("loss"),
+                                   step=step + 1)
         row = dist.all_mean(sums, device)
         row.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
-                   step_s=time.perf_counter() - t0, peak_mem_mb=peak_mem_mb(device))
+                   step_s=time.perf_counter() - t0, peak_mem_mb=peak_mem_mb(device), skipped_nonfinite=guard.skipped)
         first = first or row
         log.log(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row.get('ce', 0):.3f}", ref=f"{row['ref_ce']:.3f}",
@@ -248,8 +261,8 @@ def main(argv=None):
             tqdm.write(f"Step {step + 1}: loss={row['loss']:.4f} ce={row.get('ce', 0):.4f} "
                        f"ref_ce={row['ref_ce']:.4f} distill={row.get('distill', 0):.4f} lr={row['lr']:.2e}")
         if args.save_steps and (step + 1) % args.save_steps == 0:
-            checkpoint.save(args.output_dir, step + 1, wrapped, opt, sched)
-    final = checkpoint.save(args.output_dir, total, wrapped, opt, sched)
+            checkpoint.save(args.output_dir, step + 1, wrapped, opt, sched, extra={"nonfinite": guard.state_dict()})
+    final = checkpoint.save(args.output_dir, total, wrapped, opt, sched, extra={"nonfinite": guard.state_dict()})
     results = run_eval(total, "final") if eval_rows and modes else []
     if rank == 0:
         if results:

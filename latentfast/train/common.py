@@ -21,6 +21,8 @@ import torch
 
 from latentfast.data import load_gsm8k, make_arithmetic
 
+from .guard import NonFiniteGuard
+
 
 def explicit_args(parser: argparse.ArgumentParser, argv) -> set:
     """Destinations set on the command line (re-parse with every default suppressed)."""
@@ -61,16 +63,49 @@ def console_entry(main):
     return cli
 
 
+TRAIN_SAMPLE_NAMES = ("gsm8k_sample", "gsm8k_sample_train", "gsm8k")
+TEST_SAMPLE_NAMES = ("gsm8k_sample_test", "gsm8k_test")
+DATA_NAMES = ("synthetic", *TRAIN_SAMPLE_NAMES, *TEST_SAMPLE_NAMES)
+
+
 def load_rows(spec: str, n: int | None = None, seed: int = 0) -> list[dict]:
     """``synthetic`` | ``gsm8k_sample`` / ``gsm8k`` (shipped train sample) |
     ``gsm8k_sample_test`` | a JSONL path with ``question``/``answer`` lines."""
     if spec == "synthetic":
         return make_arithmetic(n or 20000, seed=seed, min_steps=1, max_steps=3)
-    if spec in ("gsm8k_sample", "gsm8k_sample_train", "gsm8k"):
+    if spec in TRAIN_SAMPLE_NAMES:
         return load_gsm8k("train", n)
-    if spec in ("gsm8k_sample_test", "gsm8k_test"):
+    if spec in TEST_SAMPLE_NAMES:
         return load_gsm8k("test", n)
     return load_gsm8k(spec, n)
+
+
+def check_data_arg(parser: argparse.ArgumentParser, flag: str, spec, allowed=()) -> None:
+    """At argument parsing: ``spec`` names a built-in data set or an existing, well-formed
+    JSONL file (every line parsed, the first bad one reported with its number)."""
+    if spec is None or spec in DATA_NAMES or spec in allowed:
+        return
+    path = pathlib.Path(spec)
+    if not path.is_file():
+        names = ", ".join(repr(n) for n in (*DATA_NAMES, *allowed))
+        parser.error(f"{flag} {spec!r}: no such file (expected a JSONL path or one of {names})")
+    try:
+        load_gsm8k(str(path))
+    except (ValueError, UnicodeDecodeError) as exc:
+        parser.error(f"{flag}: {exc}")
+
+
+def check_resume_arg(parser: argparse.ArgumentParser, spec, flag: str = "--resume_from_checkpoint") -> None:
+    """``latest`` or a directory written by ``checkpoint.save`` (has trainer_state.json)."""
+    if spec is None or spec == "latest":
+        return
+    path = pathlib.Path(spec)
+    if not path.is_dir():
+        parser.error(f"{flag} {spec!r}: no such directory (expected a checkpoint-<step> directory or 'latest')")
+    missing = [f for f in ("trainer_state.json", "model.safetensors") if not (path / f).is_file()]
+    if missing:
+        parser.error(f"{flag} {spec!r} is not a latentfast checkpoint: it has no {' or '.join(missing)} "
+                     f"(expected a checkpoint-<step> directory written by a latentfast trainer)")
 
 
 class SampleStream:
@@ -144,12 +179,16 @@ def accumulate_grads(wrapped, calls, n: int, amp) -> dict:
     return sums
 
 
-def optimizer_step(params, opt, sched, max_grad_norm: float):
+def optimizer_step(params, opt, sched, max_grad_norm: float, *, guard: NonFiniteGuard | None = None,
+                   loss=None, step: int | None = None):
     """Clip the gradients of ``params``, step the optimizer and the schedule, clear the
-    gradients; returns the total norm before clipping."""
+    gradients; returns the total norm before clipping. With a ``guard``, a non-finite
+    ``loss`` or gradient norm skips the optimizer and scheduler step (see ``guard.py``)."""
+    params = list(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    opt.step()
-    sched.step()
+    if guard is None or guard.check(step, loss, grad_norm):
+        opt.step()
+        sched.step()
     opt.zero_grad(set_to_none=True)
     return grad_norm
 

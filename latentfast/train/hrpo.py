@@ -20,6 +20,7 @@ import math
 import pathlib
 import random
 import time
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -29,8 +30,10 @@ from latentfast.data.rewards import correctness_reward
 from latentfast.models import HybridConfig, HybridThinkingLM, eos_token_ids, generate
 
 from . import checkpoint, dist
-from .common import (JsonlLogger, SampleStream, amp_context, console_entry, load_causal_lm, load_rows, no_sync_unless,
-                     optimizer_step, parse_with_demo, peak_mem_mb, reset_peak_mem)
+from .common import (JsonlLogger, SampleStream, amp_context, check_data_arg, check_resume_arg, console_entry,
+                     load_causal_lm, load_rows, no_sync_unless, optimizer_step, parse_with_demo, peak_mem_mb,
+                     reset_peak_mem)
+from .guard import NonFiniteGuard
 
 DEMO_MODEL = "tiny"
 # Small-model presets for the embedded demo (only for arguments not given explicitly).
@@ -94,15 +97,32 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gradient_checkpointing", action="store_true",
       help="recompute decoder-layer activations in backward (less memory, ~1/3 more compute)")
     a("--wandb_project", default=None)
+    a("--max_nonfinite_steps", type=int, default=10,
+      help="stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)")
     return p
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = parse_with_demo(parser, argv, "model_name", DEMO_MODEL, DEMO_PRESET)
-    if args.per_device_train_batch_size % args.group_size:
-        parser.error("--per_device_train_batch_size must be a multiple of --group_size")
+    validate_args(parser, args)
     return args
+
+
+def validate_args(parser, args) -> None:
+    """The common mistakes, reported at argument parsing with the flag's name."""
+    if args.group_size < 1:
+        parser.error(f"--group_size must be >= 1, got {args.group_size}")
+    if args.per_device_train_batch_size % args.group_size:
+        parser.error(f"--per_device_train_batch_size ({args.per_device_train_batch_size}) must be a multiple of "
+                     f"--group_size ({args.group_size})")
+    if args.group_size == 1:
+        warnings.warn("--group_size 1: a group of one completion has no spread, so every group-normalised "
+                      "advantage is 0 and only the KL term (--beta) trains; use --group_size >= 2 for GRPO",
+                      UserWarning, stacklevel=3)
+    check_data_arg(parser, "--train_data", args.train_data)
+    check_data_arg(parser, "--eval_data", args.eval_data)
+    check_resume_arg(parser, args.resume_from_checkpoint)
 
 
 # ----------------------------------------------------------------------------- data
@@ -119,9 +139,11 @@ def decode_completions(tok, rollout) -> list[str]:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(r - mean_group) / (std_group + 1e-4), TRL's GRPO normalisation."""
+    """(r - mean_group) / (std_group + 1e-4), TRL's GRPO normalisation. A group of one has no
+    spread (its sample std is NaN): its advantage is 0, never NaN."""
     g = rewards.view(-1, group_size)
-    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).view(-1)
+    std = g.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(g)
+    return ((g - g.mean(1, keepdim=True)) / (std + 1e-4)).view(-1)
 
 
 # ----------------------------------------------------------------------------- model
@@ -153,7 +175,8 @@ def sft_warmup(lm, tok, args, device, rank):
     rng = random.Random(args.seed)  # same batches on every rank -> identical weights without a sync
     lm.train()
     bar = tqdm(range(args.sft_steps), desc="sft warm-up", disable=rank != 0)
-    for _ in bar:
+    guard = NonFiniteGuard(args.max_nonfinite_steps, "sft warm-up")
+    for step in bar:
         batch = rng.sample(rows, 64)
         prompts = [format_prompt(r["question"]) for r in batch]
         full = [p + r["answer"] + tok.eos_token for p, r in zip(prompts, batch)]
@@ -165,10 +188,7 @@ def sft_warmup(lm, tok, args, device, rank):
             labels[i, :n] = -100  # loss on the answer only
         loss = lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(lm.parameters(), opt, sched, 1.0, guard=guard, loss=loss, step=step + 1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
@@ -318,6 +338,7 @@ def main(argv=None):
     reward_fns = get_reward_funcs(args.reward_funcs)
 
     start = 0
+    guard = NonFiniteGuard(args.max_nonfinite_steps, "hrpo")
     resume = checkpoint.latest(args.output_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
     w0 = None if proj_w is None else _full(proj_w).detach().float().clone()
     if resume:
@@ -326,6 +347,7 @@ def main(argv=None):
         same_groups = len(saved["param_groups"]) == len(opt.param_groups)
         state = checkpoint.load(resume, wrapped, opt if same_groups else None, sched)
         start = state["step"]
+        guard.load_state_dict(state["extra"].get("nonfinite", {}))
         sched.base_lrs = target
         for g, lr in zip(opt.param_groups, target):
             g["initial_lr"], g["lr"] = lr, lr * sched.lr_lambdas[0](sched.last_epoch)
@@ -417,10 +439,10 @@ def main(argv=None):
         proj_grad = None
         if proj_w is not None and proj_w.grad is not None:
             proj_grad = _full(proj_w.grad).float().norm().item()
-        grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm)
+        step_loss = sum(losses) if n_items is not None else sum(losses) / len(losses)  # dapo: parts of one mean
+        grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm, guard=guard, loss=step_loss, step=step + 1)
         t_train = time.perf_counter() - t1
 
-        step_loss = sum(losses) if n_items is not None else sum(losses) / len(losses)  # dapo: parts of one mean
         row = {"step": step + 1, "loss": step_loss, "grad_norm": float(_full(grad_norm)),
                "lr": sched.get_last_lr()[0]}
         row.update({k: sum(v) / len(v) for k, v in stats.items() if v})
@@ -429,7 +451,7 @@ def main(argv=None):
             row["thinking_projection/weight_change"] = (_full(proj_w).detach().float() - w0).abs().mean().item()
             row["thinking_projection/grad_norm"] = proj_grad if proj_grad is not None else 0.0
         row = dist.all_mean(row, device)
-        row["step"] = step + 1
+        row["step"], row["skipped_nonfinite"] = step + 1, guard.skipped
         row["tokens_per_s"] = n_tokens * world / (t_roll + t_train)
         row["train_tokens_per_s"] = n_tokens * world / t_train
         row["rollout_s"], row["train_s"] = t_roll, t_train
@@ -440,11 +462,13 @@ def main(argv=None):
         record(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row.get('kl', 0):.4f}")
         if args.save_steps and (step + 1) % args.save_steps == 0:
-            checkpoint.save(args.output_dir, step + 1, wrapped, opt, sched, full=False)
+            checkpoint.save(args.output_dir, step + 1, wrapped, opt, sched, full=False,
+                            extra={"nonfinite": guard.state_dict()})
 
     acc1, fmt1 = evaluate(model, wrapped, tok, eval_rows, args, device, rank, world, marker_ids, amp)
     record({"step": total, "eval_accuracy": acc1, "eval_format": fmt1})
-    final = checkpoint.save(args.output_dir, total, wrapped, opt, sched, full=False)
+    final = checkpoint.save(args.output_dir, total, wrapped, opt, sched, full=False,
+                            extra={"nonfinite": guard.state_dict()})
     if rank == 0:
         print(f"[hrpo] held-out accuracy {acc0:.3f} -> {acc1:.3f} (format {fmt0:.3f} -> {fmt1:.3f}); "
               f"checkpoint {final}; metrics {out / 'metrics.jsonl'}", flush=True)

@@ -41,8 +41,10 @@ from latentfast.models.kv_capture import KVCapture
 from latentfast.nn import AttentionWeightedKVLoss, CKALoss, CODILoss, KVProjection, layer_pairs
 
 from . import checkpoint, dist
-from .common import (JsonlLogger, accumulate_grads, amp_context, console_entry, load_causal_lm, load_rows,
-                     optimizer_step, parse_with_demo, peak_mem_mb, reset_peak_mem, warmup_schedule)
+from .common import (JsonlLogger, accumulate_grads, amp_context, check_data_arg, check_resume_arg, console_entry,
+                     load_causal_lm, load_rows, optimizer_step, parse_with_demo, peak_mem_mb, reset_peak_mem,
+                     warmup_schedule)
+from .guard import NonFiniteGuard
 
 DEMO = "tiny"
 # the demo teacher: wider/deeper than the tiny student, other KV-head count (exercises KVProjection)
@@ -99,13 +101,19 @@ def build_parser():
     a("--compare", action="store_true", help="run baseline, +attention, +attention+CKA; write table + plot")
     a("--teacher_sft_steps", type=int, default=0, help="demo: CE warm-up of the tiny teacher")
     a("--teacher_sft_lr", type=float, default=3e-3)
+    a("--max_nonfinite_steps", type=int, default=10,
+      help="stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)")
     return p
 
 
 def parse_args(argv=None):
-    args = parse_with_demo(build_parser(), argv, "model_name", DEMO, DEMO_PRESET)
+    parser = build_parser()
+    args = parse_with_demo(parser, argv, "model_name", DEMO, DEMO_PRESET)
     if args.eval_data is None:
         args.eval_data = "synthetic" if args.dataset_name == "synthetic" else "gsm8k_test"
+    check_data_arg(parser, "--dataset_name", args.dataset_name)
+    check_data_arg(parser, "--eval_data", args.eval_data)
+    check_resume_arg(parser, args.resume_from_checkpoint)
     return args
 
 
@@ -241,16 +249,14 @@ def teacher_sft(teacher, tok, rows, args, device, rank, amp):
     sched = warmup_schedule(opt, args.teacher_sft_steps, 0.05)
     rng = random.Random(args.seed)  # same batches on every rank -> identical teachers
     teacher.train()
-    for _ in tqdm(range(args.teacher_sft_steps), desc="teacher warm-up", disable=rank != 0):
+    guard = NonFiniteGuard(args.max_nonfinite_steps, "teacher warm-up")
+    for step in tqdm(range(args.teacher_sft_steps), desc="teacher warm-up", disable=rank != 0):
         b = encode(tok, rng.sample(rows, 32), args.max_length, device)
         with amp():
             loss = answer_ce(teacher, teacher.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
                              .last_hidden_state, b["targets"])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(teacher.parameters(), opt, sched, 1.0, guard=guard, loss=loss, step=step + 1)
     teacher.eval()
 
 
@@ -299,9 +305,12 @@ def train(args, student, teacher, tok, rows, eval_rows, device, rank, world, out
     sched = warmup_schedule(opt, total, args.warmup_ratio)
     wrapped = dist.wrap(distiller, device)
     start = 0
+    guard = NonFiniteGuard(args.max_nonfinite_steps, "kv_distill")
     resume = checkpoint.latest(str(out)) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
     if resume:
-        start = checkpoint.load(resume, wrapped, opt, sched)["step"]
+        state = checkpoint.load(resume, wrapped, opt, sched)
+        start = state["step"]
+        guard.load_state_dict(state["extra"].get("nonfinite", {}))
     log = JsonlLogger(out / "metrics.jsonl", enabled=rank == 0)
     history = []
     bar = tqdm(range(start, total), desc=out.name, disable=rank != 0, initial=start, total=total)
@@ -319,10 +328,11 @@ def train(args, student, teacher, tok, rows, eval_rows, device, rank, world, out
                 yield batch, teacher_outputs(teacher, t_capture, distiller, batch, step, amp), step
 
         sums = accumulate_grads(wrapped, micro_batches(), args.gradient_accumulation_steps, amp)
-        grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm)
+        grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm, guard=guard, loss=sums.get("loss"),
+                                   step=step + 1)
         row = dist.all_mean(sums, device)
         row.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
-                   step_s=time.perf_counter() - t0, peak_mem_mb=peak_mem_mb(device),
+                   step_s=time.perf_counter() - t0, peak_mem_mb=peak_mem_mb(device), skipped_nonfinite=guard.skipped,
                    attn_weighted=bool(distiller.kv is not None and distiller.kv.last_weighted))
         log.log(row)
         history.append(row)
@@ -333,8 +343,8 @@ def train(args, student, teacher, tok, rows, eval_rows, device, rank, world, out
                 f"{k}={row[k]:.4f}" for k in ("kv", "cka", "codi") if k in row]
             tqdm.write(f"Step {step + 1}: {' '.join(parts)} {tag}".rstrip())
         if args.save_steps and (step + 1) % args.save_steps == 0:
-            checkpoint.save(str(out), step + 1, wrapped, opt, sched)
-    checkpoint.save(str(out), total, wrapped, opt, sched)
+            checkpoint.save(str(out), step + 1, wrapped, opt, sched, extra={"nonfinite": guard.state_dict()})
+    checkpoint.save(str(out), total, wrapped, opt, sched, extra={"nonfinite": guard.state_dict()})
     if rank == 0:
         student.save_pretrained(str(out / "student"))
         tok.save_pretrained(str(out / "student"))
