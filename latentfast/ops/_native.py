@@ -58,6 +58,20 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "native" / f"torch-{tag}-py{sys.version_info[0]}{sys.version_info[1]}"
 
 
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; the pip package's binary sits beside the venv's
+    python, which is not on PATH when the venv is used without activating it."""
+    import shutil
+
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+
 def build(verbose: bool = False) -> str:
     """Compile the library into ``cache_dir()`` (a no-op when an up-to-date build is there)
     and load it; returns its path. Raises RuntimeError saying why it could not."""
@@ -69,6 +83,7 @@ def build(verbose: bool = False) -> str:
     out = cache_dir()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    _put_ninja_on_path()
     try:
         cpp_extension.verify_ninja_availability()
         cpp_extension.load(name="latentfast_native", sources=srcs, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
