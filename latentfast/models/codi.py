@@ -11,8 +11,8 @@ Pure CODI is the case "every step latent"; seed note 003's hybrid samples mix
 explicit and latent steps.
 
     loss = CE(student's explicit tokens) + distill_loss_factor * CODILoss(hidden at the
-           token before the answer, every layer, L1 / teacher std) + ref_loss_factor *
-           CE(teacher's full explicit sequence)
+           token before the answer, every hidden state incl. the embeddings, smooth L1;
+           the original CODI's defaults) + ref_loss_factor * CE(teacher's full explicit sequence)
 
 Batching hybrid samples: the student batch is laid out as segments
 ``E0 L1 E1 L2 ... EM`` (token chunks E, latent blocks L). A sample with fewer blocks
@@ -64,19 +64,28 @@ def prepare_tokenizer(tok, lm=None):
     return tok
 
 
-def encode_example(tok, question: str, steps: list[str], final: str, latent=None, num_latent: int = 6) -> dict:
+def encode_example(tok, question: str, steps: list[str], final: str, latent=None, num_latent: int = 6,
+                   eos_delimiters: bool = False) -> dict:
     """Token ids for one sample. ``latent[i]`` marks step ``i`` as compressed (default:
     none, i.e. pure CoT). Returns teacher/student ``ids``, ``labels`` (True where the
     token is a training target), ``distill`` (index of the last answer-marker token:
     the token right before the answer, where CODI aligns hidden states) and the
-    teacher's ``step_spans`` ([start, end) of each step's tokens)."""
+    teacher's ``step_spans`` ([start, end) of each step's tokens).
+
+    ``eos_delimiters`` (the original CODI without ``--remove_eos``): an ``<eos>`` after
+    the prompt (not a target, part of the question) and one before the answer (a
+    target: after the CoT in the teacher, after the last step or ``<eot>`` in the student)."""
     latent = [False] * len(steps) if latent is None else list(latent)
     if len(latent) != len(steps):
         raise ValueError(f"{len(latent)} latent flags for {len(steps)} steps")
     prompt = tok(format_prompt(question))["input_ids"]
     step_ids = [tok(s + "\n", add_special_tokens=False)["input_ids"] for s in steps]
     answer = tok.answer_marker_ids + tok(" " + final, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    if eos_delimiters:
+        prompt = list(prompt) + [tok.eos_token_id]
+        answer = [tok.eos_token_id] + answer
     n_marker = len(tok.answer_marker_ids)
+    n_before = 1 if eos_delimiters else 0  # answer tokens before the marker
 
     t_ids = list(prompt) + [i for s in step_ids for i in s] + answer
     spans, pos = [], len(prompt)
@@ -99,9 +108,10 @@ def encode_example(tok, question: str, steps: list[str], final: str, latent=None
             i += 1
     s_ids += answer
     s_lab += [True] * len(answer)
-    return {"teacher_ids": t_ids, "teacher_labels": t_lab, "teacher_distill": len(t_ids) - len(answer) + n_marker - 1,
+    d = n_before + n_marker - len(answer) - 1  # last marker token, from the end
+    return {"teacher_ids": t_ids, "teacher_labels": t_lab, "teacher_distill": len(t_ids) + d,
             "teacher_step_spans": spans,
-            "student_ids": s_ids, "student_labels": s_lab, "student_distill": len(s_ids) - len(answer) + n_marker - 1,
+            "student_ids": s_ids, "student_labels": s_lab, "student_distill": len(s_ids) + d,
             "num_latent_blocks": s_ids.count(tok.bot_token_id) if num_latent else 0}
 
 
@@ -189,12 +199,16 @@ class CODIModel(nn.Module):
         num_latent: latent positions per latent block.
         prj_dim: hidden width of ``prj`` (2048 at 1B scale); ``use_prj=False`` feeds the
             raw last hidden state back.
-        distill_layers / distill_loss_type: ``CODILoss`` options ('all', 'l1').
+        distill_layers / distill_loss_type / distill_div_std: ``CODILoss`` options, the
+            original CODI's defaults ('all' incl. the embedding output, 'smooth_l1', no std).
+        ref_stats: add ``ref_answer_prob`` to the metrics, the teacher's probability of the
+            first answer token (the original's ``--print_ref_model_stats``).
     """
 
     def __init__(self, lm, bot_id: int, eot_id: int, num_latent: int = 6, prj_dim: int = 2048, use_prj: bool = True,
                  prj_dropout: float = 0.0, distill_loss_factor: float = 1.0, ref_loss_factor: float = 1.0,
-                 distill_layers="all", distill_loss_type: str = "l1"):
+                 distill_layers="all", distill_loss_type: str = "smooth_l1", distill_div_std: bool = False,
+                 ref_stats: bool = False):
         super().__init__()
         self.codi = lm
         self.bot_id, self.eot_id, self.num_latent = bot_id, eot_id, num_latent
@@ -205,7 +219,8 @@ class CODIModel(nn.Module):
             self.prj = nn.Sequential(nn.Dropout(prj_dropout), nn.Linear(dim, prj_dim), nn.GELU(),
                                      nn.Linear(prj_dim, dim))
             self.prj.add_module("ln", nn.LayerNorm(dim))
-        self.distill = CODILoss(layers=distill_layers, loss_type=distill_loss_type)
+        self.distill = CODILoss(layers=distill_layers, loss_type=distill_loss_type, div_std=distill_div_std)
+        self.ref_stats = ref_stats
         self._cache_kw = _cache_kwarg(self.base)
 
     # -- pieces -----------------------------------------------------------------
@@ -257,6 +272,14 @@ class CODIModel(nn.Module):
             return final_hidden.sum() * 0.0
         return F.cross_entropy(self.logits(final_hidden[sel]).float(), targets[sel])
 
+    @torch.no_grad()
+    def answer_prob(self, final_hidden, batch) -> torch.Tensor:
+        """Mean teacher probability of the first answer token, predicted at the token before it."""
+        pos = batch["teacher_distill"]
+        b = torch.arange(pos.shape[0], device=pos.device)
+        p = self.logits(final_hidden[b, pos]).float().softmax(-1)
+        return p[b, batch["teacher_ids"][b, pos + 1]].mean()
+
     # -- passes -------------------------------------------------------------------
     def teacher_forward(self, batch):
         """Explicit CoT pass: (CE over the CoT and answer, hidden-state tuple)."""
@@ -298,6 +321,8 @@ class CODIModel(nn.Module):
         ref_ce, t_hidden = self.teacher_forward(batch)
         loss = self.ref_loss_factor * ref_ce
         metrics = {"ref_ce": ref_ce.detach()}
+        if self.ref_stats:
+            metrics["ref_answer_prob"] = self.answer_prob(t_hidden[-1], batch)
         has_student = batch.get("segments") is not None and batch["student_ids"].shape[0] > 0
         if has_student:
             ce, s_hidden = self.student_forward(batch)

@@ -1,10 +1,13 @@
 """CODI hidden-state distillation loss (Shen et al. 2025, "CODI").
 
 At the token right before the answer, the student's hidden state in every selected
-layer is pulled towards the teacher's: L1 (or smooth L1) distance divided by the
-teacher's standard deviation in that layer, averaged over layers. The teacher side
-is detached. When widths differ (e.g. 1.5B student, 7B teacher) a learnable linear
-map takes the student to the teacher's width.
+layer is pulled towards the teacher's (teacher side detached), and the per-layer
+losses are averaged. The original CODI (zhenyi4/codi, ``src/model.py``) uses every
+hidden state HF returns -- the embedding output too -- ``smooth_l1`` or ``l2``
+(MSE), and with ``--distill_loss_div_std`` divides by the teacher's std at that
+position, twice for ``l2``; ``latentfast.reference.codi_loss`` writes that formula
+out and the tests hold this module to it. When widths differ (e.g. 1.5B student,
+7B teacher) a learnable linear map takes the student to the teacher's width.
 """
 from __future__ import annotations
 
@@ -14,50 +17,65 @@ from torch import nn
 
 from latentfast.nn.layer_pairs import layer_pairs
 
+LOSS_TYPES = ("smooth_l1", "l2", "l1")
+_LOSS = {"smooth_l1": F.smooth_l1_loss, "l2": F.mse_loss, "l1": F.l1_loss}
+_STD_POWER = {"smooth_l1": 1, "l2": 2, "l1": 1}  # the original divides an l2 loss by the std twice
+
 
 class CODILoss(nn.Module):
     """
     Args:
-        layers: 'all' (default) | 'middle' | 'last' | int | list of ints (student blocks).
-        loss_type: 'l1' or 'smooth_l1'.
-        div_std: divide each layer's loss by the teacher's hidden-state std there.
+        layers: 'all' = every hidden state incl. the embedding output (the original CODI;
+            mean over L + 1) | 'blocks' = every block's output, no embedding (default;
+            mean over L) | 'middle' | 'last' | int | list of ints (student blocks).
+        loss_type: 'smooth_l1' / 'l2' (the original's) or 'l1'.
+        div_std: divide each layer's loss by the teacher's hidden-state std there
+            (squared for 'l2', as the original).
         student_dim, teacher_dim: widths; a ``proj`` Linear is created when they differ.
         includes_embedding: hidden-state tuples start with the embedding output (HF).
     """
 
-    def __init__(self, layers="all", loss_type: str = "l1", div_std: bool = True,
+    def __init__(self, layers="blocks", loss_type: str = "l1", div_std: bool = True,
                  student_dim: int | None = None, teacher_dim: int | None = None,
                  includes_embedding: bool = True):
         super().__init__()
-        if loss_type not in ("l1", "smooth_l1"):
-            raise ValueError(f"loss_type must be 'l1' or 'smooth_l1', got {loss_type!r}")
-        self.layers, self.loss_type, self.div_std = layers, loss_type, div_std
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        self.layers, self.loss_type, self.div_std = layers, loss_type, bool(div_std)
         self.includes_embedding = includes_embedding
         self.proj = None
         if student_dim is not None and teacher_dim is not None and student_dim != teacher_dim:
             self.proj = nn.Linear(student_dim, teacher_dim, bias=False)
 
+    def _pairs(self, n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+        """(student, teacher) indices into the hidden-state tuples."""
+        off = 1 if self.includes_embedding else 0
+        spec = self.layers.strip().lower() if isinstance(self.layers, str) else self.layers
+        blocks = layer_pairs(n_student - off, n_teacher - off, "all" if spec in ("all", "blocks") else spec)
+        pairs = [(s + off, t + off) for s, t in blocks]
+        return [(0, 0)] + pairs if spec == "all" and off else pairs
+
     def forward(self, student_hidden, teacher_hidden, student_positions, teacher_positions) -> torch.Tensor:
         """``*_hidden``: tuples of (B, T, D) per layer; ``*_positions``: (B,) index of the
         token before the answer in each student / teacher sequence."""
-        off = 1 if self.includes_embedding else 0
-        pairs = layer_pairs(len(student_hidden) - off, len(teacher_hidden) - off, self.layers)
+        pairs = self._pairs(len(student_hidden), len(teacher_hidden))
         b = torch.arange(student_hidden[0].shape[0], device=student_hidden[0].device)
         sp = torch.as_tensor(student_positions, device=b.device)
         tp = torch.as_tensor(teacher_positions, device=teacher_hidden[0].device)
         bt = b.to(tp.device)
+        fn, power = _LOSS[self.loss_type], _STD_POWER[self.loss_type]
         losses = []
         for s, t in pairs:
-            hs = student_hidden[s + off][b, sp]
-            ht = teacher_hidden[t + off][bt, tp].detach().to(hs.device)
+            hs = student_hidden[s][b, sp]
+            ht = teacher_hidden[t][bt, tp].detach().to(hs.device)
             if self.proj is not None:
                 hs = self.proj(hs.to(self.proj.weight.dtype))
             if hs.shape[-1] != ht.shape[-1]:
                 raise ValueError(f"student width {hs.shape[-1]} != teacher width {ht.shape[-1]}: "
                                  "pass student_dim and teacher_dim to create a projection")
             hs, ht = hs.float(), ht.float()
-            loss = F.l1_loss(hs, ht) if self.loss_type == "l1" else F.smooth_l1_loss(hs, ht)
+            loss = fn(hs, ht)
             if self.div_std:
-                loss = loss / ht.std().clamp_min(1e-6)
+                loss = loss / ht.std().clamp_min(1e-6) ** power
             losses.append(loss)
         return torch.stack(losses).mean()

@@ -33,18 +33,19 @@ from tqdm.auto import tqdm
 
 from latentfast.eval import adaptive
 from latentfast.models.codi import CODIModel, encode_example, load_weights, prepare_tokenizer, split_batch
+from latentfast.nn.codi import LOSS_TYPES
 
 from . import checkpoint, codi_data, dist
-from .common import (JsonlLogger, SampleStream, accumulate_grads, amp_context, check_data_arg, check_resume_arg,
-                     console_entry, load_causal_lm, load_rows, optimizer_step, parse_with_demo, peak_mem_mb,
-                     reset_peak_mem, warmup_schedule)
+from .common import (JsonlLogger, SampleStream, accumulate_grads, add_bool, amp_context, check_data_arg,
+                     check_resume_arg, console_entry, load_causal_lm, load_rows, optimizer_step, parse_with_demo,
+                     peak_mem_mb, reset_peak_mem, warmup_schedule)
 from .guard import NonFiniteGuard
 
 DEMO = "tiny"
 DEMO_PRESET = dict(learning_rate=1e-3, per_device_train_batch_size=32, max_steps=200, warmup_ratio=0.05,
                    prj_dim=256, num_latent=3, sft_steps=200, hybrid_samples=1024, eval_size=100, save_steps=0,
                    logging_steps=25, max_new_tokens=40, train_data="synthetic", eval_data="synthetic",
-                   distill_loss_factor=1.0)
+                   distill_loss_factor=1.0, remove_eos=True)
 
 
 def build_parser():
@@ -65,23 +66,41 @@ def build_parser():
     a("--max_steps", type=int, default=-1, help="> 0 overrides num_train_epochs")
     a("--num_latent", type=int, default=6, help="latent steps per latent block")
     a("--prj_dim", type=int, default=2048)
-    a("--use_prj", action=argparse.BooleanOptionalAction, default=True)
+    add_bool(p, "--use_prj", True, "latent projection (Linear-GELU-Linear-LayerNorm)")
     a("--prj_dropout", type=float, default=0.0)
     a("--distill_loss_factor", type=float, default=1.0)
     a("--ref_loss_factor", type=float, default=1.0)
-    a("--distill_loss_type", default="l1", choices=["l1", "smooth_l1"])
-    a("--distill_layers", default="all", help="'all' | 'middle' | 'last' | 'i,j,...'")
-    a("--hybrid_cot_only_ratio", type=float, default=0.2, help="share of samples trained as pure explicit CoT")
+    # --- the original CODI's flags (zhenyi4/codi train.py / src/model.py), its meanings and defaults ---
+    a("--distill_loss_type", default="smooth_l1", choices=list(LOSS_TYPES),
+      help="smooth_l1 / l2 (the original's) or l1")
+    add_bool(p, "--distill_loss_div_std", False, "divide the distillation loss by the teacher's std (twice for l2)")
+    a("--distill_layers", default="all",
+      help="'all' (every hidden state incl. the embedding output, as the original) | 'blocks' | 'middle' | "
+           "'last' | 'i,j,...'")
+    a("--hybrid_cot_only_ratio", type=float, default=None,
+      help="share of samples trained as pure explicit CoT (default 0.2; 0 with --data_name, as the original)")
     a("--restore_from", default=None, help="CODI checkpoint to start from (ours or original CODI weights)")
     a("--resume_from_checkpoint", default=None, help="checkpoint dir, or 'latest' in --output_dir")
-    a("--lora_rank", type=int, default=0, help="0 = full fine-tuning; CODI uses 128 (alpha 32)")
-    a("--lora_alpha", type=int, default=None)
+    add_bool(p, "--use_lora", None, "LoRA adapters (True: rank --lora_r, default 128); default: --lora_rank decides")
+    a("--lora_rank", "--lora_r", type=int, default=None, help="0 = full fine-tuning (default); CODI uses 128")
+    a("--lora_alpha", type=int, default=16, help="the original's default 16 (its scripts pass 32)")
+    add_bool(p, "--lora_init", None, "PEFT's zero/Gaussian LoRA init (the only one here; the original's "
+             "False = LoftQ is not supported)")
+    add_bool(p, "--remove_eos", False, "no <eos> after the question and before the answer (the original's scripts "
+             "pass True; latentfast's eval decodes without them)")
+    a("--max_token_num", type=int, default=1000, help="drop samples longer than this many tokens (question+CoT+answer)")
+    a("--model_max_length", type=int, default=28000, help="the tokenizer's model_max_length (as the original)")
+    a("--data_name", default=None, choices=sorted(codi_data.DATA_NAMES),
+      help="the original's datasets, read from the local file --train_data: "
+           + "; ".join(f"{k} = {v}" for k, v in codi_data.DATA_NAMES.items()))
+    add_bool(p, "--include_last_cot", False, "keep the last CoT step (--data_name icot / icot-full)")
+    add_bool(p, "--print_ref_model_stats", False, "log the teacher's probability of the first answer token")
     a("--seed", type=int, default=42)
     a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
     a("--device", default=None)
     # --- data / eval / logging ---
     a("--train_data", default="gsm8k", help="without --hybrid_data_path: JSONL path, 'gsm8k' sample or 'synthetic'"
-      " (every step latent = original CODI)")
+      " (every step latent = original CODI); with --data_name: the local file of that dataset")
     a("--eval_data", default="gsm8k_test", help="JSONL path, 'gsm8k_test' sample, 'synthetic' or 'none'")
     a("--eval_size", type=int, default=100)
     a("--eval_modes", default="latent,explicit,adaptive")
@@ -100,11 +119,26 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parse_with_demo(parser, argv, "model_name_or_path", DEMO, DEMO_PRESET)
-    check_data_arg(parser, "--train_data", args.train_data)
+    if not args.data_name:  # with --data_name, codi_data.from_original checks the rows
+        check_data_arg(parser, "--train_data", args.train_data)
     check_data_arg(parser, "--eval_data", args.eval_data, allowed=("none",))
     if args.hybrid_data_path is not None and not pathlib.Path(args.hybrid_data_path).is_file():
         parser.error(f"--hybrid_data_path {args.hybrid_data_path!r}: no such file")
     check_resume_arg(parser, args.resume_from_checkpoint)
+    if args.data_name and not pathlib.Path(args.train_data).is_file():
+        parser.error(f"--data_name {args.data_name} reads --train_data as a local file "
+                     f"({codi_data.DATA_NAMES[args.data_name]}); not a file: {args.train_data!r}")
+    if args.hybrid_cot_only_ratio is None:  # the original trains the student on every sample
+        args.hybrid_cot_only_ratio = 0.0 if args.data_name else 0.2
+    if args.use_lora is not None:  # the original's switch; --lora_r / --lora_rank give the rank
+        args.lora_rank = (args.lora_rank or 128) if args.use_lora else 0
+    args.lora_rank = args.lora_rank or 0
+    if args.lora_rank < 0:
+        parser.error(f"--lora_rank must be >= 0, got {args.lora_rank}")
+    if args.lora_rank and args.lora_init is False:
+        parser.error("--lora_init False (LoftQ adapters) is not supported: drop it or pass --lora_init")
+    if args.max_token_num < 1:
+        parser.error(f"--max_token_num must be >= 1, got {args.max_token_num}")
     return args
 
 
@@ -118,7 +152,7 @@ def make_batch(tok, samples, index0, args, device):
         if not any(latent):
             pure = True
         exs.append(encode_example(tok, s["question"], s["steps"], s["final"], None if pure else latent,
-                                  args.num_latent))
+                                  args.num_latent, eos_delimiters=not args.remove_eos))
         cot.append(pure)
     batch, idx = split_batch(exs, cot, tok.pad_token_id)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -145,10 +179,13 @@ def sft_warmup(model: CODIModel, tok, rows, args, device, rank, amp):
 
 
 def load_samples(args, tok, model, device, rank, amp):
+    if args.data_name:
+        return codi_data.from_original(codi_data.read_rows(args.train_data), args.data_name, tok,
+                                       args.max_token_num, args.include_last_cot)
     if args.hybrid_data_path:
-        return codi_data.load_hybrid(args.hybrid_data_path)
+        return codi_data.drop_long(codi_data.load_hybrid(args.hybrid_data_path), tok, args.max_token_num)
     rows = load_rows(args.train_data, None, args.seed)
-    samples = codi_data.from_rows(rows)
+    samples = codi_data.drop_long(codi_data.from_rows(rows), tok, args.max_token_num)
     if args.demo and args.hybrid_samples:
         # phase 1 in-process with the warmed-up model: entropy-guided + random hybrid samples
         saved = pathlib.Path(args.output_dir) / codi_data.OUTPUT_NAME
@@ -182,11 +219,13 @@ def main(argv=None):
     dtype = torch.bfloat16 if (args.lora_rank and use_bf16) else torch.float32
     tok, lm = load_causal_lm(args.model_name_or_path, device, dtype=dtype, seed=args.seed)
     prepare_tokenizer(tok, lm)
+    tok.model_max_length = args.model_max_length
     torch.manual_seed(args.seed)  # identical prj init on every rank
     model = CODIModel(lm, tok.bot_token_id, tok.eot_token_id, num_latent=args.num_latent, prj_dim=args.prj_dim,
                       use_prj=args.use_prj, prj_dropout=args.prj_dropout, distill_loss_factor=args.distill_loss_factor,
                       ref_loss_factor=args.ref_loss_factor, distill_layers=args.distill_layers,
-                      distill_loss_type=args.distill_loss_type).to(device)
+                      distill_loss_type=args.distill_loss_type, distill_div_std=args.distill_loss_div_std,
+                      ref_stats=args.print_ref_model_stats).to(device)
     if args.lora_rank:
         model.add_lora(args.lora_rank, args.lora_alpha)
     if args.restore_from:
@@ -196,13 +235,19 @@ def main(argv=None):
                   f"{len(res['unexpected'])} unexpected keys)", flush=True)
     if rank == 0:
         cfg = {k: getattr(args, k) for k in ("model_name_or_path", "num_latent", "prj_dim", "use_prj", "lora_rank",
-                                             "lora_alpha")}
+                                             "lora_alpha", "remove_eos")}
         (out / "codi_config.json").write_text(json.dumps(cfg, indent=1))
     if args.demo and args.sft_steps and not args.resume_from_checkpoint:
         sft_warmup(model, tok, codi_data.from_rows(load_rows(args.train_data, None, args.seed + 1)), args, device,
                    rank, amp)
 
     samples = load_samples(args, tok, model, device, rank, amp)
+    if not samples:
+        raise ValueError("no training samples left (check --train_data / --data_name / --max_token_num)")
+    if rank == 0 and not args.remove_eos and args.eval_data != "none":
+        print("[codi] note: training with <eos> delimiters (--remove_eos False, the original's default); "
+              "latentfast.eval.adaptive decodes without them -- pass --remove_eos True as the original's "
+              "scripts do to evaluate in-process", flush=True)
     eval_rows = [] if args.eval_data == "none" else load_rows(args.eval_data, args.eval_size, args.seed + 10_000)
     B = args.per_device_train_batch_size
     per_step = B * args.gradient_accumulation_steps * world
@@ -258,8 +303,9 @@ def main(argv=None):
         bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row.get('ce', 0):.3f}", ref=f"{row['ref_ce']:.3f}",
                         distill=f"{row.get('distill', 0):.3f}")
         if rank == 0 and args.logging_steps and (step + 1) % args.logging_steps == 0:
+            stats = f" ref_answer_prob={row['ref_answer_prob']:.4f}" if "ref_answer_prob" in row else ""
             tqdm.write(f"Step {step + 1}: loss={row['loss']:.4f} ce={row.get('ce', 0):.4f} "
-                       f"ref_ce={row['ref_ce']:.4f} distill={row.get('distill', 0):.4f} lr={row['lr']:.2e}")
+                       f"ref_ce={row['ref_ce']:.4f} distill={row.get('distill', 0):.4f} lr={row['lr']:.2e}{stats}")
         if args.save_steps and (step + 1) % args.save_steps == 0:
             checkpoint.save(args.output_dir, step + 1, wrapped, opt, sched, extra={"nonfinite": guard.state_dict()})
     final = checkpoint.save(args.output_dir, total, wrapped, opt, sched, extra={"nonfinite": guard.state_dict()})

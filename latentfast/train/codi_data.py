@@ -28,6 +28,7 @@ import random
 import torch
 from tqdm.auto import tqdm
 
+from latentfast.data import ANSWER_MARKER
 from latentfast.models.codi import encode_example, prepare_tokenizer, split_answer
 
 from .common import amp_context, load_causal_lm, load_rows
@@ -91,11 +92,72 @@ def summary(samples: list[dict]) -> dict:
             "types": {t: sum(s["type"] == t for s in samples) for t in sorted({s["type"] for s in samples})}}
 
 
+def read_rows(path: str) -> list[dict]:
+    """Rows of a JSON list or JSONL file."""
+    text = pathlib.Path(path).read_text()
+    return json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
 def load_hybrid(path: str) -> list[dict]:
     """Samples from a hybrid JSON (list) or JSONL file; rows without ``latent`` are pure CODI."""
-    text = pathlib.Path(path).read_text()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
-    return from_rows(rows)
+    return from_rows(read_rows(path))
+
+
+# ----------------------------------------------------------------------------- original CODI data
+# The original CODI (zhenyi4/codi, train.py) reads these from the HF hub; here they are local
+# files the user downloaded (JSON / JSONL with the hub's fields).
+DATA_NAMES = {
+    "icot": "zen-E/GSM8k-Aug rows: question, cot ('<<a*b=c>> <<...>>'), answer",
+    "icot-full": "zen-E/GSM8k-Aug-NL rows: question, cot (sentences), answer",
+    "commonsense": "zen-E/CommonsenseQA-GPT4omini rows: question, cot, answer",
+    "gsm8k": "GSM8K rows: question, answer ('... #### N')",
+}
+
+
+def from_original(rows: list[dict], data_name: str, tok, max_token_num: int = 1000,
+                  include_last_cot: bool = False) -> list[dict]:
+    """Samples (question, steps, final) from the original's datasets, with its filters:
+    rows over ``max_token_num`` tokens (``tok.encode`` of the raw question+cot+answer, as the
+    original counts) are dropped, the last CoT step is dropped unless ``include_last_cot``,
+    GSM8K-Aug answers that do not start with a digit are dropped. Every step is latent
+    (no ``latent`` flags): pure CODI."""
+    if data_name not in DATA_NAMES:
+        raise ValueError(f"data_name must be one of {sorted(DATA_NAMES)}, got {data_name!r}")
+    if data_name == "gsm8k":
+        return drop_long(from_rows(rows), tok, max_token_num)
+    out = []
+    for i, r in enumerate(rows):
+        missing = {"question", "cot", "answer"} - set(r)
+        if missing:
+            raise ValueError(f"--data_name {data_name}: row {i} lacks {sorted(missing)} ({DATA_NAMES[data_name]})")
+        if r["answer"] is None or r["cot"] is None:
+            continue
+        q = str(r["question"])
+        if data_name == "commonsense":
+            cot, final = str(r["cot"]).strip(), str(r["answer"]).strip()
+            if len(tok.encode(q.strip() + "\n" + " " + cot + "\n" + " " + "The answer is: " + final)) > max_token_num:
+                continue
+            steps = [x.strip() for x in cot.split("\n") if x.strip()]
+        else:
+            if len(tok.encode(q + r["cot"] + r["answer"])) > max_token_num:
+                continue
+            steps = r["cot"].split(". ") if data_name == "icot-full" else r["cot"].split(" ")
+            if not include_last_cot:
+                steps = steps[:-1]
+            steps = [x.strip() for x in steps if x.strip()]
+            final = str(r["answer"]).split(" ")[-1].replace("####", "")
+            if not final[:1].isdigit():  # the original skips these (e.g. negative answers)
+                continue
+        out.append({"question": q.strip(), "steps": steps, "final": final})
+    return out
+
+
+def drop_long(samples: list[dict], tok, max_token_num: int) -> list[dict]:
+    """Samples whose question + worked answer fit in ``max_token_num`` tokens (the
+    original's ``--max_token_num``, "avoid OOM: remove very long data")."""
+    def text(s):
+        return s["question"] + (s.get("answer") or "\n".join(s["steps"]) + f" {ANSWER_MARKER} " + s["final"])
+    return [s for s in samples if len(tok.encode(text(s))) <= max_token_num]
 
 
 def from_rows(rows: list[dict]) -> list[dict]:

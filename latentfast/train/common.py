@@ -36,6 +36,26 @@ def explicit_args(parser: argparse.ArgumentParser, argv) -> set:
             a.default = d
 
 
+def parse_bool(v) -> bool:
+    """'True'/'False' (HF ``TrainingArguments`` style: ``--use_lora True``), yes/no, 1/0."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("true", "yes", "y", "1", "on"):
+        return True
+    if s in ("false", "no", "n", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {v!r}")
+
+
+def add_bool(parser: argparse.ArgumentParser, name: str, default, help: str = "") -> None:
+    """``--name``, ``--name True|False`` (as HF's argument parser takes them) and
+    ``--no-name`` / ``--no_name``."""
+    dest = name.lstrip("-")
+    parser.add_argument(name, type=parse_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
+    parser.add_argument(f"--no-{dest}", f"--no_{dest}", dest=dest, action="store_false", help=argparse.SUPPRESS)
+
+
 def apply_preset(args, parser, argv, preset: dict) -> None:
     """Demo presets replace the defaults of the arguments the user did not type."""
     typed = explicit_args(parser, argv)

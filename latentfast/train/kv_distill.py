@@ -182,7 +182,7 @@ class KVDistiller(nn.Module):
             warm = args.attention_weighted_kv_warmup if self.weighted else sys.maxsize
             self.kv = AttentionWeightedKVLoss(warm, args.use_teacher_attention, projs)
         self.cka = CKALoss(args.cka_layers) if self.cka_weight else None
-        self.codi = CODILoss("all", student_dim=s_cfg.hidden_size, teacher_dim=t_cfg.hidden_size) \
+        self.codi = CODILoss("blocks", student_dim=s_cfg.hidden_size, teacher_dim=t_cfg.hidden_size) \
             if self.codi_weight else None
         self.capture = KVCapture(student, [s for s, _ in self.pairs], [self.s_imp])
 
