@@ -46,21 +46,40 @@ def split_answer(answer: str, marker: str = ANSWER_MARKER) -> tuple[list[str], s
     return steps, final.strip().split("\n", 1)[0]
 
 
+CODI_PAD = "[PAD]"  # fills the original CODI's pad slot (id = vocab_size) when the tokenizer has no token there
+
+
 def prepare_tokenizer(tok, lm=None):
-    """Make sure ``tok`` has pad/``<|bot|>``/``<|eot|>`` tokens (adding them, and growing
-    ``lm``'s embeddings, for a stock HF model) and the ``*_id`` attributes used here."""
-    added = []
+    """Make sure ``tok`` has pad/``<|bot|>``/``<|eot|>`` ids and the ``*_id`` attributes used here.
+
+    A tokenizer that already has the two tokens (the project's) keeps its ids. For a stock
+    HF model the original CODI's layout is used, so its checkpoints load: with
+    ``V = config.vocab_size``, the embeddings grow to ``V + 3`` rows (pad slot ``V``,
+    ``<bot>`` ``V + 1``, ``<eot>`` ``V + 2``); the tokens are registered in the tokenizer
+    when its vocabulary ends at ``V`` (Llama, GPT-2), else only the ids are set (decoding
+    skips them)."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    for t in (BOT, EOT):
-        if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id):
-            added.append(t)
-    if added:
-        tok.add_special_tokens({"additional_special_tokens": added})
-    tok.bot_token_id, tok.eot_token_id = tok.convert_tokens_to_ids(BOT), tok.convert_tokens_to_ids(EOT)
+    known = all(tok.convert_tokens_to_ids(t) not in (None, tok.unk_token_id) for t in (BOT, EOT))
+    if known:
+        tok.bot_token_id, tok.eot_token_id = tok.convert_tokens_to_ids(BOT), tok.convert_tokens_to_ids(EOT)
+        rows = len(tok)
+    else:
+        if getattr(tok, "codi_vocab_size", None) is None:  # first call: the model's original vocabulary
+            tok.codi_vocab_size = lm.config.vocab_size if lm is not None else len(tok)
+        V = tok.codi_vocab_size
+        if len(tok) > V:
+            raise ValueError(f"tokenizer has {len(tok)} tokens, more than the model's vocab_size {V}")
+        if len(tok) == V:
+            tok.add_special_tokens({"additional_special_tokens": [CODI_PAD, BOT, EOT]})
+            if (tok.convert_tokens_to_ids(BOT), tok.convert_tokens_to_ids(EOT)) != (V + 1, V + 2):
+                raise ValueError(f"could not place {BOT}/{EOT} at ids {V + 1}/{V + 2} (a token named {CODI_PAD}, "
+                                 f"{BOT} or {EOT} is already in the tokenizer)")
+        tok.bot_token_id, tok.eot_token_id = V + 1, V + 2
+        rows = V + 3
     tok.answer_marker_ids = tok(ANSWER_MARKER, add_special_tokens=False)["input_ids"]
-    if lm is not None and lm.get_input_embeddings().weight.shape[0] < len(tok):
-        lm.resize_token_embeddings(len(tok))
+    if lm is not None and lm.get_input_embeddings().weight.shape[0] < rows:
+        lm.resize_token_embeddings(rows)
     return tok
 
 
@@ -356,10 +375,11 @@ def split_batch(examples: list[dict], cot_only: list[bool], pad_id: int) -> tupl
 
 
 # ----------------------------------------------------------------------------- weights
-def load_weights(model: CODIModel, path: str) -> dict:
-    """Restore a CODI model from one of our checkpoints (``checkpoint-N`` dir or an output
-    dir holding them) or an original CODI ``pytorch_model.bin`` / ``model.safetensors``
-    (keys ``codi.*`` / ``prj.*``). Returns {'missing': [...], 'unexpected': [...]}."""
+PEFT_PREFIX = "codi.base_model.model."
+
+
+def _checkpoint_file(path: str) -> tuple[pathlib.Path, bool]:
+    """(weights file, whether it is one of our trainer checkpoints)."""
     p = pathlib.Path(path)
     if p.is_dir() and not (p / "trainer_state.json").exists():
         from latentfast.train.checkpoint import latest
@@ -367,15 +387,40 @@ def load_weights(model: CODIModel, path: str) -> dict:
         ck = latest(str(p))
         if ck is not None:
             p = pathlib.Path(ck)
-    f = None
+    if p.is_file():
+        return p, (p.parent / "trainer_state.json").exists()
     for name in ("model.safetensors", "pytorch_model.bin"):
         if p.is_dir() and (p / name).exists():
-            f = p / name
-            break
-    if f is None and p.is_file():
-        f = p
-    if f is None:
-        raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin under {path}")
+            return p / name, (p / "trainer_state.json").exists()
+    raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin under {path}")
+
+
+def _map_key(k: str, own) -> str | None:
+    """A checkpoint key as this model names it: PEFT-wrapped (``codi.base_model.model.*``,
+    LoRA'd linears under ``.base_layer``) or not, either way round."""
+    if k in own:
+        return k
+    if k.startswith("codi.") and not k.startswith(PEFT_PREFIX):  # plain checkpoint, PEFT model
+        rest = k[len("codi."):]
+        head, _, leaf = rest.rpartition(".")
+        for cand in (PEFT_PREFIX + rest, f"{PEFT_PREFIX}{head}.base_layer.{leaf}"):
+            if cand in own:
+                return cand
+    if k.startswith(PEFT_PREFIX) and "codi." + k[len(PEFT_PREFIX):] in own:  # PEFT checkpoint, plain model
+        return "codi." + k[len(PEFT_PREFIX):]
+    return None
+
+
+def load_weights(model: CODIModel, path: str, strict: bool = True) -> dict:
+    """Restore a CODI model from one of our checkpoints (``checkpoint-N`` dir or an output
+    dir holding them) or an original CODI ``pytorch_model.bin`` / ``model.safetensors``
+    (the original's ``CODI`` module state: ``codi.*``, ``codi.base_model.model.*`` with
+    LoRA, and ``prj.*``). Every key is accounted for: loaded, or a missing one that is
+    the tied output embedding, a LoRA adapter the (non-LoRA) checkpoint cannot have, or
+    (our trainable-only checkpoints) a frozen base weight kept from the base model;
+    ``strict`` raises on anything else, and on keys the model does not have.
+    Returns {'loaded', 'missing', 'unexpected', 'tied', 'fresh_lora', 'frozen'} (key lists)."""
+    f, ours = _checkpoint_file(path)
     if f.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -383,15 +428,42 @@ def load_weights(model: CODIModel, path: str) -> dict:
     else:
         sd = torch.load(str(f), map_location="cpu", weights_only=True)
     own = model.state_dict()
-    peft = "codi.base_model.model."
-    fixed = {}
-    for k, v in sd.items():  # PEFT-saved CODI weights into an un-wrapped model, or vice versa
-        if k not in own and k.startswith(peft) and "codi." + k[len(peft):] in own:
-            k = "codi." + k[len(peft):]
-        elif k not in own and k.startswith("codi.") and peft + k[5:] in own:
-            k = peft + k[5:]
-        fixed[k] = v
-    if not any(k in own for k in fixed if not k.startswith("prj.")):
-        raise ValueError(f"{f}: no model key matches this model (LoRA checkpoint? pass the same --lora_rank)")
-    res = model.load_state_dict(fixed, strict=False)
-    return {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
+    ckpt_lora = sorted({v.shape[0] for k, v in sd.items() if ".lora_A." in k})
+    model_lora = any(".lora_A." in k for k in own)
+    if ckpt_lora and not model_lora:
+        raise ValueError(f"{f} holds LoRA adapters (rank {ckpt_lora[0]}): build the model with them "
+                         f"(trainer: --use_lora True --lora_r {ckpt_lora[0]} --lora_alpha <the run's alpha>; "
+                         f"eval: --lora_rank {ckpt_lora[0]} --lora_alpha <alpha>)")
+    mapped, unexpected = {}, []
+    for k, v in sd.items():
+        m = _map_key(k, own)
+        if m is None:
+            unexpected.append(k)
+            continue
+        if tuple(v.shape) != tuple(own[m].shape):
+            hint = ""
+            if m.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight")):
+                hint = (" (the original CODI resizes the embeddings to vocab_size + 3: pad, <bot>, <eot>; is it "
+                        "the same base model?)")
+            elif ".lora_" in m:
+                hint = " (a different LoRA rank: pass the checkpoint's)"
+            raise ValueError(f"{f}: {k} has shape {tuple(v.shape)}, the model's {m} {tuple(own[m].shape)}{hint}")
+        mapped[m] = v
+    if not any(not k.startswith("prj.") for k in mapped):
+        raise ValueError(f"{f}: no model key matches this model ({len(unexpected)} unexpected keys, e.g. "
+                         f"{unexpected[:3]})")
+    missing = [k for k in own if k not in mapped]
+    loaded_ptrs = {own[k].data_ptr() for k in mapped}
+    tied = [k for k in missing if own[k].data_ptr() in loaded_ptrs]  # shares storage with a loaded key
+    fresh_lora = [k for k in missing if ".lora_" in k and not ckpt_lora]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = [k for k in missing if ours and k not in trainable and k not in tied and k not in fresh_lora]
+    rest = [k for k in missing if k not in tied and k not in fresh_lora and k not in frozen]
+    if strict and (rest or unexpected):
+        def few(keys):
+            return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        raise ValueError(f"{f} does not match the model: " + "; ".join(
+            f"{what}: {few(keys)}" for what, keys in (("missing", rest), ("unexpected", unexpected)) if keys))
+    model.load_state_dict(mapped, strict=False)
+    return {"loaded": sorted(mapped), "missing": rest, "unexpected": unexpected, "tied": tied,
+            "fresh_lora": fresh_lora, "frozen": frozen}

@@ -7,6 +7,12 @@
         --num_latent 6 --prj_dim 2048 --hybrid_cot_only_ratio 0.2 --bf16
     ... --restore_from ./CODI/pretrained/CODI-llama3.2-1b-Instruct   # continue from a CODI checkpoint
     torchrun --nproc_per_node 8 -m latentfast.train.codi ...
+    ... --data_name icot --train_data gsm8k_aug.jsonl --use_lora True --lora_r 128 --lora_alpha 32 --lora_init \
+        --distill_loss_div_std True --distill_loss_factor 20 --remove_eos True --max_token_num 200  # original CODI
+
+The original CODI's flags (zhenyi4/codi train.py) keep its meanings and defaults
+(distillation: every hidden state incl. the embeddings, smooth L1, no std division);
+``--data_name`` reads its datasets from a local ``--train_data`` file (``codi_data.from_original``).
 
 One model is both teacher (explicit CoT) and student (latent steps, see
 ``latentfast.models.codi``). Per sample, with probability ``--hybrid_cot_only_ratio``
@@ -231,8 +237,9 @@ def main(argv=None):
     if args.restore_from:
         res = load_weights(model, args.restore_from)
         if rank == 0:
-            print(f"[codi] restored {args.restore_from} ({len(res['missing'])} missing, "
-                  f"{len(res['unexpected'])} unexpected keys)", flush=True)
+            print(f"[codi] restored {args.restore_from}: {len(res['loaded'])} keys loaded, {len(res['tied'])} tied, "
+                  f"{len(res['fresh_lora'])} new LoRA adapters, {len(res['frozen'])} frozen kept from the base",
+                  flush=True)
     if rank == 0:
         cfg = {k: getattr(args, k) for k in ("model_name_or_path", "num_latent", "prj_dim", "use_prj", "lora_rank",
                                              "lora_alpha", "remove_eos")}
