@@ -23,8 +23,10 @@ def tok():
     return prepare_tokenizer(build_tokenizer())
 
 
-def test_original_script_flags_parse_with_their_meaning():
-    a = codi.parse_args(ORIGINAL_SCRIPT)
+def test_original_script_flags_parse_with_their_meaning(tmp_path):
+    data = tmp_path / "gsm8k_aug.jsonl"
+    data.write_text('{"question": "1+2?", "cot": "<<1+2=3>>", "answer": "3"}\n')
+    a = codi.parse_args(ORIGINAL_SCRIPT + ["--train_data", str(data)])
     assert (a.lora_rank, a.lora_alpha, a.lora_init) == (128, 32, True)
     assert (a.use_prj, a.prj_dim, a.num_latent) == (True, 2048, 6)
     assert (a.distill_loss_div_std, a.distill_loss_factor, a.remove_eos, a.max_token_num) == (True, 20.0, True, 200)
@@ -43,6 +45,8 @@ def test_original_script_flags_parse_with_their_meaning():
         codi.parse_args(["--model_name_or_path", "/m", "--use_lora", "maybe"])
     with pytest.raises(SystemExit):
         codi.parse_args(["--model_name_or_path", "/m", "--lora_r", "8", "--lora_init", "False"])
+    with pytest.raises(SystemExit):  # --data_name needs the dataset as a local file
+        codi.parse_args(ORIGINAL_SCRIPT)
 
 
 def test_eos_delimiters_are_the_originals(tok):
