@@ -1,0 +1,43 @@
+"""The static KV cache and the decoder's keyword names, across transformers versions."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def cache_kwarg(decoder) -> str:
+    """transformers >= 5.2x renamed ``past_key_values`` to ``cache``; support both."""
+    params = inspect.signature(type(decoder).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def takes_cache_position(decoder) -> bool:
+    """Older decoders (e.g. transformers 5.17) index the static cache by ``cache_position``."""
+    return "cache_position" in inspect.signature(type(decoder).forward).parameters
+
+
+def cache_len(n: int) -> int:
+    """Static cache length for ``n`` = prompt + new tokens: rounded up to a few buckets so
+    prompts of different lengths reuse one compiled step (every slot past the row's
+    tokens is masked; dense attention pays for them, so the buckets stay tight)."""
+    if n <= 256:
+        return max(64, 1 << (n - 1).bit_length())
+    return -(-n // 256) * 256
+
+
+def static_cache(config, batch_size: int, max_cache_len: int, device, dtype):
+    """An HF ``StaticCache`` (constructor signature of transformers >= 4.56, else the older one)."""
+    from transformers import StaticCache
+
+    try:
+        return StaticCache(config=config, max_cache_len=max_cache_len)
+    except TypeError:  # transformers < 4.56
+        return StaticCache(config=config, max_batch_size=batch_size, max_cache_len=max_cache_len, device=device,
+                           dtype=dtype)
+
+
+def mark_static(*tensors: torch.Tensor) -> None:
+    """Fixed addresses for CUDA graphs: buffers mutated inside the compiled step."""
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
