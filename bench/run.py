@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 
 from measure import device_name  # noqa: E402
 
-BENCHMARKS = ["thinking_residual", "grpo_loss", "attention_importance", "hrpo_step", "kv_distill_step"]
+BENCHMARKS = ["thinking_residual", "grpo_loss", "attention_importance", "hrpo_step", "kv_distill_step", "generation"]
 
 
 def _slug(s: str) -> str:

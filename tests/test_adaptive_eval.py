@@ -1,4 +1,6 @@
 """Entropy-based explicit/latent switching: scripted entropies, then a tiny CODI model."""
+import math
+
 import pytest
 import torch
 
@@ -141,3 +143,91 @@ def test_evaluate_and_verbose(codi_model, capsys):
     assert r["n"] == 2 and 0 <= r["accuracy"] <= 1 and len(recs) == 2
     assert "[adaptive] #0" in capsys.readouterr().out
     assert "| adaptive |" in results_table([r])
+
+
+@pytest.mark.parametrize("mode,kw", [("adaptive", dict(window_e_to_l=1)),
+                                     ("adaptive", dict(window_e_to_l=3, window_l_to_e=2, max_switch_count=4,
+                                                       num_latent=3)),
+                                     ("latent", dict(num_latent=2)), ("explicit", {})])
+def test_batched_switch_is_switch_controller_row_by_row(mode, kw):
+    """The engine's device-tensor rule makes the same decisions, counts and switch
+    references as one SwitchController per row (rows going idle, answer lock)."""
+    from latentfast.generation.switching import BOT as B_, EOT as E_, LATENT as L_, NONE, TOKEN as T_, BatchedSwitch
+
+    codes = {TOKEN: T_, BOT: B_, LATENT: L_, EOT: E_}
+    g = torch.Generator().manual_seed(0)
+    B, S = 48, 40
+    ents = torch.rand(B, S, generator=g) * 3
+    bnd = torch.rand(B, S, generator=g) < 0.5
+    stop = torch.randint(S // 2, S + 1, (B,), generator=g)
+    lock = torch.randint(0, S, (B,), generator=g)
+    ctrls = [SwitchController(mode, **kw) for _ in range(B)]
+    batch = BatchedSwitch(B, "cpu", mode, **kw)
+    for s in range(S):
+        active = s < stop
+        for b in range(B):
+            if s == int(lock[b]):
+                ctrls[b].answering = True
+        batch.answering |= lock == s
+        acts, refs = batch.decide(ents[:, s], bnd[:, s], active)
+        for b in range(B):
+            if not active[b]:
+                assert int(acts[b]) == NONE
+                continue
+            want = codes[ctrls[b].decide(float(ents[b, s]), bool(bnd[b, s]))]
+            assert int(acts[b]) == want, (b, s)
+            if want in (B_, E_):
+                ref = ctrls[b].events[-1][3]
+                assert (ref is None and not math.isfinite(float(refs[b]))) or ref == round(float(refs[b]), 4)
+    assert batch.switches.tolist() == [c.switches for c in ctrls]
+    assert batch.latent_steps.tolist() == [c.latent_steps for c in ctrls]
+    if mode == "adaptive":
+        assert sum(c.switches for c in ctrls) > B  # the rule did switch, both ways
+
+
+def test_adaptive_batch_matches_one_sequence_at_a_time(codi_model, monkeypatch):
+    """Left-padded batch on the engine == each question decoded alone by the plain loop
+    with a SwitchController (frequent step boundaries, so latent blocks open and close)."""
+    from latentfast.data import format_prompt
+    from latentfast.eval import adaptive
+    from latentfast.models.codi import new_cache
+
+    tok, m = codi_model
+    ends = frozenset(range(0, len(tok), 3))
+    monkeypatch.setattr(adaptive, "_line_end_ids", lambda _tok: ends)
+    qs = ["Sam has 2 cards.", "Mia has 4 coins. Then they double their coins. How many coins does Mia have?",
+          "Tom has 3 apples. How many apples does Tom have?"]
+    kw = dict(max_new_tokens=12, window_e_to_l=1, max_switch_count=6)
+    gens = generate_adaptive(m, tok, qs, "adaptive", **kw)
+    marker = list(tok.answer_marker_ids)
+    for q, g in zip(qs, gens):
+        ids = tok(format_prompt(q), return_tensors="pt").input_ids
+        cache, T = new_cache(m.config), ids.shape[1]
+        ctrl = SwitchController("adaptive", 6, 1, 0, m.num_latent)
+        out, trace = [], []
+        with torch.no_grad():
+            h = m.run(m.embed(ids), torch.ones(1, T, dtype=torch.long), torch.arange(T)[None],
+                      cache=cache).last_hidden_state[:, -1]
+            for _ in range(200):
+                logits = m.logits(h).float()
+                logp = logits.log_softmax(-1)
+                ent = float(-(logp.exp() * logp).sum(-1))
+                nxt = int(logits.argmax(-1))
+                act = ctrl.decide(ent, boundary=not out or out[-1] in ends)
+                if act == TOKEN:
+                    out.append(nxt)
+                    e = m.embed(torch.tensor([nxt]))
+                    trace.append(("E", nxt))
+                    ctrl.answering |= out[-len(marker):] == marker
+                    if nxt == tok.eos_token_id or len(out) >= 12:
+                        break
+                elif act == LATENT:
+                    e = m.latent_embed(h)
+                else:
+                    e = m.embed(torch.tensor([tok.bot_token_id if act == BOT else tok.eot_token_id]))
+                o = m.run(e[:, None], torch.ones(1, T + 1, dtype=torch.long), torch.tensor([[T]]), cache=cache)
+                T += 1
+                h = o.last_hidden_state[:, -1]
+        assert g.text == tok.decode(out, skip_special_tokens=True)
+        assert (g.latent_steps, g.switches, g.events) == (ctrl.latent_steps, ctrl.switches, ctrl.events)
+    assert sum(g.switches for g in gens) >= 2 and any(g.latent_steps for g in gens)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latentfast.data import build_tokenizer, format_prompt, make_arithmetic
-from latentfast.generation import SamplingPolicy, ThinkingPolicy, decode, generate
+from latentfast.generation import ThinkingPolicy, decode, generate
 from latentfast.generation.sampling import sample
 from latentfast.models import HybridConfig, HybridThinkingLM, build_tiny_causal_lm
 from latentfast.reference.generation import hybrid_generate, reference_sample

@@ -131,83 +131,56 @@ def _line_end_ids(tok) -> frozenset:
         return _line_end_ids_cached.__wrapped__(tok)
 
 
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = logits.float().log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 @torch.no_grad()
 def generate_adaptive(model, tok, questions: list[str], mode: str = "adaptive", max_new_tokens: int = 256,
                       max_switch_count: int = 5, window_e_to_l: int = 5, window_l_to_e: int = 0,
-                      amp=None) -> list[Generation]:
-    """Greedy batched decoding with a ``SwitchController`` per sequence (``model``: CODIModel)."""
+                      amp=None, compile: bool | None = None) -> list[Generation]:
+    """Greedy batched decoding, each sequence switched by ``SwitchController``'s rule
+    (``model``: CODIModel). Runs on the decode engine with ``SwitchPolicy``, the rule as
+    batched device tensors (no host round trip per step)."""
     from latentfast.data import format_prompt
-    from latentfast.models.codi import new_cache
+    from latentfast.generation import decode
+    from latentfast.generation.switching import BOT as A_BOT
+    from latentfast.generation.switching import EOT as A_EOT
+    from latentfast.generation.switching import NONE as A_NONE
+    from latentfast.generation.switching import TOKEN as A_TOKEN
+    from latentfast.generation.switching import SwitchPolicy
 
     amp = amp or (lambda: torch.autocast("cpu", enabled=False))
     device = model.lm.get_input_embeddings().weight.device
     tok.padding_side = "left"
     enc = tok([format_prompt(q) for q in questions], return_tensors="pt", padding=True)
     ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-    B = ids.shape[0]
-    ctrl = [SwitchController(mode, max_switch_count, window_e_to_l, window_l_to_e, model.num_latent)
-            for _ in range(B)]
-    out_ids = [[] for _ in range(B)]
-    traces = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
-    marker = list(tok.answer_marker_ids)
-    ends_line = _line_end_ids(tok)
-    cache = new_cache(model.config)
+    policy = SwitchPolicy(model, mode, max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          bot_token_id=tok.bot_token_id, eot_token_id=tok.eot_token_id,
+                          marker_ids=tok.answer_marker_ids, line_end_ids=_line_end_ids(tok),
+                          max_switch_count=max_switch_count, window_e_to_l=window_e_to_l, window_l_to_e=window_l_to_e)
     with amp():
-        o = model.run(model.embed(ids), mask, (mask.cumsum(1) - 1).clamp(min=0), cache=cache)
-    h = o.last_hidden_state[:, -1]
-    pos = mask.sum(1)
-    budget = max_new_tokens + max_switch_count * (model.num_latent + 2) + model.num_latent + 2
-    for _ in range(budget):
-        logits = model.logits(h).float()
-        ent, nxt = _entropy(logits).tolist(), logits.argmax(-1).tolist()
-        feed = torch.full((B,), tok.pad_token_id, dtype=torch.long, device=device)
-        use_latent = torch.zeros(B, dtype=torch.bool, device=device)
-        for b in range(B):
-            if done[b]:
-                continue
-            act = ctrl[b].decide(ent[b], boundary=not out_ids[b] or out_ids[b][-1] in ends_line)
-            tr = traces[b]
-            if act == TOKEN:
-                out_ids[b].append(nxt[b])
-                feed[b] = nxt[b]
-                if tr and tr[-1][0] == "E":
-                    tr[-1][1].append(nxt[b])
-                else:
-                    tr.append(("E", [nxt[b]]))
-                if out_ids[b][-len(marker):] == marker:
-                    ctrl[b].answering = True
-                if nxt[b] == tok.eos_token_id or len(out_ids[b]) >= max_new_tokens:
-                    done[b] = True
-            elif act == BOT:
-                feed[b] = tok.bot_token_id
-                tr.append(("L", 0))
-            elif act == EOT:
-                feed[b] = tok.eot_token_id
-            else:
-                use_latent[b] = True
-                tr[-1] = ("L", tr[-1][1] + 1)
-        if bool(done.all()):
-            break
-        with amp():
-            emb = model.embed(feed)
-            if bool(use_latent.any()):
-                emb = torch.where(use_latent[:, None], model.latent_embed(h).to(emb.dtype), emb)
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
-            o = model.run(emb[:, None], mask, pos[:, None], cache=cache)
-        h = o.last_hidden_state[:, -1]
-        pos = pos + 1
+        res = decode(model, ids, mask, policy.budget(), policy, sync_ranks=False, compile=compile)
     gens = []
-    for b in range(B):
-        trace = [(k, tok.decode(v, skip_special_tokens=True) if k == "E" else v) for k, v in traces[b]]
-        gens.append(Generation(tok.decode(out_ids[b], skip_special_tokens=True),
-                               sum(1 for t in out_ids[b] if t != tok.eos_token_id), ctrl[b].latent_steps,
-                               ctrl[b].switches, trace, ctrl[b].events))
+    for b in range(ids.shape[0]):
+        out, trace, events = [], [], []
+        rows = zip(res["actions"][b].tolist(), res["tokens"][b].tolist(), res["entropies"][b].tolist(),
+                   res["refs"][b].tolist())
+        for t, (act, nxt, ent, ref) in enumerate(rows, start=1):
+            if act == A_NONE:  # done
+                break
+            if act == A_TOKEN:
+                out.append(nxt)
+                if trace and trace[-1][0] == "E":
+                    trace[-1][1].append(nxt)
+                else:
+                    trace.append(("E", [nxt]))
+            elif act in (A_BOT, A_EOT):
+                events.append((t, "E->L" if act == A_BOT else "L->E", round(ent, 4),
+                               round(ref, 4) if math.isfinite(ref) else None))
+                if act == A_BOT:
+                    trace.append(("L", 0))
+            else:
+                trace[-1] = ("L", trace[-1][1] + 1)
+        trace = [(k, tok.decode(v, skip_special_tokens=True) if k == "E" else v) for k, v in trace]
+        gens.append(Generation(tok.decode(out, skip_special_tokens=True), sum(1 for t in out if t != tok.eos_token_id),
+                               int(res["latent_steps"][b]), int(res["switches"][b]), trace, events))
     return gens
 
 

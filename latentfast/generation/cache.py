@@ -17,10 +17,12 @@ def takes_cache_position(decoder) -> bool:
     return "cache_position" in inspect.signature(type(decoder).forward).parameters
 
 
-def cache_len(n: int) -> int:
-    """Static cache length for ``n`` = prompt + new tokens: rounded up to a few buckets so
-    prompts of different lengths reuse one compiled step (every slot past the row's
-    tokens is masked; dense attention pays for them, so the buckets stay tight)."""
+def cache_len(n: int, bucketed: bool = True) -> int:
+    """Static cache length for ``n`` = prompt + new tokens. ``bucketed`` (a compiled step):
+    rounded up to a few buckets so prompts of different lengths reuse one compiled graph.
+    Dense attention reads every slot (masked ones too), so eager steps use exactly ``n``."""
+    if not bucketed:
+        return n
     if n <= 256:
         return max(64, 1 << (n - 1).bit_length())
     return -(-n // 256) * 256

@@ -138,7 +138,7 @@ class Engine:
         self.parts, self.policy = parts, policy
         self.B, self.P = input_ids.shape
         self.C = max_new_tokens
-        self.L = cache_len(self.P + self.C)
+        self.L = cache_len(self.P + self.C, bucketed=compiled)
         self.device = input_ids.device
         self.dtype = parts.embedding.weight.dtype
         self.compiled, self.compile_checked = compiled, False

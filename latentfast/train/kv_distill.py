@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from latentfast.data import format_prompt
 from latentfast.data.rewards import correctness_reward
+from latentfast.generation import generate
 from latentfast.models.kv_capture import KVCapture
 from latentfast.nn import AttentionWeightedKVLoss, CKALoss, CODILoss, KVProjection, layer_pairs
 
@@ -276,10 +277,10 @@ def evaluate(lm, tok, rows, args, device, amp, rank=0, world=1) -> dict:
         n_tok = int((b["targets"] != -100).sum())
         tok.padding_side = "left"
         enc = tok([format_prompt(r["question"]) for r in chunk], return_tensors="pt", padding=True).to(device)
-        with amp():
-            gen = lm.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        texts = tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        with amp():  # greedy, token-identical to lm.generate(do_sample=False); ranks decode independently
+            ro = generate(lm, enc.input_ids, enc.attention_mask, args.max_new_tokens, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, sync_ranks=False)
+        texts = tok.batch_decode(ro.completion_ids, skip_special_tokens=True)
         sums += torch.tensor([ce.item() * n_tok, n_tok, sum(correctness_reward(texts, [r["answer"] for r in chunk])),
                               len(chunk)], dtype=torch.float64)
     if world > 1:
