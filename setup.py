@@ -43,6 +43,7 @@ setup(
             "latentfast-hrpo=latentfast.train.hrpo:cli",
             "latentfast-codi=latentfast.train.codi:cli",
             "latentfast-kv-distill=latentfast.train.kv_distill:cli",
+            "latentfast-sft=latentfast.train.sft:cli",
             "latentfast-diagnose=latentfast.diagnose:main",
         ]
     },

@@ -1,0 +1,181 @@
+"""Typed trainer configs: dataclasses that generate the command line.
+
+    @dataclass
+    class MyConfig(TrainConfig):
+        lr: float = option(5e-6, "peak learning rate", aliases=("learning_rate",))
+        group_size: int = option(4, "completions per prompt")
+
+        def __post_init__(self):
+            super().__post_init__()
+            check(self.group_size > 0, "group_size", "a positive integer", self.group_size)
+
+    cfg = MyConfig.parse(argv)                 # --lr 1e-5 / --learning_rate 1e-5, --group_size 8
+    cfg = cfg.with_preset(DEMO_PRESET)         # a demo's values for the fields the user did not type
+
+Each field is one flag, ``--<name>`` plus ``--<alias>`` for every alias (the recipes
+spell some options differently: ``--lr``/``--learning_rate``,
+``--model_name``/``--model_name_or_path``); its type comes from the annotation
+(``int``, ``float``, ``str``, ``bool`` -> ``--x/--no-x``, ``X | None``, ``list[str]``
+-> ``nargs="+"``). Validation lives in ``__post_init__`` and a failure is a
+``ValueError`` naming the argument, which ``parse`` turns into an argparse error.
+Presets are plain dicts applied only to the fields the command line did not set;
+``to_dict`` is what a checkpoint stores, and ``Config(**saved)`` reproduces the run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+_MISSING = dataclasses.MISSING
+
+
+def option(default=_MISSING, help: str = "", *, aliases: tuple = (), choices=None, cli: bool = True):
+    """A config field: its default, help text, extra flag spellings, allowed values.
+    ``cli=False`` keeps a field out of the command line (set by code only)."""
+    meta = {"help": help, "aliases": tuple(aliases), "choices": choices, "cli": cli}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def check(ok: bool, name: str, expected: str, got) -> None:
+    """``ValueError('--name: expected ..., got ...')`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"--{name}: expected {expected}, got {got!r}")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _base_type(tp):
+    """(python type, optional, is_list) from an annotation."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return typing.get_args(tp)[0], optional, True
+    return tp, optional, False
+
+
+def _bool_flag(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+@dataclass
+class Config:
+    """Base of every config: command-line generation, aliases, presets, serialisation."""
+
+    def __post_init__(self):  # subclasses validate here (and call super().__post_init__())
+        pass
+
+    @classmethod
+    def cli_fields(cls):
+        hints = typing.get_type_hints(cls)
+        return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+    @classmethod
+    def aliases(cls) -> dict:
+        """alias -> field name."""
+        return {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
+
+    @classmethod
+    def build_parser(cls, description: str | None = None, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(description=description or cls.__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        for f, tp in cls.cli_fields():
+            flags = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
+            default = f.default if f.default is not _MISSING else (
+                f.default_factory() if f.default_factory is not _MISSING else None)
+            kw = dict(dest=f.name, help=f.metadata.get("help") or None,
+                      default=argparse.SUPPRESS if suppress_defaults else default)
+            base, _, many = _base_type(tp)
+            if base is bool and not many:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = _bool_flag if base is bool else base
+                if many:
+                    kw["nargs"] = "+"
+                if f.metadata.get("choices"):
+                    kw["choices"] = f.metadata["choices"]
+            if kw.get("help") and not suppress_defaults and default is not None and "action" not in kw:
+                kw["help"] += f" (default: {default})"
+            p.add_argument(*flags, **kw)
+        return p
+
+    @classmethod
+    def parse(cls, argv=None, description: str | None = None):
+        """The config from ``argv`` (``sys.argv[1:]`` when None); ``explicit`` on the result
+        names the fields the command line set."""
+        parser = cls.build_parser(description, suppress_defaults=True)
+        typed = vars(parser.parse_args(argv))
+        try:
+            cfg = cls(**typed)
+        except ValueError as e:
+            parser.error(str(e))
+        cfg.check_cli(parser)
+        object.__setattr__(cfg, "_explicit", frozenset(typed))
+        return cfg
+
+    def check_cli(self, parser: argparse.ArgumentParser) -> None:
+        """Checks that only make sense for a command line (files exist, ...): ``parser.error``."""
+
+    @property
+    def explicit(self) -> frozenset:
+        return getattr(self, "_explicit", frozenset())
+
+    def with_preset(self, preset: dict):
+        """A copy with ``preset``'s values for the fields the command line did not set."""
+        names = {f.name for f in dataclasses.fields(self)}
+        alias = self.aliases()
+        upd = {}
+        for k, v in preset.items():
+            k = alias.get(k, k)
+            if k not in names:
+                raise ConfigError(f"preset names {k!r}, which is not a field of {type(self).__name__}")
+            if k not in self.explicit:
+                upd[k] = v
+        return self.replace(**upd)
+
+    def replace(self, **changes):
+        """``dataclasses.replace`` that keeps the record of explicitly set fields (aliases accepted)."""
+        alias = self.aliases()
+        new = dataclasses.replace(self, **{alias.get(k, k): v for k, v in changes.items()})
+        object.__setattr__(new, "_explicit", self.explicit)
+        return new
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """From ``to_dict`` output (aliases accepted; unknown keys are an error)."""
+        alias = cls.aliases()
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {alias.get(k, k): v for k, v in d.items()}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown fields {unknown}")
+        return cls(**d)
+
+    def __getattr__(self, name):  # an alias reads its field (cfg.learning_rate == cfg.lr)
+        if not name.startswith("_"):
+            target = type(self).aliases().get(name)
+            if target is not None:
+                return getattr(self, target)
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+
+
+__all__ = ["Config", "ConfigError", "check", "option"]

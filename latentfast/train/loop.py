@@ -1,0 +1,357 @@
+"""The one training loop under every trainer (HRPO, CODI, KV distillation, SFT, MiniMind, ...).
+
+``Trainer.fit`` reads top to bottom like nanoGPT's ``train.py``:
+
+    set-up    torchrun DDP (gloo on CPU, nccl on CUDA) or --fsdp FSDP2; device; bf16 autocast; seeds
+    model     build_model(); wrap (DDP / FSDP2); optimizer_groups() -> make_optimizer(); the schedule
+              (linear warm-up, then cosine / linear / constant)
+    resume    --resume_from_checkpoint PATH | latest: weights, optimizer, schedule, RNG, trainer state
+    each step micro = batches(step)                   one item per micro-batch (HRPO: rollouts here)
+              loss(mb) -> (loss, metrics); backward(loss * weight); DDP syncs on the last micro-batch only
+              clip; the non-finite guard (a NaN/Inf loss or grad norm skips the step); optimizer + schedule
+              metrics averaged over ranks -> metrics.jsonl (+ wandb), the tqdm bar, a console line
+              evaluate() every --eval_steps; a checkpoint every --save_steps
+    end       final checkpoint, evaluate(), on_train_end(); process-group teardown (if fit set it up)
+
+A trainer is a subclass of ``Trainer`` with a config (a subclass of ``TrainConfig``)
+that overrides the hooks below; only ``build_model``, ``batches`` and ``loss`` are
+required, see ``latentfast/train/sft.py`` for a complete one in a page.
+
+Hooks (called in this order; ``self.cfg`` is the config):
+
+    setup()                      after the device / process group exist: tokenizer, data, frozen models
+    build_model() -> nn.Module   the trainable module, on ``self.device`` (the loop seeds torch first)
+    fsdp_layers(module) -> list  modules FSDP2 shards before the root (default: the decoder blocks)
+    optimizer_groups(module)     param groups (default: decay for dim >= 2, none for biases / norms)
+    make_optimizer(groups)       default ``AdamW(groups, lr=cfg.lr)``
+    num_train_items() -> int     examples per epoch: with ``items_per_step`` turns epochs into steps
+    items_per_step() -> int      default per_device_train_batch_size * gradient_accumulation_steps * world
+    batches(step) -> sequence    the micro-batches of ``step`` (this rank's share); any object ``loss`` takes
+    micro_weights(micro)         backward weight per micro-batch (default 1/n; token-weighted or 1 for
+                                 losses normalised over the whole step); the logged ``loss`` uses them too
+    loss(batch) -> (loss, dict)  under autocast, in train mode. Call ``self.model(...)`` (the wrapped module)
+                                 so DDP / FSDP see the forward; metrics are scalars (tensors or floats)
+    step_metrics(row)            add to / adjust a step's metrics row before it is logged
+    evaluate(step) -> dict       held-out metrics (every rank calls it: collective); default none.
+                                 ``eval_at_start = True`` also runs it before the first step
+    log_line(row) -> str         the console line every --logging_steps (default: loss and lr)
+    progress(row) -> dict        the tqdm bar's postfix
+    state_dict() / load_state_dict(d)   the trainer's own resumable state (JSON-able), in trainer_state.json
+    on_train_end(result) -> dict after the final checkpoint and evaluation (save_pretrained, summaries)
+
+What the loop provides to the hooks: ``self.device``, ``self.rank``, ``self.world``,
+``self.amp`` (a context factory: ``with self.amp(): ...``), ``self.module`` (unwrapped),
+``self.model`` (wrapped), ``self.optimizer``, ``self.scheduler``, ``self.total``,
+``self.out`` (output dir), ``self.record(row)`` (metrics file + wandb),
+``self.micro_items(stream, step, m, n)`` (this rank's ``n`` items of micro-batch ``m``).
+
+Gradient accumulation: the micro-batches' weighted losses add up to the step's loss, so
+with equal weights ``gradient_accumulation_steps=k`` at batch ``b`` equals one batch
+``k*b`` (``tests/test_loop.py``). The non-finite guard is ``train.guard``; a skipped step
+leaves weights, optimizer and schedule untouched and counts ``skipped_nonfinite``.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint, dist
+from .common import (JsonlLogger, amp_context, check_resume_arg, no_sync_unless, optimizer_step, peak_mem_mb,
+                     reset_peak_mem, warmup_schedule)
+from .config import Config, check, option
+from .guard import NonFiniteGuard
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig(Config):
+    """The loop's options; every trainer's config extends this one (and may change defaults)."""
+
+    output_dir: str = option("runs/train", "where checkpoints, metrics.jsonl and the config go")
+    seed: int = option(42, "seed of weights init, data order and sampling")
+    device: str | None = option(None, "cpu / cuda (default: cuda when available)")
+    bf16: bool | None = option(None, "bf16 autocast (default: on for CUDA)")
+    fsdp: bool = option(False, "shard with PyTorch FSDP2 (under torchrun)")
+    lr: float = option(5e-5, "peak learning rate", aliases=("learning_rate",))
+    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
+    warmup_ratio: float = option(0.03, "share of the steps with a linear learning-rate warm-up")
+    lr_scheduler_type: str = option("cosine", "schedule after the warm-up", choices=SCHEDULES)
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    num_train_epochs: float = option(1.0, "epochs over the training data", aliases=("epochs",))
+    max_steps: int = option(-1, "> 0 overrides --num_train_epochs")
+    per_device_train_batch_size: int = option(8, "examples per device per micro-batch", aliases=("batch_size",))
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    logging_steps: int = option(10, "console line every N steps (0: none)")
+    save_steps: int = option(500, "checkpoint every N steps (0: only at the end)")
+    eval_steps: int = option(0, "evaluate every N steps (0: only at the end)")
+    resume_from_checkpoint: str | None = option(None, "checkpoint dir, or 'latest' in --output_dir")
+    max_nonfinite_steps: int = option(10, "stop after this many consecutive non-finite steps")
+    wandb_project: str | None = option(None, "also log to this Weights & Biases project")
+
+    def check_cli(self, parser):
+        super().check_cli(parser)
+        check_resume_arg(parser, self.resume_from_checkpoint)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_nonfinite_steps"):
+            check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for name in ("logging_steps", "save_steps", "eval_steps"):
+            check(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
+        check(0.0 <= self.warmup_ratio <= 1.0, "warmup_ratio", "a number in [0, 1]", self.warmup_ratio)
+        check(self.lr >= 0, "lr", "a learning rate >= 0", self.lr)
+        check(self.max_grad_norm > 0, "max_grad_norm", "a norm > 0", self.max_grad_norm)
+        check(self.lr_scheduler_type in SCHEDULES, "lr_scheduler_type", f"one of {SCHEDULES}",
+              self.lr_scheduler_type)
+
+
+def decay_groups(named_params, weight_decay: float, **extra) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases / norms / vectors."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    groups = [dict(params=[p for _, p in named if p.dim() >= 2], weight_decay=weight_decay, **extra),
+              dict(params=[p for _, p in named if p.dim() < 2], weight_decay=0.0, **extra)]
+    return [g for g in groups if g["params"]]
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+class Trainer:
+    """Subclass and override the hooks (module docstring); ``fit()`` runs the loop."""
+
+    name = "train"          # progress-bar / console tag
+    eval_at_start = False   # also evaluate before the first step
+    save_full = False       # checkpoints hold the full model (default: trainable parameters only)
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.model = self.module = self.optimizer = self.scheduler = None
+
+    # ------------------------------------------------------------------ hooks (defaults)
+    def setup(self) -> None:
+        pass
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def fsdp_layers(self, module) -> list:
+        from latentfast.models.adapter import decoder_layers
+
+        try:
+            return list(decoder_layers(module))
+        except TypeError:
+            return []
+
+    def optimizer_groups(self, module) -> list[dict]:
+        return decay_groups(module.named_parameters(), self.cfg.weight_decay)
+
+    def make_optimizer(self, groups) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(groups, lr=self.cfg.lr)
+
+    def num_train_items(self) -> int:
+        raise NotImplementedError("set --max_steps, or override num_train_items() to train for epochs")
+
+    def items_per_step(self) -> int:
+        c = self.cfg
+        return c.per_device_train_batch_size * c.gradient_accumulation_steps * self.world
+
+    def total_steps(self) -> int:
+        if self.cfg.max_steps > 0:
+            return self.cfg.max_steps
+        return max(1, int(self.cfg.num_train_epochs * self.num_train_items() / self.items_per_step()))
+
+    def batches(self, step: int):
+        raise NotImplementedError
+
+    def micro_weights(self, micro) -> list[float]:
+        return [1.0 / len(micro)] * len(micro)
+
+    def loss(self, batch):
+        raise NotImplementedError
+
+    def step_metrics(self, row: dict) -> None:
+        pass
+
+    def evaluate(self, step: int) -> dict:
+        return {}
+
+    def log_line(self, row: dict) -> str:
+        return f"Step {row['step']}: loss={row['loss']:.4f} lr={row['lr']:.2e}"
+
+    def progress(self, row: dict) -> dict:
+        return {"loss": f"{row['loss']:.3f}"}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def on_train_end(self, result: dict) -> dict:
+        return result
+
+    # ------------------------------------------------------------------ helpers for hooks
+    def micro_items(self, stream, step: int, m: int, n: int) -> list:
+        """This rank's ``n`` items of micro-batch ``m`` of ``step`` from an indexable stream
+        (``common.SampleStream``): every (step, micro-batch, rank) reads its own slice, so a
+        resumed or re-sharded run reads the same examples."""
+        base = ((step * self.cfg.gradient_accumulation_steps + m) * self.world + self.rank) * n
+        return [stream[base + i] for i in range(n)]
+
+    def record(self, row: dict) -> None:
+        self._log.log(row)
+        if self._wandb is not None:
+            self._wandb.log(row, step=row.get("step"))
+
+    def print(self, msg: str) -> None:
+        if self.rank == 0:
+            tqdm.write(f"[{self.name}] {msg}")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        owns_group = not torch.distributed.is_initialized()
+        self.device, self.rank, self.world = dist.setup(cfg.device)
+        self.amp = amp_context(self.device, cfg.bf16)
+        self.out = out = pathlib.Path(cfg.output_dir)
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.setup()
+
+        # model, optimizer, schedule
+        torch.manual_seed(cfg.seed)  # identical init on every rank
+        module = self.build_model()
+        self.model = dist.wrap(module, self.device, cfg.fsdp, layers=self.fsdp_layers(module) if cfg.fsdp else ())
+        self.module = dist.unwrap(self.model)
+        self.optimizer = self.make_optimizer(self.optimizer_groups(self.module))
+        self.total = total = self.total_steps()
+        self.scheduler = warmup_schedule(self.optimizer, total, cfg.warmup_ratio, cfg.lr_scheduler_type)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        guard = NonFiniteGuard(cfg.max_nonfinite_steps, name=self.name)
+
+        # resume
+        start = self._resume(guard)
+        self._log = JsonlLogger(out / "metrics.jsonl", enabled=self.rank == 0)
+        self._wandb = None
+        if cfg.wandb_project and self.rank == 0:
+            import wandb
+
+            self._wandb = wandb
+            wandb.init(project=cfg.wandb_project, config=cfg.to_dict())
+        if self.eval_at_start:
+            ev = self.evaluate(start)
+            if ev:
+                self.record({"step": start, **ev})
+
+        history, bar = [], tqdm(range(start, total), desc=self.name, disable=self.rank != 0, initial=start,
+                                total=total)
+        for step in bar:
+            self.step = step
+            reset_peak_mem(self.device)
+            t0 = time.perf_counter()
+            micro = self.batches(step)
+            n = len(micro)
+            weights = self.micro_weights(micro)
+            self.module.train()
+            step_loss, sums = 0.0, {}
+            for m, mb in enumerate(micro):
+                with no_sync_unless(self.model, m == n - 1), self.amp():
+                    loss, met = self.loss(mb)
+                    (loss * weights[m]).backward()
+                step_loss += float(loss.detach()) * weights[m]
+                for k, v in met.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / n
+            grad_norm = optimizer_step(params, self.optimizer, self.scheduler, cfg.max_grad_norm, guard=guard,
+                                       loss=step_loss, step=step + 1)
+            sums["loss"] = step_loss
+            row = dist.all_mean(sums, self.device)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            row.update(step=step + 1, lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                       skipped_nonfinite=guard.skipped, step_s=time.perf_counter() - t0,
+                       peak_mem_mb=peak_mem_mb(self.device))
+            self.step_metrics(row)
+            if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < total:
+                row.update(self.evaluate(step + 1))
+            self.record(row)
+            history.append(row)
+            bar.set_postfix(**self.progress(row))
+            if self.rank == 0 and cfg.logging_steps and ((step + 1) % cfg.logging_steps == 0 or step == start):
+                line = self.log_line(row)
+                if line:
+                    tqdm.write(line)
+            if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total:
+                self.save(step + 1, guard)
+
+        final_ckpt = self.save(total, guard)
+        final = self.evaluate(total)
+        if final:
+            self.record({"step": total, **final})
+        self._log.close()
+        result = self.on_train_end({"history": history, "final": final, "total": total, "checkpoint": final_ckpt})
+        self.model = self.module = None  # DDP / FSDP state holds the process group: release it first
+        if owns_group:
+            dist.cleanup()
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, step: int, guard: NonFiniteGuard) -> str | None:
+        extra = {"config": self.cfg.to_dict(), "trainer": self.state_dict(), "nonfinite": guard.state_dict()}
+        path = checkpoint.save(str(self.out), step, self.model, self.optimizer, self.scheduler, extra=extra,
+                               full=self.save_full)
+        ckpt = self.out / f"checkpoint-{step}"
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 made the folder
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / f"rng_state_{self.rank}.json").write_text(json.dumps(rng_state()))
+        return path
+
+    def _resume(self, guard) -> int:
+        cfg = self.cfg
+        path = checkpoint.latest(cfg.output_dir) if cfg.resume_from_checkpoint == "latest" else \
+            cfg.resume_from_checkpoint
+        if not path:
+            return 0
+        if not (pathlib.Path(path) / "trainer_state.json").exists():
+            raise FileNotFoundError(f"--resume_from_checkpoint: no checkpoint (trainer_state.json) at {path}")
+        opt, sched = self.optimizer, self.scheduler
+        target = [g["initial_lr"] for g in opt.param_groups]  # this run's lrs win (e.g. a stage-2 unfreeze)
+        saved = json.loads((pathlib.Path(path) / "trainer_state.json").read_text())
+        same_groups = len(saved["param_groups"]) == len(opt.param_groups)
+        state = checkpoint.load(path, self.model, opt if same_groups else None, sched)
+        sched.base_lrs = target
+        for g, lr in zip(opt.param_groups, target):
+            g["initial_lr"], g["lr"] = lr, lr * sched.lr_lambdas[0](sched.last_epoch)
+        extra = state.get("extra", {})
+        guard.load_state_dict(extra.get("nonfinite", {}))
+        self.load_state_dict(extra.get("trainer", {}))
+        rng = pathlib.Path(path) / f"rng_state_{self.rank}.json"
+        if rng.exists():
+            set_rng_state(json.loads(rng.read_text()))
+        note = "" if same_groups else " (optimizer groups changed: fresh optimizer state)"
+        self.print(f"resumed from {path} at step {state['step']}{note}")
+        return state["step"]
+
+
+__all__ = ["TrainConfig", "Trainer", "decay_groups"]
