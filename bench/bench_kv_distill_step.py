@@ -22,7 +22,7 @@ from measure import compare
 
 from latentfast.data import build_tokenizer
 from latentfast.models import build_tiny_causal_lm
-from latentfast.models.kv_capture import KVCapture
+from latentfast.models.capture import KVCapture
 from latentfast.ops import attention_token_importance
 from latentfast.train import kv_distill
 

@@ -3,4 +3,4 @@ from .grpo import grpo_loss, per_token_logps
 from .hybrid import HRPO_MODULES, HybridConfig, HybridThinkingLM, ThinkingModules
 from .tiny import build_tiny_causal_lm, tiny_config
 from .codi import CODIModel
-from .kv_capture import KVCapture
+from .capture import AttentionCapture, KVCapture, QKCapture

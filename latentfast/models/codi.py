@@ -23,7 +23,6 @@ KV cache. ``tests/test_codi.py`` checks this against per-sample forwards.
 """
 from __future__ import annotations
 
-import inspect
 import pathlib
 
 import torch
@@ -32,6 +31,9 @@ from torch import nn
 
 from latentfast.data import ANSWER_MARKER, BOT, EOT, format_prompt
 from latentfast.nn import CODILoss
+
+from . import adapter
+from .adapter import new_cache  # noqa: F401  (re-exported: callers build caches for CODIModel.run)
 
 LATENT = -1  # placeholder id of a latent position in an encoded student sequence
 
@@ -195,22 +197,11 @@ def collate(examples: list[dict], pad_id: int) -> dict:
                     distill[b] = col
     segments = [(starts[j], starts[j] + widths[j], j % 2 == 1) for j in range(n_slots) if widths[j] > 0]
     out.update(student_ids=s_ids, student_valid=valid, student_latent=latent, student_targets=tgt,
-               student_positions=(valid.cumsum(1) - 1).clamp(min=0), student_distill=distill, segments=segments)
+               student_positions=adapter.positions_from_mask(valid), student_distill=distill, segments=segments)
     return out
 
 
 # ----------------------------------------------------------------------------- model
-def _cache_kwarg(base) -> str:
-    # transformers 5.24 renamed past_key_values -> cache (the GPU image has 5.17)
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def new_cache(config):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=config)
-
-
 class CODIModel(nn.Module):
     """``codi``: the causal LM (optionally PEFT-wrapped); ``prj``: the latent projection.
 
@@ -240,14 +231,12 @@ class CODIModel(nn.Module):
             self.prj.add_module("ln", nn.LayerNorm(dim))
         self.distill = CODILoss(layers=distill_layers, loss_type=distill_loss_type, div_std=distill_div_std)
         self.ref_stats = ref_stats
-        self._cache_kw = _cache_kwarg(self.base)
 
     # -- pieces -----------------------------------------------------------------
     @property
     def lm(self) -> nn.Module:
         """The HF causal LM underneath any PEFT wrapper."""
-        m = self.codi
-        return m.get_base_model() if hasattr(m, "get_base_model") else m
+        return adapter.unwrap(self.codi)
 
     @property
     def base(self) -> nn.Module:
@@ -259,11 +248,7 @@ class CODIModel(nn.Module):
 
     def add_lora(self, rank: int, alpha: int | None = None, dropout: float = 0.1):
         """LoRA on every linear of the blocks (CODI trains r=128, alpha=32 adapters)."""
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, task_type="CAUSAL_LM",
-                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-        self.codi = get_peft_model(self.codi, cfg)
+        self.codi = adapter.add_lora(self.codi, rank, alpha, dropout)
         return self
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -276,11 +261,8 @@ class CODIModel(nn.Module):
     def run(self, embeds, attention_mask, position_ids, cache=None, hidden_states: bool = False):
         """One decoder call on ``inputs_embeds``; returns the HF output (``last_hidden_state``
         is after the final norm; ``hidden_states`` has the embeddings + every block)."""
-        kw = {self._cache_kw: cache} if cache is not None else {}
-        emb = self.lm.get_input_embeddings().weight
-        return self.base(inputs_embeds=embeds.to(emb.dtype) if not torch.is_autocast_enabled() else embeds,
-                         attention_mask=attention_mask, position_ids=position_ids, use_cache=cache is not None,
-                         output_hidden_states=hidden_states, **kw)
+        return adapter.run_decoder(self.codi, embeds, attention_mask, position_ids, cache, hidden_states,
+                                   transformer=self.base)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm.get_output_embeddings()(h)
@@ -303,8 +285,7 @@ class CODIModel(nn.Module):
     def teacher_forward(self, batch):
         """Explicit CoT pass: (CE over the CoT and answer, hidden-state tuple)."""
         ids, mask = batch["teacher_ids"], batch["teacher_mask"]
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.run(self.embed(ids), mask, pos, hidden_states=True)
+        out = self.run(self.embed(ids), mask, adapter.positions_from_mask(mask), hidden_states=True)
         return self._ce(out.last_hidden_state, batch["teacher_targets"]), out.hidden_states
 
     def student_forward(self, batch):
@@ -351,7 +332,7 @@ class CODIModel(nn.Module):
             loss = loss + ce + self.distill_loss_factor * distill
             metrics.update(ce=ce.detach(), distill=distill.detach())
         if self.prj is not None and (not has_student or not bool(batch["student_latent"].any())):
-            loss = loss + 0.0 * sum(p.sum() for p in self.prj.parameters())  # DDP: every param gets a grad
+            loss = adapter.keep_in_graph(loss, self.prj.parameters())  # DDP: every param gets a grad
         metrics["loss"] = loss.detach()
         return loss, metrics
 

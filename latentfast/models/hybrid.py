@@ -30,6 +30,7 @@ from latentfast.nn import ThinkingResidual
 from latentfast.ops import thinking_residual
 from latentfast.reference.thinking_residual import normalize_thinking_state
 
+from . import adapter
 from .grpo import grpo_loss, per_token_logps
 
 # PEFT modules_to_save, exactly as in the recipe (hrpo_gsm8k.py).
@@ -143,12 +144,7 @@ class HybridThinkingLM(nn.Module):
     def add_lora(self, rank: int = 32, alpha: int | None = None, target_modules=None, dropout: float = 0.0):
         """Wrap with PEFT LoRA (alpha = 2*rank, q/k/v/o/gate/up/down, as the recipe);
         HRPO's modules are trained in full through ``modules_to_save``."""
-        from peft import LoraConfig, get_peft_model
-
-        targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        lcfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=targets,
-                          modules_to_save=list(HRPO_MODULES), task_type="CAUSAL_LM")
-        self.lm = get_peft_model(self.lm, lcfg)
+        self.lm = adapter.add_lora(self.lm, rank, alpha, dropout, target_modules, modules_to_save=HRPO_MODULES)
         return self
 
     def enable_activation_checkpointing(self) -> "HybridThinkingLM":
@@ -166,7 +162,7 @@ class HybridThinkingLM(nn.Module):
     @property
     def hf_model(self) -> nn.Module:
         """The underlying ``PreTrainedModel`` (LoRA layers injected when PEFT is used)."""
-        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        return adapter.unwrap(self.lm)
 
     @property
     def transformer(self) -> nn.Module:
@@ -184,10 +180,10 @@ class HybridThinkingLM(nn.Module):
         return self.hf_model.get_input_embeddings()(ids)
 
     def lm_head_weight(self) -> torch.Tensor:
-        return self.hf_model.get_output_embeddings().weight
+        return adapter.lm_head_weight(self.lm)
 
     def lm_head_bias(self):
-        return getattr(self.hf_model.get_output_embeddings(), "bias", None)
+        return adapter.lm_head_bias(self.lm)
 
     @contextmanager
     def reference(self):
@@ -213,10 +209,7 @@ class HybridThinkingLM(nn.Module):
         return embeds.index_put(idx, out.to(embeds.dtype)), a
 
     def final_hidden(self, embeds, attention_mask):
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.transformer(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False)
-        return out.last_hidden_state
+        return adapter.run_decoder(self.lm, embeds, attention_mask, transformer=self.transformer).last_hidden_state
 
     def completion_hidden(self, batch: dict, recompute: str = "stored"):
         """Final hidden states that predict each completion token (B x C x D), and the
@@ -263,9 +256,7 @@ class HybridThinkingLM(nn.Module):
         if a is not None:
             metrics["embeds_ratio"] = a.detach().float().mean()
         else:  # nothing mixed: keep the thinking modules in the graph (DDP expects every grad)
-            params = [p for p in self.thinking.parameters() if p.requires_grad]
-            if params:
-                loss = loss + 0 * sum(p.sum() for p in params).to(loss.dtype)
+            loss = adapter.keep_in_graph(loss, self.thinking.parameters())
         return loss, metrics
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ heads/dims, then MSE on K and V; with ``--use_attention_weighted_kv`` each token
 weighted by the attention it receives (from the student, or the teacher with
 ``--use_teacher_attention``) once ``--attention_weighted_kv_warmup`` steps have passed.
 Both models run their normal SDPA/flash attention: K/V/Q come from hooks
-(``latentfast.models.kv_capture``) and the importance from the fused
+(``latentfast.models.capture``) and the importance from the fused
 ``attention_token_importance`` -- no ``output_attentions``. The teacher is frozen
 (eval, no grad). Teacher and student must share a tokenizer.
 """
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from latentfast.data import format_prompt
 from latentfast.data.rewards import correctness_reward
 from latentfast.generation import generate
-from latentfast.models.kv_capture import KVCapture
+from latentfast.models.capture import KVCapture
 from latentfast.nn import AttentionWeightedKVLoss, CKALoss, CODILoss, KVProjection, layer_pairs
 
 from . import checkpoint, dist
