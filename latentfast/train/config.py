@@ -82,24 +82,48 @@ class Config:
         pass
 
     @classmethod
+    def meta(cls, name: str) -> dict:
+        """A field's help / aliases / choices, merged over the class hierarchy: a subclass that
+        only changes a default (``lr: float = 2e-5``) keeps the base field's help and aliases."""
+        out = {"help": "", "aliases": (), "choices": None, "cli": True}
+        for klass in reversed(cls.__mro__):
+            f = getattr(klass, "__dataclass_fields__", {}).get(name)
+            if f is None:
+                continue
+            m = f.metadata
+            out["aliases"] = tuple(dict.fromkeys(out["aliases"] + tuple(m.get("aliases", ()))))
+            for k in ("help", "choices"):
+                if m.get(k):
+                    out[k] = m[k]
+            if "cli" in m:
+                out["cli"] = m["cli"]
+        return out
+
+    @classmethod
     def cli_fields(cls):
         hints = typing.get_type_hints(cls)
-        return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+        return [(f, hints[f.name]) for f in dataclasses.fields(cls) if cls.meta(f.name)["cli"]]
 
     @classmethod
     def aliases(cls) -> dict:
         """alias -> field name."""
-        return {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
+        return {a: f.name for f in dataclasses.fields(cls) for a in cls.meta(f.name)["aliases"]}
+
+    @classmethod
+    def narrow(cls, obj):
+        """This config from the same-named attributes of a wider config / namespace."""
+        return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)})
 
     @classmethod
     def build_parser(cls, description: str | None = None, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(description=description or cls.__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         for f, tp in cls.cli_fields():
-            flags = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
+            meta = cls.meta(f.name)
+            flags = [f"--{f.name}"] + [f"--{a}" for a in meta["aliases"]]
             default = f.default if f.default is not _MISSING else (
                 f.default_factory() if f.default_factory is not _MISSING else None)
-            kw = dict(dest=f.name, help=f.metadata.get("help") or None,
+            kw = dict(dest=f.name, help=meta["help"] or None,
                       default=argparse.SUPPRESS if suppress_defaults else default)
             base, _, many = _base_type(tp)
             if base is bool and not many:
@@ -108,8 +132,8 @@ class Config:
                 kw["type"] = _bool_flag if base is bool else base
                 if many:
                     kw["nargs"] = "+"
-                if f.metadata.get("choices"):
-                    kw["choices"] = f.metadata["choices"]
+                if meta["choices"]:
+                    kw["choices"] = meta["choices"]
             if kw.get("help") and not suppress_defaults and default is not None and "action" not in kw:
                 kw["help"] += f" (default: {default})"
             p.add_argument(*flags, **kw)

@@ -26,7 +26,9 @@ Hooks (called in this order; ``self.cfg`` is the config):
     make_optimizer(groups)       default ``AdamW(groups, lr=cfg.lr)``
     num_train_items() -> int     examples per epoch: with ``items_per_step`` turns epochs into steps
     items_per_step() -> int      default per_device_train_batch_size * gradient_accumulation_steps * world
-    batches(step) -> sequence    the micro-batches of ``step`` (this rank's share); any object ``loss`` takes
+    batches(step) -> sequence    the micro-batches of ``step`` (this rank's share); any object ``loss`` takes.
+                                 A generator is fine too (one micro-batch alive at a time, e.g. a frozen
+                                 teacher's outputs): it must yield gradient_accumulation_steps items
     micro_weights(micro)         backward weight per micro-batch (default 1/n; token-weighted or 1 for
                                  losses normalised over the whole step); the logged ``loss`` uses them too
     loss(batch) -> (loss, dict)  under autocast, in train mode. Call ``self.model(...)`` (the wrapped module)
@@ -272,8 +274,12 @@ class Trainer:
             reset_peak_mem(self.device)
             t0 = time.perf_counter()
             micro = self.batches(step)
-            n = len(micro)
-            weights = self.micro_weights(micro)
+            if hasattr(micro, "__len__"):
+                n = len(micro)
+                weights = self.micro_weights(micro)
+            else:  # a generator: gradient_accumulation_steps lazy micro-batches, equal weights
+                n = cfg.gradient_accumulation_steps
+                weights = [1.0 / n] * n
             self.module.train()
             step_loss, sums = 0.0, {}
             for m, mb in enumerate(micro):
