@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from latentfast.data import format_prompt
 from latentfast.data.qa import encode_answers
 from latentfast.data.rewards import correctness_reward
+from latentfast.generation import generate
 
 
 def answer_ce(lm, hidden, targets):
@@ -31,10 +32,10 @@ def answer_metrics(lm, tok, rows, max_length, max_new_tokens, device, amp, rank=
         n_tok = int((b["targets"] != -100).sum())
         tok.padding_side = "left"
         enc = tok([format_prompt(r["question"]) for r in chunk], return_tensors="pt", padding=True).to(device)
-        with amp():
-            gen = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        texts = tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        with amp():  # greedy, token-identical to lm.generate(do_sample=False); ranks decode independently
+            ro = generate(lm, enc.input_ids, enc.attention_mask, max_new_tokens, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, sync_ranks=False)
+        texts = tok.batch_decode(ro.completion_ids, skip_special_tokens=True)
         sums += torch.tensor([ce.item() * n_tok, n_tok, sum(correctness_reward(texts, [r["answer"] for r in chunk])),
                               len(chunk)], dtype=torch.float64)
     if world > 1:

@@ -22,30 +22,27 @@ Both models run their normal SDPA/flash attention: K/V/Q come from hooks
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import pathlib
-import random
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from latentfast.data import format_prompt
-from latentfast.data.rewards import correctness_reward
-from latentfast.generation import generate
+from latentfast.data.qa import encode_answers
+from latentfast.eval.answers import answer_ce, answer_metrics
+from latentfast.models import adapter
 from latentfast.models.capture import KVCapture
 from latentfast.nn import AttentionWeightedKVLoss, CKALoss, CODILoss, KVProjection, layer_pairs
 
-from . import checkpoint, dist
-from .common import (JsonlLogger, accumulate_grads, amp_context, check_data_arg, check_resume_arg, console_entry,
-                     load_causal_lm, load_rows, optimizer_step, parse_with_demo, peak_mem_mb, reset_peak_mem,
-                     warmup_schedule)
-from .guard import NonFiniteGuard
+from . import dist
+from .common import SampleStream, amp_context, check_data_arg, console_entry, load_causal_lm, load_rows
+from .config import Config, option
+from .loop import TrainConfig, Trainer
+from .sft import SFT, SFTConfig
 
 DEMO = "tiny"
 # the demo teacher: wider/deeper than the tiny student, other KV-head count (exercises KVProjection)
@@ -61,88 +58,77 @@ COMPARE = {  # the recipe's three configurations (seed note 004)
 }
 
 
+@dataclass
+class KVLossConfig(Config):
+    """What ``KVDistiller`` needs: the loss terms and their weights."""
+
+    kv_weight: float = option(1.0, "weight of the KV-cache MSE")
+    use_attention_weighted_kv: bool = option(False, "weight the KV loss by attention after the warm-up (demo: on)")
+    attention_weighted_kv_warmup: int = option(1000, "steps of plain MSE before the attention weighting")
+    use_teacher_attention: bool = option(False, "weight by the teacher's attention (steadier)")
+    cka_weight: float = option(0.0, "recipe: 0.05")
+    cka_layers: str = option("middle", "'middle' | 'last' | 'all' | 'i,j,...'")
+    codi_weight: float = option(0.0, "CODI hidden-state loss at the token before the answer")
+    kv_layers: str = option("all", "student blocks whose KV cache is distilled")
+    importance_layer: int = option(-1, "block whose attention gives token importance")
+
+
+@dataclass
+class KVDistillConfig(TrainConfig, KVLossConfig):
+    """Teacher -> student KV-cache distillation (the recipe's experiments/train_with_kv.py flags)."""
+
+    model_name: str = option(DEMO, "student: local HF path; 'tiny' = embedded demo", aliases=("model_name_or_path",))
+    teacher_model: str = option(DEMO, "teacher: local HF path; 'tiny' = demo teacher (warmed up in-process)")
+    dataset_name: str = option("gsm8k", "JSONL path, 'gsm8k' (shipped sample) or 'synthetic'")
+    subset_size: int | None = option(None, "first N training rows")
+    num_train_epochs: float = 2
+    lr: float = 5e-5
+    output_dir: str = "runs/kv_distill"
+    max_length: int = option(512, "prompt + answer tokens kept")
+    eval_data: str | None = option(None, "default: 'synthetic' for synthetic training, else the GSM8K test sample")
+    eval_size: int = option(100, "held-out rows (answer CE and greedy accuracy)")
+    max_new_tokens: int = option(256, "greedy decoding length at evaluation")
+    compare: bool = option(False, "run baseline, +attention, +attention+CKA; write table + plot")
+    teacher_sft_steps: int = option(0, "demo: CE warm-up of the tiny teacher")
+    teacher_sft_lr: float = option(3e-3, "learning rate of the teacher warm-up")
+
+    @property
+    def demo(self) -> bool:
+        return self.model_name == DEMO
+
+    def check_cli(self, parser):
+        super().check_cli(parser)
+        check_data_arg(parser, "--dataset_name", self.dataset_name)
+        check_data_arg(parser, "--eval_data", self.eval_data)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    # --- the recipe's arguments (experiments/train_with_kv.py) ---
-    a("--model_name", default=DEMO, help="student: local HF path; 'tiny' = embedded demo")
-    a("--teacher_model", default=DEMO, help="teacher: local HF path; 'tiny' = demo teacher (warmed up in-process)")
-    a("--dataset_name", default="gsm8k", help="JSONL path, 'gsm8k' (shipped sample) or 'synthetic'")
-    a("--subset_size", type=int, default=None)
-    a("--epochs", type=float, default=2)
-    a("--batch_size", type=int, default=8)
-    a("--lr", type=float, default=5e-5)
-    a("--output_dir", default="runs/kv_distill")
-    a("--kv_weight", type=float, default=1.0)
-    a("--use_attention_weighted_kv", action=argparse.BooleanOptionalAction, default=False,
-      help="weight the KV loss by attention after the warm-up (demo: on)")
-    a("--attention_weighted_kv_warmup", type=int, default=1000)
-    a("--use_teacher_attention", action="store_true", help="weight by the teacher's attention (steadier)")
-    a("--cka_weight", type=float, default=0.0, help="recipe: 0.05")
-    a("--cka_layers", default="middle", help="'middle' | 'last' | 'all' | 'i,j,...'")
-    a("--codi_weight", type=float, default=0.0, help="CODI hidden-state loss at the token before the answer")
-    # --- more knobs ---
-    a("--kv_layers", default="all", help="student blocks whose KV cache is distilled")
-    a("--importance_layer", type=int, default=-1, help="block whose attention gives token importance")
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--weight_decay", type=float, default=0.0)
-    a("--warmup_ratio", type=float, default=0.03)
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--max_steps", type=int, default=-1, help="> 0 overrides --epochs")
-    a("--max_length", type=int, default=512)
-    a("--eval_data", default=None, help="default: 'synthetic' for synthetic training, else the GSM8K test sample")
-    a("--eval_size", type=int, default=100)
-    a("--max_new_tokens", type=int, default=256)
-    a("--logging_steps", type=int, default=10)
-    a("--save_steps", type=int, default=500)
-    a("--resume_from_checkpoint", default=None)
-    a("--seed", type=int, default=42)
-    a("--bf16", action=argparse.BooleanOptionalAction, default=None)
-    a("--device", default=None)
-    a("--compare", action="store_true", help="run baseline, +attention, +attention+CKA; write table + plot")
-    a("--teacher_sft_steps", type=int, default=0, help="demo: CE warm-up of the tiny teacher")
-    a("--teacher_sft_lr", type=float, default=3e-3)
-    a("--max_nonfinite_steps", type=int, default=10,
-      help="stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)")
-    return p
+    return KVDistillConfig.build_parser(__doc__)
 
 
-def parse_args(argv=None):
-    parser = build_parser()
-    args = parse_with_demo(parser, argv, "model_name", DEMO, DEMO_PRESET)
-    if args.eval_data is None:
-        args.eval_data = "synthetic" if args.dataset_name == "synthetic" else "gsm8k_test"
-    check_data_arg(parser, "--dataset_name", args.dataset_name)
-    check_data_arg(parser, "--eval_data", args.eval_data)
-    check_resume_arg(parser, args.resume_from_checkpoint)
-    return args
+def parse_args(argv=None) -> KVDistillConfig:
+    cfg = KVDistillConfig.parse(argv, __doc__)
+    if cfg.demo:
+        cfg = cfg.with_preset(DEMO_PRESET)
+    if cfg.eval_data is None:
+        cfg = cfg.replace(eval_data="synthetic" if cfg.dataset_name == "synthetic" else "gsm8k_test")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- data
 def encode(tok, rows, max_length, device):
-    """Right-padded prompt+answer+eos; targets (next token) on the answer only."""
-    ids, tgts = [], []
-    for r in rows:
-        p = tok(format_prompt(r["question"]))["input_ids"]
-        a = tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        x = (p + a)[:max_length]
-        t = ([-100] * (len(p) - 1) + a)[:len(x) - 1] + [-100]
-        ids.append(x)
-        tgts.append(t)
-    T = max(map(len, ids))
-    out = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-    tgt = torch.full((len(rows), T), -100, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, (x, t) in enumerate(zip(ids, tgts)):
-        out[b, :len(x)], tgt[b, :len(t)], mask[b, :len(x)] = torch.tensor(x), torch.tensor(t), 1
-    # CODI position: the token before the answer number (the last '####' token), else the last answer token
+    """``encode_answers`` (prompt + answer + eos, targets on the answer) plus ``answer_pos``,
+    CODI's position: the token before the answer number (the last '####' token), else the
+    last answer token."""
+    out = encode_answers(tok, rows, max_length, device)
     marker = getattr(tok, "answer_marker_id", None)
+    lens = out["attention_mask"].sum(1).tolist()
     pos = []
-    for b, x in enumerate(ids):
-        hits = [i for i, v in enumerate(x) if v == marker] if marker is not None else []
-        pos.append(hits[-1] if hits else len(x) - 2)
-    return {"input_ids": out.to(device), "attention_mask": mask.to(device), "targets": tgt.to(device),
-            "answer_pos": torch.tensor(pos, device=device)}
+    for x, n in zip(out["input_ids"].tolist(), lens):
+        hits = [i for i, v in enumerate(x[:n]) if v == marker] if marker is not None else []
+        pos.append(hits[-1] if hits else n - 2)
+    out["answer_pos"] = torch.tensor(pos, device=device)
+    return out
 
 
 def check_tokenizers(tok_s, tok_t):
@@ -157,17 +143,13 @@ def _attn_shape(cfg):
     return cfg.num_key_value_heads, d
 
 
-def answer_ce(lm, hidden, targets):
-    sel = targets != -100
-    return F.cross_entropy(lm.get_output_embeddings()(hidden[sel]).float(), targets[sel])
-
-
 class KVDistiller(nn.Module):
     """The trainable side: the student plus KV projections (and CODI's width map).
     ``forward(batch, teacher, step)`` -> (loss, metrics); DDP wraps this module."""
 
-    def __init__(self, student, teacher_config, args):
+    def __init__(self, student, teacher_config, cfg: "KVLossConfig"):
         super().__init__()
+        args = KVLossConfig.narrow(cfg)  # only the loss's options (a wider config or namespace is fine)
         self.student = student
         s_cfg, t_cfg = student.config, teacher_config
         self.pairs = layer_pairs(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, args.kv_layers)
@@ -197,8 +179,8 @@ class KVDistiller(nn.Module):
     def forward(self, batch, teacher: dict, step: int):
         weighting = self.kv is not None and self.kv.weighting_active(step)
         with self.capture:
-            out = self.student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     output_hidden_states=self.need_hidden)
+            out = adapter.decoder(self.student)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                output_hidden_states=self.need_hidden)
         ce = answer_ce(self.student, out.last_hidden_state, batch["targets"])
         loss, met = ce, {"ce": ce.detach()}
         if self.kv is not None:
@@ -231,8 +213,8 @@ def teacher_outputs(teacher, capture: KVCapture, distiller: KVDistiller, batch, 
     hidden states if CKA/CODI need them."""
     need_imp = distiller.kv is not None and distiller.use_teacher_attention and distiller.kv.weighting_active(step)
     with capture, amp():
-        out = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            output_hidden_states=distiller.need_hidden)
+        out = adapter.decoder(teacher)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       output_hidden_states=distiller.need_hidden)
         res = {"kv": [capture.kv(t) for _, t in distiller.pairs],
                "hidden": out.hidden_states if distiller.need_hidden else None}
         if need_imp:
@@ -244,117 +226,67 @@ def teacher_outputs(teacher, capture: KVCapture, distiller: KVDistiller, batch, 
     return res
 
 
-def teacher_sft(teacher, tok, rows, args, device, rank, amp):
-    """Demo: the tiny teacher starts random; a short CE warm-up gives it something to teach."""
-    opt = torch.optim.AdamW(teacher.parameters(), lr=args.teacher_sft_lr, weight_decay=0.0)
-    sched = warmup_schedule(opt, args.teacher_sft_steps, 0.05)
-    rng = random.Random(args.seed)  # same batches on every rank -> identical teachers
-    teacher.train()
-    guard = NonFiniteGuard(args.max_nonfinite_steps, "teacher warm-up")
-    for step in tqdm(range(args.teacher_sft_steps), desc="teacher warm-up", disable=rank != 0):
-        b = encode(tok, rng.sample(rows, 32), args.max_length, device)
-        with amp():
-            loss = answer_ce(teacher, teacher.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                             .last_hidden_state, b["targets"])
-        loss.backward()
-        optimizer_step(teacher.parameters(), opt, sched, 1.0, guard=guard, loss=loss, step=step + 1)
-    teacher.eval()
-
-
-@torch.no_grad()
-def evaluate(lm, tok, rows, args, device, amp, rank=0, world=1) -> dict:
-    """Held-out answer CE and greedy accuracy of ``lm``."""
-    was = lm.training
-    lm.eval()
-    mine = rows[rank::world]
-    sums = torch.zeros(4, dtype=torch.float64)
-    for i in range(0, len(mine), 32):
-        chunk = mine[i:i + 32]
-        b = encode(tok, chunk, args.max_length, device)
-        with amp():
-            h = lm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-            ce = answer_ce(lm, h, b["targets"])
-        n_tok = int((b["targets"] != -100).sum())
-        tok.padding_side = "left"
-        enc = tok([format_prompt(r["question"]) for r in chunk], return_tensors="pt", padding=True).to(device)
-        with amp():  # greedy, token-identical to lm.generate(do_sample=False); ranks decode independently
-            ro = generate(lm, enc.input_ids, enc.attention_mask, args.max_new_tokens, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, sync_ranks=False)
-        texts = tok.batch_decode(ro.completion_ids, skip_special_tokens=True)
-        sums += torch.tensor([ce.item() * n_tok, n_tok, sum(correctness_reward(texts, [r["answer"] for r in chunk])),
-                              len(chunk)], dtype=torch.float64)
-    if world > 1:
-        t = sums.to(device)
-        torch.distributed.all_reduce(t)
-        sums = t.cpu()
-    lm.train(was)
-    return {"eval_ce": sums[0].item() / max(1, sums[1].item()), "eval_accuracy": sums[2].item() / max(1, sums[3].item())}
-
-
 # ----------------------------------------------------------------------------- training
-def train(args, student, teacher, tok, rows, eval_rows, device, rank, world, out: pathlib.Path) -> dict:
-    """One distillation run; returns the loss history and final eval."""
-    amp = amp_context(device, args.bf16)
-    torch.manual_seed(args.seed)
-    distiller = KVDistiller(student, teacher.config, args).to(device)
-    t_capture = KVCapture(teacher, [t for _, t in distiller.pairs], [distiller.t_imp])
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=args.lr)
-    per_step = args.batch_size * args.gradient_accumulation_steps * world
-    total = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * len(rows) / per_step))
-    sched = warmup_schedule(opt, total, args.warmup_ratio)
-    wrapped = dist.wrap(distiller, device)
-    start = 0
-    guard = NonFiniteGuard(args.max_nonfinite_steps, "kv_distill")
-    resume = checkpoint.latest(str(out)) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
-    if resume:
-        state = checkpoint.load(resume, wrapped, opt, sched)
-        start = state["step"]
-        guard.load_state_dict(state["extra"].get("nonfinite", {}))
-    log = JsonlLogger(out / "metrics.jsonl", enabled=rank == 0)
-    history = []
-    bar = tqdm(range(start, total), desc=out.name, disable=rank != 0, initial=start, total=total)
-    for step in bar:
-        reset_peak_mem(device)
-        t0 = time.perf_counter()
-        distiller.train()
+class KVDistill(Trainer):
+    """The distillation run on the loop: the frozen teacher's outputs are computed per
+    micro-batch in ``batches`` (lazily), the distiller's loss in ``loss``."""
 
-        def micro_batches():  # (batch, teacher outputs, step) per micro-batch
-            for m in range(args.gradient_accumulation_steps):
-                base = ((step * args.gradient_accumulation_steps + m) * world + rank) * args.batch_size
-                order = random.Random(args.seed + base // len(rows)).sample(range(len(rows)), len(rows))
-                batch = encode(tok, [rows[order[(base + i) % len(rows)]] for i in range(args.batch_size)],
-                               args.max_length, device)
-                yield batch, teacher_outputs(teacher, t_capture, distiller, batch, step, amp), step
+    name = "kv_distill"
 
-        sums = accumulate_grads(wrapped, micro_batches(), args.gradient_accumulation_steps, amp)
-        grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm, guard=guard, loss=sums.get("loss"),
-                                   step=step + 1)
-        row = dist.all_mean(sums, device)
-        row.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
-                   step_s=time.perf_counter() - t0, peak_mem_mb=peak_mem_mb(device), skipped_nonfinite=guard.skipped,
-                   attn_weighted=bool(distiller.kv is not None and distiller.kv.last_weighted))
-        log.log(row)
-        history.append(row)
-        tag = distiller.status(step + 1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kv=f"{row.get('kv', 0):.4f}")
-        if rank == 0 and args.logging_steps and ((step + 1) % args.logging_steps == 0 or step == start):
-            parts = [f"loss={row['loss']:.4f}", f"ce={row['ce']:.4f}"] + [
-                f"{k}={row[k]:.4f}" for k in ("kv", "cka", "codi") if k in row]
-            tqdm.write(f"Step {step + 1}: {' '.join(parts)} {tag}".rstrip())
-        if args.save_steps and (step + 1) % args.save_steps == 0:
-            checkpoint.save(str(out), step + 1, wrapped, opt, sched, extra={"nonfinite": guard.state_dict()})
-    checkpoint.save(str(out), total, wrapped, opt, sched, extra={"nonfinite": guard.state_dict()})
-    if rank == 0:
-        student.save_pretrained(str(out / "student"))
-        tok.save_pretrained(str(out / "student"))
-    final = evaluate(student, tok, eval_rows, args, device, amp, rank, world) if eval_rows else {}
-    log.log({"step": total, **final})
-    log.close()
-    t_capture.remove()
-    distiller.capture.remove()
-    return {"history": history, "final": final, "total": total}
+    def __init__(self, cfg: KVDistillConfig, student, teacher, tok, rows, eval_rows):
+        super().__init__(cfg)
+        self.student, self.teacher, self.tok, self.rows, self.eval_rows = student, teacher, tok, rows, eval_rows
+
+    def setup(self):
+        self.stream = SampleStream(self.rows, self.cfg.seed)
+
+    def build_model(self):
+        self.distiller = KVDistiller(self.student, self.teacher.config, self.cfg).to(self.device)
+        self.t_capture = KVCapture(self.teacher, [t for _, t in self.distiller.pairs], [self.distiller.t_imp])
+        return self.distiller
+
+    def fsdp_layers(self, module):
+        return list(adapter.decoder_layers(self.student))
+
+    def num_train_items(self):
+        return len(self.rows)
+
+    def batches(self, step):  # lazy: one micro-batch's teacher outputs alive at a time
+        c = self.cfg
+        for m in range(c.gradient_accumulation_steps):
+            batch = encode(self.tok, self.micro_items(self.stream, step, m, c.per_device_train_batch_size),
+                           c.max_length, self.device)
+            yield batch, teacher_outputs(self.teacher, self.t_capture, self.distiller, batch, step, self.amp)
+
+    def loss(self, mb):
+        batch, t_out = mb
+        return self.model(batch, t_out, self.step)
+
+    def step_metrics(self, row):
+        row["attn_weighted"] = bool(self.distiller.kv is not None and self.distiller.kv.last_weighted)
+
+    def log_line(self, row):
+        parts = [f"loss={row['loss']:.4f}", f"ce={row['ce']:.4f}"] + [
+            f"{k}={row[k]:.4f}" for k in ("kv", "cka", "codi") if k in row]
+        return f"Step {row['step']}: {' '.join(parts)} {self.distiller.status(row['step'])}".rstrip()
+
+    def progress(self, row):
+        return dict(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kv=f"{row.get('kv', 0):.4f}")
+
+    def evaluate(self, step):
+        if step < self.total or not self.eval_rows:  # the final student only
+            return {}
+        c = self.cfg
+        return answer_metrics(self.student, self.tok, self.eval_rows, c.max_length, c.max_new_tokens, self.device,
+                              self.amp, self.rank, self.world)
+
+    def on_train_end(self, result):
+        if self.rank == 0:
+            self.student.save_pretrained(str(self.out / "student"))
+            self.tok.save_pretrained(str(self.out / "student"))
+        self.t_capture.remove()
+        self.distiller.capture.remove()
+        return result
 
 
 def summarize(name, res) -> dict:
@@ -379,7 +311,7 @@ def compare_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: dict, path: pathlib.Path, warmup: int) -> None:
+def plot_curves(results: dict, path: Path, warmup: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,40 +333,47 @@ def plot_curves(results: dict, path: pathlib.Path, warmup: int) -> None:
     plt.close(fig)
 
 
-def load_models(args, device, rank, amp):
-    tok, student = load_causal_lm(args.model_name, device, dtype=torch.float32, seed=args.seed)  # fp32 master weights
-    if args.teacher_model == DEMO:
-        tok_t, teacher = load_causal_lm(DEMO, device, seed=args.seed + 1, **DEMO_TEACHER)
+def load_models(cfg: KVDistillConfig, device):
+    tok, student = load_causal_lm(cfg.model_name, device, dtype=torch.float32, seed=cfg.seed)  # fp32 master weights
+    if cfg.teacher_model == DEMO:
+        tok_t, teacher = load_causal_lm(DEMO, device, seed=cfg.seed + 1, **DEMO_TEACHER)
     else:
-        tok_t, teacher = load_causal_lm(args.teacher_model, device)
+        tok_t, teacher = load_causal_lm(cfg.teacher_model, device)
     check_tokenizers(tok, tok_t)
-    if args.teacher_model == DEMO and args.teacher_sft_steps:
-        teacher_sft(teacher, tok, load_rows(args.dataset_name, None, args.seed + 1), args, device, rank, amp)
+    if cfg.teacher_model == DEMO and cfg.teacher_sft_steps:
+        # the tiny teacher starts random: a short SFT run (on the loop) gives it something to teach
+        warm = SFTConfig(output_dir=str(Path(cfg.output_dir) / "teacher_sft"), seed=cfg.seed, device=cfg.device,
+                         bf16=cfg.bf16, lr=cfg.teacher_sft_lr, max_steps=cfg.teacher_sft_steps, warmup_ratio=0.05,
+                         per_device_train_batch_size=32, max_length=cfg.max_length, logging_steps=0, save_steps=0,
+                         eval_size=0, save_model=False)
+        sft = SFT(warm, lm=teacher, tok=tok, rows=load_rows(cfg.dataset_name, None, cfg.seed + 1), eval_rows=[])
+        sft.name = "teacher warm-up"
+        sft.fit()
     teacher.eval().requires_grad_(False)
     return tok, student, teacher
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    device, rank, world = dist.setup(args.device)
+    cfg = parse_args(argv)
+    device, rank, world = dist.setup(cfg.device)
     t_start = time.time()
-    out = pathlib.Path(args.output_dir)
+    out = Path(cfg.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if args.demo:
-            print("[kv_distill] embedded demo; presets: " + json.dumps({k: getattr(args, k) for k in DEMO_PRESET}),
+        if cfg.demo:
+            print("[kv_distill] embedded demo; presets: " + json.dumps({k: getattr(cfg, k) for k in DEMO_PRESET}),
                   flush=True)
-    amp = amp_context(device, args.bf16)
-    tok, student, teacher = load_models(args, device, rank, amp)
-    rows = load_rows(args.dataset_name, args.subset_size, args.seed)
-    eval_rows = load_rows(args.eval_data, args.eval_size, args.seed + 10_000) if args.eval_size else []
+    amp = amp_context(device, cfg.bf16)
+    tok, student, teacher = load_models(cfg, device)
+    rows = load_rows(cfg.dataset_name, cfg.subset_size, cfg.seed)
+    eval_rows = load_rows(cfg.eval_data, cfg.eval_size, cfg.seed + 10_000) if cfg.eval_size else []
     if rank == 0 and eval_rows:
-        t_eval = evaluate(teacher, tok, eval_rows, args, device, amp)
+        t_eval = answer_metrics(teacher, tok, eval_rows, cfg.max_length, cfg.max_new_tokens, device, amp)
         print(f"[kv_distill] teacher: eval CE {t_eval['eval_ce']:.3f}, accuracy {t_eval['eval_accuracy']:.3f}",
               flush=True)
 
-    if not args.compare:
-        res = train(args, student, teacher, tok, rows, eval_rows, device, rank, world, out)
+    if not cfg.compare:
+        res = KVDistill(cfg, student, teacher, tok, rows, eval_rows).fit()
         if rank == 0:
             s = summarize("run", res)
             print(f"[kv_distill] CE {s['first_ce']:.3f} -> {s['ce']:.3f}, KV {s['kv']:.4f}; "
@@ -446,20 +385,18 @@ def main(argv=None):
     init = copy.deepcopy(student.state_dict())  # every configuration starts from the same student
     results, rows_out = {}, []
     for name, over in COMPARE.items():
-        a = copy.copy(args)
-        for k, v in over.items():
-            setattr(a, k, v if v is not None else (args.cka_weight or 0.05))
+        over = {k: v if v is not None else (cfg.cka_weight or 0.05) for k, v in over.items()}
+        c = cfg.replace(output_dir=str(out / name.strip("+").replace("+", "_")), **over)
         student.load_state_dict(init)
         if rank == 0:
-            print(f"[kv_distill] --compare: {name} {json.dumps({k: getattr(a, k) for k in over})}", flush=True)
-        results[name] = train(a, student, teacher, tok, rows, eval_rows, device, rank, world,
-                              out / name.strip("+").replace("+", "_"))
+            print(f"[kv_distill] --compare: {name} {json.dumps(over)}", flush=True)
+        results[name] = KVDistill(c, student, teacher, tok, rows, eval_rows).fit()
         rows_out.append(summarize(name, results[name]))
     if rank == 0:
         table = compare_table(rows_out)
         (out / "compare.md").write_text(table + "\n")
         (out / "compare.json").write_text(json.dumps(rows_out, indent=1))
-        plot_curves(results, out / "loss_curves.png", args.attention_weighted_kv_warmup)
+        plot_curves(results, out / "loss_curves.png", cfg.attention_weighted_kv_warmup)
         print(table + f"\n[kv_distill] table {out / 'compare.md'}, plot {out / 'loss_curves.png'}; "
               f"{time.time() - t_start:.0f}s", flush=True)
     dist.cleanup()
