@@ -15,7 +15,7 @@ Training forward (``recompute="stored"``, the default)::
 ``stored_hidden`` (N_think x D) is the last hidden state the rollout already computed
 at each thinking position, so the projection, normalisation and gates are recomputed
 with gradient without the recipe's extra no-grad forward and its B x T x D cache
-(``recompute="two_pass"`` keeps that design for comparison).
+(``recompute="two_pass"`` runs that design for comparison: ``models/two_pass.py``).
 """
 from __future__ import annotations
 
@@ -222,28 +222,12 @@ class HybridThinkingLM(nn.Module):
         think = F.pad(batch["thinking_mask"], (P, 0), value=False)
         states = batch["thinking_hidden"]
         if recompute != "stored" and self.thinking.uses_projection:
-            states = self._two_pass_states(ids, mask, think, states, clean=recompute == "two_pass_clean")
+            from .two_pass import two_pass_states  # comparison only: the recipe's extra forward
+
+            states = two_pass_states(self, ids, mask, think, states, clean=recompute == "two_pass_clean")
         embeds, a = self.mixed_embeds(ids, think, states)
         hidden = self.final_hidden(embeds, mask)
         return hidden[:, P - 1:-1], a
-
-    @torch.no_grad()
-    def _two_pass_states(self, ids, mask, think, stored, clean: bool):
-        """The recipe's design: an extra no-grad forward over the whole batch builds a
-        B x T x D hidden-state cache, then the states are re-read from it.
-        ``two_pass`` mixes the first pass with the rollout's (frozen) states, so on an
-        unchanged policy it reproduces the rollout's hidden states; ``two_pass_clean`` is
-        the recipe verbatim (unmixed first pass, same-position read), which does not."""
-        embeds = self.embed(ids)
-        if not clean:
-            idx = think.nonzero(as_tuple=True)
-            e = embeds[idx]
-            out, _ = self.thinking.mix_state(e, self.thinking.state(stored.to(e.dtype)))
-            embeds = embeds.index_put(idx, out.to(embeds.dtype))
-        cache = self.final_hidden(embeds, mask)  # B x T x D: the memory the stored design avoids
-        if clean:
-            return cache[think]
-        return cache[:, :-1][think[:, 1:]]  # token t's state comes from the hidden state at t-1
 
     def forward(self, batch: dict, advantages: torch.Tensor, ref_per_token_logps=None, old_per_token_logps=None,
                 recompute: str = "stored", loss_kwargs: dict | None = None):
