@@ -17,9 +17,13 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"latentfast.kernels": "kernels"},
-    package_data={"latentfast.data": ["*.jsonl", "LICENSE*"],
-                  # the native CPU backend is compiled from these on first use (latentfast/ops/_native.py)
-                  "latentfast.kernels": ["csrc/*.cpp", "csrc/*.h"]},
+    package_data={
+        "latentfast.data": ["*.jsonl", "LICENSE*"],
+        # the native CPU backend is compiled from these on first use (latentfast/ops/_native.py)
+        "latentfast.kernels": ["csrc/*.cpp", "csrc/*.h"],
+        # MiniMind tokenizers (Apache-2.0): LICENSE and NOTICE.md travel with the files
+        "latentfast.models.minimind": ["tokenizer/LICENSE", "tokenizer/NOTICE.md", "tokenizer/*/*.json"],
+    },
     install_requires=[
         # Lower bounds are the versions tested: 2.11 (GPU image) and 2.13 (CPU).
         "torch>=2.11",

@@ -4,3 +4,4 @@ from .hybrid import HRPO_MODULES, HybridConfig, HybridThinkingLM, ThinkingModule
 from .tiny import build_tiny_causal_lm, tiny_config
 from .codi import CODIModel
 from .capture import AttentionCapture, KVCapture, QKCapture
+from .minimind import MiniMindConfig, MiniMindForCausalLM
