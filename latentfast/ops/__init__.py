@@ -2,3 +2,4 @@ from latentfast.ops.thinking_residual import thinking_residual  # noqa: F401
 from latentfast.ops.attention_importance import attention_token_importance  # noqa: F401
 from latentfast.ops.kv_loss import importance_weights, kv_loss, weighted_sq_error  # noqa: F401
 from latentfast.ops.grpo_loss import GRPOMetrics, fused_linear_grpo_loss, lm_head_logps  # noqa: F401
+from latentfast.ops.swiglu import swiglu_mlp  # noqa: F401

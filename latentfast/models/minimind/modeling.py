@@ -39,6 +39,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from latentfast.ops.swiglu import swiglu_mlp
+
 from .configuration import MiniMindConfig
 from .moe import MiniMindMoE, MiniMindMoEGate
 
@@ -173,7 +175,10 @@ class MiniMindAttention(nn.Module):
 
 
 class MiniMindMLP(nn.Module):
-    """SwiGLU: ``down(act(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(act(gate(x)) * up(x))``, times ``row_scale`` (MoE routing weights)
+    when given. Plain Linears with SiLU and no dropout run ``ops.swiglu_mlp`` (same
+    values, half the saved intermediates); anything else (PEFT-wrapped projections,
+    another activation, dropout) runs the modules."""
 
     def __init__(self, config: MiniMindConfig):
         super().__init__()
@@ -181,10 +186,19 @@ class MiniMindMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.dropout = nn.Dropout(config.dropout)
+        self.hidden_act = config.hidden_act
         self.act_fn = ACT2FN[config.hidden_act]
+        self.lean = True  # False: always the plain module path (comparisons)
 
-    def forward(self, x):
-        return self.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+    def _lean(self) -> bool:
+        return (self.lean and self.hidden_act == "silu" and (self.dropout.p == 0 or not self.training)
+                and type(self.gate_proj) is type(self.up_proj) is type(self.down_proj) is nn.Linear)
+
+    def forward(self, x, row_scale=None):
+        if self._lean():
+            return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, row_scale)
+        y = self.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+        return y if row_scale is None else y * row_scale.unsqueeze(-1).to(y.dtype)
 
 
 class MiniMindBlock(GradientCheckpointingLayer):

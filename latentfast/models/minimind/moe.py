@@ -7,10 +7,10 @@ un-routed input.
 
 Dispatch differs: MiniMind repeats every token ``k`` times and, per expert, indexes the
 whole repeated batch with a boolean mask (forward and backward). Here the (token, slot)
-pairs are sorted by expert once, each expert runs one GEMM chain on its contiguous slice,
-and one inverse permutation puts the outputs back, so the weighted sum over slots is
-taken in the same order as MiniMind's (values match the per-expert loop in
-``latentfast.reference.minimind_moe``).
+pairs are sorted by expert once, each expert runs one GEMM chain on its contiguous slice
+with its routing weights folded in before ``down_proj`` (``row_scale``), and one inverse
+permutation puts the outputs back for the sum over slots (values and gradients match the
+per-expert loop in ``latentfast.reference.minimind_moe`` to fp32 rounding).
 """
 from __future__ import annotations
 
@@ -52,18 +52,20 @@ def balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch_size: int, 
 
 
 def sorted_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, experts) -> torch.Tensor:
-    """sum_j topk_weight[n, j] * experts[topk_idx[n, j]](x[n]) for ``x`` (N x H)."""
+    """sum_j topk_weight[n, j] * experts[topk_idx[n, j]](x[n]) for ``x`` (N x H); each
+    expert is called as ``expert(rows, row_scale=weights)``."""
     N, H = x.shape
     k = topk_idx.shape[1]
     flat = topk_idx.reshape(-1)
     order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
     counts = torch.bincount(flat, minlength=len(experts)).tolist()  # one host sync per layer
     grouped = x.index_select(0, order // k).split(counts)
-    outs = [expert(xe) for expert, xe in zip(experts, grouped) if xe.shape[0]]
+    weights = topk_weight.reshape(-1).index_select(0, order).split(counts)
+    # the routing weight rides into each expert (MiniMindMLP's row_scale): no weighted copy of the outputs is kept
+    outs = [expert(xe, row_scale=we) for expert, xe, we in zip(experts, grouped, weights) if xe.shape[0]]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    y = torch.cat(outs).index_select(0, inverse).view(N, k, H)
-    out = (y * topk_weight.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+    out = torch.cat(outs).index_select(0, inverse).view(N, k, H).sum(dim=1)
     if torch.is_grad_enabled():  # DDP without find_unused_parameters needs a grad for every expert
         idle = [p for expert, c in zip(experts, counts) if c == 0 for p in expert.parameters() if p.requires_grad]
         if idle:
@@ -105,12 +107,13 @@ class MiniMindMoE(nn.Module):
         self.gate = MiniMindMoEGate(config)
         if config.n_shared_experts > 0:
             self.shared_experts = nn.ModuleList([make_expert() for _ in range(config.n_shared_experts)])
+        self.dispatch = sorted_dispatch  # (x, topk_idx, topk_weight, experts) -> y; swappable for comparisons
 
     def forward(self, x: torch.Tensor):
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         topk_idx, topk_weight, aux = self.gate(flat, B)
-        y = sorted_dispatch(flat, topk_idx, topk_weight, self.experts).view(B, T, H)
+        y = self.dispatch(flat, topk_idx, topk_weight, self.experts).view(B, T, H)
         for expert in getattr(self, "shared_experts", ()):
             y = y + expert(x)
         return y, aux
