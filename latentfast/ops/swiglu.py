@@ -32,23 +32,21 @@ class _SwiGLU(torch.autograd.Function):
         x0, wg0, wu0, wd0, g, u, row_scale = ctx.saved_tensors
         cdt = g.dtype  # the compute dtype (bf16 under autocast while weights stay fp32)
         x, w_gate, w_up, w_down, dy = x0.to(cdt), wg0.to(cdt), wu0.to(cdt), wd0.to(cdt), dy.to(cdt)
-        sig = torch.sigmoid(g)
-        s = g * sig  # silu(g)
+        s = F.silu(g)
         h = s * u
         dh = dy @ w_down  # d loss / d (scaled h)
         d_scale = None
         if row_scale is not None:
             scale = row_scale.unsqueeze(-1).to(h.dtype)
             if ctx.needs_input_grad[4]:
-                d_scale = (dh * h).sum(-1).to(row_scale.dtype)
-            d_down = dy.t() @ (h * scale) if ctx.needs_input_grad[3] else None
-            dh = dh.mul_(scale)
+                d_scale = torch.linalg.vecdot(dh, h).to(row_scale.dtype)
+            d_down = dy.t() @ h.mul_(scale) if ctx.needs_input_grad[3] else None
+            dh.mul_(scale)
         else:
             d_down = dy.t() @ h if ctx.needs_input_grad[3] else None
         du = dh * s
-        # d silu(g) / dg = sig * (1 + g * (1 - sig))
-        dg = dh.mul_(u).mul_(sig.mul_(1 + g * (1 - sig)))
-        dx = (dg @ w_gate + du @ w_up).to(x0.dtype) if ctx.needs_input_grad[0] else None
+        dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
+        dx = (dg @ w_gate).addmm_(du, w_up).to(x0.dtype) if ctx.needs_input_grad[0] else None
         d_gate = (dg.t() @ x).to(wg0.dtype) if ctx.needs_input_grad[1] else None
         d_up = (du.t() @ x).to(wu0.dtype) if ctx.needs_input_grad[2] else None
         d_down = d_down.to(wd0.dtype) if d_down is not None else None

@@ -51,6 +51,37 @@ def balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch_size: int, 
     return (scores.mean(0) * load).sum() * alpha
 
 
+class _GatherSlots(torch.autograd.Function):
+    """``x[order // k]``: each token copied to its ``k`` slots in expert order. Backward
+    sums each token's ``k`` slot gradients through the inverse permutation (a gather and
+    a sum) instead of autograd's ``index_add`` with repeated indices (slow on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(0, inverse).view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """``y[perm]`` for a permutation ``perm``; backward is the gather by its inverse."""
+
+    @staticmethod
+    def forward(ctx, y, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return y.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(0, inverse), None, None
+
+
 def sorted_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, experts) -> torch.Tensor:
     """sum_j topk_weight[n, j] * experts[topk_idx[n, j]](x[n]) for ``x`` (N x H); each
     expert is called as ``expert(rows, row_scale=weights)``."""
@@ -59,13 +90,13 @@ def sorted_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.
     flat = topk_idx.reshape(-1)
     order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
     counts = torch.bincount(flat, minlength=len(experts)).tolist()  # one host sync per layer
-    grouped = x.index_select(0, order // k).split(counts)
-    weights = topk_weight.reshape(-1).index_select(0, order).split(counts)
-    # the routing weight rides into each expert (MiniMindMLP's row_scale): no weighted copy of the outputs is kept
-    outs = [expert(xe, row_scale=we) for expert, xe, we in zip(experts, grouped, weights) if xe.shape[0]]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    out = torch.cat(outs).index_select(0, inverse).view(N, k, H).sum(dim=1)
+    grouped = _GatherSlots.apply(x, order, inverse, k).split(counts)
+    weights = _Permute.apply(topk_weight.reshape(-1), order, inverse).split(counts)
+    # the routing weight rides into each expert (MiniMindMLP's row_scale): no weighted copy of the outputs is kept
+    outs = [expert(xe, row_scale=we) for expert, xe, we in zip(experts, grouped, weights) if xe.shape[0]]
+    out = _Permute.apply(torch.cat(outs), inverse, order).view(N, k, H).sum(dim=1)
     if torch.is_grad_enabled():  # DDP without find_unused_parameters needs a grad for every expert
         idle = [p for expert, c in zip(experts, counts) if c == 0 for p in expert.parameters() if p.requires_grad]
         if idle:
