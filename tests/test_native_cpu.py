@@ -243,6 +243,17 @@ def test_build_failure_falls_back_with_one_log_line(tmp_path):
     assert "unavailable" not in r.stderr
 
 
+def test_stale_build_lock_is_removed_fresh_one_kept(tmp_path):
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    _native._clear_stale_lock(tmp_path)
+    assert lock.exists()  # a build may be running: wait for it
+    old = time.time() - _native.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    _native._clear_stale_lock(tmp_path)
+    assert not lock.exists()
+
+
 def test_sources_ship_with_the_package():
     """The build reads the C++ from the installed package (latentfast/kernels/csrc)."""
     names = {os.path.basename(p) for p in _native.sources()}

@@ -72,6 +72,22 @@ def _put_ninja_on_path() -> None:
             pass
 
 
+STALE_LOCK_S = 600  # a build takes well under this; an older lock is a killed build's leftover
+
+
+def _clear_stale_lock(out: pathlib.Path) -> None:
+    """cpp_extension's lock is a file that a killed build leaves behind, and every later
+    process would wait on it forever: remove one older than any real build."""
+    lock = out / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("latentfast: removing a stale native-build lock %s (%.0f s old, left by a killed build)", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 def build(verbose: bool = False) -> str:
     """Compile the library into ``cache_dir()`` (a no-op when an up-to-date build is there)
     and load it; returns its path. Raises RuntimeError saying why it could not."""
@@ -84,6 +100,7 @@ def build(verbose: bool = False) -> str:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     _put_ninja_on_path()
+    _clear_stale_lock(out)
     try:
         cpp_extension.verify_ninja_availability()
         cpp_extension.load(name="latentfast_native", sources=srcs, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
