@@ -41,6 +41,7 @@ setup(
         "bench": ["liger-kernel>=0.6"],
         "flash": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "wandb": ["wandb>=0.17"],
+        "datasets": ["datasets>=2.19"],  # reading Hugging Face save_to_disk folders (the recipe's MMLU/RAG data)
     },
     entry_points={
         "console_scripts": [
@@ -48,6 +49,7 @@ setup(
             "latentfast-codi=latentfast.train.codi:cli",
             "latentfast-kv-distill=latentfast.train.kv_distill:cli",
             "latentfast-sft=latentfast.train.sft:cli",
+            "latentfast-hrpo-eval=latentfast.eval.hrpo:cli",
             "latentfast-diagnose=latentfast.diagnose:main",
         ]
     },

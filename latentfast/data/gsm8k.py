@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+from .prompts import PROMPT_TEMPLATE, format_prompt  # noqa: F401  (re-exported: the plain prompt)
+
 HERE = pathlib.Path(__file__).resolve().parent
 SPLITS = ("train", "test")
 
@@ -45,11 +47,3 @@ def load_gsm8k(path_or_split: str = "train", limit: int | None = None) -> list[d
     """``"train"``/``"test"`` reads the shipped sample; anything else is a path."""
     path = sample_path(path_or_split) if path_or_split in SPLITS else path_or_split
     return load_jsonl(path, limit)
-
-
-PROMPT_TEMPLATE = "Question: {question}\nAnswer:\n"
-
-
-def format_prompt(question: str) -> str:
-    """The prompt every trainer uses; the model continues with the worked answer."""
-    return PROMPT_TEMPLATE.format(question=question.strip())

@@ -4,7 +4,9 @@ Trained deterministically on the synthetic arithmetic task plus the shipped GSM8
 sample, so it covers digits, arithmetic and GSM8K-ish English; byte-level, so any
 text round-trips. Digits are split one per token (helps arithmetic). ``####`` is a
 single token so generation can detect the answer marker on token ids, and
-``<|bot|>``/``<|eot|>`` delimit latent thoughts (CODI).
+``<|bot|>``/``<|eot|>`` delimit latent thoughts (CODI). A small ChatML-shaped chat
+template (``<|bos|>`` opens a turn, ``<|eos|>`` closes it, as Qwen's ``<|im_start|>`` /
+``<|im_end|>``) lets the demo and the tests take the Instruct models' prompt path.
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 BOT, EOT = "<|bot|>", "<|eot|>"
 ANSWER_MARKER = "####"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, BOT, EOT]
+# ChatML with the existing special tokens (no new ids: the vocabulary stays as it was)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}" + BOS + "{{ m['role'] }}\n{{ m['content'] }}" + EOS + "\n{% endfor %}"
+    "{% if add_generation_prompt %}" + BOS + "assistant\n{% endif %}"
+)
 
 
 def _corpus():
@@ -63,6 +70,7 @@ def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
         additional_special_tokens=[BOT, EOT],
         padding_side="left",  # prompts are left-padded for batched generation
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
     )
     tok.answer_marker = ANSWER_MARKER
     tok.answer_marker_id = tok.convert_tokens_to_ids(ANSWER_MARKER)

@@ -7,7 +7,11 @@
     latentfast-hrpo --lr_thinking_projection 0 ...
     latentfast-hrpo --resume_from_checkpoint runs/hrpo/checkpoint-250 --lr_thinking_projection 5e-5 ...
 
-Arguments and defaults are the recipe's (hrpo_gsm8k.py). With no ``--model_name`` the
+Arguments and defaults are the recipe's (hrpo_gsm8k.py); ``--task`` picks the recipe's task
+(gsm8k, math, mmlu, mmlu_stem, arc_c, openbookqa, qasc, rag: ``latentfast.data.tasks``),
+prompts go through the tokenizer's chat template with the recipe's system prompt, and the
+reward is the recipe's (``--reward_funcs hrpo``). Checkpoints record their model, so
+``latentfast-hrpo-eval --checkpoint_path <dir>`` evaluates them. With no ``--model_name`` the
 embedded demo runs: a small Qwen2 model built from a config and a tokenizer built in
 code, a short supervised warm-up on the synthetic arithmetic task, then HRPO; demo
 presets (printed at start) replace the defaults of the arguments you do not set.
@@ -25,14 +29,15 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from latentfast.data import format_prompt, get_reward_funcs, make_arithmetic
-from latentfast.data.rewards import correctness_reward
+from latentfast.data import get_reward_funcs, make_arithmetic
+from latentfast.data import prompts as prompting
+from latentfast.data.tasks import TASKS, get_task, load_task_rows
+from latentfast.eval import hrpo as hrpo_eval
 from latentfast.models import HybridConfig, HybridThinkingLM, eos_token_ids, generate
 
 from . import checkpoint, dist
 from .common import (JsonlLogger, SampleStream, amp_context, check_data_arg, check_resume_arg, console_entry,
-                     load_causal_lm, load_rows, no_sync_unless, optimizer_step, parse_with_demo, peak_mem_mb,
-                     reset_peak_mem)
+                     load_causal_lm, no_sync_unless, optimizer_step, parse_with_demo, peak_mem_mb, reset_peak_mem)
 from .guard import NonFiniteGuard
 
 DEMO_MODEL = "tiny"
@@ -41,7 +46,8 @@ DEMO_PRESET = dict(lr=5e-4, lora_rank=16, lr_residual_gate=5e-4, lr_residual_Lam
                    beta=0.005, group_size=8, per_device_train_batch_size=64, gradient_accumulation_steps=1,
                    temperature=1.0, max_prompt_length=96, max_completion_length=28, max_steps=400, warmup_ratio=0.05,
                    max_grad_norm=1.0, train_data="synthetic", eval_data="synthetic", eval_size=256, eval_steps=100,
-                   sft_steps=250, save_steps=100)
+                   sft_steps=250, save_steps=100,
+                   system_prompt="")  # the tiny tokenizer's chat template, without the 132-token system turn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,11 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--recompute", default="stored", choices=["stored", "two_pass", "two_pass_clean"],
       help="stored = this design; two_pass = the recipe's extra no-grad forward (for comparison)")
     # --- data / eval / output ---
-    a("--train_data", default="gsm8k_sample", help="JSONL path, 'gsm8k_sample' (shipped) or 'synthetic'")
-    a("--eval_data", default="gsm8k_sample_test", help="JSONL path, 'gsm8k_sample_test' or 'synthetic'")
+    a("--task", default="gsm8k", choices=sorted(TASKS), help="the recipe's task (data fields, prompt, reward)")
+    a("--train_data", default=None, help="file/folder; default: --dataset_root's train split, else for gsm8k the "
+                                         "shipped sample ('gsm8k_sample'); 'synthetic' = arithmetic")
+    a("--eval_data", default=None, help="file/folder; default: --dataset_root's test split, else for gsm8k "
+                                        "'gsm8k_sample_test'")
+    a("--dataset_root", default=None, help="folder with the task's splits (the recipe's --dataset_root)")
+    a("--system_prompt", default=None, help="default: the recipe's (chat template); '' = no system turn")
+    a("--no_chat_template", action="store_true", help="plain 'Question: ...\\nAnswer:' prompts (base models)")
     a("--eval_size", type=int, default=100)
     a("--eval_steps", type=int, default=0, help="evaluate every N steps (0: only before and after)")
-    a("--reward_funcs", nargs="+", default=["correctness"], help="names in latentfast.data.rewards.REWARDS")
+    a("--reward_funcs", nargs="+", default=["hrpo"],
+      help="hrpo = the recipe's (correct AND exactly one ####); or the split correctness / format")
     a("--output_dir", default="runs/hrpo")
     a("--sft_steps", type=int, default=0, help="supervised warm-up steps before HRPO (demo)")
     a("--sft_lr", type=float, default=3e-3)
@@ -120,17 +133,21 @@ def validate_args(parser, args) -> None:
         warnings.warn("--group_size 1: a group of one completion has no spread, so every group-normalised "
                       "advantage is 0 and only the KL term (--beta) trains; use --group_size >= 2 for GRPO",
                       UserWarning, stacklevel=3)
-    check_data_arg(parser, "--train_data", args.train_data)
-    check_data_arg(parser, "--eval_data", args.eval_data)
+    for flag, spec in (("--train_data", args.train_data), ("--eval_data", args.eval_data)):
+        if args.task == "gsm8k":
+            check_data_arg(parser, flag, spec)
+        elif spec is not None and not pathlib.Path(spec).exists():  # rows are checked by the task's loader
+            parser.error(f"{flag} {spec!r}: no such file or folder (task {args.task}: expected "
+                         f"{TASKS[args.task].doc})")
+    if args.dataset_root is not None and not pathlib.Path(args.dataset_root).is_dir():
+        parser.error(f"--dataset_root {args.dataset_root!r}: no such folder")
     check_resume_arg(parser, args.resume_from_checkpoint)
 
 
 # ----------------------------------------------------------------------------- data
-def encode_prompts(tok, rows, max_len, device):
-    tok.padding_side, tok.truncation_side = "left", "left"
-    enc = tok([format_prompt(r["question"]) for r in rows], return_tensors="pt", padding=True, truncation=True,
-              max_length=max_len)
-    return enc.input_ids.to(device), enc.attention_mask.to(device)
+def encode_prompts(tok, rows, max_len, device, args):
+    return prompting.encode_prompts(tok, [r["question"] for r in rows], max_len, device, args.system_prompt,
+                                    False if args.no_chat_template else None)
 
 
 def decode_completions(tok, rollout) -> list[str]:
@@ -178,7 +195,8 @@ def sft_warmup(lm, tok, args, device, rank):
     guard = NonFiniteGuard(args.max_nonfinite_steps, "sft warm-up")
     for step in bar:
         batch = rng.sample(rows, 64)
-        prompts = [format_prompt(r["question"]) for r in batch]
+        prompts = [prompting.render_prompt(tok, r["question"], args.system_prompt,
+                                           False if args.no_chat_template else None) for r in batch]
         full = [p + r["answer"] + tok.eos_token for p, r in zip(prompts, batch)]
         tok.padding_side = "right"
         enc = tok(full, return_tensors="pt", padding=True).to(device)
@@ -253,37 +271,15 @@ def projection_weight(model):
 
 
 # ----------------------------------------------------------------------------- loop
-@torch.no_grad()
-def evaluate(model, wrapped, tok, rows, args, device, rank, world, marker_ids, amp):
-    """Greedy hybrid decoding; (accuracy, format rate) over ``rows``, split across ranks."""
-    model.eval()
-    mine = rows[rank::world]
-    # every rank runs the same number of batches (generation and FSDP gathers are
-    # collective): rank 0 holds the most rows; a rank out of rows repeats a batch and
-    # ignores the result
-    per_rank = -(-len(rows) // world)  # ceil
-    n_batches = -(-per_rank // 64)
-    correct = fmt = 0.0
-    for b in range(n_batches):
-        batch = mine[b * 64:(b + 1) * 64]
-        pad = not batch
-        if pad:
-            batch = mine[-64:] if mine else rows[:1]
-        ids, mask = encode_prompts(tok, batch, args.max_prompt_length, device)
-        eos_ids = eos_token_ids(tok, model.hf_model)
-        with amp(), dist.gathered(wrapped):
-            ro = generate(model, ids, mask, args.max_completion_length, eos_token_id=eos_ids,
-                          pad_token_id=tok.pad_token_id, marker_ids=marker_ids, temperature=args.temperature,
-                          do_sample=False)
-        if pad:
-            continue
-        texts = decode_completions(tok, ro)
-        correct += sum(correctness_reward(texts, [r["answer"] for r in batch]))
-        fmt += sum(get_reward_funcs(["format"])[0](texts))
-    t = torch.tensor([correct, fmt, len(mine)], device=device, dtype=torch.float64)
-    if world > 1:
-        torch.distributed.all_reduce(t)
-    return (t[0] / t[2].clamp(min=1)).item(), (t[1] / t[2].clamp(min=1)).item()
+def evaluate(model, wrapped, tok, rows, args, amp) -> dict:
+    """Greedy hybrid decoding of ``rows``, split across ranks: ``latentfast.eval.hrpo``'s
+    metrics (accuracy, reward, format, ...), as ``latentfast-hrpo-eval`` computes them."""
+    metrics, _ = hrpo_eval.evaluate(model, tok, args.task, rows, max_prompt_length=args.max_prompt_length,
+                                    max_new_tokens=args.max_completion_length, batch_size=64, greedy=True,
+                                    temperature=args.temperature, system_prompt=args.system_prompt,
+                                    chat_template=False if args.no_chat_template else None, amp=amp,
+                                    gathered=lambda: dist.gathered(wrapped))
+    return metrics
 
 
 def main(argv=None):
@@ -302,6 +298,8 @@ def main(argv=None):
                   flush=True)
 
     tok, lm, warmed = load_model(args, device)
+    prompting.prepare_tokenizer(tok)
+    task = get_task(args.task)
     if args.sft_steps > 0 and not warmed:
         sft_warmup(lm, tok, args, device, rank)
         if rank == 0 and args.demo:
@@ -326,8 +324,8 @@ def main(argv=None):
     groups = optimizer_groups(model, args)
     opt = make_optimizer(groups, args)
 
-    train_rows = load_rows(args.train_data, None, args.seed)
-    eval_rows = load_rows(args.eval_data, args.eval_size, args.seed + 10_000)
+    train_rows = load_task_rows(task, args.train_data, "train", None, args.seed, args.dataset_root)
+    eval_rows = load_task_rows(task, args.eval_data, "test", args.eval_size, args.seed + 10_000, args.dataset_root)
     stream = SampleStream(train_rows, args.seed)
     ppm = args.per_device_train_batch_size // args.group_size  # prompts per micro-batch
     per_step = ppm * args.gradient_accumulation_steps * world
@@ -335,7 +333,9 @@ def main(argv=None):
     sched = make_scheduler(opt, args, total)
     marker_ids = tok.encode(cfg.answer_marker, add_special_tokens=False)
     eos_ids = eos_token_ids(tok, model.hf_model)
-    reward_fns = get_reward_funcs(args.reward_funcs)
+    reward_fns = get_reward_funcs(args.reward_funcs, task)
+    demo_base = args.demo and (warmed or args.sft_steps > 0)  # the demo's warmed-up base, saved in output_dir
+    spec = hrpo_eval.hrpo_spec(args, str((out / "base_model").resolve()) if demo_base else args.model_name)
 
     start = 0
     guard = NonFiniteGuard(args.max_nonfinite_steps, "hrpo")
@@ -366,10 +366,16 @@ def main(argv=None):
         if wandb is not None:  # (rank 0 only, as the metrics file)
             wandb.log(row, step=row.get("step"))
 
-    acc0, fmt0 = evaluate(model, wrapped, tok, eval_rows, args, device, rank, world, marker_ids, amp)
-    record({"step": start, "eval_accuracy": acc0, "eval_format": fmt0})
+    def held_out():
+        m = evaluate(model, wrapped, tok, eval_rows, args, amp)
+        return {f"eval_{k}": v for k, v in m.items() if isinstance(v, (int, float))}
+
+    ev0 = held_out()
+    acc0 = ev0["eval_accuracy"]
+    record({"step": start, **ev0})
     if rank == 0:
-        print(f"[hrpo] step {start}: held-out accuracy {acc0:.3f} (format {fmt0:.3f})", flush=True)
+        print(f"[hrpo] step {start}: held-out accuracy {acc0:.3f} (reward {ev0['eval_reward']:.3f}, "
+              f"format {ev0['eval_format']:.3f})", flush=True)
 
     params = [p for g in opt.param_groups for p in g["params"]]  # (also for the checksum of a finished run)
     gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
@@ -386,7 +392,7 @@ def main(argv=None):
             base = (step * args.gradient_accumulation_steps + m) * ppm * world + rank * ppm
             rows = [stream[base + i] for i in range(ppm)]
             rows_g = [r for r in rows for _ in range(args.group_size)]
-            ids, mask = encode_prompts(tok, rows_g, args.max_prompt_length, device)
+            ids, mask = encode_prompts(tok, rows_g, args.max_prompt_length, device, args)
             with torch.no_grad(), amp(), dist.gathered(wrapped):
                 ro = generate(model, ids, mask, args.max_completion_length, eos_token_id=eos_ids,
                               pad_token_id=tok.pad_token_id, marker_ids=marker_ids, temperature=args.temperature,
@@ -403,7 +409,7 @@ def main(argv=None):
             micro.append((batch, group_advantages(rewards, args.group_size), ref))
             lens = ro.completion_mask.sum(1).float()
             stats["reward"].append(rewards.mean().item())
-            stats["accuracy"].append(sum(correctness_reward(texts, answers)) / len(texts))
+            stats["accuracy"].append(sum(task.accuracy(texts, answers)) / len(texts))
             stats["completion_length"].append(lens.mean().item())
             stats["thinking_fraction"].append((ro.thinking_mask.sum() / lens.sum().clamp(min=1)).item())
             if ro.embeds_ratio.numel():
@@ -457,27 +463,29 @@ def main(argv=None):
         row["rollout_s"], row["train_s"] = t_roll, t_train
         row["peak_mem_mb"] = peak_mem_mb(device)
         if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < total:
-            row["eval_accuracy"], row["eval_format"] = evaluate(model, wrapped, tok, eval_rows, args, device, rank,
-                                                                world, marker_ids, amp)
+            row.update(held_out())
         record(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row.get('kl', 0):.4f}")
         if args.save_steps and (step + 1) % args.save_steps == 0:
             checkpoint.save(args.output_dir, step + 1, wrapped, opt, sched, full=False,
-                            extra={"nonfinite": guard.state_dict()})
+                            extra={"nonfinite": guard.state_dict(), "hrpo": spec})
 
-    acc1, fmt1 = evaluate(model, wrapped, tok, eval_rows, args, device, rank, world, marker_ids, amp)
-    record({"step": total, "eval_accuracy": acc1, "eval_format": fmt1})
+    ev1 = held_out()
+    acc1 = ev1["eval_accuracy"]
+    record({"step": total, **ev1})
     final = checkpoint.save(args.output_dir, total, wrapped, opt, sched, full=False,
-                            extra={"nonfinite": guard.state_dict()})
+                            extra={"nonfinite": guard.state_dict(), "hrpo": spec})
     if rank == 0:
-        print(f"[hrpo] held-out accuracy {acc0:.3f} -> {acc1:.3f} (format {fmt0:.3f} -> {fmt1:.3f}); "
+        print(f"[hrpo] held-out accuracy {acc0:.3f} -> {acc1:.3f} (recipe reward {ev0['eval_reward']:.3f} -> "
+              f"{ev1['eval_reward']:.3f}, format {ev0['eval_format']:.3f} -> {ev1['eval_format']:.3f}); "
               f"checkpoint {final}; metrics {out / 'metrics.jsonl'}", flush=True)
     log.close()
     # one number per rank over the trainable weights: DDP/FSDP ranks must agree
     checksum = sum(_full(p.detach()).double().abs().sum().item() for p in params)
     del wrapped, model, opt, sched, params, proj_w  # DDP/FSDP state holds the process group: release it first
     dist.cleanup()
-    return {"eval_accuracy_before": acc0, "eval_accuracy_after": acc1, "trainable_checksum": checksum}
+    return {"eval_accuracy_before": acc0, "eval_accuracy_after": acc1, "eval_reward_before": ev0["eval_reward"],
+            "eval_reward_after": ev1["eval_reward"], "trainable_checksum": checksum}
 
 
 cli = console_entry(main)
