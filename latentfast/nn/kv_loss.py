@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from latentfast.ops.attention_importance import attention_token_importance
-from latentfast.ops.kv_loss import kv_loss
+from latentfast.ops.kv_loss import kv_loss, kv_loss_per_sample
 
 
 def cache_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -116,7 +116,8 @@ class AttentionWeightedKVLoss(nn.Module):
 
     def forward(self, student_kv, teacher_kv, *, step: int | None = None,
                 student_importance=None, teacher_importance=None,
-                student_attention=None, teacher_attention=None, attention_mask=None) -> torch.Tensor:
+                student_attention=None, teacher_attention=None, attention_mask=None,
+                sample_weight=None, return_per_sample: bool = False):
         """
         Args:
             student_kv, teacher_kv: one (K, V) pair or a sequence of them, one per
@@ -127,6 +128,9 @@ class AttentionWeightedKVLoss(nn.Module):
                 (B, H, T, T) / (B, T, T) / (T, T), or a (q, k[, lse]) tuple for the fused
                 path; only read once the warmup is over.
             attention_mask: (B, T), 1 = token, 0 = padding.
+            sample_weight: optional (B,) constant per-sample scale (a teacher's weights).
+            return_per_sample: also return the (B,) detached per-sample shares of the
+                unscaled loss (they sum to it), for a teacher router's gradient.
         """
         if isinstance(student_kv[0], torch.Tensor):
             student_kv, teacher_kv = [student_kv], [teacher_kv]
@@ -149,12 +153,16 @@ class AttentionWeightedKVLoss(nn.Module):
                                  f"{self.warmup_steps}) but no {missing} was given")
         self.last_weighted = importance is not None
 
-        losses = []
+        losses, shares = [], []
         for i, ((sk, sv), (tk, tv)) in enumerate(zip(student_kv, teacher_kv)):
             sk, sv = self._project(i, sk, sv)
-            losses.append(kv_loss(sk, sv, tk.detach(), tv.detach(), importance=importance,
-                                  attention_mask=attention_mask))
-        return torch.stack(losses).mean()
+            tk, tv = tk.detach(), tv.detach()
+            losses.append(kv_loss(sk, sv, tk, tv, importance=importance, attention_mask=attention_mask,
+                                  sample_weight=sample_weight))
+            if return_per_sample:
+                shares.append(kv_loss_per_sample(sk, sv, tk, tv, importance=importance, attention_mask=attention_mask))
+        loss = torch.stack(losses).mean()
+        return (loss, torch.stack(shares).mean(0)) if return_per_sample else loss
 
     def get_extra_state(self):
         return {"num_steps": self.num_steps}

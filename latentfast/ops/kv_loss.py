@@ -74,7 +74,8 @@ def weighted_sq_error(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torc
     return _wse_op(x, y, w.detach().float())
 
 
-def kv_loss(student_k, student_v, teacher_k, teacher_v, importance=None, attention_mask=None) -> torch.Tensor:
+def kv_loss(student_k, student_v, teacher_k, teacher_v, importance=None, attention_mask=None,
+            sample_weight=None) -> torch.Tensor:
     """Attention-weighted KV loss for one layer pair, fp32 scalar.
 
     Args:
@@ -84,6 +85,8 @@ def kv_loss(student_k, student_v, teacher_k, teacher_v, importance=None, attenti
         importance: optional (B, T) token importance (``attention_token_importance``);
             None gives the unweighted MSE. Always detached.
         attention_mask: optional (B, T), 1 = token, 0 = padding; padding is ignored.
+        sample_weight: optional (B,) constant scale of each sample's tokens (a teacher's
+            per-sample weight in multi-teacher distillation; see ``kv_loss_per_sample``).
     """
     for name, t in (("student_k", student_k), ("student_v", student_v), ("teacher_k", teacher_k), ("teacher_v", teacher_v)):
         check_tensor(name, t, ndim=4, float_=True)
@@ -96,12 +99,25 @@ def kv_loss(student_k, student_v, teacher_k, teacher_v, importance=None, attenti
     if attention_mask is not None:
         check_tensor("attention_mask", attention_mask, ndim=2)
         check_shape("attention_mask", attention_mask, (B, T), "(batch, seq), 1 = token, 0 = padding")
-    check_same_device(student_k=student_k, teacher_k=teacher_k, importance=importance, attention_mask=attention_mask)
+    if sample_weight is not None:
+        check_tensor("sample_weight", sample_weight, ndim=1, float_=True)
+        check_shape("sample_weight", sample_weight, (B,), "(batch,) per-sample weights")
+    check_same_device(student_k=student_k, teacher_k=teacher_k, importance=importance, attention_mask=attention_mask,
+                      sample_weight=sample_weight)
 
     w = importance_weights(importance, attention_mask, shape=(B, T)).to(teacher_k.device)
+    if sample_weight is not None:
+        w = w * sample_weight.detach().float()[:, None]
     n_tok = float(B * T) if attention_mask is None else (attention_mask != 0).sum().clamp_min(1).float()
     loss = 0.0
     for s, t in ((student_k, teacher_k), (student_v, teacher_v)):
         # fold the mean's divisor into w: one op, no extra pass
         loss = loss + weighted_sq_error(s, t, w / (n_tok * t.shape[1] * t.shape[3]))
     return loss
+
+
+@torch.no_grad()
+def kv_loss_per_sample(student_k, student_v, teacher_k, teacher_v, importance=None, attention_mask=None) -> torch.Tensor:
+    """(B,) fp32 shares of ``kv_loss`` per sample (they sum to it), detached: what a
+    teacher router's gradient needs (d/dw_b of sum_b w_b * share_b)."""
+    return _ref.kv_loss_per_sample(student_k, student_v, teacher_k, teacher_v, importance, attention_mask)

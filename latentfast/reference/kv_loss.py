@@ -27,14 +27,31 @@ def weighted_sq_error(x, y, w) -> torch.Tensor:
     return (w.float()[:, None, :, None] * (x.float() - y.float()).pow(2)).sum()
 
 
-def kv_loss(student_k, student_v, teacher_k, teacher_v, importance=None, attention_mask=None) -> torch.Tensor:
+def kv_loss(student_k, student_v, teacher_k, teacher_v, importance=None, attention_mask=None,
+            sample_weight=None) -> torch.Tensor:
     """Weighted MSE(K) + weighted MSE(V): per token the mean squared error over heads
-    and head dims, averaged over valid tokens with ``importance_weights``."""
+    and head dims, averaged over valid tokens with ``importance_weights``; sample b's
+    tokens are scaled by ``sample_weight[b]`` when given (a teacher's per-sample weight)."""
     B, _, T, _ = teacher_k.shape
     w = importance_weights(importance, attention_mask, shape=(B, T)).to(teacher_k.device)
+    if sample_weight is not None:
+        w = w * sample_weight.detach().float().to(w.device)[:, None]
     n_tok = w.new_tensor(float(B * T)) if attention_mask is None else (attention_mask != 0).sum().float().to(w.device)
     loss = 0.0
     for s, t in ((student_k, teacher_k), (student_v, teacher_v)):
         per_elem = t.shape[1] * t.shape[3]
         loss = loss + weighted_sq_error(s, t, w) / (n_tok.clamp_min(1) * per_elem)
     return loss
+
+
+def kv_loss_per_sample(student_k, student_v, teacher_k, teacher_v, importance=None, attention_mask=None) -> torch.Tensor:
+    """(B,) fp32: sample b's share of ``kv_loss`` (same normalisation), so the shares sum
+    to ``kv_loss`` and ``sum_b s_b * share_b`` is ``kv_loss(..., sample_weight=s)``."""
+    B, _, T, _ = teacher_k.shape
+    w = importance_weights(importance, attention_mask, shape=(B, T)).to(teacher_k.device)
+    n_tok = w.new_tensor(float(B * T)) if attention_mask is None else (attention_mask != 0).sum().float().to(w.device)
+    out = 0.0
+    for s, t in ((student_k, teacher_k), (student_v, teacher_v)):
+        err = (s.float() - t.float()).pow(2).sum((1, 3))  # (B, T)
+        out = out + (w * err).sum(1) / (n_tok.clamp_min(1) * t.shape[1] * t.shape[3])
+    return out
