@@ -35,6 +35,7 @@ setup(
         "numpy>=1.26",
         "matplotlib>=3.8",  # --compare plots (latentfast-kv-distill)
         "ninja>=1.11",  # builds the native CPU backend on first use (torch.utils.cpp_extension)
+        "pyyaml>=6.0",  # teachers.yaml (latentfast-kv-distill --teachers)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6"],
@@ -50,6 +51,7 @@ setup(
             "latentfast-kv-distill=latentfast.train.kv_distill:cli",
             "latentfast-sft=latentfast.train.sft:cli",
             "latentfast-hrpo-eval=latentfast.eval.hrpo:cli",
+            "latentfast-kv-cache=latentfast.train.kv_cache:cli",
             "latentfast-diagnose=latentfast.diagnose:main",
         ]
     },

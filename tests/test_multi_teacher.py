@@ -1,0 +1,182 @@
+"""teachers.yaml parsing and its errors, the multi-teacher loss (one teacher with weight 1 is
+the single-teacher loss), and the offline cache round trip (same loss as online, full and
+compressed targets)."""
+import pytest
+import torch
+
+from latentfast.data import build_tokenizer, make_arithmetic
+from latentfast.data.kv_cache import KVCacheReader
+from latentfast.models import build_tiny_causal_lm
+from latentfast.models.kv_capture import KVCapture
+from latentfast.nn import AttentionWeightedKVLoss
+from latentfast.nn.kv_adapter import kv_adapters
+from latentfast.nn.multi_teacher_kv import MultiTeacherKVLoss
+from latentfast.train import kv_cache, kv_distill
+from latentfast.train.multi_teacher import Compression, load_teachers_from_config
+from latentfast.train.teachers import TeachersConfigError, load_teachers, parse_teachers, save_teachers
+
+STUDENT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64)
+TEACHER = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
+               intermediate_size=64)
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' references; their kernels have their own tests
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_parse_teachers_and_task_table(tmp_path):
+    p = tmp_path / "teachers.yaml"
+    p.write_text("""
+teachers:
+  - {name: eq, model: /m/eq, mode: eq, tasks: [arith], kv_adapter: mlp, weight: 3}
+  - name: nl
+    model: /m/nl
+    mode: nl
+    layer_map: [[0, 1], [-1, -1]]
+    source: offline:/cache/nl
+    dtype: bfloat16
+""")
+    cfg = load_teachers(p)
+    assert cfg.names == ["eq", "nl"] and cfg.teachers[0].kv_adapter == "mlp"
+    assert cfg.teachers[1].offline_dir == "/cache/nl" and cfg.teachers[0].offline_dir is None
+    assert cfg.teachers[1].layer_map == [[0, 1], [-1, -1]] and cfg.teachers[0].tags == ("eq", "arith")
+    assert cfg.task_table() == {"default": [3.0, 1.0], "arith": [1.0, 0.0], "eq": [1.0, 0.0], "nl": [0.0, 1.0]}
+    assert cfg.teachers[1].torch_dtype("cpu") == torch.bfloat16 and cfg.teachers[0].torch_dtype("cpu") == torch.float32
+    save_teachers(cfg, tmp_path / "again.yaml")
+    assert load_teachers(tmp_path / "again.yaml") == cfg
+    cfg2 = parse_teachers({"teachers": [{"model": "a", "name": "a"}, {"model": "b", "name": "b"}],
+                           "per_task": {"x": {"b": 2.0}}})
+    assert cfg2.task_table()["x"] == [0.0, 2.0]
+    assert parse_teachers([{"model": "a"}]).names == ["teacher0"]
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"teachers": [{"model": "a", "kv_adapter": "conv"}]}, r"teachers\[0\]\.kv_adapter: expected one of"),
+    ({"teachers": [{"model": "a", "source": "offline:"}]}, r"teachers\[0\]\.source: expected 'online' or"),
+    ({"teachers": [{"model": "a", "layer_map": "depth"}]}, r"teachers\[0\]\.layer_map"),
+    ({"teachers": [{"model": "a", "layer_map": [[0, 1, 2]]}]}, r"teachers\[0\]\.layer_map"),
+    ({"teachers": [{"model": "a", "dtype": "int8"}]}, r"teachers\[0\]\.dtype"),
+    ({"teachers": [{"model": "a", "weight": -1}]}, r"teachers\[0\]\.weight"),
+    ({"teachers": [{"model": "a", "colour": 1}]}, r"teachers\[0\]: unknown field\(s\) \['colour'\]"),
+    ({"teachers": [{"name": "x"}]}, r"teachers\[0\]\.model: expected a local model path"),
+    ({"teachers": [{"model": "a", "name": "x"}, {"model": "b", "name": "x"}]}, "duplicate teacher name"),
+    ({"teachers": []}, "non-empty list"),
+    ({"teacher": []}, "unknown top-level key"),
+    ({"teachers": [{"model": "a", "name": "a"}], "per_task": {"eq": {"b": 1}}}, r"per_task\.eq: unknown teacher"),
+])
+def test_parse_errors_name_the_field(raw, match):
+    with pytest.raises(TeachersConfigError, match=match):
+        parse_teachers(raw, "t.yaml")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(TeachersConfigError, match="no such file"):
+        load_teachers(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("teachers: [model: a\n")
+    with pytest.raises(TeachersConfigError, match="not valid YAML"):
+        load_teachers(tmp_path / "bad.yaml")
+
+
+def _student_kv(lm, batch, layers):
+    with KVCapture(lm, layers) as cap:
+        lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return {s: cap.kv(s) for s in layers}
+
+
+def test_one_teacher_weight_one_is_single_teacher_loss(tok):
+    torch.manual_seed(0)
+    student = build_tiny_causal_lm(tok, **STUDENT)
+    teacher = build_tiny_causal_lm(tok, seed=1, **TEACHER).eval()
+    b = kv_distill.encode(tok, make_arithmetic(3, seed=0), 96, torch.device("cpu"))
+    pairs = [(0, 1), (1, 2)]
+    adapters = kv_adapters("linear", pairs, student.config, teacher.config)
+    single = AttentionWeightedKVLoss(0, True, adapters)
+    mt = MultiTeacherKVLoss([pairs], [adapters], ["t"], "static", [1.0], warmup_steps=0, use_teacher_attention=True)
+    assert mt.kv[0].projections[0] is single.projections[0]  # the same adapter modules
+    s_kv = _student_kv(student, b, [0, 1])
+    with KVCapture(teacher, [1, 2], [2]) as cap, torch.no_grad():
+        teacher.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    from latentfast.ops import attention_token_importance
+
+    imp = attention_token_importance(*cap.qk(2), attention_mask=b["attention_mask"])
+    t_kv = [cap.kv(1), cap.kv(2)]
+    exp = single([s_kv[0], s_kv[1]], t_kv, step=3, teacher_importance=imp, attention_mask=b["attention_mask"])
+    w = mt.weights(batch_size=3)
+    got, reg, met = mt(s_kv, [{"kv": t_kv, "importance": imp}], w, step=3, attention_mask=b["attention_mask"],
+                       tags=["eq", "eq", "nl"])
+    assert torch.equal(got, exp) and float(reg) == 0.0
+    assert float(met["w/t"]) == 1.0 and float(met["w/eq/t"]) == 1.0
+    torch.testing.assert_close(met["kv/t"], exp.detach())
+    ga = torch.autograd.grad(got, list(student.parameters()), retain_graph=True, allow_unused=True)
+    gb = torch.autograd.grad(exp, list(student.parameters()), allow_unused=True)
+    for x, y in zip(ga, gb):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+def _save_teacher(tok, path, seed=1):
+    lm = build_tiny_causal_lm(tok, seed=seed, **TEACHER)
+    lm.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return lm
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_offline_cache_round_trip_same_loss(tok, tmp_path, compress):
+    rows = make_arithmetic(10, seed=3)
+    data = tmp_path / "train.jsonl"
+    import json
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _save_teacher(tok, tmp_path / "teacher")
+    cache = tmp_path / "cache"
+    yaml_path = tmp_path / "teachers.yaml"
+    yaml_path.write_text(f"teachers:\n  - {{name: t, model: {tmp_path / 'teacher'}, source: 'offline:{cache}'}}\n")
+    argv = ["--teachers", str(yaml_path), "--student_layers", "2", "--dataset_name", str(data), "--batch_size", "4",
+            "--max_length", "96", "--cache_dtype", "float32", "--shard_size", "3"]
+    if compress:
+        argv += ["--kv_compression", "rkv", "--kv_slots", "5"]
+    res = kv_cache.main(argv)
+    assert res["t"]["rows"] == 10 and len(list(cache.glob("shard-*.safetensors"))) == 4
+
+    student = build_tiny_causal_lm(tok, **STUDENT)
+    comp = Compression(5, 0.1) if compress else None
+    offline = load_teachers(yaml_path)
+    online = parse_teachers({"teachers": [{"name": "t", "model": str(tmp_path / "teacher")}]})
+    (t_off,) = load_teachers_from_config(offline, student.config, tok, compression=comp, need_importance=True,
+                                         need_stats=True)
+    (t_on,) = load_teachers_from_config(online, student.config, tok, compression=comp)
+    assert t_off.reader is not None and t_on.model is not None and t_off.pairs == t_on.pairs == [(0, 1), (1, 2)]
+    ids = [7, 2, 9]  # another batch composition (and padded length) than the cache was written with
+    b = kv_distill.encode(tok, [rows[i] for i in ids], 96, torch.device("cpu"))
+    b["row_ids"] = ids
+    a_on = t_on.targets(b, need_importance=True, stats=True)
+    a_off = t_off.targets(b, need_importance=True, stats=True)
+    adapters = kv_adapters("linear", t_on.pairs, student.config, t_on.config)
+    mt = MultiTeacherKVLoss([t_on.pairs], [adapters], ["t"], "confidence", warmup_steps=0,
+                            use_teacher_attention=True)
+    s_kv = _student_kv(student, b, [0, 1])
+    w_on = mt.weights(batch_size=3, nll=a_on["nll"][:, None])
+    w_off = mt.weights(batch_size=3, nll=a_off["nll"][:, None])
+    l_on = mt(s_kv, [a_on], w_on, step=1, attention_mask=b["attention_mask"])[0]
+    l_off = mt(s_kv, [a_off], w_off, step=1, attention_mask=b["attention_mask"])[0]
+    torch.testing.assert_close(l_off, l_on, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a_off["nll"], a_on["nll"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a_off["importance"], a_on["importance"], atol=1e-6, rtol=1e-5)
+    if compress:
+        assert a_on["kv"] is None and torch.equal(a_off["rkv"][0]["index"], a_on["rkv"][0]["index"])
+    # a cache from other data fails loudly
+    bad = kv_distill.encode(tok, [rows[0]], 96, torch.device("cpu"))
+    bad["row_ids"] = [1]
+    with pytest.raises(ValueError, match="tokens differ"):
+        t_off.targets(bad, need_importance=False, stats=False)
+    with pytest.raises(ValueError, match="teacher layers"):
+        KVCacheReader(cache).check([0])
+    with pytest.raises(ValueError, match="kv_compression"):
+        load_teachers_from_config(offline, student.config, tok, compression=None if compress else Compression())
