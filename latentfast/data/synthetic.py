@@ -47,3 +47,35 @@ def make_arithmetic(n: int, seed: int = 0, min_steps: int = 1, max_steps: int = 
         sentences.append(f"How many {item} does {name} have?")
         out.append({"question": " ".join(sentences), "answer": "\n".join(lines + [f"#### {total}"])})
     return out
+
+
+MODES = ("eq", "nl")
+_NL_OPS = {"+": "plus", "-": "minus", "*": "times"}
+
+
+def _nl_line(line: str) -> str:
+    """'5+3=8' -> '5 plus 3 makes 8.' (the same step as a natural-language sentence)."""
+    lhs, res = line.split("=")
+    for sym, word in _NL_OPS.items():
+        if sym in lhs:
+            a, b = lhs.split(sym)
+            return f"{a} {word} {b} makes {res}."
+    raise ValueError(f"not an arithmetic step: {line!r}")
+
+
+def make_two_mode_arithmetic(n: int, seed: int = 0, min_steps: int = 1, max_steps: int = 3,
+                             modes=MODES) -> list[dict]:
+    """``n`` problems, each written in every reasoning mode of ``modes``: ``eq`` (equation
+    chain '5+3=8') and ``nl`` (natural-language chain '5 plus 3 makes 8.'). The question
+    starts with its mode tag ('[eq] ...'), rows carry ``mode``; the answer line is the same."""
+    bad = sorted(set(modes) - set(MODES))
+    if bad:
+        raise ValueError(f"modes must be among {MODES}, got {bad}")
+    out = []
+    for row in make_arithmetic(n, seed=seed, min_steps=min_steps, max_steps=max_steps):
+        *lines, final = row["answer"].split("\n")
+        for mode in modes:
+            steps = lines if mode == "eq" else [_nl_line(x) for x in lines]
+            out.append({"question": f"[{mode}] {row['question']}", "answer": "\n".join(steps + [final]),
+                        "mode": mode})
+    return out
