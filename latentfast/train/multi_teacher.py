@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from latentfast.data.kv_cache import KVCacheReader
-from latentfast.models.kv_capture import KVCapture
+from latentfast.models.capture import KVCapture
 from latentfast.nn.kv_adapter import layer_map
 from latentfast.nn.teacher_weighting import answer_nll_entropy
 from latentfast.ops.kv_compression import cot_answer_spans, rkv_compress
