@@ -18,6 +18,7 @@ import torch
 
 from latentfast.ops import _native
 from latentfast.ops import grpo_loss as G
+from latentfast.ops import lm_head_engine as E
 from latentfast.reference import grpo_loss as ref
 from latentfast.reference.thinking_residual import thinking_residual as tr_reference
 from test_thinking_residual import assert_matches, make_inputs
@@ -183,7 +184,7 @@ def test_fused_loss_end_to_end(native_dispatch, monkeypatch, bias):
 
     calls = []
     real = native_dispatch.logit_grad_
-    monkeypatch.setattr(G, "_backends", lambda t: (native_dispatch.logit_stats,
+    monkeypatch.setattr(E, "_backends", lambda t: (native_dispatch.logit_stats,
                                                    lambda *a: calls.append(1) or real(*a)))
 
     def run(fn, **extra):

@@ -1,0 +1,198 @@
+"""The GRPO family's objective, written once (TRL ``GRPOTrainer._compute_loss``).
+
+Used by the fused op (``latentfast.ops.grpo_loss``, through the lm_head engine) and by the
+reference on full logits (``latentfast.reference.grpo_loss``); both differentiate this code.
+
+  * ``coef_1 = exp(logp - old)`` per token, or per sequence (GSPO,
+    ``importance_sampling_level="sequence"``: mean log-ratio of the sequence).
+  * ``coef_2 = clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)``; ``delta`` clamps
+    ``coef_1`` from above; ``pg = -min(coef_1 * A, coef_2 * A)``.
+  * ``pg *= pg_weight`` (entropy mask from ``top_entropy_quantile`` times ``vllm_is_ratio``).
+  * ``+ beta * k3(ref, logp)`` (times ``exp(log_w)`` with ``use_bias_correction_kl``).
+  * normalisation by ``loss_type`` (grpo: per-sequence token mean averaged over sequences;
+    bnpo: token mean of the micro-batch; dr_grpo: / (B * max_completion_length); dapo:
+    / ``normalizer``, the global token count per process); no division by
+    gradient-accumulation steps (the trainer's business, as in Liger).
+Without ``old`` the ratio is ``exp(logp - logp.detach())`` (1, gradient of logp); without
+``ref`` the KL term is 0 with zero gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from latentfast.ops.lm_head_engine import Objective, Rows, register_objective
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+METRICS = ("kl", "entropy", "ratio_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region")
+
+
+def world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def dapo_normalizer(mask: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """Completion tokens of the global batch / world size (TRL: num_items_in_batch /
+    num_processes), so per-rank losses summed by DDP and accumulated over micro-batches
+    give one token-mean. Without num_items_in_batch: this micro-batch, all-reduced."""
+    world = world_size()
+    if num_items_in_batch is not None:
+        n = torch.as_tensor(num_items_in_batch, device=mask.device, dtype=torch.float32)
+    else:
+        n = mask.ne(0).sum().float()
+        if world > 1:
+            n = n.clone()
+            torch.distributed.all_reduce(n)
+    return (n / world).clamp(min=1.0)
+
+
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile's 'linear' rule by sorting: no 2^24-element input limit."""
+    if values.numel() == 0:
+        return values.new_tensor(float("nan"))
+    v = values.sort().values
+    pos = q * (v.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, v.numel() - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float) -> torch.Tensor:
+    """TRL ``get_high_entropy_mask``: keep tokens at or above the ``1 - top_entropy_quantile``
+    quantile of the completion tokens' entropies, over every rank's tokens."""
+    mask = mask.bool()
+    values = torch.where(mask, entropy, torch.full_like(entropy, float("nan"))).reshape(-1)
+    if world_size() > 1:  # pad with NaN to a common length, gather, drop the pads
+        dist = torch.distributed
+        n = torch.tensor([values.numel()], device=values.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        padded = torch.full((int(n),), float("nan"), device=values.device)
+        padded[: values.numel()] = values
+        gathered = [torch.empty_like(padded) for _ in range(world_size())]
+        dist.all_gather(gathered, padded)
+        values = torch.cat(gathered)
+    threshold = _quantile(values[~values.isnan()], 1.0 - top_entropy_quantile)
+    # no completion token anywhere -> NaN threshold -> empty mask, as TRL
+    return ((entropy * mask) >= threshold) & mask
+
+
+@register_objective
+@dataclasses.dataclass(frozen=True)
+class GRPOObjective(Objective):
+    beta: float = 0.04
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_type: str = "dapo"
+    max_completion_length: Optional[int] = None
+    sequence_level: bool = False
+    delta: Optional[float] = None
+    use_bias_correction_kl: bool = False
+    per_sequence_advantages: bool = False  # advantages were (B,): TRL's sequence metrics are then (B, 1)
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
+            raise ValueError("max_completion_length must be provided for loss_type 'dr_grpo'")
+        if self.delta is not None and self.delta <= 0:
+            raise ValueError(f"delta must be positive, got {self.delta}")
+
+    inputs = (("advantages", "token"), ("old", "token"), ("ref", "token"), ("pg_weight", "token"),
+              ("normalizer", "batch"))
+    metric_names = METRICS
+
+    @property
+    def row_local(self):  # a sequence-level ratio couples the rows of a sequence
+        return not self.sequence_level
+
+    def _terms(self, r: Rows):
+        lp = r.logp
+        adv = r.tok["advantages"]
+        old = r.tok.get("old")
+        log_ratio = lp - (old if old is not None else lp.detach())
+        if self.sequence_level:
+            log_w_seq = r.seq_mean(log_ratio)
+            log_w = log_w_seq[r.seq]
+        else:
+            log_w_seq, log_w = None, log_ratio
+        ratio = torch.exp(log_w)
+        coef_2 = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        coef_1 = ratio if self.delta is None else torch.clamp(ratio, max=self.delta)
+        per_token = -torch.minimum(coef_1 * adv, coef_2 * adv)
+        if "pg_weight" in r.tok:
+            per_token = per_token * r.tok["pg_weight"]
+        kl = None
+        if self.beta != 0.0:
+            ref = r.tok.get("ref")
+            ref = ref if ref is not None else lp.detach()
+            kl = torch.exp(ref - lp) - (ref - lp) - 1
+            if self.use_bias_correction_kl:
+                kl = kl * ratio
+            per_token = per_token + self.beta * kl
+        return dict(per_token=per_token, ratio=ratio, coef_1=coef_1, kl=kl, log_w_seq=log_w_seq, adv=adv)
+
+    def _weight(self, r: Rows):
+        if self.loss_type == "grpo":
+            return 1.0 / (r.seq_len.clamp(min=1.0)[r.seq] * r.n_seqs)
+        if self.loss_type == "bnpo":
+            return 1.0 / r.n_tokens.clamp(min=1.0)
+        if self.loss_type == "dr_grpo":
+            return 1.0 / (r.n_seqs * self.max_completion_length)
+        return 1.0 / r.batch["normalizer"]
+
+    def loss(self, r: Rows) -> torch.Tensor:
+        return (self._terms(r)["per_token"] * self._weight(r)).sum()
+
+    def metrics(self, r: Rows) -> dict:
+        t = self._terms(r)
+        count = r.n_tokens.clamp(min=1.0)
+        tok_mean = lambda v: v.float().sum() / count  # noqa: E731
+        per_seq = self.sequence_level and self.per_sequence_advantages
+
+        def batch_mean(v):  # TRL's masked_batch_mean: (B, 1) values average over all B sequences
+            return r.seq_mean(v.float()).sum() / r.n_seqs if per_seq else tok_mean(v)
+
+        clip_c, adv = t["coef_1"], t["adv"]
+        low = (clip_c < 1 - self.epsilon_low) & (adv < 0)
+        high = (clip_c > 1 + self.epsilon_high) & (adv > 0)
+        if self.sequence_level:  # every sequence, empty ones too (ratio 1), as TRL's coef_1[:, 0]
+            ratio_mean = torch.exp(t["log_w_seq"]).mean() if r.n_seqs else torch.ones(())
+        else:
+            ratio_mean = tok_mean(t["ratio"])
+        return dict(kl=tok_mean(t["kl"]) if t["kl"] is not None else torch.zeros(()),
+                    entropy=tok_mean(r.entropy), ratio_mean=ratio_mean, clip_ratio_low=batch_mean(low),
+                    clip_ratio_high=batch_mean(high), clip_ratio_region=batch_mean(low | high))
+
+
+def grpo_setup(mask, advantages, ref_per_token_logps, old_per_token_logps, *, beta, epsilon_low, epsilon_high,
+               loss_type, max_completion_length, importance_sampling_level, delta, use_bias_correction_kl,
+               top_entropy_quantile, vllm_is_ratio, num_items_in_batch, entropy_fn):
+    """(objective, inputs) for one GRPO call; shared by the fused op and the reference.
+    ``entropy_fn()`` returns the (B, T) token entropies (only called for the entropy mask)."""
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    if not 0.0 < top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
+    objective = GRPOObjective(
+        beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high), loss_type=loss_type,
+        max_completion_length=max_completion_length, sequence_level=importance_sampling_level == "sequence",
+        delta=None if delta is None else float(delta), use_bias_correction_kl=bool(use_bias_correction_kl),
+        per_sequence_advantages=advantages.dim() == 1)
+    B, T = mask.shape
+    adv = advantages.float()
+    adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(B, T)
+    pg_weight = None
+    if top_entropy_quantile < 1.0:
+        pg_weight = entropy_mask(entropy_fn(), mask, top_entropy_quantile).float()
+    if vllm_is_ratio is not None:
+        vis = vllm_is_ratio.float()
+        vis = (vis.unsqueeze(1) if vis.dim() == 1 else vis).expand(B, T)
+        pg_weight = vis if pg_weight is None else pg_weight * vis
+    inputs = dict(advantages=adv, old=None if old_per_token_logps is None else old_per_token_logps.float(),
+                  ref=None if ref_per_token_logps is None or beta == 0.0 else ref_per_token_logps.float(),
+                  pg_weight=pg_weight,
+                  normalizer=dapo_normalizer(mask, num_items_in_batch) if loss_type == "dapo" else None)
+    return objective, inputs
