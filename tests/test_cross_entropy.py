@@ -10,6 +10,13 @@ from latentfast.ops import fused_linear_cross_entropy
 N, H, V = 23, 16, 301
 
 
+@pytest.fixture(autouse=True)
+def _no_interpreter(monkeypatch):
+    """The objective is what these tests check: run the CPU backend (native or torch) rather
+    than the Triton interpreter, which tests/test_grpo_loss.py and test_lm_head_engine.py cover."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 def _data(scale=0.3, ignore=True):
     x = torch.randn(N, H)
     W = torch.randn(V, H) * scale
