@@ -183,7 +183,7 @@ def test_module_is_liger_compatible():
     with pytest.raises(ValueError, match="ref_per_token_logps or ref_input"):
         mod(x, W, ids, mask, adv)
     with pytest.raises(ValueError, match="not supported"):
-        FusedLinearGRPOLoss(loss_type="cispo")
+        FusedLinearGRPOLoss(loss_type="kto")
 
 
 def test_torch_compile_fullgraph():
@@ -224,7 +224,7 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match="max_completion_length"):
         fused_linear_grpo_loss(x, W, ids, mask, adv, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="loss_type"):
-        fused_linear_grpo_loss(x, W, ids, mask, adv, loss_type="sapo")
+        fused_linear_grpo_loss(x, W, ids, mask, adv, loss_type="kto")
     with pytest.raises(TypeError, match="share one dtype"):
         fused_linear_grpo_loss(x, W.double(), ids, mask, adv)
 

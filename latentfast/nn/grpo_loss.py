@@ -7,8 +7,9 @@
                             advantages, ref_per_token_logps=ref_logps)
     metrics.kl, metrics.clip_ratio_region, metrics.entropy  # also metrics[0], metrics[-1]
 
-Extras over Liger: ``top_entropy_quantile``, the entropy metric, and padding tokens
-skipped before the GEMMs. Liger-only loss types (cispo, sapo, luspo, vespo) raise.
+Extras over Liger: ``top_entropy_quantile``, TRL's ``off_policy_mask_threshold`` and
+``entropy_coef``, MiniMind's ``spo``, the entropy metric, and padding tokens skipped before
+the GEMMs. Loss types: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo, spo.
 """
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ from latentfast.ops.grpo_loss import LOSS_TYPES, GRPOMetrics, fused_linear_grpo_
 
 __all__ = ["FusedLinearGRPOLoss", "GRPOMetrics"]
 
-# Liger 0.8.5 constructor arguments for its other loss types: accepted, unused.
-_LIGER_ONLY_ARGS = {"vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"}
 
 
 class FusedLinearGRPOLoss(nn.Module):
@@ -34,7 +33,9 @@ class FusedLinearGRPOLoss(nn.Module):
         use_bias_correction_kl: KL times the importance ratio.
         use_ref_model: when True, ``ref_per_token_logps`` (or ``ref_input``) must be given.
         chunk_size: sequences per chunk; None = about 1 GiB of logits per chunk.
-        compiled, sapo_*/vespo_*: accepted for Liger compatibility, unused.
+        sapo_temperature_pos/neg, vespo_k_pos/lambda_pos/k_neg/lambda_neg: those loss types' options.
+        off_policy_mask_threshold, entropy_coef: TRL GRPOConfig's options of those names.
+        compiled: accepted for Liger compatibility, unused.
     """
 
     def __init__(
@@ -54,14 +55,16 @@ class FusedLinearGRPOLoss(nn.Module):
         delta: float | None = None,
         use_bias_correction_kl: bool = False,
         top_entropy_quantile: float = 1.0,
-        **liger_only,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+        off_policy_mask_threshold: float | None = None,
+        entropy_coef: float = 0.0,
     ):
         super().__init__()
-        unknown = set(liger_only) - _LIGER_ONLY_ARGS
-        if unknown:
-            raise TypeError(f"FusedLinearGRPOLoss got unexpected keyword arguments {sorted(unknown)}")
         if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type {loss_type!r} is not supported; use grpo, bnpo, dr_grpo or dapo")
+            raise ValueError(f"loss_type {loss_type!r} is not supported; use one of {', '.join(LOSS_TYPES)}")
         if delta is not None and delta <= 0:
             raise ValueError(f"delta must be positive, got {delta}")
         self.beta = beta
@@ -77,6 +80,10 @@ class FusedLinearGRPOLoss(nn.Module):
         self.delta = delta
         self.use_bias_correction_kl = use_bias_correction_kl
         self.top_entropy_quantile = top_entropy_quantile
+        self.extra = dict(sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                          vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                          vespo_lambda_neg=vespo_lambda_neg, off_policy_mask_threshold=off_policy_mask_threshold,
+                          entropy_coef=entropy_coef)
 
     def forward(
         self,
@@ -93,6 +100,7 @@ class FusedLinearGRPOLoss(nn.Module):
         ref_bias: torch.Tensor | None = None,
         vllm_is_ratio: torch.Tensor | None = None,
         num_items_in_batch: float | torch.Tensor | None = None,
+        sampling_per_token_logps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, GRPOMetrics]:
         """_input (B, T, H) completion hidden states; lin_weight (V, H); selected_token_ids,
         attention_mask (B, T); advantages (B,); ref/old_per_token_logps (B, T) or None.
@@ -116,4 +124,5 @@ class FusedLinearGRPOLoss(nn.Module):
             importance_sampling_level=self.importance_sampling_level, temperature=self.temperature,
             delta=self.delta, use_bias_correction_kl=self.use_bias_correction_kl,
             top_entropy_quantile=self.top_entropy_quantile, vllm_is_ratio=vllm_is_ratio,
-            num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size)
+            num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
+            sampling_per_token_logps=sampling_per_token_logps, **self.extra)

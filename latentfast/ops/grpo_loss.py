@@ -39,7 +39,7 @@ class GRPOMetrics(NamedTuple):
     clip_ratio_region: torch.Tensor
 
 
-def check_grpo_inputs(x, weight, bias, ids, mask, advantages, old, ref, vllm_is_ratio):
+def check_grpo_inputs(x, weight, bias, ids, mask, advantages, old, ref, vllm_is_ratio, sampling=None):
     check_tensor("_input", x, ndim=3, float_=True)
     B, T, H = x.shape
     check_head(x, weight, bias, ids)
@@ -48,7 +48,7 @@ def check_grpo_inputs(x, weight, bias, ids, mask, advantages, old, ref, vllm_is_
     check_tensor("advantages", advantages, float_=True)
     if not (advantages.shape == (B,) or advantages.shape == (B, T)):
         raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
-    for name, t in (("old_per_token_logps", old), ("ref_per_token_logps", ref)):
+    for name, t in (("old_per_token_logps", old), ("ref_per_token_logps", ref), ("sampling_per_token_logps", sampling)):
         if t is not None:
             check_tensor(name, t, float_=True)
             check_shape(name, t, (B, T), "(batch, seq_len) of _input")
@@ -84,6 +84,15 @@ def fused_linear_grpo_loss(
     vllm_is_ratio: torch.Tensor | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
+    entropy_coef: float = 0.0,
+    sampling_per_token_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GRPOMetrics]:
     """GRPO loss straight from the last hidden states (TRL GRPOTrainer semantics).
 
@@ -96,11 +105,16 @@ def fused_linear_grpo_loss(
         advantages: (B,) or (B, T). ref/old_per_token_logps: optional (B, T).
         loss_type: grpo | bnpo | dr_grpo (needs max_completion_length) | dapo (normaliser =
             completion tokens of the global batch: pass TRL's ``num_items_in_batch`` under
-            DDP / gradient accumulation).
+            DDP / gradient accumulation) | cispo | sapo | luspo | vespo (TRL) | spo (MiniMind's
+            ``-logp A``). Per-token (B, T) advantages give PPO's clipped term (GAE).
         importance_sampling_level: "token" or "sequence" (GSPO). delta: two-sided clip.
         top_entropy_quantile: < 1 trains only on the highest-entropy tokens (TRL).
         vllm_is_ratio: (B,), (B, 1) or (B, T) rollout importance weights.
         chunk_size: sequences per chunk (Liger's meaning); None = the per-device default.
+        sapo_temperature_pos/neg, vespo_k_pos/lambda_pos/k_neg/lambda_neg,
+        off_policy_mask_threshold, entropy_coef: TRL GRPOConfig's options of those names;
+        sampling_per_token_logps: the rollout engine's log-probs for the off-policy mask
+        (default: old_per_token_logps).
     Returns:
         (loss, GRPOMetrics(kl, entropy, ratio_mean, clip_ratio_low, clip_ratio_high,
         clip_ratio_region)), metrics detached.
@@ -111,7 +125,7 @@ def fused_linear_grpo_loss(
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     check_grpo_inputs(x, W, bias, selected_token_ids, attention_mask, advantages, old_per_token_logps,
-                      ref_per_token_logps, vllm_is_ratio)
+                      ref_per_token_logps, vllm_is_ratio, sampling_per_token_logps)
     T = x.shape[1]
     objective, inputs = grpo_setup(
         attention_mask, advantages, ref_per_token_logps, old_per_token_logps, beta=beta, epsilon_low=epsilon_low,
@@ -120,7 +134,11 @@ def fused_linear_grpo_loss(
         use_bias_correction_kl=use_bias_correction_kl, top_entropy_quantile=top_entropy_quantile,
         vllm_is_ratio=vllm_is_ratio, num_items_in_batch=num_items_in_batch,
         entropy_fn=lambda: lm_head_logps(x, W, selected_token_ids, bias, temperature, attention_mask,
-                                         chunk_size)[1])
+                                         chunk_size)[1],
+        sampling_per_token_logps=sampling_per_token_logps, sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg,
+        off_policy_mask_threshold=off_policy_mask_threshold, entropy_coef=entropy_coef)
     loss, metrics = objective_loss(objective, x, W, bias, selected_token_ids, attention_mask, inputs,
                                    temperature=temperature, chunk_rows=(chunk_size or 0) * T)
     return loss, GRPOMetrics(**metrics)

@@ -49,9 +49,12 @@ def grpo_loss(
     top_entropy_quantile: float = 1.0,
     vllm_is_ratio: torch.Tensor | None = None,
     num_items_in_batch: float | None = None,
+    sampling_per_token_logps: torch.Tensor | None = None,
+    **extra,
 ):
     """Returns ``(loss, metrics)``; ``metrics`` is a dict of scalar tensors
-    (kl, entropy, ratio_mean, clip_ratio_low, clip_ratio_high, clip_ratio_region)."""
+    (kl, entropy, ratio_mean, clip_ratio_low, clip_ratio_high, clip_ratio_region).
+    ``extra``: TRL GRPOConfig options (sapo_*, vespo_*, off_policy_mask_threshold, entropy_coef)."""
 
     def entropy_fn():
         with torch.no_grad():
@@ -63,6 +66,7 @@ def grpo_loss(
         epsilon_high=epsilon_high, loss_type=loss_type, max_completion_length=max_completion_length,
         importance_sampling_level=importance_sampling_level, delta=delta,
         use_bias_correction_kl=use_bias_correction_kl, top_entropy_quantile=top_entropy_quantile,
-        vllm_is_ratio=vllm_is_ratio, num_items_in_batch=num_items_in_batch, entropy_fn=entropy_fn)
+        vllm_is_ratio=vllm_is_ratio, num_items_in_batch=num_items_in_batch, entropy_fn=entropy_fn,
+        sampling_per_token_logps=sampling_per_token_logps, **extra)
     return objective_loss(objective, x, weight, bias, selected_token_ids, attention_mask, inputs,
                           temperature=temperature)

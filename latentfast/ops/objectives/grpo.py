@@ -1,4 +1,5 @@
-"""The GRPO family's objective, written once (TRL ``GRPOTrainer._compute_loss``).
+"""The GRPO family's objective, written once (TRL ``GRPOTrainer._compute_loss``), with PPO's
+clipped term on per-token advantages and MiniMind's SPO as special cases.
 
 Used by the fused op (``latentfast.ops.grpo_loss``, through the lm_head engine) and by the
 reference on full logits (``latentfast.reference.grpo_loss``); both differentiate this code.
@@ -9,23 +10,36 @@ reference on full logits (``latentfast.reference.grpo_loss``); both differentiat
     ``coef_1`` from above; ``pg = -min(coef_1 * A, coef_2 * A)``.
   * ``pg *= pg_weight`` (entropy mask from ``top_entropy_quantile`` times ``vllm_is_ratio``).
   * ``+ beta * k3(ref, logp)`` (times ``exp(log_w)`` with ``use_bias_correction_kl``).
-  * normalisation by ``loss_type`` (grpo: per-sequence token mean averaged over sequences;
-    bnpo: token mean of the micro-batch; dr_grpo: / (B * max_completion_length); dapo:
-    / ``normalizer``, the global token count per process); no division by
-    gradient-accumulation steps (the trainer's business, as in Liger).
+  * other policy terms: ``cispo`` ``-clamp(coef_1, max=epsilon_high).detach() A logp``;
+    ``sapo`` ``-sigmoid(tau (coef_1 - 1)) 4 / tau A`` (tau = sapo_temperature_pos/neg by
+    the sign of A); ``vespo`` ``-phi(w) A logp`` with TRL's gamma weight phi of the
+    sequence ratio w (detached); ``spo`` (MiniMind) ``-logp A``.
+  * ``off_policy_mask_threshold``: drop sequences with A < 0 whose mean
+    ``sampling_logp - logp`` exceeds it (DeepSeek-V3.2's off-policy sequence mask).
+  * normalisation by ``loss_type`` (grpo, sapo, spo: per-sequence token mean averaged over
+    sequences; bnpo: token mean of the micro-batch; dr_grpo: / (B * max_completion_length);
+    dapo, cispo, vespo: / ``normalizer``, the global token count per process; luspo: each
+    sequence's loss times its length, averaged over sequences -- over B x T positions when
+    the loss is per token, padding counting 0); no division by gradient-accumulation steps
+    (the trainer's business, as in Liger).
+  * ``entropy_coef``: ``- entropy_coef * H``, H the mean entropy of the (entropy-masked)
+    tokens (/ ``normalizer`` for dapo, cispo, vespo), differentiated.
 Without ``old`` the ratio is ``exp(logp - logp.detach())`` (1, gradient of logp); without
 ``ref`` the KL term is 0 with zero gradient.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
 
 from latentfast.ops.lm_head_engine import Objective, Rows, register_objective
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "spo")
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the PPO-clipped policy term
+TOKEN_NORMALISED = ("dapo", "cispo", "vespo")  # / the global token count
 METRICS = ("kl", "entropy", "ratio_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region")
 
 
@@ -91,6 +105,19 @@ class GRPOObjective(Objective):
     delta: Optional[float] = None
     use_bias_correction_kl: bool = False
     per_sequence_advantages: bool = False  # advantages were (B,): TRL's sequence metrics are then (B, 1)
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    off_policy_mask_threshold: Optional[float] = None
+    entropy_coef: float = 0.0
+
+    inputs = (("advantages", "token"), ("old", "token"), ("ref", "token"), ("entropy_mask", "token"),
+              ("vllm_ratio", "token"), ("sampling", "token"), ("normalizer", "batch"),
+              ("entropy_count", "batch"), ("padded_len", "batch"))
+    metric_names = METRICS
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -99,31 +126,68 @@ class GRPOObjective(Objective):
             raise ValueError("max_completion_length must be provided for loss_type 'dr_grpo'")
         if self.delta is not None and self.delta <= 0:
             raise ValueError(f"delta must be positive, got {self.delta}")
-
-    inputs = (("advantages", "token"), ("old", "token"), ("ref", "token"), ("pg_weight", "token"),
-              ("normalizer", "batch"))
-    metric_names = METRICS
+        if self.loss_type == "sapo" and min(self.sapo_temperature_pos, self.sapo_temperature_neg) <= 0:
+            raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be positive")
 
     @property
-    def row_local(self):  # a sequence-level ratio couples the rows of a sequence
-        return not self.sequence_level
+    def stats(self):
+        return ("logp", "entropy") if self.entropy_coef != 0.0 else ("logp",)
+
+    @property
+    def row_local(self):  # these couple the rows of a sequence: chunks then hold whole sequences
+        return not (self.sequence_level or self.loss_type == "vespo" or self.off_policy_mask_threshold is not None)
+
+    def _vespo_phi(self, r: Rows, log_ratio, adv):
+        """TRL ``get_gamma_weights``: phi(w) = exp(lambda + k log w - lambda w), detached, per row."""
+        with torch.no_grad():
+            lower = math.log(1e-8)
+            seq_lr = r.seq_sum(torch.clamp(log_ratio.detach(), -20.0, 20.0))
+            if "vllm_ratio" in r.tok:
+                seq_lr = seq_lr + r.seq_sum(torch.clamp(torch.log(r.tok["vllm_ratio"]), lower, 20.0))
+            log_w = torch.clamp(seq_lr, lower, 20.0)[r.seq]
+            pos = adv >= 0
+            k = torch.where(pos, self.vespo_k_pos, self.vespo_k_neg)
+            lam = torch.where(pos, self.vespo_lambda_pos, self.vespo_lambda_neg).clamp(min=1e-4)
+            return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
     def _terms(self, r: Rows):
         lp = r.logp
         adv = r.tok["advantages"]
         old = r.tok.get("old")
-        log_ratio = lp - (old if old is not None else lp.detach())
+        old = old if old is not None else lp.detach()
+        log_ratio = lp - old
         if self.sequence_level:
             log_w_seq = r.seq_mean(log_ratio)
             log_w = log_w_seq[r.seq]
         else:
             log_w_seq, log_w = None, log_ratio
         ratio = torch.exp(log_w)
-        coef_2 = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
-        coef_1 = ratio if self.delta is None else torch.clamp(ratio, max=self.delta)
-        per_token = -torch.minimum(coef_1 * adv, coef_2 * adv)
-        if "pg_weight" in r.tok:
-            per_token = per_token * r.tok["pg_weight"]
+        coef_1 = ratio
+        lt = self.loss_type
+        phi = None
+        if lt == "cispo":
+            per_token = -torch.clamp(ratio, max=self.epsilon_high).detach() * adv * lp
+        elif lt in CLIPPED:
+            coef_2 = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
+            if self.delta is not None:
+                coef_1 = torch.clamp(ratio, max=self.delta)
+            per_token = -torch.minimum(coef_1 * adv, coef_2 * adv)
+        elif lt == "sapo":
+            tau = torch.where(adv > 0, self.sapo_temperature_pos, self.sapo_temperature_neg)
+            per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+        elif lt == "vespo":
+            phi = self._vespo_phi(r, log_ratio, adv)
+            per_token = -phi * adv * lp
+        else:  # spo
+            per_token = -lp * adv
+        if self.off_policy_mask_threshold is not None:
+            sampling = r.tok.get("sampling", old)
+            seq_kl = r.seq_mean(sampling - lp.detach())[r.seq]
+            per_token = per_token * ((adv >= 0) | (seq_kl <= self.off_policy_mask_threshold)).float()
+        if "entropy_mask" in r.tok:
+            per_token = per_token * r.tok["entropy_mask"]
+        if "vllm_ratio" in r.tok and lt != "vespo":
+            per_token = per_token * r.tok["vllm_ratio"]
         kl = None
         if self.beta != 0.0:
             ref = r.tok.get("ref")
@@ -132,19 +196,37 @@ class GRPOObjective(Objective):
             if self.use_bias_correction_kl:
                 kl = kl * ratio
             per_token = per_token + self.beta * kl
-        return dict(per_token=per_token, ratio=ratio, coef_1=coef_1, kl=kl, log_w_seq=log_w_seq, adv=adv)
+        return dict(per_token=per_token, ratio=ratio, coef_1=coef_1, kl=kl, log_w_seq=log_w_seq, adv=adv, phi=phi)
+
+    def _per_sequence_loss(self, r: Rows) -> bool:
+        """TRL's per_token_loss is (B, 1) (one value per sequence) for luspo only then."""
+        return (self.sequence_level and self.per_sequence_advantages and self.beta == 0.0
+                and "entropy_mask" not in r.tok and "vllm_ratio" not in r.tok)
 
     def _weight(self, r: Rows):
-        if self.loss_type == "grpo":
+        lt = self.loss_type
+        if lt in ("grpo", "sapo", "spo"):
             return 1.0 / (r.seq_len.clamp(min=1.0)[r.seq] * r.n_seqs)
-        if self.loss_type == "bnpo":
+        if lt == "bnpo":
             return 1.0 / r.n_tokens.clamp(min=1.0)
-        if self.loss_type == "dr_grpo":
+        if lt == "dr_grpo":
             return 1.0 / (r.n_seqs * self.max_completion_length)
+        if lt == "luspo":
+            if self._per_sequence_loss(r):
+                return 1.0 / r.n_seqs  # (loss_b * len_b).mean(): len_b rows of loss_b each
+            return r.seq_len[r.seq] / (r.n_seqs * r.batch["padded_len"])
         return 1.0 / r.batch["normalizer"]
 
     def loss(self, r: Rows) -> torch.Tensor:
-        return (self._terms(r)["per_token"] * self._weight(r)).sum()
+        loss = (self._terms(r)["per_token"] * self._weight(r)).sum()
+        if self.entropy_coef != 0.0:
+            ent = r.entropy * r.tok["entropy_mask"] if "entropy_mask" in r.tok else r.entropy
+            if self.loss_type in TOKEN_NORMALISED:
+                bonus = ent.sum() / r.batch["normalizer"]
+            else:
+                bonus = ent.sum() / r.batch["entropy_count"].clamp(min=1.0)
+            loss = loss - self.entropy_coef * bonus
+        return loss
 
     def metrics(self, r: Rows) -> dict:
         t = self._terms(r)
@@ -156,8 +238,14 @@ class GRPOObjective(Objective):
             return r.seq_mean(v.float()).sum() / r.n_seqs if per_seq else tok_mean(v)
 
         clip_c, adv = t["coef_1"], t["adv"]
-        low = (clip_c < 1 - self.epsilon_low) & (adv < 0)
-        high = (clip_c > 1 + self.epsilon_high) & (adv > 0)
+        if self.loss_type in CLIPPED:
+            low = (clip_c < 1 - self.epsilon_low) & (adv < 0)
+            high = (clip_c > 1 + self.epsilon_high) & (adv > 0)
+        elif self.loss_type == "cispo":  # TRL's cispo_clip_ratio
+            low = torch.zeros_like(adv, dtype=torch.bool)
+            high = (t["ratio"] > self.epsilon_high) & (adv > 0)
+        else:
+            low = high = torch.zeros_like(adv, dtype=torch.bool)
         if self.sequence_level:  # every sequence, empty ones too (ratio 1), as TRL's coef_1[:, 0]
             ratio_mean = torch.exp(t["log_w_seq"]).mean() if r.n_seqs else torch.ones(())
         else:
@@ -167,32 +255,46 @@ class GRPOObjective(Objective):
                     clip_ratio_high=batch_mean(high), clip_ratio_region=batch_mean(low | high))
 
 
+GRPO_EXTRA_DEFAULTS = dict(sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                           vespo_k_neg=3.0, vespo_lambda_neg=2.0, off_policy_mask_threshold=None, entropy_coef=0.0)
+
+
 def grpo_setup(mask, advantages, ref_per_token_logps, old_per_token_logps, *, beta, epsilon_low, epsilon_high,
                loss_type, max_completion_length, importance_sampling_level, delta, use_bias_correction_kl,
-               top_entropy_quantile, vllm_is_ratio, num_items_in_batch, entropy_fn):
+               top_entropy_quantile, vllm_is_ratio, num_items_in_batch, entropy_fn, sampling_per_token_logps=None,
+               **extra):
     """(objective, inputs) for one GRPO call; shared by the fused op and the reference.
-    ``entropy_fn()`` returns the (B, T) token entropies (only called for the entropy mask)."""
+    ``entropy_fn()`` returns the (B, T) token entropies (only called for the entropy mask).
+    ``extra``: TRL's GRPOConfig names in ``GRPO_EXTRA_DEFAULTS``."""
+    unknown = set(extra) - set(GRPO_EXTRA_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unexpected GRPO options {sorted(unknown)}")
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     if not 0.0 < top_entropy_quantile <= 1.0:
         raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
+    opts = {**GRPO_EXTRA_DEFAULTS, **extra}
     objective = GRPOObjective(
         beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high), loss_type=loss_type,
         max_completion_length=max_completion_length, sequence_level=importance_sampling_level == "sequence",
         delta=None if delta is None else float(delta), use_bias_correction_kl=bool(use_bias_correction_kl),
-        per_sequence_advantages=advantages.dim() == 1)
+        per_sequence_advantages=advantages.dim() == 1,
+        **{k: (None if v is None else (float(v) if isinstance(v, (int, float)) else v)) for k, v in opts.items()})
     B, T = mask.shape
+    m = mask.ne(0)
     adv = advantages.float()
     adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(B, T)
-    pg_weight = None
-    if top_entropy_quantile < 1.0:
-        pg_weight = entropy_mask(entropy_fn(), mask, top_entropy_quantile).float()
+    ent_mask = entropy_mask(entropy_fn(), m, top_entropy_quantile).float() if top_entropy_quantile < 1.0 else None
+    vis = None
     if vllm_is_ratio is not None:
         vis = vllm_is_ratio.float()
         vis = (vis.unsqueeze(1) if vis.dim() == 1 else vis).expand(B, T)
-        pg_weight = vis if pg_weight is None else pg_weight * vis
+    eff = m.float() if ent_mask is None else m.float() * ent_mask
     inputs = dict(advantages=adv, old=None if old_per_token_logps is None else old_per_token_logps.float(),
                   ref=None if ref_per_token_logps is None or beta == 0.0 else ref_per_token_logps.float(),
-                  pg_weight=pg_weight,
-                  normalizer=dapo_normalizer(mask, num_items_in_batch) if loss_type == "dapo" else None)
+                  entropy_mask=ent_mask, vllm_ratio=vis,
+                  sampling=None if sampling_per_token_logps is None else sampling_per_token_logps.float(),
+                  normalizer=dapo_normalizer(mask, num_items_in_batch) if loss_type in TOKEN_NORMALISED else None,
+                  entropy_count=eff.sum() if objective.entropy_coef != 0.0 else None,
+                  padded_len=torch.tensor(float(T), device=mask.device) if loss_type == "luspo" else None)
     return objective, inputs
