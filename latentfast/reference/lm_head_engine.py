@@ -48,3 +48,13 @@ def objective_loss(objective: Objective, x, weight, bias, ids, mask, inputs: dic
     with torch.no_grad():
         metrics = {k: torch.as_tensor(v).detach() for k, v in objective.metrics(r).items()}
     return loss, metrics
+
+
+def distill_objective_loss(objective, xs, ws, bs, xt, wt, bt, ids, mask):
+    """``(loss, soft, hard)`` of a distribution-level objective on full logits (teacher detached)."""
+    keep = mask.bool()
+    s = xs[keep] @ ws.t() + (bs if bs is not None else 0)
+    with torch.no_grad():
+        t = (xt[keep] @ wt.t() + (bt if bt is not None else 0))[:, : ws.shape[0]]
+    n = torch.tensor(float(max(int(keep.sum()), 1)))
+    return objective.terms(s, t, ids[keep].long(), n)
