@@ -128,3 +128,25 @@ def test_minimind_dpo_form_and_errors():
         FusedLinearDPOLoss(loss_type="kto")
     with pytest.raises(ValueError, match="exo_pair"):
         FusedLinearDPOLoss(loss_type="exo_pair")
+
+
+@pytest.mark.parametrize("which,kw", [
+    ("SimPO", dict(beta=0.3, gamma=0.4, label_smoothing=0.1, compute_nll_loss=True, alpha=0.7)),
+    ("SimPO", dict(compute_nll_loss=False)),
+    ("ORPO", dict(beta=0.2, compute_nll_loss=True)),
+    ("ORPO", dict(beta=0.5, compute_nll_loss=False)),
+])
+def test_simpo_orpo_match_liger(which, kw):
+    chunked = pytest.importorskip("liger_kernel.chunked_loss")
+    import latentfast.nn as lnn
+
+    x, W, b, y, _ = _data(4)
+    liger = getattr(chunked, f"LigerFusedLinear{which}Loss")(compiled=False, **kw)
+    ours = getattr(lnn, f"FusedLinear{which}Loss")(chunk_size=1, **kw)
+    _compare(_grads(lambda *a, bias: liger(*a, bias), x, W, b, y), _grads(lambda *a, bias: ours(*a, bias), x, W, b, y))
+    if which == "ORPO":  # log_odds_ratio, log_odds_chosen
+        want, got = _grads(lambda *a, bias: liger(*a, bias), x, W, b, y)[1][7:], \
+            _grads(lambda *a, bias: ours(*a, bias), x, W, b, y)[1][7:]
+        assert len(got) == 2
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

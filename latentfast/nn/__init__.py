@@ -5,7 +5,7 @@ from latentfast.nn.kv_loss import AttentionWeightedKVLoss, KVProjection, cache_k
 from latentfast.nn.layer_pairs import layer_pairs  # noqa: F401
 from latentfast.nn.grpo_loss import FusedLinearGRPOLoss  # noqa: F401
 from latentfast.nn.cross_entropy import FusedLinearCrossEntropyLoss  # noqa: F401
-from latentfast.nn.preference import FusedLinearDPOLoss  # noqa: F401
+from latentfast.nn.preference import FusedLinearDPOLoss, FusedLinearORPOLoss, FusedLinearSimPOLoss  # noqa: F401
 from latentfast.nn.distill import FusedLinearJSDLoss  # noqa: F401
 
 

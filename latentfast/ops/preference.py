@@ -14,7 +14,8 @@ import torch
 
 from latentfast.ops._dispatch import check_shape, check_tensor
 from latentfast.ops.lm_head_engine import autocast_head, check_head, lm_head_logps, objective_loss
-from latentfast.ops.objectives.preference import DPOObjective, check_dpo_options, pair_order
+from latentfast.ops.objectives.preference import (DPOObjective, ORPOObjective, SimPOObjective,
+                                                  check_dpo_options, pair_order)
 
 
 def check_pairs(x, weight, bias, target, ignore_index):
@@ -87,8 +88,7 @@ def fused_linear_dpo_loss(
     check_dpo_options(loss_type, beta, label_smoothing)
     x, W, b = autocast_head(_input, lin_weight, bias)
     ids, mask = check_pairs(x, W, b, target, ignore_index)
-    B2, T, _ = x.shape
-    half = B2 // 2
+    half = x.shape[0] // 2
     average = average_log_prob or loss_type == "ipo"
     ref = None
     if use_ref_model:
@@ -108,9 +108,42 @@ def fused_linear_dpo_loss(
     objective = DPOObjective(beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
                              discopop_tau=float(discopop_tau), average_log_prob=bool(average_log_prob),
                              compute_nll_loss=bool(compute_nll_loss), alpha=float(alpha))
+    return _paired_loss(objective, x, W, b, ids, mask, ref, chunk_size)
+
+
+def _paired_loss(objective, x, W, b, ids, mask, ref, chunk_size):
+    """The engine call and Liger's aux tuple, shared by the paired losses."""
+    B2, T, _ = x.shape
+    half = B2 // 2
     inputs = {"ref_logps": ref, "n_chosen_tokens": mask[:half].sum().float()}
     loss, m = objective_loss(objective, x, W, b, ids, mask, inputs, seq_order=pair_order(B2, x.device),
                              chunk_rows=(chunk_size or 0) * 2 * T)
     aux = (m["chosen_logps"], m["rejected_logps"], logits_mean(x[:half], W, b), logits_mean(x[half:], W, b),
-           m["nll_loss"], m["chosen_rewards"], m["rejected_rewards"])
+           m["nll_loss"], m["chosen_rewards"], m["rejected_rewards"], *(m[k] for k in objective.extra_metrics))
     return loss, aux
+
+
+def fused_linear_simpo_loss(_input, lin_weight, target, bias=None, *, ignore_index: int = -100, beta: float = 0.1,
+                            alpha: float = 1.0, label_smoothing: float = 0.0, compute_nll_loss: bool = False,
+                            gamma: float = 0.5, chunk_size: int | None = None):
+    """SimPO (Liger's ``LigerFusedLinearSimPOFunction``): reference-free, token-mean log-probs.
+    Returns ``(loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean,
+    nll_loss, chosen_rewards, rejected_rewards))``."""
+    x, W, b = autocast_head(_input, lin_weight, bias)
+    ids, mask = check_pairs(x, W, b, target, ignore_index)
+    obj = SimPOObjective(beta=float(beta), gamma=float(gamma), label_smoothing=float(label_smoothing),
+                         compute_nll_loss=bool(compute_nll_loss), alpha=float(alpha))
+    return _paired_loss(obj, x, W, b, ids, mask, None, chunk_size)
+
+
+def fused_linear_orpo_loss(_input, lin_weight, target, bias=None, *, ignore_index: int = -100, beta: float = 0.1,
+                           compute_nll_loss: bool = True, nll_target=None, chunk_size: int | None = None):
+    """ORPO (Liger's ``LigerFusedLinearORPOFunction``): odds-ratio term + the chosen NLL.
+    Returns ``(loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean,
+    nll_loss, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen))``."""
+    if nll_target is not None:
+        raise NotImplementedError("nll_target (a separate NLL target) is not supported by the fused path")
+    x, W, b = autocast_head(_input, lin_weight, bias)
+    ids, mask = check_pairs(x, W, b, target, ignore_index)
+    obj = ORPOObjective(beta=float(beta), compute_nll_loss=bool(compute_nll_loss))
+    return _paired_loss(obj, x, W, b, ids, mask, None, chunk_size)

@@ -1,5 +1,6 @@
-"""Paired preference objectives (DPO family), written once: Liger's chunked DPO semantics
-(``LigerFusedLinearDPOFunction.preference_loss_fn``) plus TRL's ``ipo``.
+"""Paired preference objectives, written once: the DPO family (Liger's chunked DPO semantics,
+``LigerFusedLinearDPOFunction.preference_loss_fn``, plus TRL's ``ipo``) and the
+reference-free SimPO and ORPO (Liger's ``LigerFusedLinearSimPOLoss`` / ``...ORPOLoss``).
 
 Rows come sequence by sequence in pair order (chosen 0, rejected 0, chosen 1, ...: the
 engine's ``seq_order``), so a chunk holds whole pairs and local sequence 2k is a chosen
@@ -76,9 +77,55 @@ def check_dpo_options(loss_type: str, beta: float, label_smoothing: float):
         raise ValueError(f"beta must be nonzero for loss_type={loss_type!r}")
 
 
+class PairedObjective(Objective):
+    """Shared by the paired objectives: per-sequence log-probs (sum, or mean with
+    ``average_log_prob``), pairs (local sequences 2k, 2k + 1), the chosen responses'
+    token-mean NLL times ``alpha`` when ``compute_nll_loss``. Subclasses define
+    ``pair_terms(lp_seq, r) -> (per-pair losses, rewards (n_seq,), extra metrics)``."""
+
+    inputs = (("ref_logps", "seq"), ("n_chosen_tokens", "batch"))
+    row_local = False
+    seqs_per_group = 2
+    base_metrics = ("chosen_logps", "rejected_logps", "nll_loss", "chosen_rewards", "rejected_rewards")
+    extra_metrics: tuple = ()
+
+    @property
+    def metric_names(self):
+        return self.base_metrics + self.extra_metrics
+
+    def metric_shapes(self, n_seqs):
+        half = n_seqs // 2
+        shapes = {"chosen_logps": (half,), "rejected_logps": (half,), "nll_loss": (), "chosen_rewards": (half,),
+                  "rejected_rewards": (half,)}
+        return {**shapes, **{k: () for k in self.extra_metrics}}
+
+    def _averaged(self) -> bool:
+        return self.average_log_prob
+
+    def _terms(self, r: Rows):
+        lp_seq = r.seq_sum(r.logp)
+        if self._averaged():
+            lp_seq = lp_seq / r.seq_len.clamp(min=1.0)
+        pair, rewards, extra = self.pair_terms(lp_seq, r)
+        pref = pair.sum() / (r.n_seqs // 2)
+        chosen_tok = (r.seq % 2 == 0).float()
+        nll = -(r.logp * chosen_tok).sum() / r.batch["n_chosen_tokens"].clamp(min=1.0)
+        return pref, nll, lp_seq, rewards, extra
+
+    def loss(self, r: Rows) -> torch.Tensor:
+        pref, nll, *_ = self._terms(r)
+        return pref + self.alpha * nll if self.compute_nll_loss else pref
+
+    def metrics(self, r: Rows) -> dict:
+        _, nll, lp_seq, rewards, extra = self._terms(r)
+        return {"chosen_logps": lp_seq[0::2], "rejected_logps": lp_seq[1::2],
+                "nll_loss": nll if self.compute_nll_loss else torch.zeros(()),
+                "chosen_rewards": rewards[0::2], "rejected_rewards": rewards[1::2], **extra}
+
+
 @register_objective
 @dataclasses.dataclass(frozen=True)
-class DPOObjective(Objective):
+class DPOObjective(PairedObjective):
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
@@ -87,41 +134,58 @@ class DPOObjective(Objective):
     compute_nll_loss: bool = False
     alpha: float = 1.0
 
-    inputs = (("ref_logps", "seq"), ("n_chosen_tokens", "batch"))
-    row_local = False
-    seqs_per_group = 2
-    metric_names = ("chosen_logps", "rejected_logps", "nll_loss", "chosen_rewards", "rejected_rewards")
-
     def __post_init__(self):
         check_dpo_options(self.loss_type, self.beta, self.label_smoothing)
 
-    def metric_shapes(self, n_seqs):
-        half = n_seqs // 2
-        return {"chosen_logps": (half,), "rejected_logps": (half,), "nll_loss": (), "chosen_rewards": (half,),
-                "rejected_rewards": (half,)}
+    def _averaged(self):
+        return self.average_log_prob or self.loss_type == "ipo"
 
-    def _terms(self, r: Rows):
-        lp_seq = r.seq_sum(r.logp)
-        if self.average_log_prob or self.loss_type == "ipo":
-            lp_seq = lp_seq / r.seq_len.clamp(min=1.0)
+    def pair_terms(self, lp_seq, r):
         ref = r.per_seq.get("ref_logps")
         ratio = lp_seq - ref if ref is not None else lp_seq
         pair = dpo_pair_losses(ratio[0::2], ratio[1::2], loss_type=self.loss_type, beta=self.beta,
                                label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau)
-        pref = pair.sum() / (r.n_seqs // 2)
-        chosen_tok = (r.seq % 2 == 0).float()
-        nll = -(r.logp * chosen_tok).sum() / r.batch["n_chosen_tokens"].clamp(min=1.0)
-        return pref, nll, lp_seq, ratio
+        return pair, self.beta * ratio, {}
 
-    def loss(self, r: Rows) -> torch.Tensor:
-        pref, nll, _, _ = self._terms(r)
-        return pref + self.alpha * nll if self.compute_nll_loss else pref
 
-    def metrics(self, r: Rows) -> dict:
-        _, nll, lp_seq, ratio = self._terms(r)
-        return {"chosen_logps": lp_seq[0::2], "rejected_logps": lp_seq[1::2],
-                "nll_loss": nll if self.compute_nll_loss else torch.zeros(()),
-                "chosen_rewards": self.beta * ratio[0::2], "rejected_rewards": self.beta * ratio[1::2]}
+@register_objective
+@dataclasses.dataclass(frozen=True)
+class SimPOObjective(PairedObjective):
+    """SimPO (Liger): ``-(1-s) logsigmoid(beta (lp_c - lp_r) - gamma) - s logsigmoid(-...)``
+    on token-mean log-probs, no reference model."""
+
+    beta: float = 0.1
+    gamma: float = 0.5
+    label_smoothing: float = 0.0
+    average_log_prob: bool = True
+    compute_nll_loss: bool = True
+    alpha: float = 1.0
+
+    def pair_terms(self, lp_seq, r):
+        logits = self.beta * (lp_seq[0::2] - lp_seq[1::2]) - self.gamma
+        s = self.label_smoothing
+        return -F.logsigmoid(logits) * (1 - s) - F.logsigmoid(-logits) * s, self.beta * lp_seq, {}
+
+
+@register_objective
+@dataclasses.dataclass(frozen=True)
+class ORPOObjective(PairedObjective):
+    """ORPO (Liger): ``-beta logsigmoid(log odds(c) - log odds(r))``, odds = p / (1 - p) of the
+    token-mean log-prob, plus the chosen NLL."""
+
+    beta: float = 0.1
+    average_log_prob: bool = True
+    compute_nll_loss: bool = True
+    alpha: float = 1.0
+    extra_metrics = ("log_odds_ratio", "log_odds_chosen")
+
+    def pair_terms(self, lp_seq, r):
+        c, j = lp_seq[0::2], lp_seq[1::2]
+        log_odds = (c - j) - (torch.log1p(-torch.exp(c)) - torch.log1p(-torch.exp(j)))
+        ratio = F.logsigmoid(log_odds)
+        half = r.n_seqs // 2
+        return -self.beta * ratio, self.beta * lp_seq, {"log_odds_ratio": ratio.sum() / half,
+                                                         "log_odds_chosen": log_odds.sum() / half}
 
 
 def pair_order(n_seqs: int, device) -> torch.Tensor:
