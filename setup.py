@@ -38,7 +38,9 @@ setup(
         "pyyaml>=6.0",  # teachers.yaml (latentfast-kv-distill --teachers)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6"],
+        # liger-kernel: its chunked losses are the peer the fused losses are tested against (CPU,
+        # compiled=False); it needs only torch + triton, already required.
+        "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6", "liger-kernel>=0.8"],
         "bench": ["liger-kernel>=0.6"],
         "flash": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "wandb": ["wandb>=0.17"],
