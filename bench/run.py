@@ -25,8 +25,8 @@ sys.path.insert(0, str(HERE))
 
 from measure import device_name  # noqa: E402
 
-BENCHMARKS = ["thinking_residual", "grpo_loss", "attention_importance", "hrpo_step", "kv_distill_step", "generation",
-              "minimind_pretrain"]
+BENCHMARKS = ["thinking_residual", "grpo_loss", "lm_head_losses", "attention_importance", "hrpo_step",
+              "kv_distill_step", "generation", "minimind_pretrain"]
 
 
 def _slug(s: str) -> str:
