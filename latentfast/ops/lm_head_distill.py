@@ -33,7 +33,8 @@ def _distill_fwd(
     n = rows_idx.numel()
     xs2, xt2, ids1 = xs.index_select(0, rows_idx), xt.index_select(0, rows_idx), ids.index_select(0, rows_idx)
     n_valid = torch.tensor(float(max(n, 1)), device=dev)
-    rows = chunk_rows if chunk_rows > 0 else chunk_rows_default(dev, max(V, wt.shape[0]), xs.element_size())
+    # the torch vjp of the divergence keeps ~16 fp32 (R, V) temporaries: 1/16 of the logits budget
+    rows = chunk_rows if chunk_rows > 0 else max(16, chunk_rows_default(dev, max(V, wt.shape[0]), 4) // 16)
     loss, soft, hard = (torch.zeros((), device=dev) for _ in range(3))
     grad_x = torch.zeros(n, xs.shape[1], device=dev, dtype=xs.dtype) if need_grad_x else None
     grad_w = torch.zeros_like(ws) if need_grad_weight else None

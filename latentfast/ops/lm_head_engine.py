@@ -349,15 +349,17 @@ def _engine_fwd(
     seq_len = torch.zeros(B, device=dev).index_add_(0, seq, torch.ones(n, device=dev))
     n_tokens = torch.tensor(float(n), device=dev)
 
+    # The kernels compute logp, entropy and lse; their gradient is g (onehot - p). A
+    # gradient through lse (g_lse p) is (g - g_lse)(onehot - p) + g_lse onehot: the kernel
+    # plus one value per row. Entropy's gradient or a softcap take the torch path.
     rows = chunk_rows if chunk_rows > 0 else chunk_rows_default(dev, V, x.element_size())
+    fast = softcap <= 0 and "entropy" not in obj.stats
+    if not fast and chunk_rows <= 0:  # the torch vjp path keeps ~8 fp32 (R, V) temporaries
+        rows = max(16, rows // 8)
     if obj.row_local:
         bounds = [(s, e, 0, B) for s, e in _chunk_bounds(n, rows, None)]
     else:
         bounds = _group_chunks(seq_len.long().tolist(), obj.seqs_per_group, rows)
-    # The kernels compute logp, entropy and lse; their gradient is g (onehot - p). A
-    # gradient through lse (g_lse p) is (g - g_lse)(onehot - p) + g_lse onehot: the kernel
-    # plus one value per row. Entropy's gradient or a softcap take the torch path.
-    fast = softcap <= 0 and "entropy" not in obj.stats
     need_zsum = "zsum" in obj.stats
     if fast:  # sum_v z_v = (x_c . sum_v W_v + sum b) / T: a GEMV, L untouched
         w_sum = weight.float().sum(0)
