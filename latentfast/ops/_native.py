@@ -55,7 +55,12 @@ def cache_dir() -> pathlib.Path:
     root = os.environ.get(ENV_CACHE) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "latentfast")
     tag = torch.__version__.replace("+", "_")
-    return pathlib.Path(root) / "native" / f"torch-{tag}-py{sys.version_info[0]}{sys.version_info[1]}"
+    # keyed by the installed package too: ninja records absolute source paths, so two checkouts or
+    # venvs sharing one folder would rebuild in turn and make every other process wait on the lock
+    import hashlib
+
+    where = hashlib.sha1(str(pathlib.Path(__file__).resolve().parent.parent).encode()).hexdigest()[:8]
+    return pathlib.Path(root) / "native" / f"torch-{tag}-py{sys.version_info[0]}{sys.version_info[1]}-{where}"
 
 
 def _put_ninja_on_path() -> None:
