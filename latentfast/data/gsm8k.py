@@ -6,9 +6,9 @@ and the tests; pass the full files' paths for real runs.
 """
 from __future__ import annotations
 
-import json
 import pathlib
 
+from .jsonl import iter_jsonl
 from .prompts import PROMPT_TEMPLATE, format_prompt  # noqa: F401  (re-exported: the plain prompt)
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -25,19 +25,12 @@ def sample_path(split: str = "train") -> str:
 def load_jsonl(path: str, limit: int | None = None) -> list[dict]:
     """Rows of a JSONL file; each must carry ``question`` and ``answer``."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{i + 1}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-                raise ValueError(f"{path}:{i + 1}: each line needs 'question' and 'answer' fields")
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+            raise ValueError(f"{path}:{n}: each line needs 'question' and 'answer' fields")
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise ValueError(f"{path}: no rows (an empty JSONL file; expected one JSON object per line)")
     return rows

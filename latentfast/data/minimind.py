@@ -22,6 +22,8 @@ import re
 
 import torch
 
+from .jsonl import iter_jsonl
+
 THINK_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
@@ -32,24 +34,17 @@ def read_jsonl(path: str | pathlib.Path, field: str, limit: int | None = None) -
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{i + 1}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict) or field not in row:
-                raise ValueError(f"{path}:{i + 1}: each line needs a {field!r} field (MiniMind's format)")
-            value = row[field]
-            if field == "conversations" and not (isinstance(value, list) and value and all(
-                    isinstance(t, dict) and "role" in t and "content" in t for t in value)):
-                raise ValueError(f"{path}:{i + 1}: 'conversations' must be a non-empty list of "
-                                 f"{{'role', 'content'}} objects")
-            out.append(value)
-            if limit is not None and len(out) >= limit:
-                break
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict) or field not in row:
+            raise ValueError(f"{path}:{n}: each line needs a {field!r} field (MiniMind's format)")
+        value = row[field]
+        if field == "conversations" and not (isinstance(value, list) and value and all(
+                isinstance(t, dict) and "role" in t and "content" in t for t in value)):
+            raise ValueError(f"{path}:{n}: 'conversations' must be a non-empty list of "
+                             f"{{'role', 'content'}} objects")
+        out.append(value)
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise ValueError(f"{path}: no rows (expected one JSON object per line)")
     return out
