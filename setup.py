@@ -52,6 +52,7 @@ setup(
             "latentfast-codi=latentfast.train.codi:cli",
             "latentfast-kv-distill=latentfast.train.kv_distill:cli",
             "latentfast-sft=latentfast.train.sft:cli",
+            "latentfast-minimind=latentfast.train.minimind.cli:cli",
             "latentfast-hrpo-eval=latentfast.eval.hrpo:cli",
             "latentfast-kv-cache=latentfast.train.kv_cache:cli",
             "latentfast-diagnose=latentfast.diagnose:main",

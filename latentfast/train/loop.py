@@ -4,7 +4,7 @@
 
     set-up    torchrun DDP (gloo on CPU, nccl on CUDA) or --fsdp FSDP2; device; bf16 autocast; seeds
     model     build_model(); wrap (DDP / FSDP2); optimizer_groups() -> make_optimizer(); the schedule
-              (linear warm-up, then cosine / linear / constant)
+              (linear warm-up, then cosine / linear / constant; or MiniMind's lr*(0.1+0.45(1+cos)))
     resume    --resume_from_checkpoint PATH | latest: weights, optimizer, schedule, RNG, trainer state
     each step micro = batches(step)                   one item per micro-batch (HRPO: rollouts here)
               loss(mb) -> (loss, metrics); backward(loss * weight); DDP syncs on the last micro-batch only
@@ -39,6 +39,7 @@ Hooks (called in this order; ``self.cfg`` is the config):
     log_line(row) -> str         the console line every --logging_steps (default: loss and lr)
     progress(row) -> dict        the tqdm bar's postfix
     state_dict() / load_state_dict(d)   the trainer's own resumable state (JSON-able), in trainer_state.json
+    init_wandb() -> module|None  rank 0, after resume: the wandb to log to (default: --wandb_project set)
     on_train_end(result) -> dict after the final checkpoint and evaluation (save_pretrained, summaries)
 
 What the loop provides to the hooks: ``self.device``, ``self.rank``, ``self.world``,
@@ -70,7 +71,7 @@ from .common import (JsonlLogger, amp_context, check_resume_arg, no_sync_unless,
 from .config import Config, check, option
 from .guard import NonFiniteGuard
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "minimind")
 
 
 @dataclass
@@ -212,6 +213,16 @@ class Trainer:
     def on_train_end(self, result: dict) -> dict:
         return result
 
+    def init_wandb(self):
+        """Rank 0, after resume: the initialised ``wandb`` module to log to, or None (default:
+        wandb when --wandb_project is set)."""
+        if not self.cfg.wandb_project:
+            return None
+        import wandb
+
+        wandb.init(project=self.cfg.wandb_project, config=self.cfg.to_dict())
+        return wandb
+
     # ------------------------------------------------------------------ helpers for hooks
     def micro_items(self, stream, step: int, m: int, n: int) -> list:
         """This rank's ``n`` items of micro-batch ``m`` of ``step`` from an indexable stream
@@ -256,12 +267,7 @@ class Trainer:
         # resume
         start = self._resume(guard)
         self._log = JsonlLogger(out / "metrics.jsonl", enabled=self.rank == 0)
-        self._wandb = None
-        if cfg.wandb_project and self.rank == 0:
-            import wandb
-
-            self._wandb = wandb
-            wandb.init(project=cfg.wandb_project, config=cfg.to_dict())
+        self._wandb = self.init_wandb() if self.rank == 0 else None
         if self.eval_at_start:
             ev = self.evaluate(start)
             if ev:

@@ -1,0 +1,3 @@
+from latentfast.train.minimind.cli import cli
+
+cli()

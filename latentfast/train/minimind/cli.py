@@ -1,0 +1,39 @@
+"""``latentfast-minimind <stage> [MiniMind flags]``: one entry point for the MiniMind stages."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+# stage -> module under latentfast.train.minimind (later stages add themselves here)
+STAGES = {"pretrain": "pretrain", "full_sft": "full_sft", "lora": "lora", "distill_reason": "distill_reason",
+          "distillation": "distillation"}
+
+
+def available() -> list[str]:
+    out = []
+    for name, mod in STAGES.items():
+        if importlib.util.find_spec(f"latentfast.train.minimind.{mod}") is not None:
+            out.append(name)
+    return out
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = available()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in names:
+        bad = f"unknown stage {argv[0]!r}\n" if argv and argv[0] not in ("-h", "--help") else ""
+        sys.stderr.write(f"{bad}usage: latentfast-minimind {{{','.join(names)}}} [flags]  "
+                         f"(latentfast-minimind <stage> --help for a stage's flags)\n")
+        sys.exit(2 if bad or not argv else 0)
+    mod = importlib.import_module(f"latentfast.train.minimind.{STAGES[argv[0]]}")
+    return mod.main(argv[1:])
+
+
+def cli() -> int:
+    main()
+    return 0
+
+
+if __name__ == "__main__":
+    cli()

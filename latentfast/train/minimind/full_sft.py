@@ -1,0 +1,46 @@
+"""MiniMind full supervised fine-tuning (``train_full_sft.py``): CE on the assistant spans of
+``{"conversations": [...]}`` rows (the tokenizer's chat template) + the MoE aux loss.
+
+    latentfast-minimind full_sft                       # demo: GSM8K question -> worked answer, from the
+                                                       # pretrain demo's out/pretrain_64.pth
+    torchrun --nproc_per_node 2 -m latentfast.train.minimind.full_sft \\
+        --hidden_size 640 --num_hidden_layers 12 --use_moe 1 --headwise_attn_output_gate 1 \\
+        --data_path ../dataset/sft_512.jsonl --use_wandb
+
+Loads ``{save_dir}/{from_weight}_{hidden_size}{_moe}.pth`` (default ``pretrain``), writes
+``{save_dir}/full_sft_{hidden_size}{_moe}.pth``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .common import MiniMindArgs, MiniMindTrainer, cli_of, stage_main
+
+
+@dataclass
+class FullSFTArgs(MiniMindArgs):
+    """MiniMind full SFT (train_full_sft.py defaults)."""
+
+    save_weight: str = "full_sft"
+    num_train_epochs: float = 2.0
+    per_device_train_batch_size: int = 16
+    lr: float = 1e-6
+    gradient_accumulation_steps: int = 1
+    data_path: str = "../dataset/sft_mini_512.jsonl"
+    from_weight: str = "pretrain"
+    wandb_project: str | None = "MiniMind-Full-SFT"
+
+
+class FullSFT(MiniMindTrainer):
+    stage = "full_sft"
+    config_class = FullSFTArgs
+    data_kind = "sft"
+    wandb_name = "Full-SFT"
+    demo_preset = dict(lr=2e-3, max_steps=40)
+
+
+main = stage_main(FullSFT, __doc__)
+cli = cli_of(main)
+
+if __name__ == "__main__":
+    cli()
