@@ -5,10 +5,10 @@ seq aux loss), headwise attention output gate, vocab 6400, seq 340 (MiniMind's
 ``train_pretrain.py`` defaults). Random weights, random tokens, every target in the loss.
 
 impls (same weights, same batch; loss = masked mean CE + MoE aux loss, then backward):
-  latentfast       sorted MoE dispatch, SwiGLU keeping 2 of 4 intermediates with the routing
+  latentfast       what ``latentfast-minimind pretrain`` runs (``train.minimind.common.LMLoss``):
+                   sorted MoE dispatch, SwiGLU keeping 2 of 4 intermediates with the routing
                    weight folded in (``ops.swiglu_mlp``), final hidden states into the fused
-                   linear cross-entropy (no (N, V) logits) when the loss engine is installed
-                   (``latentfast.ops.cross_entropy``), else full logits (the row says which)
+                   linear cross-entropy (``ops.fused_linear_cross_entropy``: no (N, V) logits)
   minimind_eager   MiniMind's training path: ``repeat_interleave`` + one boolean mask per
                    expert, plain autograd SwiGLU, full (N, V) logits, CE(reduction='none')
                    * mask / mask.sum() (baseline of the ratios)
@@ -33,11 +33,7 @@ from latentfast.models.minimind import MiniMindConfig, MiniMindForCausalLM
 from latentfast.models.minimind.moe import sorted_dispatch
 from latentfast.profiling import saved_activation_bytes
 from latentfast.reference.minimind_moe import moe_loop
-
-try:  # the fused loss engine (issue 12)
-    from latentfast.ops.cross_entropy import fused_linear_cross_entropy
-except ImportError:  # pragma: no cover - engine not installed
-    fused_linear_cross_entropy = None
+from latentfast.train.minimind.common import LMLoss
 
 SHAPE = dict(hidden_size=640, num_hidden_layers=12, use_moe=True, headwise_attn_output_gate=True, vocab_size=6400)
 SEQ = 340
@@ -54,14 +50,7 @@ def set_eager(model, eager: bool):
 
 def loss_latentfast(m, X, Y, mask):
     set_eager(m, False)
-    out = m.model(input_ids=X)
-    if fused_linear_cross_entropy is None:
-        logits = m.lm_head(out.last_hidden_state)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), Y.masked_fill(mask == 0, -100).flatten())
-    else:
-        ce = fused_linear_cross_entropy(out.last_hidden_state.flatten(0, 1), m.lm_head.weight,
-                                        Y.masked_fill(mask == 0, -100).flatten())
-    return ce + out.aux_loss
+    return LMLoss(m)(X, Y, mask)[0]  # the trainers' loss module: decoder + fused lm_head CE + MoE aux
 
 
 def loss_eager(m, X, Y, mask):
@@ -102,7 +91,7 @@ def run(device, quick):
             r["tokens_per_s"] = round(B * SEQ / (r["ms"] / 1e3), 1)
             r["saved_activation_mb"] = round(saved[name] / 2**20, 1)
             r["saved_activation_vs_eager"] = round(saved[name] / saved["minimind_eager"], 3)
-    rows["latentfast"]["loss"] = "fused linear CE" if fused_linear_cross_entropy is not None else "full-logits CE"
+    rows["latentfast"]["loss"] = "fused linear CE"
     set_eager(m, False)
     meta = dict(case="pretrain_step", B=B, seq=SEQ, dtype="bf16 autocast" if cuda else "fp32",
                 params_m=round(sum(p.numel() for p in params) / 1e6, 1), **SHAPE)
