@@ -104,7 +104,9 @@ def test_grpo_objective_is_minimind_grpo_and_spo():
             per_token = -lp * A[:, None] + beta * per_token_kl
         want = ((per_token * mask).sum(1) / mask.sum(1)).mean()
         gx, gW = _grads(want, x, W)
-        loss, _ = fused_linear_grpo_loss(x, W, ids, mask, A, ref_per_token_logps=ref, beta=beta, loss_type=loss_type)
+        loss, _, lps = fused_linear_grpo_loss(x, W, ids, mask, A, ref_per_token_logps=ref, beta=beta,
+                                              loss_type=loss_type, return_logps=True)
+        torch.testing.assert_close(lps, (lp * mask).detach(), rtol=1e-5, atol=1e-6)  # what SPO's tracker reads
         fx, fW = _grads(loss, x, W)
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fx, gx, rtol=1e-4, atol=1e-6)

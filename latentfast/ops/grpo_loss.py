@@ -93,6 +93,7 @@ def fused_linear_grpo_loss(
     off_policy_mask_threshold: float | None = None,
     entropy_coef: float = 0.0,
     sampling_per_token_logps: torch.Tensor | None = None,
+    return_logps: bool = False,
 ) -> tuple[torch.Tensor, GRPOMetrics]:
     """GRPO loss straight from the last hidden states (TRL GRPOTrainer semantics).
 
@@ -115,9 +116,10 @@ def fused_linear_grpo_loss(
         off_policy_mask_threshold, entropy_coef: TRL GRPOConfig's options of those names;
         sampling_per_token_logps: the rollout engine's log-probs for the off-policy mask
         (default: old_per_token_logps).
+        return_logps: also return the detached (B, T) per-token log-probs (0 on padding).
     Returns:
         (loss, GRPOMetrics(kl, entropy, ratio_mean, clip_ratio_low, clip_ratio_high,
-        clip_ratio_region)), metrics detached.
+        clip_ratio_region)), metrics detached (+ the log-probs with ``return_logps``).
     """
     x, W, bias = autocast_head(_input, lin_weight, bias)
     if loss_type not in LOSS_TYPES:
@@ -139,6 +141,6 @@ def fused_linear_grpo_loss(
         sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
         vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg,
         off_policy_mask_threshold=off_policy_mask_threshold, entropy_coef=entropy_coef)
-    loss, metrics = objective_loss(objective, x, W, bias, selected_token_ids, attention_mask, inputs,
-                                   temperature=temperature, chunk_rows=(chunk_size or 0) * T)
-    return loss, GRPOMetrics(**metrics)
+    out = objective_loss(objective, x, W, bias, selected_token_ids, attention_mask, inputs,
+                         temperature=temperature, chunk_rows=(chunk_size or 0) * T, return_logps=return_logps)
+    return (out[0], GRPOMetrics(**out[1]), *out[2:])

@@ -536,8 +536,10 @@ def check_head(x, weight, bias, ids, ids_name: str = "selected_token_ids", check
 def objective_loss(objective: Objective, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    ids: torch.Tensor, mask: torch.Tensor, inputs: dict, *, temperature: float = 1.0,
                    softcap: Optional[float] = None, seq_order: Optional[torch.Tensor] = None,
-                   chunk_rows: int = 0):
-    """``(loss, metrics)`` of ``objective`` on ``x`` (B, T, H) through the lm_head, fused.
+                   chunk_rows: int = 0, return_logps: bool = False):
+    """``(loss, metrics)`` of ``objective`` on ``x`` (B, T, H) through the lm_head, fused
+    (``return_logps``: also the detached (B, T) fp32 token log-probs, 0 on padding, which
+    the sweep computes anyway: what SPO's value tracker and PPO's old log-probs need).
 
     ``ids``/``mask`` (B, T); ``inputs`` maps the objective's input names to tensors (absent
     or None = not given); ``seq_order`` (B,) is the order sequences are swept in (groups
@@ -551,7 +553,7 @@ def objective_loss(objective: Objective, x: torch.Tensor, weight: torch.Tensor, 
     out = _engine_fwd(x, weight, bias, ids.long(), mask.ne(0), seq_order, ins, key, float(temperature),
                       float(softcap or 0.0), int(chunk_rows), *need)
     metrics = dict(zip(objective.metric_names, (m.detach() for m in out[6:])))
-    return out[0], metrics
+    return (out[0], metrics, out[1].detach()) if return_logps else (out[0], metrics)
 
 
 def lm_head_logps(x: torch.Tensor, weight: torch.Tensor, selected_token_ids: torch.Tensor,

@@ -73,16 +73,20 @@ class ValueTracker:
         return max(min(rho, self.clip_upper), self.clip_lower)
 
     def update(self, rewards: torch.Tensor, logps: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> float:
-        """One step's update (after the backward, as MiniMind); returns the ``rho`` used.
-        Under DDP pass the all-gathered rewards and log-prob sums so every rank agrees."""
+        """One step's update from the step's rewards and (B, T) response log-probs (after the
+        backward, as MiniMind); returns the ``rho`` used."""
         mean_lp = None
         if logps is not None and mask is not None:
             m = mask.float()
             mean_lp = float((logps.detach().float() * m).sum() / m.sum().clamp(min=1.0))
-        rho = self.rho(mean_lp)
-        if mean_lp is not None:
-            self.old_mean_logprob = mean_lp
-        r_bar = float(((rewards.float() + self.scale) / (2 * self.scale)).mean())
+        return self.step(float(((rewards.float() + self.scale) / (2 * self.scale)).mean()), mean_lp)
+
+    def step(self, mean_normalised_reward: float, mean_logprob: float | None = None) -> float:
+        """The update from the step's means (what the trainers average over ranks first)."""
+        rho = self.rho(mean_logprob)
+        if mean_logprob is not None:
+            self.old_mean_logprob = float(mean_logprob)
+        r_bar = float(mean_normalised_reward)
         self.alpha = rho * self.alpha + r_bar
         self.beta = rho * self.beta + (1.0 - r_bar)
         return rho

@@ -1,0 +1,113 @@
+"""MiniMind DPO (``train_dpo.py``): chosen against rejected conversations, a frozen reference
+from ``--from_weight``, the sigmoid loss, through the fused lm_head (no logits for either model).
+
+    latentfast-minimind dpo                           # demo: GSM8K worked answers, correct vs wrong number
+    torchrun --nproc_per_node 2 -m latentfast.train.minimind.dpo --data_path ../dataset/dpo.jsonl
+
+Rows ``{"chosen": [msgs], "rejected": [msgs]}``; the loss is on the assistant spans as SFT's.
+``--dpo_logp mean`` (default, MiniMind's) scores a response by its mean token log-prob;
+``sum`` is TRL's / the paper's. The mean removes DPO's pull towards longer responses but
+adds a bias of its own: a response's score no longer grows with its length, so among
+responses that share a prefix the shorter one often wins (MiniMind issue #659 reports
+short answers being favoured). ``loss = -logsigmoid(beta ((pi_c - pi_r) - (ref_c - ref_r))).mean() + aux``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from latentfast.data import minimind as mmdata
+from latentfast.data import minimind_rl as rldata
+from latentfast.models.adapter import unwrap
+from latentfast.ops.lm_head_engine import lm_head_logps
+from latentfast.ops.preference import fused_linear_dpo_loss
+
+from ..config import option
+from .common import DEMO, MiniMindArgs, MiniMindTrainer, cli_of, stage_main
+
+
+@dataclass
+class DPOArgs(MiniMindArgs):
+    """MiniMind DPO (train_dpo.py defaults)."""
+
+    save_weight: str = "dpo"
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 4
+    lr: float = 4e-8
+    gradient_accumulation_steps: int = 1
+    logging_steps: int = 100
+    save_steps: int = 100
+    max_seq_len: int = 1024
+    data_path: str = "../dataset/dpo.jsonl"
+    from_weight: str = "full_sft"
+    beta: float = option(0.1, "DPO temperature")
+    dpo_logp: str = option("mean", "sequence score: mean token log-prob (MiniMind) or sum (TRL)",
+                           choices=("mean", "sum"))
+    wandb_project: str | None = "MiniMind-DPO"
+
+
+class Hidden(nn.Module):
+    """The module DDP wraps: decoder hidden states (after the final norm) and the MoE aux loss."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, X):
+        out = unwrap(self.lm).model(input_ids=X)
+        return out.last_hidden_state, out.aux_loss
+
+
+class DPO(MiniMindTrainer):
+    stage = "dpo"
+    config_class = DPOArgs
+    data_kind = "dpo"
+    wandb_name = "DPO"
+    demo_preset = dict(per_device_train_batch_size=8, lr=5e-4, max_steps=40, logging_steps=5, max_seq_len=256,
+                       beta=0.1)
+
+    def load_rows(self):
+        c = self.cfg
+        return rldata.gsm8k_dpo_pairs("train") if c.data_path == DEMO else rldata.read_dpo(c.data_path)
+
+    def encode(self, items):
+        b = mmdata.trim_padding(rldata.encode_dpo(self.tok, items, self.cfg.max_seq_len)) if not self.cfg.use_moe \
+            else rldata.encode_dpo(self.tok, items, self.cfg.max_seq_len)
+        return {k: v.to(self.device) for k, v in b.items()}
+
+    def build_model(self):
+        self.lm = self.init_lm(self.cfg.from_weight)
+        self.ref = copy.deepcopy(self.lm).eval().requires_grad_(False)
+        return Hidden(self.lm)
+
+    def loss(self, b):
+        c = self.cfg
+        mean = c.dpo_logp == "mean"
+        with torch.no_grad():
+            rh = unwrap(self.ref).model(input_ids=b["X"]).last_hidden_state
+            lp = lm_head_logps(rh, unwrap(self.ref).lm_head.weight, b["Y"], mask=b["loss_mask"])[0]
+            n = b["loss_mask"].sum(1).clamp(min=1)
+            ref = lp.sum(1) / n if mean else lp.sum(1)
+        half = b["X"].shape[0] // 2
+        h, aux = self.model(b["X"])
+        target = b["Y"].masked_fill(b["loss_mask"] == 0, -100)
+        loss, (pc, pr, _, _, _, rc, rr) = fused_linear_dpo_loss(
+            h, unwrap(self.lm).lm_head.weight, target, ref_chosen_logps=ref[:half], ref_rejected_logps=ref[half:],
+            beta=c.beta, average_log_prob=mean)
+        return loss + aux, {"dpo": loss.detach(), "aux": aux.detach(), "reward_margin": (rc - rr).mean(),
+                            "reward_accuracy": (rc > rr).float().mean(), "chosen_logp": pc.mean(),
+                            "rejected_logp": pr.mean()}
+
+    def log_line(self, row):
+        return (f"step {row['step']}/{self.total} loss:{row['loss']:.4f} margin:{row.get('reward_margin', 0):.4f} "
+                f"acc:{row.get('reward_accuracy', 0):.3f} lr:{row['lr']:.3e} {row['step_s']:.2f}s/step")
+
+
+main = stage_main(DPO, __doc__)
+cli = cli_of(main)
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,82 @@
+"""MiniMind GRPO (``train_grpo.py``): ``--num_generations`` samples per prompt, group-normalised
+advantages, the k3 KL to the frozen reference, through the fused lm_head (no logits).
+
+    latentfast-minimind grpo                          # demo: tiny MiniMind, GSM8K prompts, rule rewards
+    torchrun --nproc_per_node 2 -m latentfast.train.minimind.grpo --data_path sft_mini_512.jsonl \\
+        --reward_model_path internlm2-1_8b-reward --trust_remote_code 1 --num_generations 1 \\
+        --max_gen_len 128 --reasoning 0
+
+Advantages (``train.advantages.group_advantages``): ``clamp((r - mean_g) / (std_g + 1e-4), -10, 10)``
+then a batch z-score. ``--num_generations 1`` (the note's command) has no group spread:
+MiniMind's note-era code turns it into NaN; here the advantages are 0 with a warning (only
+the KL term trains) -- use ``spo`` for one sample per prompt. The loss is
+``GRPOObjective(loss_type)``: ``grpo`` (default) is MiniMind's ``-(exp(lp - lp.detach()) A - beta k3)``,
+token mean per response (through EOS), then the mean over responses; every GRPO-family
+``--loss_type`` of the engine is accepted (``cispo`` as MiniMind's newer code, with
+``--epsilon_high``). One update per rollout, as MiniMind: the ratio is 1 (on-policy).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from latentfast.ops.grpo_loss import LOSS_TYPES, fused_linear_grpo_loss
+from latentfast.train.advantages import group_advantages
+
+from ..config import check, option
+from .common import cli_of, stage_main
+from .rl import RLArgs, RLTrainer
+
+
+@dataclass
+class GRPOArgs(RLArgs):
+    save_weight: str = "grpo"
+    num_generations: int = option(8, "samples per prompt (1: zero advantages, see spo)")
+    beta: float = option(0.02, "k3 KL coefficient to the reference")
+    loss_type: str = option("grpo", "policy term and normalisation", choices=LOSS_TYPES)
+    epsilon: float = option(0.2, "lower clip (the clipped loss types)")
+    epsilon_high: float | None = option(None, "upper clip (default: --epsilon; cispo: its ratio cap, MiniMind 5.0)")
+    wandb_project: str | None = "MiniMind-GRPO"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.num_generations >= 1, "num_generations", "an integer >= 1", self.num_generations)
+        if self.epsilon_high is None:
+            self.epsilon_high = 5.0 if self.loss_type == "cispo" else self.epsilon
+
+
+class GRPO(RLTrainer):
+    stage = "grpo"
+    config_class = GRPOArgs
+    wandb_name = "GRPO"
+    demo_preset = dict(per_device_train_batch_size=4, num_generations=4, max_gen_len=48, max_seq_len=160, lr=2e-4,
+                       max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer", beta=0.02)
+
+    def setup(self):
+        super().setup()
+        self.num_generations = self.cfg.num_generations
+        if self.num_generations == 1:
+            warnings.warn("--num_generations 1: GRPO's group advantages are 0, only the KL term trains "
+                          "(MiniMind's note-era code gives NaN here); the spo stage is made for one sample per prompt",
+                          stacklevel=1)
+
+    def advantages(self, b):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once in setup
+            return {"advantages": group_advantages(b["rewards"], self.num_generations)}
+
+    def loss(self, b):
+        c = self.cfg
+        h, aux = self.policy_hidden(b)
+        loss, m = fused_linear_grpo_loss(h, self.module.head, b["completion_ids"], b["completion_mask"],
+                                         b["advantages"], ref_per_token_logps=b["ref_logps"], beta=c.beta,
+                                         epsilon_low=c.epsilon, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
+                                         max_completion_length=c.max_gen_len)
+        return loss + aux, {"kl": m.kl, "aux": aux.detach(), **self.reward_metrics(b)}
+
+
+main = stage_main(GRPO, __doc__)
+cli = cli_of(main)
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,250 @@
+"""MiniMind PPO (``train_ppo.py``): actor, old actor, frozen reference and a critic, through the
+fused lm_head (no logits).
+
+    latentfast-minimind ppo                           # demo: tiny MiniMind, GSM8K prompts, rule rewards
+    torchrun --nproc_per_node 2 -m latentfast.train.minimind.ppo --reward_model_path internlm2-1_8b-reward ...
+
+The critic is MiniMind's ``CriticModel``: the base model (loaded from the same ``--from_weight``)
+with ``value_head = Linear(hidden, 1)`` on ``model.norm`` of the decoder's output (MiniMind
+applies the final norm a second time there; kept, so its numbers carry over). Actor and
+critic are one DDP module with two parameter groups (``--learning_rate``,
+``--critic_learning_rate``), each clipped to ``--grad_clip`` on its own, under one schedule
+(MiniMind's two ``CosineAnnealingLR`` have the same shape).
+
+``--ppo_mode sequence`` (default; MiniMind's note-era objective): ``A = R - V(last token)``,
+sequence log-prob sums, ``-min(ratio A, clip(ratio, 1 +- eps) A)`` with ``ratio = exp(lp - old)``
+against the old actor (refreshed from the actor every ``--update_old_actor_freq`` steps),
+``+ vf_coef mse(V, R) + kl_coef mean(lp - ref)``; one update per rollout
+(``PPOSequenceObjective``).
+
+``--ppo_mode gae`` (MiniMind's newer code): the reward on the last response token,
+token-level GAE (``--gamma``, ``--lam``) over the critic's values at rollout time, whitened
+advantages, ``--ppo_update_iters`` epochs of ``--mini_batch_size`` minibatches over each
+rollout (one optimizer step each), the clipped per-token ratio against the rollout's
+log-probs, the k3 KL in the loss, the clipped value loss (``--cliprange_value``), and the
+rest of a rollout's updates skipped once the ranks' mean ``0.5 (log ratio)^2`` exceeds
+``--early_stop_kl``. Resume is exact at rollout boundaries (``--save_interval`` a multiple
+of the updates per rollout).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentfast.models.adapter import positions_from_mask, unwrap
+from latentfast.ops.grpo_loss import fused_linear_grpo_loss
+from latentfast.ops.lm_head_engine import lm_head_logps
+from latentfast.ops.ppo_loss import fused_linear_ppo_sequence_loss
+from latentfast.train.advantages import gae, last_token_rewards, whiten
+
+from .. import dist
+from ..config import check, option
+from .common import cli_of, stage_main
+from .rl import RLArgs, RLTrainer, completion_hidden
+
+
+@dataclass
+class PPOArgs(RLArgs):
+    save_weight: str = "ppo_actor"
+    critic_learning_rate: float = option(8e-8, "critic learning rate")
+    clip_epsilon: float = option(0.1, "ratio clip")
+    vf_coef: float = option(0.5, "value-loss coefficient")
+    kl_coef: float = option(0.02, "KL-to-reference coefficient")
+    update_old_actor_freq: int = option(4, "steps between old-actor refreshes (--ppo_mode sequence)")
+    ppo_mode: str = option("sequence", "sequence: MiniMind's note-era objective; gae: its newer token-level PPO",
+                           choices=("sequence", "gae"))
+    gamma: float = option(1.0, "GAE discount (--ppo_mode gae)")
+    lam: float = option(0.95, "GAE lambda (--ppo_mode gae)")
+    cliprange_value: float = option(0.2, "value clip around the rollout's values (--ppo_mode gae)")
+    ppo_update_iters: int = option(2, "epochs over each rollout (--ppo_mode gae)")
+    early_stop_kl: float = option(0.25, "skip a rollout's remaining updates above this approx KL (--ppo_mode gae)")
+    mini_batch_size: int = option(2, "responses per update (--ppo_mode gae)")
+    wandb_project: str | None = "MiniMind-PPO"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.update_old_actor_freq >= 1, "update_old_actor_freq", "an integer >= 1", self.update_old_actor_freq)
+        check(self.ppo_update_iters >= 1, "ppo_update_iters", "an integer >= 1", self.ppo_update_iters)
+        check(self.mini_batch_size >= 1, "mini_batch_size", "an integer >= 1", self.mini_batch_size)
+        check(0 < self.clip_epsilon < 1, "clip_epsilon", "a number in (0, 1)", self.clip_epsilon)
+
+
+class Critic(nn.Module):
+    """MiniMind's ``CriticModel``: a MiniMind decoder + ``value_head`` on ``norm(decoder output)``."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.model = unwrap(lm).model
+        self.value_head = nn.Linear(self.model.config.hidden_size, 1)
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        """Values (B, C) at the positions of the completion tokens."""
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        mask = torch.cat([prompt_mask, completion_mask], 1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+        values = self.value_head(self.model.norm(out.last_hidden_state)).squeeze(-1).float()
+        return values[:, prompt_ids.shape[1]:]
+
+
+class ActorCritic(nn.Module):
+    """The module DDP wraps; the old actor rides along frozen, so checkpoints carry it."""
+
+    def __init__(self, lm, critic, old):
+        super().__init__()
+        self.lm, self.critic, self.old = lm, critic, old
+
+    @property
+    def head(self) -> torch.Tensor:
+        return unwrap(self.lm).lm_head.weight
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        h, aux = completion_hidden(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return h, aux, self.critic(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+def last_index_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the value at each response's last token (MiniMind: the last non-pad position)."""
+    last = (mask.ne(0).sum(1) - 1).clamp(min=0)
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+class PPO(RLTrainer):
+    stage = "ppo"
+    config_class = PPOArgs
+    wandb_name = "PPO"
+    demo_preset = dict(per_device_train_batch_size=8, max_gen_len=48, max_seq_len=160, lr=1e-4,
+                       critic_learning_rate=1e-3, max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer",
+                       update_old_actor_freq=2)
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.rollouts, self._plan, self._exp, self._stop = 0, [], None, False
+
+    # ---------------------------------------------------------------- models
+    def policy_module(self):
+        critic = Critic(copy.deepcopy(self.lm))  # the same base weights, its own copy
+        old = copy.deepcopy(self.lm).requires_grad_(False)
+        return ActorCritic(self.lm, critic, old)
+
+    def optimizer_groups(self, module):
+        c = self.cfg
+        return [dict(params=[p for p in module.lm.parameters() if p.requires_grad], weight_decay=c.weight_decay),
+                dict(params=list(module.critic.parameters()), weight_decay=c.weight_decay, lr=c.critic_learning_rate)]
+
+    def make_optimizer(self, groups):
+        return torch.optim.AdamW(groups, lr=self.cfg.lr)
+
+    def before_optimizer_step(self):
+        """MiniMind clips actor and critic separately; the loop's clip then sees norms <= grad_clip."""
+        c = self.cfg
+        if c.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.module.lm.parameters(), c.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.module.critic.parameters(), c.max_grad_norm)
+
+    # ---------------------------------------------------------------- data: one rollout per step, or reused (gae)
+    def updates_per_rollout(self) -> int:
+        c = self.cfg
+        if c.ppo_mode == "sequence":
+            return 1
+        return c.ppo_update_iters * math.ceil(c.per_device_train_batch_size / c.mini_batch_size)
+
+    def items_per_step(self):
+        return super().items_per_step() / self.updates_per_rollout()
+
+    def advantages(self, b):
+        c = self.cfg
+        with torch.no_grad(), self.amp():
+            values = self.module.critic(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
+            old_lm = self.module.old if c.ppo_mode == "sequence" else self.module.lm
+            h, _ = completion_hidden(old_lm, b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
+                                     b["completion_mask"])
+            old = lm_head_logps(h, unwrap(old_lm).lm_head.weight, b["completion_ids"], mask=b["completion_mask"])[0]
+        mask = b["completion_mask"].float()
+        if c.ppo_mode == "sequence":
+            return {"advantages": b["rewards"] - last_index_values(values, mask), "old_logps": (old * mask).sum(1)}
+        values = values * mask
+        adv, returns = gae(last_token_rewards(b["rewards"], mask), values, c.gamma, c.lam)
+        return {"advantages": whiten(adv, mask), "returns": returns, "old_values": values, "old_logps": old}
+
+    def batches(self, step):
+        if self.cfg.ppo_mode == "sequence":
+            micro = super().batches(step)
+            self.rollouts += 1
+            return micro
+        return [self.next_minibatch(step) for _ in range(self.cfg.gradient_accumulation_steps)]
+
+    def next_minibatch(self, step):
+        c = self.cfg
+        if not self._plan or self._stop:
+            rows = self.micro_items(self.stream, self.rollouts, 0, c.per_device_train_batch_size)
+            b = self.rollout(rows, self.rollouts, 0)
+            b.update(self.advantages(b))
+            self._exp, self._stop = b, False
+            g = torch.Generator().manual_seed(c.seed + self.rollouts)
+            B = b["rewards"].numel()
+            self._plan = [perm[i:i + c.mini_batch_size] for _ in range(c.ppo_update_iters)
+                          for perm in [torch.randperm(B, generator=g)] for i in range(0, B, c.mini_batch_size)]
+            self.rollouts += 1
+        idx = self._plan.pop(0).to(self.device)
+        return {k: (v[idx] if torch.is_tensor(v) and v.dim() >= 1 else v) for k, v in self._exp.items()}
+
+    # ---------------------------------------------------------------- loss
+    def loss(self, b):
+        c = self.cfg
+        h, aux, values = self.model(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
+        mask = b["completion_mask"].float()
+        if c.ppo_mode == "sequence":
+            pg, m = fused_linear_ppo_sequence_loss(h, self.module.head, b["completion_ids"], b["completion_mask"],
+                                                   b["advantages"], old_logps=b["old_logps"],
+                                                   ref_logps=(b["ref_logps"] * mask).sum(1),
+                                                   clip_epsilon=c.clip_epsilon, kl_coef=c.kl_coef)
+            value_loss = F.mse_loss(last_index_values(values, mask), b["rewards"])
+            met = {"policy_loss": m["policy_loss"], "kl_ref": m["kl_ref"], "clip_frac": m["clip_frac"]}
+        else:
+            pg, m, lp = fused_linear_grpo_loss(h, self.module.head, b["completion_ids"], b["completion_mask"],
+                                               b["advantages"], old_per_token_logps=b["old_logps"],
+                                               ref_per_token_logps=b["ref_logps"], beta=c.kl_coef,
+                                               epsilon_low=c.clip_epsilon, epsilon_high=c.clip_epsilon,
+                                               loss_type="bnpo", return_logps=True)
+            n = mask.sum().clamp(min=1.0)
+            approx_kl = dist.all_mean({"k": float((0.5 * (lp - b["old_logps"]) ** 2 * mask).sum() / n)},
+                                      self.device)["k"]
+            if approx_kl > c.early_stop_kl:
+                self._stop = True  # MiniMind: this and the rollout's remaining updates contribute nothing
+            clipped = torch.clamp(values, b["old_values"] - c.cliprange_value, b["old_values"] + c.cliprange_value)
+            value_loss = 0.5 * (torch.max((values - b["returns"]) ** 2, (clipped - b["returns"]) ** 2)
+                                * mask).sum() / n
+            met = {"approx_kl": approx_kl, "kl_ref": m.kl, "clip_frac": m.clip_ratio_region}
+        loss = pg + c.vf_coef * value_loss + aux
+        if self._stop and c.ppo_mode == "gae":
+            loss = loss * 0.0
+        return loss, {**met, "value_loss": value_loss.detach(), "aux": aux.detach(), **self.reward_metrics(b)}
+
+    def step_metrics(self, row):
+        c = self.cfg
+        if c.ppo_mode == "sequence" and row["step"] % c.update_old_actor_freq == 0:
+            self.module.old.load_state_dict(unwrap(self.lm).state_dict())
+
+    def state_dict(self):
+        return {**super().state_dict(), "rollouts": self.rollouts}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.rollouts = int(state.get("rollouts", 0))
+
+    def log_line(self, row):
+        return (f"step {row['step']}/{self.total} reward:{row.get('reward', 0):.4f} policy:{row.get('policy_loss', 0):.4f} "
+                f"value:{row.get('value_loss', 0):.4f} kl_ref:{row.get('kl_ref', 0):.4f} "
+                f"len:{row.get('response_len', 0):.1f} lr:{row['lr']:.3e} {row['step_s']:.2f}s/step")
+
+
+main = stage_main(PPO, __doc__)
+cli = cli_of(main)
+
+if __name__ == "__main__":
+    cli()

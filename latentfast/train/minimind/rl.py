@@ -1,0 +1,277 @@
+"""What MiniMind's RL stages (``ppo``, ``grpo``, ``spo``) share: prompts, rollouts, rewards,
+the frozen reference and the fused per-token log-probs.
+
+Each optimizer step, per micro-batch (``batches``), in MiniMind's order:
+
+    prompts     RLAIF rows -> the chat turns before the placeholder answer, rendered with the
+                generation prompt, the last ``--max_seq_len`` tokens kept, left-padded
+    rollout     ``latentfast.generation.generate`` (static cache, one fixed-shape step;
+                ``--max_gen_len``, ``--temperature`` 0.8, ``--top_p``); the generator is seeded by
+                (seed, step, rank), so a resumed run draws the same samples
+    rewards     scored *first* (reward model and rules), before any policy/reference forward:
+                the reward model's activations are gone before the policy's exist
+    reference   the frozen ``--from_weight`` model: per-token log-probs through the fused
+                lm_head (no (B, T, V) logits), under no_grad
+    loss        the stage's objective through the fused engine on the policy's hidden states
+                at the completion positions, + the MoE aux loss
+
+The rewards (``minimind_rewards``): with ``--reasoning 1`` the format (0.5) and tag (4 x 0.25)
+rewards; the reward model's score clipped to +-3 (with reasoning 0.4 full + 0.6 the
+``<answer>`` span); plus any ``--rule_rewards`` (``answer``: 1 when the number in the
+``<answer>`` span, else the last number, equals the row's gold ``answer``).
+"""
+from __future__ import annotations
+
+import copy
+import pathlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from latentfast.data import minimind_rl as rldata
+from latentfast.data.reward_model import RewardModel, answer_span, minimind_rewards
+from latentfast.data.rewards import normalize_number
+from latentfast.generation import eos_token_ids, generate
+from latentfast.models.adapter import decoder, run_decoder, unwrap
+from latentfast.ops.lm_head_engine import lm_head_logps
+from latentfast.train.common import SampleStream
+
+from ..config import check, option
+from .common import DEMO, MiniMindArgs, MiniMindTrainer, weight_path
+
+RULES = ("answer",)
+WARMUP_SFT_STEPS = 80  # the demo's SFT warm-up when its --from_weight file is absent
+
+
+def answer_reward(responses: list[str], answers: list) -> list[float]:
+    """1.0 when the response's answer (the ``<answer>`` span, else its last number) equals the gold."""
+    out = []
+    for r, a in zip(responses, answers):
+        span = answer_span(r)
+        nums = (span if span is not None else r).replace(",", "").split()
+        pred = next((normalize_number(t) for t in reversed(nums) if normalize_number(t) is not None), None)
+        out.append(1.0 if a is not None and pred is not None and pred == normalize_number(str(a)) else 0.0)
+    return out
+
+
+@dataclass
+class RLArgs(MiniMindArgs):
+    """Flags shared by MiniMind's ppo / grpo / spo (train_grpo.py defaults at a8455ca)."""
+
+    save_weight: str = "grpo"
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 2
+    lr: float = 8e-8
+    gradient_accumulation_steps: int = 1
+    logging_steps: int = 1
+    save_steps: int = 10
+    max_seq_len: int = option(66, "prompt tokens kept (the last ones)")
+    data_path: str = "../dataset/rlaif-mini.jsonl"
+    from_weight: str | None = option(None, "policy and reference weights (default: 'reason' with --reasoning 1, "
+                                           "else 'full_sft')")
+    max_gen_len: int = option(1536, "new tokens per rollout")
+    reasoning: int = option(1, "1: format/tag rewards, the 0.4 full + 0.6 answer reward-model mix, "
+                               "and --from_weight reason", choices=(0, 1))
+    reward_model_path: str = option("../../internlm2-1_8b-reward", "local HF reward model ('none': rules only)")
+    trust_remote_code: int = option(0, "1: run the reward model's own code (InternLM2's get_score)", choices=(0, 1))
+    rule_rewards: str = option("none", f"extra rule rewards, comma-separated from {RULES} ('none')")
+    temperature: float = option(0.8, "rollout sampling temperature (MiniMind: 0.8)")
+    top_p: float = option(1.0, "rollout nucleus sampling (1: off, MiniMind's generate default)")
+    lr_scheduler_type: str = option("minimind_rl", "MiniMind's RL schedule: cosine from lr to lr/10 "
+                                                   "(CosineAnnealingLR, eta_min = lr / 10)")
+    wandb_project: str | None = "MiniMind-GRPO"
+
+    def __post_init__(self):
+        if self.from_weight is None:
+            self.from_weight = "reason" if self.reasoning else "full_sft"
+        super().__post_init__()
+        check(self.max_gen_len >= 1, "max_gen_len", "an integer >= 1", self.max_gen_len)
+        check(self.temperature > 0, "temperature", "a positive number", self.temperature)
+        check(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        rules = [] if self.rule_rewards in ("", "none") else self.rule_rewards.split(",")
+        check(all(r in RULES for r in rules), "rule_rewards", f"'none' or a comma list from {RULES}", self.rule_rewards)
+
+    @property
+    def rules(self) -> list[str]:
+        return [] if self.rule_rewards in ("", "none") else self.rule_rewards.split(",")
+
+
+class CompletionHidden(nn.Module):
+    """The module DDP wraps: the decoder over prompt + completion (positions from the mask)
+    and the hidden states at the positions that predict each completion token, (B, C, H),
+    with the MoE aux loss. ``head`` is the lm_head weight (tied to the embeddings)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def head(self) -> torch.Tensor:
+        return unwrap(self.lm).lm_head.weight
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        return completion_hidden(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+def completion_hidden(lm, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    out = run_decoder(lm, decoder(lm).get_input_embeddings()(ids), mask)
+    P = prompt_ids.shape[1]
+    h = out.last_hidden_state[:, P - 1:-1]
+    aux = getattr(out, "aux_loss", None)
+    return h, (aux if aux is not None else h.new_zeros(()))
+
+
+class RLTrainer(MiniMindTrainer):
+    """Base of ppo / grpo / spo: ``batches`` does prompts -> rollout -> rewards -> reference
+    log-probs -> ``advantages(micro)``; subclasses write ``advantages`` and ``loss``."""
+
+    config_class = RLArgs
+    data_kind = "rlaif"
+    num_generations = 1  # samples per prompt (grpo: --num_generations)
+    demo_reward_model = True
+
+    # ---------------------------------------------------------------- data, reward model, reference
+    def load_rows(self):
+        c = self.cfg
+        if c.data_path == DEMO:
+            return rldata.gsm8k_prompts("train")
+        from latentfast.data.minimind import read_jsonl
+
+        return [{"conversations": conv, "answer": None} for conv in read_jsonl(c.data_path, "conversations")]
+
+    def setup(self):
+        super().setup()
+        c = self.cfg
+        if self.demo:
+            self.make_demo_weights()
+        self.reward_model = None
+        path = c.reward_model_path
+        if self.demo and self.demo_reward_model and "reward_model_path" not in c.explicit:
+            path = pathlib.Path(c.save_dir) / "tiny_reward_model"
+            if self.rank == 0:
+                tiny_reward_model(path, self.tok)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            path = str(path)
+            self.print(f"demo: a tiny reward model built from a config at {path} (untrained: it exercises "
+                       f"--reward_model_path; the rule rewards carry the signal)")
+        if path and path != "none":
+            if not pathlib.Path(path).is_dir():
+                if self.demo:
+                    self.print(f"--reward_model_path {path}: not found, rule rewards only")
+                    path = None
+                else:
+                    raise FileNotFoundError(f"--reward_model_path {path}: no such directory (a local Hugging Face "
+                                            f"reward model; pass --reward_model_path none for rule rewards only)")
+            if path:
+                self.reward_model = RewardModel.load(path, self.device, trust_remote_code=bool(c.trust_remote_code))
+        if self.reward_model is None and not c.rules and not c.reasoning:
+            raise ValueError("no reward: give --reward_model_path, --reasoning 1 or --rule_rewards")
+
+    def make_demo_weights(self):
+        """Demo in an empty folder: make the ``--from_weight`` file with a short run of the stage
+        that writes it (``reason`` -> distill_reason, else full_sft; each chains from a warm-up)."""
+        import importlib
+
+        c = self.cfg
+        if c.from_weight == "none":
+            return
+        path = weight_path(c.from_weight, self.weight_dir_of(c), c.hidden_size, c.use_moe)
+        if path.is_file():
+            return
+        stage = "distill_reason" if c.from_weight == "reason" else "full_sft"
+        self.print(f"demo: no {path}; making it first with a short `{stage}` demo (the SFT warm-up this stage needs)")
+        mod = importlib.import_module(f"latentfast.train.minimind.{stage}")
+        mod.main(["--save_dir", c.save_dir, "--hidden_size", str(c.hidden_size), "--num_hidden_layers",
+                  str(c.num_hidden_layers), "--use_moe", str(c.use_moe), "--save_weight", c.from_weight,
+                  "--max_steps", str(WARMUP_SFT_STEPS), "--data_path", DEMO, "--max_seq_len", "256"])
+
+    def build_model(self):
+        c = self.cfg
+        self.lm = self.init_lm(c.from_weight)
+        self.ref = copy.deepcopy(self.lm).eval().requires_grad_(False)  # frozen reference = the start weights
+        self.eos = eos_token_ids(self.tok, unwrap(self.lm))
+        return self.policy_module()
+
+    def policy_module(self) -> nn.Module:
+        return CompletionHidden(self.lm)
+
+    # ---------------------------------------------------------------- one micro-batch of experience
+    @torch.no_grad()
+    def rollout(self, rows: list[dict], step: int, m: int) -> dict:
+        c, G = self.cfg, self.num_generations
+        msgs = [rldata.rlaif_messages(r["conversations"]) for r in rows]
+        ids, mask = rldata.encode_prompts(self.tok, [rldata.rlaif_prompt(self.tok, x) for x in msgs], c.max_seq_len,
+                                          self.device)
+        ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+        gen = torch.Generator(device=self.device).manual_seed(c.seed * 1_000_003 + (step * 64 + m) * self.world
+                                                              + self.rank)
+        lm = unwrap(self.lm)
+        was_training = lm.training
+        lm.eval()
+        ro = generate(lm, ids, mask, c.max_gen_len, eos_token_id=self.eos, pad_token_id=self.tok.pad_token_id,
+                      do_sample=True, temperature=c.temperature, top_p=c.top_p, generator=gen)
+        lm.train(was_training)
+        cids, cmask = ro.completion_ids, ro.completion_mask
+        responses = self.tok.batch_decode(cids.masked_fill(cmask == 0, self.tok.pad_token_id),
+                                          skip_special_tokens=True)
+        rewards = self.score(msgs, responses, [r.get("answer") for r in rows]).to(self.device)  # before any forward
+        b = dict(prompt_ids=ids, prompt_mask=mask, completion_ids=cids, completion_mask=cmask, rewards=rewards,
+                 response_len=cmask.sum(1).float())
+        with self.amp():
+            h, _ = completion_hidden(self.ref, ids, mask, cids, cmask)
+            b["ref_logps"] = lm_head_logps(h, unwrap(self.ref).lm_head.weight, cids, mask=cmask)[0]
+        return b
+
+    def score(self, msgs, responses, answers) -> torch.Tensor:
+        c, G = self.cfg, self.num_generations
+        r = minimind_rewards(msgs, responses, self.reward_model, reasoning=bool(c.reasoning), num_generations=G)
+        if "answer" in c.rules:
+            r = r + torch.tensor(answer_reward(responses, [a for a in answers for _ in range(G)]))
+        return r
+
+    def batches(self, step):
+        B = self.cfg.per_device_train_batch_size
+        out = []
+        for m in range(self.cfg.gradient_accumulation_steps):
+            b = self.rollout(self.micro_items(self.stream, step, m, B), step, m)
+            b.update(self.advantages(b))
+            out.append(b)
+        return out
+
+    def advantages(self, b: dict) -> dict:
+        raise NotImplementedError
+
+    def policy_hidden(self, b):
+        return self.model(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
+
+    def reward_metrics(self, b) -> dict:
+        return {"reward": b["rewards"].mean(), "response_len": b["response_len"].mean()}
+
+    def log_line(self, row):
+        return (f"step {row['step']}/{self.total} reward:{row.get('reward', 0):.4f} loss:{row['loss']:.4f} "
+                f"kl:{row.get('kl', 0):.4f} len:{row.get('response_len', 0):.1f} lr:{row['lr']:.3e} "
+                f"{row['step_s']:.2f}s/step")
+
+
+def tiny_reward_model(path: pathlib.Path, tok) -> pathlib.Path:
+    """A small Llama sequence-classification reward model built from a config (no download),
+    saved once with the MiniMind tokenizer: the demo's ``--reward_model_path``."""
+    if (path / "config.json").is_file():
+        return path
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(1234)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+        LlamaForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+__all__ = ["RLArgs", "RLTrainer", "CompletionHidden", "completion_hidden", "answer_reward", "tiny_reward_model"]

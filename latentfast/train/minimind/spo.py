@@ -1,0 +1,87 @@
+"""MiniMind SPO (``train_spo.py``): one sample per prompt against a global KL-adaptive value
+baseline, through the fused lm_head (no logits).
+
+    latentfast-minimind spo                           # demo: tiny MiniMind, GSM8K prompts, rule rewards
+    torchrun --nproc_per_node 2 -m latentfast.train.minimind.spo --reward_model_path internlm2-1_8b-reward ...
+
+The baseline is ``train.advantages.ValueTracker`` (MiniMind's ``AutoAdaptiveValueTracker``, one
+Beta(alpha, beta) over rewards mapped to [0, 1]): ``A = clamp(r - baseline, -5, 5)``, not
+normalised in the batch; after each optimizer step ``rho = clip(2^(-|m_old - m| / D_half),
+clip_lower, clip_upper)`` from the step's mean response log-prob ``m`` and
+``alpha <- rho alpha + mean((r + 3) / 6)``, ``beta <- rho beta + 1 - mean(...)``. Under DDP the
+step's means are averaged over ranks first, so every rank holds the same tracker (MiniMind
+keeps one per rank). Its state is saved with checkpoints and restored by ``--from_resume 1``.
+Loss: ``-lp A + beta k3`` token mean per response, then the mean (``GRPOObjective("spo")``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from latentfast.ops.grpo_loss import fused_linear_grpo_loss
+from latentfast.train.advantages import ValueTracker
+
+from ..config import option
+from .common import cli_of, stage_main
+from .rl import RLArgs, RLTrainer
+
+
+@dataclass
+class SPOArgs(RLArgs):
+    save_weight: str = "spo"
+    lr: float = 1e-7
+    gradient_accumulation_steps: int = 4
+    beta: float = option(0.02, "k3 KL coefficient to the reference")
+    rho_mode: str = option("kl", "value-tracker decay: 'kl' (adaptive) or 'constant'", choices=("kl", "constant"))
+    rho_const: float = option(0.9, "decay with rho_mode constant, and on the first step")
+    D_half: float = option(0.06, "the |mean log-prob change| that halves the decay")
+    clip_lower: float = option(0.5, "lower bound of rho")
+    clip_upper: float = option(0.96, "upper bound of rho")
+    wandb_project: str | None = "MiniMind-SPO"
+
+
+class SPO(RLTrainer):
+    stage = "spo"
+    config_class = SPOArgs
+    wandb_name = "SPO"
+    demo_preset = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_gen_len=48, max_seq_len=160,
+                       lr=2e-4, max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer")
+
+    def setup(self):
+        super().setup()
+        c = self.cfg
+        self.tracker = ValueTracker(c.rho_mode, c.rho_const, c.D_half, c.clip_lower, c.clip_upper)
+
+    def advantages(self, b):
+        return {"advantages": self.tracker.advantages(b["rewards"]), "baseline": self.tracker.baseline()}
+
+    def loss(self, b):
+        h, aux = self.policy_hidden(b)
+        loss, m, lp = fused_linear_grpo_loss(h, self.module.head, b["completion_ids"], b["completion_mask"],
+                                             b["advantages"], ref_per_token_logps=b["ref_logps"], beta=self.cfg.beta,
+                                             loss_type="spo", return_logps=True)
+        mask = b["completion_mask"].float()
+        return loss + aux, {"kl": m.kl, "aux": aux.detach(), "baseline": b["baseline"],
+                            "logp_mean": (lp * mask).sum() / mask.sum().clamp(min=1.0),
+                            "reward_norm": ((b["rewards"] + self.tracker.scale) / (2 * self.tracker.scale)).mean(),
+                            **self.reward_metrics(b)}
+
+    def step_metrics(self, row):
+        r_bar, m = row["reward_norm"], row["logp_mean"]  # averaged over micro-batches and ranks
+        if math.isfinite(r_bar) and math.isfinite(m):
+            row["rho"] = self.tracker.step(r_bar, m)
+
+    def state_dict(self):
+        return {**super().state_dict(), "value_tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if "value_tracker" in state:
+            self.tracker.load_state_dict(state["value_tracker"])
+
+
+main = stage_main(SPO, __doc__)
+cli = cli_of(main)
+
+if __name__ == "__main__":
+    cli()
