@@ -42,29 +42,42 @@ class Crash(RuntimeError):
     pass
 
 
-class CrashingSPO(spo.SPO):
+STAGES = {"dpo": (dpo.DPO, dpo.DPOArgs, dict(max_seq_len=64)),
+          "grpo": (grpo.GRPO, grpo.GRPOArgs, dict(num_generations=2)),
+          "ppo": (ppo.PPO, ppo.PPOArgs, dict(update_old_actor_freq=2)),
+          "spo": (spo.SPO, spo.SPOArgs, dict(gradient_accumulation_steps=2))}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_resume_after_a_crash_is_exact(tmp_path, stage):
+    cls, args, extra = STAGES[stage]
+    kw = dict(max_steps=3, save_steps=2, **extra)
+
     def batches(self, step):
-        if step == 2:  # after checkpoint-2
+        if step == 2:  # after checkpoint-2 is written
             raise Crash
-        return super().batches(step)
+        return cls.batches(self, step)
 
-
-def test_spo_resume_is_exact_and_restores_the_value_tracker(tmp_path):
-    kw = dict(max_steps=4, save_steps=2, gradient_accumulation_steps=2, beta=0.02)
-    full = spo.SPO(_cfg(spo.SPOArgs, tmp_path, "full", **kw)).fit()
+    full = cls(_cfg(args, tmp_path, "full", **kw)).fit()
     with pytest.raises(Crash):
-        CrashingSPO(_cfg(spo.SPOArgs, tmp_path, "part", **kw)).fit()
-    state = json.loads((tmp_path / "part" / "checkpoint-2" / "trainer_state.json").read_text())
-    tracker = state["extra"]["trainer"]["value_tracker"]
-    assert tracker["alpha"] != 1.0 and tracker["old_mean_logprob"] is not None  # it moved and was saved
-    torch.manual_seed(123)
-    res = spo.SPO(_cfg(spo.SPOArgs, tmp_path, "part", **kw, resume_from_checkpoint="latest")).fit()
-    assert [r["step"] for r in res["history"]] == [3, 4]
-    for a, b in zip(full["history"][2:], res["history"]):
-        assert a["reward"] == b["reward"] and a["rho"] == pytest.approx(b["rho"]) and a["loss"] == pytest.approx(b["loss"])
-    wa, wb = _weights(tmp_path / "full" / "checkpoint-4"), _weights(tmp_path / "part" / "checkpoint-4")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert full["history"][0]["baseline"] == 0.0  # Beta(1, 1) on [-3, 3] before any update
+        type("Crashing", (cls,), {"batches": batches})(_cfg(args, tmp_path, "part", **kw)).fit()
+    torch.manual_seed(123)  # a fresh process: sampling must follow the checkpoint, not this state
+    res = cls(_cfg(args, tmp_path, "part", **kw, resume_from_checkpoint="latest")).fit()
+    assert [r["step"] for r in res["history"]] == [3]
+    a, b = full["history"][2], res["history"][0]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-9)
+    wa, wb = _weights(tmp_path / "full" / "checkpoint-3"), _weights(tmp_path / "part" / "checkpoint-3")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    if stage == "spo":  # the value tracker moved, was saved, and came back
+        state = json.loads((tmp_path / "part" / "checkpoint-2" / "trainer_state.json").read_text())
+        tracker = state["extra"]["trainer"]["value_tracker"]
+        assert tracker["alpha"] != 1.0 and tracker["old_mean_logprob"] is not None
+        assert a["rho"] == pytest.approx(b["rho"]) and a["baseline"] == pytest.approx(b["baseline"])
+        assert full["history"][0]["baseline"] == 0.0  # Beta(1, 1) on [-3, 3] before any update
+    if stage == "ppo":  # the old actor rides in the checkpoint: refreshed at step 2 from the actor
+        old = {k[4:]: v for k, v in _weights(tmp_path / "part" / "checkpoint-2").items() if k.startswith("old.")}
+        act = {k[3:]: v for k, v in _weights(tmp_path / "part" / "checkpoint-2").items() if k.startswith("lm.")}
+        assert old and all(torch.equal(old[k], act[k]) for k in old)
 
 
 @pytest.mark.parametrize("mode", ["sequence", "gae"])

@@ -94,3 +94,18 @@ def gsm8k_prompts(split: str = "train", limit: int | None = None) -> list[dict]:
         rows.append({"conversations": [{"role": "user", "content": r["question"].strip()},
                                        {"role": "assistant", "content": "无"}], "answer": final})
     return rows
+
+
+def gsm8k_short_reason(split: str = "train", limit: int | None = None) -> list[dict]:
+    """Reasoning rows short enough for a CPU demo's rollouts: ``<think>`` holds only the
+    solution's last step, ``<answer>`` the final number (MiniMind's reasoning format)."""
+    from .gsm8k import load_gsm8k
+
+    rows = []
+    for r in load_gsm8k(split, limit):
+        steps, final = mm._solution(r["answer"])
+        last = steps.strip().splitlines()[-1].strip() if steps.strip() else final
+        rows.append({"conversations": [
+            {"role": "user", "content": r["question"].strip()},
+            {"role": "assistant", "content": f"<think>\n{last}\n</think>\n<answer>\n{final}\n</answer>"}]})
+    return rows

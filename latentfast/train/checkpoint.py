@@ -31,6 +31,20 @@ def _trainable_names(model) -> set:
     return {_fqn(n) for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _drop_tied(model, msd: dict) -> dict:
+    """One entry per shared tensor (tied embeddings appear under two names in a full state
+    dict; safetensors refuses aliases), keeping the name ``named_parameters`` reports."""
+    named = {_fqn(n) for n, _ in model.named_parameters()}
+    out, seen = {}, set()
+    for k in sorted(msd, key=lambda k: k not in named):
+        v = msd[k]
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if torch.is_tensor(v) else id(v)
+        if key not in seen:
+            seen.add(key)
+            out[k] = v
+    return out
+
+
 def save(out_dir: str, step: int, model, optimizer, scheduler=None, extra: dict | None = None,
          full: bool = False) -> str | None:
     path = pathlib.Path(out_dir) / f"checkpoint-{step}"
@@ -38,6 +52,8 @@ def save(out_dir: str, step: int, model, optimizer, scheduler=None, extra: dict 
     if not full:
         keep = _trainable_names(model)
         msd = {k: v for k, v in msd.items() if k in keep}
+    else:
+        msd = _drop_tied(model, msd)
     assert_finite_weights(msd.items(), f"checkpoint {path}")  # every rank: none returns early
     osd = get_optimizer_state_dict(model, optimizer, options=_FULL)
     if not is_main():

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from latentfast.data import minimind_rl as rldata
+from latentfast.data.minimind import write_jsonl
 from latentfast.data.reward_model import RewardModel, answer_span, minimind_rewards
 from latentfast.data.rewards import normalize_number
 from latentfast.generation import eos_token_ids, generate
@@ -184,10 +185,21 @@ class RLTrainer(MiniMindTrainer):
             return
         stage = "distill_reason" if c.from_weight == "reason" else "full_sft"
         self.print(f"demo: no {path}; making it first with a short `{stage}` demo (the SFT warm-up this stage needs)")
+        data, extra = DEMO, []
+        if stage == "distill_reason":  # short <think> spans, so a rollout of --max_gen_len tokens can finish
+            data = str(pathlib.Path(c.save_dir) / "demo_reason_short.jsonl")
+            if self.rank == 0:
+                pathlib.Path(c.save_dir).mkdir(parents=True, exist_ok=True)
+                write_jsonl(rldata.gsm8k_short_reason("train"), data)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            extra = ["--from_weight", "none", "--learning_rate", "2e-3", "--batch_size", "16", "--accumulation_steps",
+                     "1", "--log_interval", "20", "--epochs", "100"]
         mod = importlib.import_module(f"latentfast.train.minimind.{stage}")
         mod.main(["--save_dir", c.save_dir, "--hidden_size", str(c.hidden_size), "--num_hidden_layers",
                   str(c.num_hidden_layers), "--use_moe", str(c.use_moe), "--save_weight", c.from_weight,
-                  "--max_steps", str(WARMUP_SFT_STEPS), "--data_path", DEMO, "--max_seq_len", "256"])
+                  "--max_steps", str(WARMUP_SFT_STEPS), "--data_path", data, "--max_seq_len", "256",
+                  "--device", str(self.device), "--dtype", c.dtype, "--save_interval", "0", *extra])
 
     def build_model(self):
         c = self.cfg
