@@ -145,12 +145,15 @@ class SampleStream:
 
 def warmup_schedule(opt, total: int, warmup_ratio: float, kind: str = "cosine"):
     """LambdaLR: linear warm-up over ``warmup_ratio * total`` steps, then ``kind``;
-    ``"minimind"`` is MiniMind's ``lr * (0.1 + 0.45 * (1 + cos(pi * step / total)))``, no warm-up."""
+    ``"minimind"`` is MiniMind's ``lr * (0.1 + 0.45 * (1 + cos(pi * step / total)))``, no warm-up;
+    ``"minimind_rl"`` its RL stages' cosine from lr to lr / 10."""
     warm = max(1, int(warmup_ratio * total))
 
     def f(s):
         if kind == "minimind":
             return 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / max(1, total)))
+        if kind == "minimind_rl":  # its RL stages: CosineAnnealingLR(T_max=total, eta_min=lr / 10)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / max(1, total)))
         if s < warm:
             return (s + 1) / warm
         if kind == "constant":

@@ -33,6 +33,7 @@ Hooks (called in this order; ``self.cfg`` is the config):
                                  losses normalised over the whole step); the logged ``loss`` uses them too
     loss(batch) -> (loss, dict)  under autocast, in train mode. Call ``self.model(...)`` (the wrapped module)
                                  so DDP / FSDP see the forward; metrics are scalars (tensors or floats)
+    before_optimizer_step()      after the backward passes, before clipping and the step (e.g. clip parts apart)
     step_metrics(row)            add to / adjust a step's metrics row before it is logged
     evaluate(step) -> dict       held-out metrics (every rank calls it: collective); default none.
                                  ``eval_at_start = True`` also runs it before the first step
@@ -71,7 +72,7 @@ from .common import (JsonlLogger, amp_context, check_resume_arg, no_sync_unless,
 from .config import Config, check, option
 from .guard import NonFiniteGuard
 
-SCHEDULES = ("cosine", "linear", "constant", "minimind")
+SCHEDULES = ("cosine", "linear", "constant", "minimind", "minimind_rl")
 
 
 @dataclass
@@ -213,6 +214,9 @@ class Trainer:
     def on_train_end(self, result: dict) -> dict:
         return result
 
+    def before_optimizer_step(self) -> None:
+        pass
+
     def init_wandb(self):
         """Rank 0, after resume: the initialised ``wandb`` module to log to, or None (default:
         wandb when --wandb_project is set)."""
@@ -295,6 +299,7 @@ class Trainer:
                 step_loss += float(loss.detach()) * weights[m]
                 for k, v in met.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / n
+            self.before_optimizer_step()
             grad_norm = optimizer_step(params, self.optimizer, self.scheduler, cfg.max_grad_norm, guard=guard,
                                        loss=step_loss, step=step + 1)
             sums["loss"] = step_loss

@@ -7,7 +7,7 @@ import sys
 
 # stage -> module under latentfast.train.minimind (later stages add themselves here)
 STAGES = {"pretrain": "pretrain", "full_sft": "full_sft", "lora": "lora", "distill_reason": "distill_reason",
-          "distillation": "distillation"}
+          "distillation": "distillation", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo", "spo": "spo"}
 
 
 def available() -> list[str]:

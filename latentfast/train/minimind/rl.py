@@ -176,6 +176,7 @@ class RLTrainer(MiniMindTrainer):
         """Demo in an empty folder: make the ``--from_weight`` file with a short run of the stage
         that writes it (``reason`` -> distill_reason, else full_sft; each chains from a warm-up)."""
         import importlib
+        import importlib.util
 
         c = self.cfg
         if c.from_weight == "none":
@@ -184,6 +185,8 @@ class RLTrainer(MiniMindTrainer):
         if path.is_file():
             return
         stage = "distill_reason" if c.from_weight == "reason" else "full_sft"
+        if importlib.util.find_spec(f"latentfast.train.minimind.{stage}") is None:
+            stage = "full_sft"
         self.print(f"demo: no {path}; making it first with a short `{stage}` demo (the SFT warm-up this stage needs)")
         data, extra = DEMO, []
         if stage == "distill_reason":  # short <think> spans, so a rollout of --max_gen_len tokens can finish
