@@ -204,5 +204,8 @@ def test_cli_lists_stages_and_answers_help(capsys):
         mm_cli.main(["pretrain", "--help"])
     assert e.value.code == 0 and "--from_weight" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
+        mm_cli.main(["--help"])
+    assert e.value.code == 0 and "distill_reason" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
         mm_cli.main(["nope"])
     assert e.value.code == 2 and "full_sft" in capsys.readouterr().err

@@ -22,10 +22,13 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     names = available()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in names:
-        bad = f"unknown stage {argv[0]!r}\n" if argv and argv[0] not in ("-h", "--help") else ""
-        sys.stderr.write(f"{bad}usage: latentfast-minimind {{{','.join(names)}}} [flags]  "
-                         f"(latentfast-minimind <stage> --help for a stage's flags)\n")
-        sys.exit(2 if bad or not argv else 0)
+        usage = (f"usage: latentfast-minimind {{{','.join(names)}}} [flags]  "
+                 f"(latentfast-minimind <stage> --help for a stage's flags)\n")
+        if argv and argv[0] in ("-h", "--help"):
+            sys.stdout.write(usage)
+            sys.exit(0)
+        sys.stderr.write((f"unknown stage {argv[0]!r}\n" if argv else "") + usage)
+        sys.exit(2)
     mod = importlib.import_module(f"latentfast.train.minimind.{STAGES[argv[0]]}")
     return mod.main(argv[1:])
 
