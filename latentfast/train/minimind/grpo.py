@@ -49,7 +49,7 @@ class GRPO(RLTrainer):
     stage = "grpo"
     config_class = GRPOArgs
     wandb_name = "GRPO"
-    demo_preset = dict(per_device_train_batch_size=4, num_generations=4, max_gen_len=64, max_seq_len=160, lr=2e-4,
+    demo_preset = dict(per_device_train_batch_size=2, num_generations=8, max_gen_len=64, max_seq_len=160, lr=1e-3,
                        max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer", beta=0.02)
 
     def setup(self):

@@ -42,7 +42,7 @@ from ..config import check, option
 from .common import DEMO, MiniMindArgs, MiniMindTrainer, weight_path
 
 RULES = ("answer",)
-WARMUP_SFT_STEPS = 80  # the demo's SFT warm-up when its --from_weight file is absent
+WARMUP_SFT_STEPS = 160  # the demo's SFT warm-up when its --from_weight file is absent
 
 
 def answer_reward(responses: list[str], answers: list) -> list[float]:
