@@ -168,7 +168,11 @@ class AttentionWeightedKVLoss(nn.Module):
         return {"num_steps": self.num_steps}
 
     def set_extra_state(self, state):
-        self.num_steps = int(state.get("num_steps", 0))
+        # on resume torch.distributed.checkpoint's set_model_state_dict hands a placeholder
+        # (not a dict) for extra state the checkpoint does not hold (checkpoint.save keeps
+        # parameters only); trainers pass ``step`` explicitly, so the count is kept as is
+        if isinstance(state, dict):
+            self.num_steps = int(state.get("num_steps", 0))
 
     def extra_repr(self) -> str:
         return f"warmup_steps={self.warmup_steps}, use_teacher_attention={self.use_teacher_attention}"

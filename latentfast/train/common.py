@@ -20,6 +20,7 @@ import resource
 import torch
 
 from latentfast.data import load_gsm8k, make_arithmetic
+from latentfast.data.synthetic import make_two_mode_arithmetic
 
 from .guard import NonFiniteGuard
 
@@ -85,14 +86,18 @@ def console_entry(main):
 
 TRAIN_SAMPLE_NAMES = ("gsm8k_sample", "gsm8k_sample_train", "gsm8k")
 TEST_SAMPLE_NAMES = ("gsm8k_sample_test", "gsm8k_test")
-DATA_NAMES = ("synthetic", *TRAIN_SAMPLE_NAMES, *TEST_SAMPLE_NAMES)
+DATA_NAMES = ("synthetic", "synthetic_two_mode", *TRAIN_SAMPLE_NAMES, *TEST_SAMPLE_NAMES)
 
 
 def load_rows(spec: str, n: int | None = None, seed: int = 0) -> list[dict]:
-    """``synthetic`` | ``gsm8k_sample`` / ``gsm8k`` (shipped train sample) |
-    ``gsm8k_sample_test`` | a JSONL path with ``question``/``answer`` lines."""
+    """``synthetic`` | ``synthetic_two_mode`` (each problem as an '[eq]' and an '[nl]' row) |
+    ``gsm8k_sample`` / ``gsm8k`` (shipped train sample) | ``gsm8k_sample_test`` | a JSONL
+    path with ``question``/``answer`` lines."""
     if spec == "synthetic":
         return make_arithmetic(n or 20000, seed=seed, min_steps=1, max_steps=3)
+    if spec == "synthetic_two_mode":
+        n = n or 20000
+        return make_two_mode_arithmetic((n + 1) // 2, seed=seed, min_steps=1, max_steps=3)[:n]
     if spec in TRAIN_SAMPLE_NAMES:
         return load_gsm8k("train", n)
     if spec in TEST_SAMPLE_NAMES:

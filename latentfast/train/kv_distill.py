@@ -2,6 +2,8 @@
 
     latentfast-kv-distill                               # embedded demo: tiny teacher -> tinier student
     latentfast-kv-distill --compare                     # baseline / +attention / +attention+CKA, table + plot
+    latentfast-kv-distill --teachers teachers.yaml --teacher_weighting confidence   # several teachers
+    latentfast-kv-distill --multi_teacher_demo [--compare]   # two tiny teachers (eq / nl reasoning) -> one student
     python -m latentfast.train.kv_distill --model_name /models/Qwen2-1.5B --teacher_model /models/Qwen2-7B \\
         --dataset_name gsm8k_train.jsonl --subset_size 5000 --epochs 2 --batch_size 8 \\
         --use_attention_weighted_kv --use_teacher_attention --attention_weighted_kv_warmup 300 \\
@@ -19,6 +21,10 @@ Both models run their normal SDPA/flash attention: K/V/Q come from hooks
 (``latentfast.models.capture``) and the importance from the fused
 ``attention_token_importance`` -- no ``output_attentions``. The teacher is frozen
 (eval, no grad). Teacher and student must share a tokenizer.
+
+``--teachers teachers.yaml`` (``train/teachers.py``) distils several teachers with
+``loss = CE + kv_weight * sum_k w_k L_KV(student, teacher_k) (+ CKA/CODI per teacher)``,
+weights per sample from ``--teacher_weighting``; that trainer is ``train/multi_teacher.py``.
 """
 from __future__ import annotations
 
@@ -42,7 +48,9 @@ from . import dist
 from .common import SampleStream, amp_context, check_data_arg, console_entry, load_causal_lm, load_rows
 from .config import Config, option
 from .loop import TrainConfig, Trainer
+from .multi_teacher import MT_DEMO_PRESET, run_multi_teacher
 from .sft import SFT, SFTConfig
+from .teachers import MultiTeacherConfig
 
 DEMO = "tiny"
 # the demo teacher: wider/deeper than the tiny student, other KV-head count (exercises KVProjection)
@@ -74,7 +82,7 @@ class KVLossConfig(Config):
 
 
 @dataclass
-class KVDistillConfig(TrainConfig, KVLossConfig):
+class KVDistillConfig(TrainConfig, KVLossConfig, MultiTeacherConfig):
     """Teacher -> student KV-cache distillation (the recipe's experiments/train_with_kv.py flags)."""
 
     model_name: str = option(DEMO, "student: local HF path; 'tiny' = embedded demo", aliases=("model_name_or_path",))
@@ -88,7 +96,8 @@ class KVDistillConfig(TrainConfig, KVLossConfig):
     eval_data: str | None = option(None, "default: 'synthetic' for synthetic training, else the GSM8K test sample")
     eval_size: int = option(100, "held-out rows (answer CE and greedy accuracy)")
     max_new_tokens: int = option(256, "greedy decoding length at evaluation")
-    compare: bool = option(False, "run baseline, +attention, +attention+CKA; write table + plot")
+    compare: bool = option(False, "run baseline, +attention, +attention+CKA (with --teachers / --multi_teacher_demo: "
+                                  "each teacher alone, static, per_task, confidence, learned); write table + plot")
     teacher_sft_steps: int = option(0, "demo: CE warm-up of the tiny teacher")
     teacher_sft_lr: float = option(3e-3, "learning rate of the teacher warm-up")
 
@@ -108,10 +117,15 @@ def build_parser():
 
 def parse_args(argv=None) -> KVDistillConfig:
     cfg = KVDistillConfig.parse(argv, __doc__)
-    if cfg.demo:
+    if cfg.multi_teacher and "teacher_model" in cfg.explicit:
+        build_parser().error("--teacher_model and --teachers / --multi_teacher_demo exclude each other")
+    if cfg.multi_teacher_demo:
+        cfg = cfg.with_preset(MT_DEMO_PRESET)
+    elif cfg.demo:
         cfg = cfg.with_preset(DEMO_PRESET)
     if cfg.eval_data is None:
-        cfg = cfg.replace(eval_data="synthetic" if cfg.dataset_name == "synthetic" else "gsm8k_test")
+        synthetic = cfg.dataset_name in ("synthetic", "synthetic_two_mode")
+        cfg = cfg.replace(eval_data=cfg.dataset_name if synthetic else "gsm8k_test")
     return cfg
 
 
@@ -355,6 +369,8 @@ def load_models(cfg: KVDistillConfig, device):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    if cfg.multi_teacher:
+        return run_multi_teacher(cfg)
     device, rank, world = dist.setup(cfg.device)
     t_start = time.time()
     out = Path(cfg.output_dir)

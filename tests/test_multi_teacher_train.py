@@ -1,0 +1,157 @@
+"""The multi-teacher trainer (``latentfast-kv-distill --teachers``): one teacher at static weight 1
+is the single-teacher run step for step, an offline cache trains like the online teacher,
+teachers of other widths / head counts train their adapters, resume restores the router, and
+the demo / --compare run end to end (tiny)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latentfast.data import build_tokenizer
+from latentfast.data.synthetic import make_two_mode_arithmetic
+from latentfast.models import build_tiny_causal_lm
+from latentfast.train import kv_cache, kv_distill, multi_teacher
+from latentfast.train.multi_teacher import per_task_weight_means
+
+STUDENT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64)
+TEACHERS = {  # other widths, depths, KV-head counts and head dims than the student and each other
+    "eq": dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
+               intermediate_size=64),
+    "nl": dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=5,
+               intermediate_size=64),
+}
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' references; their kernels have their own tests
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Student and teachers saved as local HF folders, two-mode training data as JSONL."""
+    root = tmp_path_factory.mktemp("mt")
+    tok = build_tokenizer()
+    for name, shape, seed in [("student", STUDENT, 0), ("eq", TEACHERS["eq"], 1), ("nl", TEACHERS["nl"], 2)]:
+        build_tiny_causal_lm(tok, seed=seed, **shape).save_pretrained(str(root / name))
+        tok.save_pretrained(str(root / name))
+    rows = make_two_mode_arithmetic(12, seed=5)
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _yaml(path, teachers):
+    lines = ["teachers:"]
+    for t in teachers:
+        lines.append("  - {" + ", ".join(f"{k}: {v}" for k, v in t.items()) + "}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _argv(models, out, steps=3, **kw):
+    argv = ["--model_name", str(models / "student"), "--dataset_name", str(models / "train.jsonl"),
+            "--output_dir", str(out), "--max_steps", str(steps), "--batch_size", "4", "--max_length", "96",
+            "--eval_size", "0", "--logging_steps", "0", "--save_steps", "0", "--lr", "3e-3", "--warmup_ratio", "0"]
+    for k, v in kw.items():
+        argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    return argv
+
+
+def _hist(res, keys=("loss", "ce", "kv", "grad_norm")):
+    return [[r[k] for k in keys] for r in res["history"]]
+
+
+def test_one_teacher_static_weight_one_is_the_single_teacher_run(models, tmp_path):
+    """Same losses, gradient norms and final weights as ``--teacher_model``, with attention
+    weighting (teacher's), CKA and CODI on."""
+    extra = dict(use_attention_weighted_kv=True, use_teacher_attention=True, attention_weighted_kv_warmup=1,
+                 cka_weight=0.05, codi_weight=0.1)
+    single = kv_distill.main(_argv(models, tmp_path / "single", teacher_model=models / "eq", **extra))
+    y = _yaml(tmp_path / "t.yaml", [dict(name="eq", model=models / "eq", weight=1.0, kv_adapter="linear")])
+    multi = kv_distill.main(_argv(models, tmp_path / "multi", teachers=y, teacher_weighting="static", **extra))
+    assert _hist(multi, ("loss", "ce", "kv", "kv_mse", "cka", "codi", "grad_norm")) == \
+        _hist(single, ("loss", "ce", "kv", "kv_mse", "cka", "codi", "grad_norm"))
+    assert [r["attn_weighted"] for r in multi["history"]] == [False, True, True]
+    assert all(r["w/eq"] == 1.0 and r["w_entropy"] == pytest.approx(0.0, abs=1e-6) for r in multi["history"])
+    a = load_file(str(tmp_path / "single" / "student" / "model.safetensors"))
+    b = load_file(str(tmp_path / "multi" / "student" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit):  # one teacher source at a time
+        kv_distill.parse_args(["--teachers", y, "--teacher_model", str(models / "eq")])
+
+
+def test_offline_cache_trains_like_the_online_teacher(models, tmp_path):
+    cache = tmp_path / "cache"
+    online = _yaml(tmp_path / "on.yaml", [dict(name="eq", model=models / "eq", kv_adapter="mlp"),
+                                          dict(name="nl", model=models / "nl")])
+    offline = _yaml(tmp_path / "off.yaml", [dict(name="eq", model=models / "eq", kv_adapter="mlp",
+                                                 source=f"'offline:{cache}'"),
+                                            dict(name="nl", model=models / "nl")])
+    kv_cache.main(["--teachers", offline, "--model_name", str(models / "student"), "--dataset_name",
+                   str(models / "train.jsonl"), "--max_length", "96", "--batch_size", "5", "--cache_dtype", "float32"])
+    extra = dict(teacher_weighting="confidence", use_attention_weighted_kv=True, use_teacher_attention=True,
+                 attention_weighted_kv_warmup=1)
+    a = kv_distill.main(_argv(models, tmp_path / "on", teachers=online, **extra))
+    b = kv_distill.main(_argv(models, tmp_path / "off", teachers=offline, **extra))
+    keys = ("loss", "kv", "kv/eq", "kv/nl", "w/eq", "w/eq/eq", "w/nl/nl", "grad_norm")
+    torch.testing.assert_close(torch.tensor(_hist(b, keys)), torch.tensor(_hist(a, keys)), rtol=1e-5, atol=1e-6)
+    w = torch.tensor(_hist(a, ("w/eq", "w/nl")))
+    torch.testing.assert_close(w.sum(1), torch.ones(3)) and not torch.allclose(w[:, 0], torch.full((3,), 0.5))
+
+
+def test_other_shapes_adapters_train_and_resume_restores_the_router(models, tmp_path):
+    y = _yaml(tmp_path / "t.yaml", [dict(name="eq", model=models / "eq", mode="eq", kv_adapter="mlp"),
+                                    dict(name="nl", model=models / "nl", mode="nl", kv_adapter="linear")])
+    kw = dict(teachers=y, teacher_weighting="learned", router_reg_weight=0.1, router_hidden=8, lr=2e-2)
+    full = kv_distill.main(_argv(models, tmp_path / "full", steps=4, save_steps=2, **kw))
+    c2, c4 = (load_file(str(tmp_path / "full" / f"checkpoint-{s}" / "model.safetensors")) for s in (2, 4))
+    # adapters over concatenated heads: student 2x8 -> eq 3x8 (MLP + linear skip), nl 5x8 (linear)
+    assert c4["mt.kv.0.projections.0.linear.k_proj.weight"].shape == (24, 16)
+    assert c4["mt.kv.0.projections.0.k_mlp.0.weight"].shape == (24, 16)
+    assert c4["mt.kv.1.projections.1.v_proj.weight"].shape == (40, 16)
+    router = [k for k in c4 if k.startswith("mt.router.")]
+    assert len(router) == 4 and c2["mt.router.net.2.weight"].abs().sum() > 0  # trained away from its zero init
+    assert not torch.equal(c2["mt.router.net.2.weight"], c4["mt.router.net.2.weight"])
+    assert not torch.equal(c2["mt.kv.0.projections.0.k_mlp.2.weight"], c4["mt.kv.0.projections.0.k_mlp.2.weight"])
+    h = full["history"]
+    assert all(abs(r["w/eq"] + r["w/nl"] - 1) < 1e-6 and 0 <= r["w_entropy"] <= 0.6932 for r in h)
+    assert h[-1]["w/eq/eq"] != h[-1]["w/nl/eq"]  # per-sample weights: the two modes differ
+    # resume from step 2 in a fresh folder: steps 3-4 and the final router equal the uninterrupted run
+    res = kv_distill.main(_argv(models, tmp_path / "resumed", steps=4, save_steps=2,
+                                resume_from_checkpoint=tmp_path / "full" / "checkpoint-2", **kw))
+    assert [r["step"] for r in res["history"]] == [3, 4]
+    keys = ("loss", "kv", "w/eq", "w/eq/eq", "router_reg", "grad_norm")
+    torch.testing.assert_close(torch.tensor(_hist(res, keys)), torch.tensor(_hist({"history": h[2:]}, keys)))
+    r4 = load_file(str(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors"))
+    for k in router + ["mt.kv.0.projections.0.k_mlp.2.weight"]:
+        torch.testing.assert_close(r4[k], c4[k])
+
+
+def test_per_task_weight_means_from_sums():
+    row = {"_wsum/eq/a": 3.0, "_wsum/eq/b": 1.0, "_n/eq": 4.0, "_wsum/nl/a": 0.0, "_n/nl": 0.0, "loss": 1.0}
+    per_task_weight_means(row)
+    assert row == {"w/eq/a": 0.75, "w/eq/b": 0.25, "loss": 1.0}
+
+
+def test_multi_teacher_demo_compare_smoke(models, tmp_path, monkeypatch):
+    """--multi_teacher_demo --compare with smaller models: the teachers' warm-up on their own
+    mode, six students, table, JSON, plot."""
+    monkeypatch.setattr(multi_teacher, "DEMO_TEACHERS", TEACHERS)
+    small = ["--model_name", str(models / "student"), "--max_steps", "2", "--teacher_sft_steps", "1",
+             "--batch_size", "2", "--eval_size", "4", "--max_new_tokens", "2", "--subset_size", "16",
+             "--logging_steps", "1"]
+    res = kv_distill.main(["--multi_teacher_demo", "--compare", "--output_dir", str(tmp_path)] + small)
+    names = [r["config"] for r in res["compare"]]
+    assert names == ["only eq", "only nl", "static", "per_task", "confidence", "learned"]
+    by = {r["config"]: r for r in res["compare"]}
+    assert by["per_task"]["w/eq/eq"] == 1.0 and by["per_task"]["w/nl/nl"] == 1.0  # each mode to its teacher
+    assert by["static"]["w/eq/eq"] == 0.5 and "w/eq/nl" not in by["only eq"] and by["only eq"]["w/eq"] == 1.0
+    assert {"kv/eq", "kv/nl", "w_entropy", "step_ms", "eval_accuracy/eq", "eval_accuracy/nl"} <= set(by["learned"])
+    table = (tmp_path / "compare.md").read_text()
+    assert "| only eq |" in table and "acc [nl]" in table and table.count("\n") == 8
+    assert json.loads((tmp_path / "compare.json").read_text())[5]["config"] == "learned"
+    assert (tmp_path / "routing_weights.png").stat().st_size > 1000
+    rows = [json.loads(x) for x in (tmp_path / "learned" / "metrics.jsonl").read_text().splitlines()]
+    assert {"w/eq", "w/nl", "w/eq/eq", "w/nl/eq", "w_entropy", "router_reg"} <= set(rows[0])
