@@ -55,7 +55,7 @@ def _argv(models, out, steps=3, **kw):
             "--output_dir", str(out), "--max_steps", str(steps), "--batch_size", "4", "--max_length", "96",
             "--eval_size", "0", "--logging_steps", "0", "--save_steps", "0", "--lr", "3e-3", "--warmup_ratio", "0"]
     for k, v in kw.items():
-        argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+        argv += [f"--{k}"] if v is True else [f"--no-{k}"] if v is False else [f"--{k}", str(v)]
     return argv
 
 
@@ -82,17 +82,23 @@ def test_one_teacher_static_weight_one_is_the_single_teacher_run(models, tmp_pat
         kv_distill.parse_args(["--teachers", y, "--teacher_model", str(models / "eq")])
 
 
-def test_offline_cache_trains_like_the_online_teacher(models, tmp_path):
+@pytest.mark.parametrize("compress", [False, True])
+def test_offline_cache_trains_like_the_online_teacher(models, tmp_path, compress):
+    """Full targets with attention weighting, or KaVa R-KV compressed targets (--kv_compression rkv)."""
     cache = tmp_path / "cache"
     online = _yaml(tmp_path / "on.yaml", [dict(name="eq", model=models / "eq", kv_adapter="mlp"),
                                           dict(name="nl", model=models / "nl")])
     offline = _yaml(tmp_path / "off.yaml", [dict(name="eq", model=models / "eq", kv_adapter="mlp",
                                                  source=f"'offline:{cache}'"),
                                             dict(name="nl", model=models / "nl")])
+    rkv = ["--kv_compression", "rkv", "--kv_slots", "6"] if compress else []
     kv_cache.main(["--teachers", offline, "--model_name", str(models / "student"), "--dataset_name",
-                   str(models / "train.jsonl"), "--max_length", "96", "--batch_size", "5", "--cache_dtype", "float32"])
-    extra = dict(teacher_weighting="confidence", use_attention_weighted_kv=True, use_teacher_attention=True,
+                   str(models / "train.jsonl"), "--max_length", "96", "--batch_size", "5", "--cache_dtype", "float32"]
+                  + rkv)
+    extra = dict(teacher_weighting="confidence", use_attention_weighted_kv=not compress, use_teacher_attention=True,
                  attention_weighted_kv_warmup=1)
+    if compress:
+        extra.update(kv_compression="rkv", kv_slots=6)
     a = kv_distill.main(_argv(models, tmp_path / "on", teachers=online, **extra))
     b = kv_distill.main(_argv(models, tmp_path / "off", teachers=offline, **extra))
     keys = ("loss", "kv", "kv/eq", "kv/nl", "w/eq", "w/eq/eq", "w/nl/nl", "grad_norm")
@@ -150,8 +156,10 @@ def test_multi_teacher_demo_compare_smoke(models, tmp_path, monkeypatch):
     assert by["static"]["w/eq/eq"] == 0.5 and "w/eq/nl" not in by["only eq"] and by["only eq"]["w/eq"] == 1.0
     assert {"kv/eq", "kv/nl", "w_entropy", "step_ms", "eval_accuracy/eq", "eval_accuracy/nl"} <= set(by["learned"])
     table = (tmp_path / "compare.md").read_text()
-    assert "| only eq |" in table and "acc [nl]" in table and table.count("\n") == 8
-    assert json.loads((tmp_path / "compare.json").read_text())[5]["config"] == "learned"
+    assert "| teacher eq |" in table and "| only eq |" in table and "acc [nl]" in table
+    assert table.count("\n") == 2 + 2 + 6  # header, the two teachers, six students
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["config"] for r in saved] == ["teacher eq", "teacher nl"] + names
     assert (tmp_path / "routing_weights.png").stat().st_size > 1000
     rows = [json.loads(x) for x in (tmp_path / "learned" / "metrics.jsonl").read_text().splitlines()]
     assert {"w/eq", "w/nl", "w/eq/eq", "w/nl/eq", "w_entropy", "router_reg"} <= set(rows[0])

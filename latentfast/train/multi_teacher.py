@@ -377,15 +377,16 @@ def eval_by_tag(lm, tok, rows, cfg, device, amp, rank=0, world=1) -> dict:
 DEMO = "tiny"
 # two tiny teachers of other shapes than the student (128 wide, 4 blocks, 4/2 heads) and than each other
 DEMO_TEACHERS = {
-    "eq": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=3,
+    "eq": dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
                intermediate_size=512),
-    "nl": dict(hidden_size=160, num_hidden_layers=5, num_attention_heads=5, num_key_value_heads=5,
+    "nl": dict(hidden_size=160, num_hidden_layers=4, num_attention_heads=5, num_key_value_heads=5,
                intermediate_size=448),
 }
-MT_DEMO_PRESET = dict(lr=2e-3, batch_size=32, max_steps=120, warmup_ratio=0.05, dataset_name="synthetic_two_mode",
+# sized so that --compare (two teacher warm-ups + six students) stays within ~15 min on 2 CPU cores
+MT_DEMO_PRESET = dict(lr=2e-3, batch_size=32, max_steps=100, warmup_ratio=0.05, dataset_name="synthetic_two_mode",
                       eval_data="synthetic_two_mode", subset_size=4000, eval_size=128, max_length=128,
-                      logging_steps=20, save_steps=0, teacher_sft_steps=200, max_new_tokens=48,
-                      teacher_weighting="learned")
+                      logging_steps=20, save_steps=0, teacher_sft_steps=150, max_new_tokens=48,
+                      teacher_weighting="learned", router_reg_weight=1.0)
 COMPARE_RULES = ("static", "per_task", "confidence", "learned")
 
 
@@ -441,9 +442,10 @@ def compare_table(rows: list[dict], tags: Sequence[str], names: Sequence[str]) -
     for r in rows:
         cells = [r["config"]] + [f"{r.get(f'eval_accuracy/{t}', nan):.3f}" for t in tags] + \
             [f"{r.get('eval_accuracy', nan):.3f}"] + [f"{r.get(f'eval_ce/{t}', nan):.3f}" for t in tags] + \
-            [f"{r['kv']:.4f}"] + [f"{r[f'kv/{n}']:.4f}" if f"kv/{n}" in r else "-" for n in names] + \
+            [f"{r['kv']:.4f}" if "kv" in r else "-"] + \
+            [f"{r[f'kv/{n}']:.4f}" if f"kv/{n}" in r else "-" for n in names] + \
             [" / ".join(f"{n} {r[f'w/{t}/{n}']:.2f}" for n in names if f"w/{t}/{n}" in r) or "-" for t in tags] + \
-            [f"{r['w_entropy']:.3f}", f"{r['step_ms']:.0f}"]
+            [f"{r['w_entropy']:.3f}" if "w_entropy" in r else "-", f"{r['step_ms']:.0f}" if "step_ms" in r else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -508,10 +510,12 @@ def run_multi_teacher(cfg):
             need_stats=any(r in ("confidence", "entropy", "min_ce") for r in rules))
     names = [t.name for t in teachers]
     tags = sorted({row_tag(r) for r in eval_rows} - {None})
+    teacher_rows = []  # the teachers' own held-out scores (rank 0), the first rows of --compare's table
     if rank == 0 and eval_rows:
         for t in teachers:
             if t.model is not None:
                 ev = eval_by_tag(t.model, tok, eval_rows, cfg, device, amp)
+                teacher_rows.append({"config": f"teacher {t.name}", **ev})
                 print(f"[kv_distill] teacher {t.name}: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval_accuracy")), flush=True)
 
@@ -545,9 +549,9 @@ def run_multi_teacher(cfg):
             summary.append(dict(summarize_run(cname, results[cname], names), seconds=time.time() - t0))
         res = {"compare": summary}
         if rank == 0:
-            table = compare_table(summary, tags, names)
+            table = compare_table(teacher_rows + summary, tags, names)
             (out / "compare.md").write_text(table + "\n")
-            (out / "compare.json").write_text(json.dumps(summary, indent=1))
+            (out / "compare.json").write_text(json.dumps(teacher_rows + summary, indent=1))
             plot_weights(results, out / "routing_weights.png", names, tags)
             print(table + f"\n[kv_distill] table {out / 'compare.md'}, plot {out / 'routing_weights.png'}; "
                   f"{time.time() - t_start:.0f}s", flush=True)
