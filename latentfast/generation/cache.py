@@ -1,15 +1,10 @@
-"""The static KV cache and the decoder's keyword names, across transformers versions."""
+"""The static KV cache and the decoder's keyword names, across transformers versions
+(the cache keyword itself is ``models.adapter.cache_kwarg``, the one place)."""
 from __future__ import annotations
 
 import inspect
 
 import torch
-
-
-def cache_kwarg(decoder) -> str:
-    """transformers >= 5.2x renamed ``past_key_values`` to ``cache``; support both."""
-    params = inspect.signature(type(decoder).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def takes_cache_position(decoder) -> bool:

@@ -20,7 +20,7 @@ import os
 import torch
 from torch import nn
 
-from .cache import cache_kwarg, cache_len, mark_static, static_cache, takes_cache_position
+from .cache import cache_len, mark_static, static_cache, takes_cache_position
 from .sampling import draw_noise
 
 log = logging.getLogger("latentfast.generation")
@@ -32,25 +32,26 @@ class DecoderParts:
     LM, a PEFT model around one, ``HybridThinkingLM`` and ``CODIModel``."""
 
     def __init__(self, model: nn.Module):
+        from latentfast.models import adapter  # (latentfast.models imports this package)
+
         hf = model
         for attr in ("hf_model", "lm"):  # our wrappers (HybridThinkingLM / CODIModel)
             inner = getattr(type(model), attr, None)
             if isinstance(inner, property):
                 hf = getattr(model, attr)
                 break
-        if hasattr(hf, "get_base_model"):  # PEFT: LoRA layers are injected in place
-            hf = hf.get_base_model()
+        hf = adapter.unwrap(hf)  # PEFT: LoRA layers are injected in place
         if not (hasattr(hf, "get_input_embeddings") and hasattr(hf, "get_output_embeddings")):
             raise TypeError(f"model must be a Hugging Face causal LM (or a latentfast wrapper of one), got "
                             f"{type(model).__name__}")
         self.model, self.hf = model, hf
-        self.decoder = hf.base_model
+        self.decoder = adapter.decoder(hf)
         self.embedding = hf.get_input_embeddings()
         self.head = hf.get_output_embeddings()
         if self.head is None:
             raise TypeError(f"{type(hf).__name__} has no output embeddings (lm_head)")
         self.config = hf.config
-        self.cache_kw = cache_kwarg(self.decoder)
+        self.cache_kw = adapter.cache_kwarg(self.decoder)
         self.cache_position = takes_cache_position(self.decoder)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -135,6 +136,8 @@ class Engine:
 
     def __init__(self, parts: DecoderParts, policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, compiled: bool):
+        from latentfast.models import adapter  # (latentfast.models imports this package)
+
         self.parts, self.policy = parts, policy
         self.B, self.P = input_ids.shape
         self.C = max_new_tokens
@@ -146,7 +149,7 @@ class Engine:
         self.cache = static_cache(parts.config, self.B, self.L, dev, self.dtype)
         self.attn = torch.zeros(self.B, self.L, dtype=torch.long, device=dev)
         self.attn[:, :self.P] = attention_mask
-        self.prompt_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.prompt_pos = adapter.positions_from_mask(attention_mask)
         self.pos = self.prompt_pos[:, -1:] + 1        # B x 1: the next fed token's position
         self.col = torch.full((1,), self.P, dtype=torch.long, device=dev)  # its cache slot
         self.t = torch.zeros(1, dtype=torch.long, device=dev)             # step index of the policy's head

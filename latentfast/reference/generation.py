@@ -8,11 +8,11 @@ engine is tested against it: same tokens, masks, states and ratios.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+
+from latentfast.models import adapter
 
 
 def reference_sample(logits: torch.Tensor, temperature: float, top_p: float, do_sample: bool, generator=None):
@@ -35,15 +35,14 @@ def hybrid_generate(model, prompt_ids, prompt_mask, max_new_tokens: int, *, eos_
                     marker_ids=None, temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = False,
                     generator=None) -> dict:
     """dict of completion_ids, completion_mask, thinking_mask, thinking_hidden, embeds_ratio."""
-    hf = model.hf_model if hasattr(model, "hf_model") else model
-    hf = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
-    tf, embed, head = hf.base_model, hf.get_input_embeddings(), hf.get_output_embeddings()
+    hf = adapter.unwrap(model.hf_model if hasattr(model, "hf_model") else model)
+    tf, embed, head = adapter.decoder(hf), hf.get_input_embeddings(), hf.get_output_embeddings()
     thinking_mod = model.thinking if marker_ids is not None else None
     B, device = prompt_ids.shape[0], prompt_ids.device
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
-    kw = {"cache" if "cache" in inspect.signature(type(tf).forward).parameters else "past_key_values": DynamicCache()}
+    kw = {adapter.cache_kwarg(tf): DynamicCache()}
     attn = prompt_mask.long()
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    pos = adapter.positions_from_mask(attn)
     h = tf(inputs_embeds=embed(prompt_ids), attention_mask=attn, position_ids=pos, use_cache=True,
            **kw).last_hidden_state[:, -1]
     next_pos = pos[:, -1:] + 1
