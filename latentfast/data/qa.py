@@ -6,11 +6,12 @@ import torch
 from .gsm8k import format_prompt
 
 
-def encode_answers(tok, rows, max_length, device):
-    """Right-padded prompt + answer + eos; ``targets`` (the next token) on the answer only."""
+def encode_answers(tok, rows, max_length, device, prompt=format_prompt):
+    """Right-padded prompt + answer + eos; ``targets`` (the next token) on the answer only.
+    ``prompt(question) -> str`` renders the prompt (default ``Question: ...\nAnswer:``)."""
     ids, tgts = [], []
     for r in rows:
-        p = tok(format_prompt(r["question"]))["input_ids"]
+        p = tok(prompt(r["question"]))["input_ids"]
         a = tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         x = (p + a)[:max_length]
         ids.append(x)

@@ -15,10 +15,11 @@
 Each field is one flag, ``--<name>`` plus ``--<alias>`` for every alias (the recipes
 spell some options differently: ``--lr``/``--learning_rate``,
 ``--model_name``/``--model_name_or_path``); its type comes from the annotation
-(``int``, ``float``, ``str``, ``bool`` -> ``--x/--no-x``, ``X | None``, ``list[str]``
--> ``nargs="+"``). Validation lives in ``__post_init__`` and a failure is a
+(``int``, ``float``, ``str``, ``bool`` -> ``--x`` / ``--x True|False`` / ``--no-x``, ``X | None``,
+``list[str]`` -> ``nargs="+"``). Validation lives in ``__post_init__`` and a failure is a
 ``ValueError`` naming the argument, which ``parse`` turns into an argparse error.
-Presets are plain dicts applied only to the fields the command line did not set;
+Presets are plain dicts applied only to the fields the command line did not set (after
+parsing with ``with_preset``, or during it, before validation, from a ``preset`` classmethod);
 ``to_dict`` is what a checkpoint stores, and ``Config(**saved)`` reproduces the run.
 """
 from __future__ import annotations
@@ -67,9 +68,9 @@ def _base_type(tp):
 
 def _bool_flag(text: str) -> bool:
     low = text.lower()
-    if low in ("1", "true", "yes", "on"):
+    if low in ("1", "true", "yes", "y", "on"):
         return True
-    if low in ("0", "false", "no", "off"):
+    if low in ("0", "false", "no", "n", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
@@ -126,17 +127,20 @@ class Config:
             kw = dict(dest=f.name, help=meta["help"] or None,
                       default=argparse.SUPPRESS if suppress_defaults else default)
             base, _, many = _base_type(tp)
-            if base is bool and not many:
-                kw["action"] = argparse.BooleanOptionalAction
+            if base is bool and not many:  # --x, --x True|False (HF's parser), --no-x / --no_x
+                kw.update(type=_bool_flag, nargs="?", const=True, metavar="BOOL")
             else:
                 kw["type"] = _bool_flag if base is bool else base
                 if many:
                     kw["nargs"] = "+"
                 if meta["choices"]:
                     kw["choices"] = meta["choices"]
-            if kw.get("help") and not suppress_defaults and default is not None and "action" not in kw:
+            if kw.get("help") and not suppress_defaults and default is not None:
                 kw["help"] += f" (default: {default})"
             p.add_argument(*flags, **kw)
+            if base is bool and not many:
+                p.add_argument(*[f"--no{sep}{n}" for n in [f.name, *meta["aliases"]] for sep in "-_"], dest=f.name,
+                               action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return p
 
     @classmethod
@@ -145,13 +149,21 @@ class Config:
         names the fields the command line set."""
         parser = cls.build_parser(description, suppress_defaults=True)
         typed = vars(parser.parse_args(argv))
+        alias = cls.aliases()
+        preset = {alias.get(k, k): v for k, v in cls.preset(typed).items()}
         try:
-            cfg = cls(**typed)
+            cfg = cls(**{**preset, **typed})
         except ValueError as e:
             parser.error(str(e))
         cfg.check_cli(parser)
         object.__setattr__(cfg, "_explicit", frozenset(typed))
         return cfg
+
+    @classmethod
+    def preset(cls, typed: dict) -> dict:
+        """Values ``parse`` gives the fields the command line did not set (``typed``: those it
+        did), before validation; a demo's preset (``{}``: none)."""
+        return {}
 
     def check_cli(self, parser: argparse.ArgumentParser) -> None:
         """Checks that only make sense for a command line (files exist, ...): ``parser.error``."""

@@ -15,30 +15,31 @@ reward is the recipe's (``--reward_funcs hrpo``). Checkpoints record their model
 embedded demo runs: a small Qwen2 model built from a config and a tokenizer built in
 code, a short supervised warm-up on the synthetic arithmetic task, then HRPO; demo
 presets (printed at start) replace the defaults of the arguments you do not set.
+The training loop is ``latentfast.train.loop``: rollouts, rewards, advantages and reference
+log-probs are ``HRPO.batches``, the GRPO loss is ``HybridThinkingLM.forward``.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import pathlib
-import random
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from latentfast.data import get_reward_funcs, make_arithmetic
 from latentfast.data import prompts as prompting
+from latentfast.data.qa import encode_answers
 from latentfast.data.tasks import TASKS, get_task, load_task_rows
 from latentfast.eval import hrpo as hrpo_eval
 from latentfast.models import HybridConfig, HybridThinkingLM, eos_token_ids, generate
 
-from . import checkpoint, dist
-from .common import (JsonlLogger, SampleStream, amp_context, check_data_arg, check_resume_arg, console_entry,
-                     load_causal_lm, no_sync_unless, optimizer_step, parse_with_demo, peak_mem_mb, reset_peak_mem)
-from .guard import NonFiniteGuard
+from . import dist
+from .common import SampleStream, check_data_arg, console_entry, load_causal_lm
+from .config import option
+from .loop import TrainConfig, Trainer
+from .sft import warm_up
 
 DEMO_MODEL = "tiny"
 # Small-model presets for the embedded demo (only for arguments not given explicitly).
@@ -48,100 +49,102 @@ DEMO_PRESET = dict(lr=5e-4, lora_rank=16, lr_residual_gate=5e-4, lr_residual_Lam
                    max_grad_norm=1.0, train_data="synthetic", eval_data="synthetic", eval_size=256, eval_steps=100,
                    sft_steps=250, save_steps=100,
                    system_prompt="")  # the tiny tokenizer's chat template, without the 132-token system turn
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    # --- the recipe's arguments (hrpo_gsm8k.py) ---
-    a("--model_name", default=DEMO_MODEL, help="local HF model path; 'tiny' = embedded demo")
-    a("--lora_rank", type=int, default=32, help="LoRA rank (alpha = 2*rank, q/k/v/o/gate/up/down); 0 = full")
-    a("--lr", type=float, default=5e-6)
-    a("--beta", type=float, default=0.005, help="KL coefficient (reference = adapters disabled)")
-    a("--residual_r_min", type=float, default=0.99)
-    a("--residual_r_max", type=float, default=0.999)
-    a("--lr_residual_gate", type=float, default=1e-4)
-    a("--lr_residual_Lambda", type=float, default=1e-3)
-    a("--lr_thinking_projection", type=float, default=1e-4, help="0 freezes the projection (two-stage schedule)")
-    a("--weight_decay", type=float, default=0.1)
-    a("--warmup_ratio", type=float, default=0.1)
-    a("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"])
-    a("--optimizer", default="adamw_torch", help="adamw_torch, or paged_adamw_8bit (needs bitsandbytes)")
-    a("--max_grad_norm", type=float, default=0.1)
-    a("--group_size", type=int, default=4)
-    a("--temperature", type=float, default=0.5)
-    a("--top_p", type=float, default=1.0)
-    a("--gradient_accumulation_steps", type=int, default=4)
-    a("--per_device_train_batch_size", type=int, default=8, help="completions per device per micro-batch")
-    a("--max_prompt_length", type=int, default=1024)
-    a("--max_completion_length", type=int, default=1024)
-    a("--seed", type=int, default=42)
-    a("--loss_type", default="grpo", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
-    a("--epsilon_low", type=float, default=0.2)
-    a("--epsilon_high", type=float, default=0.2)
-    a("--num_train_epochs", type=float, default=1.0)
-    a("--max_steps", type=int, default=-1, help="> 0 overrides num_train_epochs")
-    a("--save_steps", type=int, default=250)
-    a("--resume_from_checkpoint", default=None, help="checkpoint dir, or 'latest' in --output_dir")
+@dataclass
+class HRPOConfig(TrainConfig):
+    """HRPO: GRPO on hybrid latent reasoning; the recipe's arguments (hrpo_gsm8k.py) and defaults."""
+
+    model_name: str = option(DEMO_MODEL, "local HF model path; 'tiny' = embedded demo",
+                             aliases=("model_name_or_path",))
+    lora_rank: int = option(32, "LoRA rank (alpha = 2*rank, q/k/v/o/gate/up/down); 0 = full")
+    lr: float = 5e-6
+    beta: float = option(0.005, "KL coefficient (reference = adapters disabled)")
+    residual_r_min: float = option(0.99, "thinking residual: r_min of the gate's Lambda init")
+    residual_r_max: float = option(0.999, "thinking residual: r_max of the gate's Lambda init")
+    lr_residual_gate: float = option(1e-4, "learning rate of the residual gates")
+    lr_residual_Lambda: float = option(1e-3, "learning rate of the residual Lambda")
+    lr_thinking_projection: float = option(1e-4, "0 freezes the projection (two-stage schedule)")
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.1
+    optimizer: str = option("adamw_torch", "adamw_torch, or paged_adamw_8bit (needs bitsandbytes)")
+    max_grad_norm: float = 0.1
+    group_size: int = option(4, "completions per prompt (GRPO group)")
+    temperature: float = option(0.5, "sampling temperature of the rollouts")
+    top_p: float = option(1.0, "nucleus sampling of the rollouts")
+    gradient_accumulation_steps: int = 4
+    per_device_train_batch_size: int = option(8, "completions per device per micro-batch")
+    max_prompt_length: int = option(1024, "prompt tokens kept (left-truncated)")
+    max_completion_length: int = option(1024, "new tokens per rollout")
+    loss_type: str = option("grpo", "GRPO normalisation", choices=list(LOSS_TYPES))
+    epsilon_low: float = option(0.2, "PPO clip, lower")
+    epsilon_high: float = option(0.2, "PPO clip, upper")
+    save_steps: int = 250
+    logging_steps: int = 0
     # --- HRPO model switches ---
-    a("--thinking_state", default="projection", choices=["projection", "soft_embedding"])
-    a("--projection", default="linear", choices=["linear", "layernorm", "mlp"])
-    a("--recompute", default="stored", choices=["stored", "two_pass", "two_pass_clean"],
-      help="stored = this design; two_pass = the recipe's extra no-grad forward (for comparison)")
+    thinking_state: str = option("projection", "thinking state fed back", choices=["projection", "soft_embedding"])
+    projection: str = option("linear", "projection of the thinking state", choices=["linear", "layernorm", "mlp"])
+    recompute: str = option("stored", "stored = this design; two_pass = the recipe's extra no-grad forward (for "
+                            "comparison)", choices=["stored", "two_pass", "two_pass_clean"])
     # --- data / eval / output ---
-    a("--task", default="gsm8k", choices=sorted(TASKS), help="the recipe's task (data fields, prompt, reward)")
-    a("--train_data", default=None, help="file/folder; default: --dataset_root's train split, else for gsm8k the "
-                                         "shipped sample ('gsm8k_sample'); 'synthetic' = arithmetic")
-    a("--eval_data", default=None, help="file/folder; default: --dataset_root's test split, else for gsm8k "
-                                        "'gsm8k_sample_test'")
-    a("--dataset_root", default=None, help="folder with the task's splits (the recipe's --dataset_root)")
-    a("--system_prompt", default=None, help="default: the recipe's (chat template); '' = no system turn")
-    a("--no_chat_template", action="store_true", help="plain 'Question: ...\\nAnswer:' prompts (base models)")
-    a("--eval_size", type=int, default=100)
-    a("--eval_steps", type=int, default=0, help="evaluate every N steps (0: only before and after)")
-    a("--reward_funcs", nargs="+", default=["hrpo"],
-      help="hrpo = the recipe's (correct AND exactly one ####); or the split correctness / format")
-    a("--output_dir", default="runs/hrpo")
-    a("--sft_steps", type=int, default=0, help="supervised warm-up steps before HRPO (demo)")
-    a("--sft_lr", type=float, default=3e-3)
-    a("--device", default=None)
-    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
-    a("--fsdp", action="store_true", help="shard with PyTorch FSDP2 (torchrun)")
-    a("--gradient_checkpointing", action="store_true",
-      help="recompute decoder-layer activations in backward (less memory, ~1/3 more compute)")
-    a("--wandb_project", default=None)
-    a("--max_nonfinite_steps", type=int, default=10,
-      help="stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)")
-    return p
+    task: str = option("gsm8k", "the recipe's task (data fields, prompt, reward)", choices=sorted(TASKS))
+    train_data: str | None = option(None, "file/folder; default: --dataset_root's train split, else for gsm8k the "
+                                          "shipped sample ('gsm8k_sample'); 'synthetic' = arithmetic")
+    eval_data: str | None = option(None, "file/folder; default: --dataset_root's test split, else for gsm8k "
+                                         "'gsm8k_sample_test'")
+    dataset_root: str | None = option(None, "folder with the task's splits (the recipe's --dataset_root)")
+    system_prompt: str | None = option(None, "default: the recipe's (chat template); '' = no system turn")
+    no_chat_template: bool = option(False, "plain 'Question: ...\nAnswer:' prompts (base models)")
+    eval_size: int = option(100, "held-out rows (greedy hybrid decoding)")
+    eval_steps: int = option(0, "evaluate every N steps (0: only before and after)")
+    reward_funcs: list[str] = option(["hrpo"], "hrpo = the recipe's (correct AND exactly one ####); or the split "
+                                               "correctness / format")
+    output_dir: str = option("runs/hrpo", "where checkpoints, metrics.jsonl and the demo's base_model go")
+    sft_steps: int = option(0, "supervised warm-up steps before HRPO (demo)")
+    sft_lr: float = option(3e-3, "learning rate of the warm-up")
+    gradient_checkpointing: bool = option(False, "recompute decoder-layer activations in backward (less memory, "
+                                                 "~1/3 more compute)")
+
+    @property
+    def demo(self) -> bool:
+        return self.model_name == DEMO_MODEL
+
+    @classmethod
+    def preset(cls, typed):
+        return DEMO_PRESET if typed.get("model_name", DEMO_MODEL) == DEMO_MODEL else {}
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group_size < 1:
+            raise ValueError(f"--group_size must be >= 1, got {self.group_size}")
+        if self.per_device_train_batch_size % self.group_size:
+            raise ValueError(f"--per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple "
+                             f"of --group_size ({self.group_size})")
+
+    def check_cli(self, parser):
+        """The common mistakes, reported at argument parsing with the flag's name."""
+        if self.group_size == 1:
+            warnings.warn("--group_size 1: a group of one completion has no spread, so every group-normalised "
+                          "advantage is 0 and only the KL term (--beta) trains; use --group_size >= 2 for GRPO",
+                          UserWarning, stacklevel=4)
+        for flag, spec in (("--train_data", self.train_data), ("--eval_data", self.eval_data)):
+            if self.task == "gsm8k":
+                check_data_arg(parser, flag, spec)
+            elif spec is not None and not pathlib.Path(spec).exists():  # rows are checked by the task's loader
+                parser.error(f"{flag} {spec!r}: no such file or folder (task {self.task}: expected "
+                             f"{TASKS[self.task].doc})")
+        if self.dataset_root is not None and not pathlib.Path(self.dataset_root).is_dir():
+            parser.error(f"--dataset_root {self.dataset_root!r}: no such folder")
+        super().check_cli(parser)  # --resume_from_checkpoint
 
 
-def parse_args(argv=None):
-    parser = build_parser()
-    args = parse_with_demo(parser, argv, "model_name", DEMO_MODEL, DEMO_PRESET)
-    validate_args(parser, args)
-    return args
+def build_parser():
+    return HRPOConfig.build_parser(__doc__)
 
 
-def validate_args(parser, args) -> None:
-    """The common mistakes, reported at argument parsing with the flag's name."""
-    if args.group_size < 1:
-        parser.error(f"--group_size must be >= 1, got {args.group_size}")
-    if args.per_device_train_batch_size % args.group_size:
-        parser.error(f"--per_device_train_batch_size ({args.per_device_train_batch_size}) must be a multiple of "
-                     f"--group_size ({args.group_size})")
-    if args.group_size == 1:
-        warnings.warn("--group_size 1: a group of one completion has no spread, so every group-normalised "
-                      "advantage is 0 and only the KL term (--beta) trains; use --group_size >= 2 for GRPO",
-                      UserWarning, stacklevel=3)
-    for flag, spec in (("--train_data", args.train_data), ("--eval_data", args.eval_data)):
-        if args.task == "gsm8k":
-            check_data_arg(parser, flag, spec)
-        elif spec is not None and not pathlib.Path(spec).exists():  # rows are checked by the task's loader
-            parser.error(f"{flag} {spec!r}: no such file or folder (task {args.task}: expected "
-                         f"{TASKS[args.task].doc})")
-    if args.dataset_root is not None and not pathlib.Path(args.dataset_root).is_dir():
-        parser.error(f"--dataset_root {args.dataset_root!r}: no such folder")
-    check_resume_arg(parser, args.resume_from_checkpoint)
+def parse_args(argv=None) -> HRPOConfig:
+    return HRPOConfig.parse(argv, __doc__)
 
 
 # ----------------------------------------------------------------------------- data
@@ -183,31 +186,14 @@ def load_model(args, device):
     return tok, lm, not args.demo
 
 
-def sft_warmup(lm, tok, args, device, rank):
-    """Teacher-forced cross-entropy on the answers (the demo's tiny model starts random)."""
-    rows = make_arithmetic(20000, seed=args.seed + 7)
-    opt = torch.optim.AdamW(lm.parameters(), lr=args.sft_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20)
-                                              * 0.5 * (1 + math.cos(math.pi * s / args.sft_steps)))
-    rng = random.Random(args.seed)  # same batches on every rank -> identical weights without a sync
-    lm.train()
-    bar = tqdm(range(args.sft_steps), desc="sft warm-up", disable=rank != 0)
-    guard = NonFiniteGuard(args.max_nonfinite_steps, "sft warm-up")
-    for step in bar:
-        batch = rng.sample(rows, 64)
-        prompts = [prompting.render_prompt(tok, r["question"], args.system_prompt,
-                                           False if args.no_chat_template else None) for r in batch]
-        full = [p + r["answer"] + tok.eos_token for p, r in zip(prompts, batch)]
-        tok.padding_side = "right"
-        enc = tok(full, return_tensors="pt", padding=True).to(device)
-        plen = [len(tok(p)["input_ids"]) for p in prompts]
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        for i, n in enumerate(plen):
-            labels[i, :n] = -100  # loss on the answer only
-        loss = lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
-        loss.backward()
-        optimizer_step(lm.parameters(), opt, sched, 1.0, guard=guard, loss=loss, step=step + 1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+def warmup_encoder(cfg: HRPOConfig):
+    """``SFT`` batches in HRPO's prompt format (chat template / system prompt as the rollouts)."""
+    chat = False if cfg.no_chat_template else None
+
+    def encode(tok, rows, max_length, device):
+        return encode_answers(tok, rows, max_length, device,
+                              prompt=lambda q: prompting.render_prompt(tok, q, cfg.system_prompt, chat))
+    return encode
 
 
 def optimizer_groups(model, args) -> list[dict]:
@@ -243,19 +229,6 @@ def make_optimizer(groups, args):
     return torch.optim.AdamW(groups, betas=(0.9, 0.99))
 
 
-def make_scheduler(opt, args, total):
-    warm = max(1, int(args.warmup_ratio * total))
-
-    def f(s):
-        if s < warm:
-            return (s + 1) / warm
-        if args.lr_scheduler_type == "constant":
-            return 1.0
-        t = (s - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * t)) if args.lr_scheduler_type == "cosine" else 1 - t
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
 def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -270,222 +243,189 @@ def projection_weight(model):
     return next((p for p in mats if p.requires_grad), mats[0])
 
 
-# ----------------------------------------------------------------------------- loop
-def evaluate(model, wrapped, tok, rows, args, amp) -> dict:
-    """Greedy hybrid decoding of ``rows``, split across ranks: ``latentfast.eval.hrpo``'s
-    metrics (accuracy, reward, format, ...), as ``latentfast-hrpo-eval`` computes them."""
-    metrics, _ = hrpo_eval.evaluate(model, tok, args.task, rows, max_prompt_length=args.max_prompt_length,
-                                    max_new_tokens=args.max_completion_length, batch_size=64, greedy=True,
-                                    temperature=args.temperature, system_prompt=args.system_prompt,
-                                    chat_template=False if args.no_chat_template else None, amp=amp,
-                                    gathered=lambda: dist.gathered(wrapped))
-    return metrics
+# ----------------------------------------------------------------------------- training
+class HRPO(Trainer):
+    """HRPO on the loop. ``batches(step)``: rollouts of every micro-batch (no grad), rewards,
+    group advantages and reference log-probs; ``loss``: the fused GRPO loss of the hybrid model."""
 
+    name = "hrpo"
+    eval_at_start = True
 
-def main(argv=None):
-    args = parse_args(argv)
-    device, rank, world = dist.setup(args.device)
-    if args.demo and device.type == "cpu":
-        torch.set_num_threads(1)  # tiny shapes: more intra-op threads only contend (much slower on a busy box)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    amp = amp_context(device, args.bf16)
-    out = pathlib.Path(args.output_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.demo:
-            print("[hrpo] embedded demo; presets: " + json.dumps({k: getattr(args, k) for k in DEMO_PRESET}),
+    def setup(self):
+        c, dev = self.cfg, self.device
+        if c.demo and dev.type == "cpu":
+            torch.set_num_threads(1)  # tiny shapes: more intra-op threads only contend (much slower on a busy box)
+        if c.demo and self.rank == 0:
+            print("[hrpo] embedded demo; presets: " + json.dumps({k: getattr(c, k) for k in DEMO_PRESET}),
                   flush=True)
+        self.tok, self.lm, warmed = load_model(c, dev)
+        prompting.prepare_tokenizer(self.tok)
+        self.task = get_task(c.task)
+        if c.sft_steps > 0 and not warmed:  # the demo's tiny model starts random
+            warm_up(c, self.lm, self.tok, make_arithmetic(20000, seed=c.seed + 7), steps=c.sft_steps, lr=c.sft_lr,
+                    output_dir=self.out / "sft_warmup", encode=warmup_encoder(c),
+                    warmup_ratio=min(1.0, 20 / c.sft_steps), max_length=c.max_prompt_length + c.max_completion_length)
+            if self.rank == 0 and c.demo:
+                self.lm.save_pretrained(str(self.out / "base_model"))  # resume needs the warmed-up base
+        self.train_rows = load_task_rows(self.task, c.train_data, "train", None, c.seed, c.dataset_root)
+        self.eval_rows = load_task_rows(self.task, c.eval_data, "test", c.eval_size, c.seed + 10_000, c.dataset_root)
+        self.stream = SampleStream(self.train_rows, c.seed)
+        self.ppm = c.per_device_train_batch_size // c.group_size  # prompts per micro-batch
+        self.hybrid = HybridConfig(thinking_state=c.thinking_state, projection=c.projection,
+                                   r_min=c.residual_r_min, r_max=c.residual_r_max)
+        self.marker_ids = self.tok.encode(self.hybrid.answer_marker, add_special_tokens=False)
+        self.reward_fns = get_reward_funcs(c.reward_funcs, self.task)
+        demo_base = c.demo and (warmed or c.sft_steps > 0)  # the demo's warmed-up base, saved in output_dir
+        self.spec = hrpo_eval.hrpo_spec(c, str((self.out / "base_model").resolve()) if demo_base else c.model_name)
+        self.gen = torch.Generator(device=dev)
+        self.evals = []
 
-    tok, lm, warmed = load_model(args, device)
-    prompting.prepare_tokenizer(tok)
-    task = get_task(args.task)
-    if args.sft_steps > 0 and not warmed:
-        sft_warmup(lm, tok, args, device, rank)
-        if rank == 0 and args.demo:
-            lm.save_pretrained(str(out / "base_model"))  # resume needs the warmed-up base
-    torch.manual_seed(args.seed)  # identical thinking-module init on every rank
-    cfg = HybridConfig(thinking_state=args.thinking_state, projection=args.projection,
-                       r_min=args.residual_r_min, r_max=args.residual_r_max)
-    model = HybridThinkingLM(lm, cfg)
-    if args.lora_rank > 0:
-        model.add_lora(args.lora_rank)
-    elif args.beta != 0.0:
-        raise SystemExit("--beta > 0 needs a reference policy: use --lora_rank > 0 (adapters disabled = reference)")
-    if args.gradient_checkpointing:
-        model.enable_activation_checkpointing()
-    if args.lr_thinking_projection == 0:  # stage 1 of the two-stage schedule: projection frozen
-        for n, p in model.named_parameters():
-            if "thinking_projection" in n:
-                p.requires_grad_(False)
-    wrapped = dist.wrap(model, device, args.fsdp, layers=list(model.transformer.layers))
-    model = dist.unwrap(wrapped)
-    proj_w = projection_weight(model)  # after wrapping: FSDP2 replaces parameters
-    groups = optimizer_groups(model, args)
-    opt = make_optimizer(groups, args)
+    def build_model(self):
+        c = self.cfg
+        model = HybridThinkingLM(self.lm, self.hybrid)
+        if c.lora_rank > 0:
+            model.add_lora(c.lora_rank)
+        elif c.beta != 0.0:
+            raise SystemExit("--beta > 0 needs a reference policy: use --lora_rank > 0 (adapters disabled = reference)")
+        if c.gradient_checkpointing:
+            model.enable_activation_checkpointing()
+        if c.lr_thinking_projection == 0:  # stage 1 of the two-stage schedule: projection frozen
+            for n, p in model.named_parameters():
+                if "thinking_projection" in n:
+                    p.requires_grad_(False)
+        self.eos_ids = eos_token_ids(self.tok, model.hf_model)
+        w = projection_weight(model)
+        self.w0 = None if w is None else w.detach().float().clone()  # (before FSDP2 shards it)
+        return model
 
-    train_rows = load_task_rows(task, args.train_data, "train", None, args.seed, args.dataset_root)
-    eval_rows = load_task_rows(task, args.eval_data, "test", args.eval_size, args.seed + 10_000, args.dataset_root)
-    stream = SampleStream(train_rows, args.seed)
-    ppm = args.per_device_train_batch_size // args.group_size  # prompts per micro-batch
-    per_step = ppm * args.gradient_accumulation_steps * world
-    total = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * len(train_rows) / per_step))
-    sched = make_scheduler(opt, args, total)
-    marker_ids = tok.encode(cfg.answer_marker, add_special_tokens=False)
-    eos_ids = eos_token_ids(tok, model.hf_model)
-    reward_fns = get_reward_funcs(args.reward_funcs, task)
-    demo_base = args.demo and (warmed or args.sft_steps > 0)  # the demo's warmed-up base, saved in output_dir
-    spec = hrpo_eval.hrpo_spec(args, str((out / "base_model").resolve()) if demo_base else args.model_name)
+    def fsdp_layers(self, module):
+        return list(module.transformer.layers)
 
-    start = 0
-    guard = NonFiniteGuard(args.max_nonfinite_steps, "hrpo")
-    resume = checkpoint.latest(args.output_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
-    w0 = None if proj_w is None else _full(proj_w).detach().float().clone()
-    if resume:
-        target = [g["initial_lr"] for g in opt.param_groups]  # this run's lrs (e.g. projection unfrozen)
-        saved = json.loads((pathlib.Path(resume) / "trainer_state.json").read_text())
-        same_groups = len(saved["param_groups"]) == len(opt.param_groups)
-        state = checkpoint.load(resume, wrapped, opt if same_groups else None, sched)
-        start = state["step"]
-        guard.load_state_dict(state["extra"].get("nonfinite", {}))
-        sched.base_lrs = target
-        for g, lr in zip(opt.param_groups, target):
-            g["initial_lr"], g["lr"] = lr, lr * sched.lr_lambdas[0](sched.last_epoch)
-        if rank == 0:
-            note = "" if same_groups else " (optimizer groups changed: fresh optimizer state)"
-            print(f"[hrpo] resumed from {resume} at step {start}{note}", flush=True)
-    wandb = None
-    if args.wandb_project and rank == 0:
-        import wandb
+    def optimizer_groups(self, module):
+        return optimizer_groups(module, self.cfg)
 
-        wandb.init(project=args.wandb_project, config=vars(args))
-    log = JsonlLogger(out / "metrics.jsonl", enabled=rank == 0)
+    def make_optimizer(self, groups):
+        return make_optimizer(groups, self.cfg)
 
-    def record(row):
-        log.log(row)
-        if wandb is not None:  # (rank 0 only, as the metrics file)
-            wandb.log(row, step=row.get("step"))
+    def num_train_items(self):
+        return len(self.train_rows)
 
-    def held_out():
-        m = evaluate(model, wrapped, tok, eval_rows, args, amp)
-        return {f"eval_{k}": v for k, v in m.items() if isinstance(v, (int, float))}
+    def items_per_step(self):
+        return self.ppm * self.cfg.gradient_accumulation_steps * self.world
 
-    ev0 = held_out()
-    acc0 = ev0["eval_accuracy"]
-    record({"step": start, **ev0})
-    if rank == 0:
-        print(f"[hrpo] step {start}: held-out accuracy {acc0:.3f} (reward {ev0['eval_reward']:.3f}, "
-              f"format {ev0['eval_format']:.3f})", flush=True)
-
-    params = [p for g in opt.param_groups for p in g["params"]]  # (also for the checksum of a finished run)
-    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
-    bar = tqdm(range(start, total), desc="hrpo", disable=rank != 0, initial=start, total=total)
-    for step in bar:
-        reset_peak_mem(device)
-        gen.manual_seed(args.seed * 100003 + step * 1009 + rank)  # resumable sampling
+    def batches(self, step):
+        c, model, dev = self.cfg, self.module, self.device
+        self.gen.manual_seed(c.seed * 100003 + step * 1009 + self.rank)  # resumable sampling
         t0 = time.perf_counter()
-        # 1) rollouts for every micro-batch (no grad), rewards, advantages, reference log-probs
         micro, stats = [], {"reward": [], "accuracy": [], "completion_length": [], "thinking_fraction": [],
-                            "embeds_ratio": []}
+                            "embeds_ratio": [], "reward_std": []}
         model.eval()
-        for m in range(args.gradient_accumulation_steps):
-            base = (step * args.gradient_accumulation_steps + m) * ppm * world + rank * ppm
-            rows = [stream[base + i] for i in range(ppm)]
-            rows_g = [r for r in rows for _ in range(args.group_size)]
-            ids, mask = encode_prompts(tok, rows_g, args.max_prompt_length, device, args)
-            with torch.no_grad(), amp(), dist.gathered(wrapped):
-                ro = generate(model, ids, mask, args.max_completion_length, eos_token_id=eos_ids,
-                              pad_token_id=tok.pad_token_id, marker_ids=marker_ids, temperature=args.temperature,
-                              top_p=args.top_p, generator=gen)
+        for m in range(c.gradient_accumulation_steps):
+            rows = [r for r in self.micro_items(self.stream, step, m, self.ppm) for _ in range(c.group_size)]
+            ids, mask = encode_prompts(self.tok, rows, c.max_prompt_length, dev, c)
+            with torch.no_grad(), self.amp(), dist.gathered(self.model):
+                ro = generate(model, ids, mask, c.max_completion_length, eos_token_id=self.eos_ids,
+                              pad_token_id=self.tok.pad_token_id, marker_ids=self.marker_ids,
+                              temperature=c.temperature, top_p=c.top_p, generator=self.gen)
                 batch = ro.as_batch()
                 ref = None
-                if args.beta != 0.0:
+                if c.beta != 0.0:
                     with model.reference():
                         ref = model.per_token_logps(batch)
-            texts = decode_completions(tok, ro)
-            answers = [r["answer"] for r in rows_g]
-            rewards = torch.tensor([sum(v) for v in zip(*[fn(texts, answers) for fn in reward_fns])],
-                                   device=device, dtype=torch.float32)
-            micro.append((batch, group_advantages(rewards, args.group_size), ref))
+            texts = decode_completions(self.tok, ro)
+            answers = [r["answer"] for r in rows]
+            rewards = torch.tensor([sum(v) for v in zip(*[fn(texts, answers) for fn in self.reward_fns])],
+                                   device=dev, dtype=torch.float32)
+            micro.append((batch, group_advantages(rewards, c.group_size), ref))
             lens = ro.completion_mask.sum(1).float()
             stats["reward"].append(rewards.mean().item())
-            stats["accuracy"].append(sum(task.accuracy(texts, answers)) / len(texts))
+            stats["accuracy"].append(sum(self.task.accuracy(texts, answers)) / len(texts))
             stats["completion_length"].append(lens.mean().item())
             stats["thinking_fraction"].append((ro.thinking_mask.sum() / lens.sum().clamp(min=1)).item())
             if ro.embeds_ratio.numel():
                 stats["embeds_ratio"].append(ro.embeds_ratio.mean().item())
-            stats.setdefault("reward_std", []).append(rewards.std().item())
-        t_roll = time.perf_counter() - t0
-        n_tokens = sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b, _, _ in micro)
-        n_items = None
-        if args.loss_type == "dapo":  # the op's convention: completion tokens of the whole step, all ranks and
+            stats["reward_std"].append(rewards.std().item())
+        self.t_roll = time.perf_counter() - t0
+        self.n_tokens = sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b, _, _ in micro)
+        loss_kw = dict(beta=c.beta, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
+                       max_completion_length=c.max_completion_length)
+        if c.loss_type == "dapo":  # the op's convention: completion tokens of the whole step, all ranks and
             # micro-batches (it divides by world itself; micro-batch losses then add up to one token-mean)
-            t = torch.tensor(sum(int(b["completion_mask"].sum()) for b, _, _ in micro), device=device,
-                             dtype=torch.int64)
-            if world > 1:
+            t = torch.tensor(sum(int(b["completion_mask"].sum()) for b, _, _ in micro), device=dev, dtype=torch.int64)
+            if self.world > 1:
                 torch.distributed.all_reduce(t)
-            n_items = int(t.item())
-        ga_scale = 1 if n_items is not None else args.gradient_accumulation_steps  # dapo: already normalised
+            loss_kw["num_items_in_batch"] = int(t.item())
+        step_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}  # the step's rollout means
+        self.t_train0 = time.perf_counter()
+        return [(batch, adv, ref, loss_kw, step_stats) for batch, adv, ref in micro]
 
-        # 2) policy-gradient step over the micro-batches
-        model.train()
-        t1 = time.perf_counter()
-        loss_kw = dict(beta=args.beta, epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high,
-                       loss_type=args.loss_type, max_completion_length=args.max_completion_length)
-        if n_items is not None:
-            loss_kw["num_items_in_batch"] = n_items
-        losses, lmetrics = [], {}
-        for m, (batch, adv, ref) in enumerate(micro):
-            with no_sync_unless(wrapped, m == len(micro) - 1), amp():
-                loss, met = wrapped(batch, adv, ref_per_token_logps=ref, recompute=args.recompute, loss_kwargs=loss_kw)
-                (loss / ga_scale).backward()
-            losses.append(loss.item())
-            for k, v in met.items():
-                lmetrics.setdefault(k, []).append(float(v))
-        proj_grad = None
-        if proj_w is not None and proj_w.grad is not None:
-            proj_grad = _full(proj_w.grad).float().norm().item()
-        step_loss = sum(losses) if n_items is not None else sum(losses) / len(losses)  # dapo: parts of one mean
-        grad_norm = optimizer_step(params, opt, sched, args.max_grad_norm, guard=guard, loss=step_loss, step=step + 1)
-        t_train = time.perf_counter() - t1
+    def micro_weights(self, micro):  # dapo: the micro-batch losses are parts of one token-mean
+        return [1.0] * len(micro) if self.cfg.loss_type == "dapo" else [1.0 / len(micro)] * len(micro)
 
-        row = {"step": step + 1, "loss": step_loss, "grad_norm": float(_full(grad_norm)),
-               "lr": sched.get_last_lr()[0]}
-        row.update({k: sum(v) / len(v) for k, v in stats.items() if v})
-        row.update({k: sum(v) / len(v) for k, v in lmetrics.items()})
-        if proj_w is not None:
-            row["thinking_projection/weight_change"] = (_full(proj_w).detach().float() - w0).abs().mean().item()
-            row["thinking_projection/grad_norm"] = proj_grad if proj_grad is not None else 0.0
-        row = dist.all_mean(row, device)
-        row["step"], row["skipped_nonfinite"] = step + 1, guard.skipped
-        row["tokens_per_s"] = n_tokens * world / (t_roll + t_train)
-        row["train_tokens_per_s"] = n_tokens * world / t_train
-        row["rollout_s"], row["train_s"] = t_roll, t_train
-        row["peak_mem_mb"] = peak_mem_mb(device)
-        if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < total:
-            row.update(held_out())
-        record(row)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row.get('kl', 0):.4f}")
-        if args.save_steps and (step + 1) % args.save_steps == 0:
-            checkpoint.save(args.output_dir, step + 1, wrapped, opt, sched, full=False,
-                            extra={"nonfinite": guard.state_dict(), "hrpo": spec})
+    def loss(self, mb):
+        batch, adv, ref, loss_kw, step_stats = mb
+        loss, met = self.model(batch, adv, ref_per_token_logps=ref, recompute=self.cfg.recompute, loss_kwargs=loss_kw)
+        return loss, {**step_stats, **met}  # (every micro-batch carries the step's rollout means)
 
-    ev1 = held_out()
-    acc1 = ev1["eval_accuracy"]
-    record({"step": total, **ev1})
-    final = checkpoint.save(args.output_dir, total, wrapped, opt, sched, full=False,
-                            extra={"nonfinite": guard.state_dict(), "hrpo": spec})
-    if rank == 0:
-        print(f"[hrpo] held-out accuracy {acc0:.3f} -> {acc1:.3f} (recipe reward {ev0['eval_reward']:.3f} -> "
-              f"{ev1['eval_reward']:.3f}, format {ev0['eval_format']:.3f} -> {ev1['eval_format']:.3f}); "
-              f"checkpoint {final}; metrics {out / 'metrics.jsonl'}", flush=True)
-    log.close()
-    # one number per rank over the trainable weights: DDP/FSDP ranks must agree
-    checksum = sum(_full(p.detach()).double().abs().sum().item() for p in params)
-    del wrapped, model, opt, sched, params, proj_w  # DDP/FSDP state holds the process group: release it first
-    dist.cleanup()
-    return {"eval_accuracy_before": acc0, "eval_accuracy_after": acc1, "eval_reward_before": ev0["eval_reward"],
-            "eval_reward_after": ev1["eval_reward"], "trainable_checksum": checksum}
+    def proj_weight(self):
+        return projection_weight(self.module)  # after wrapping: FSDP2 replaces parameters
+
+    def before_optimizer_step(self):  # the projection gradient, before clipping
+        w = self.proj_weight()
+        self.proj_grad = _full(w.grad).float().norm().item() if (w is not None and w.grad is not None) else None
+
+    def step_metrics(self, row):
+        t_train = time.perf_counter() - self.t_train0
+        w = self.proj_weight()
+        if w is not None:
+            row["thinking_projection/weight_change"] = (_full(w).detach().float() - self.w0).abs().mean().item()
+            row["thinking_projection/grad_norm"] = self.proj_grad if self.proj_grad is not None else 0.0
+        row["tokens_per_s"] = self.n_tokens * self.world / (self.t_roll + t_train)
+        row["train_tokens_per_s"] = self.n_tokens * self.world / t_train
+        row["rollout_s"], row["train_s"] = self.t_roll, t_train
+
+    def progress(self, row):
+        return dict(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row.get('kl', 0):.4f}")
+
+    def log_line(self, row):
+        return (f"Step {row['step']}: loss={row['loss']:.4f} reward={row['reward']:.3f} "
+                f"accuracy={row['accuracy']:.3f} kl={row.get('kl', 0):.4f} lr={row['lr']:.2e}")
+
+    def evaluate(self, step):
+        """Greedy hybrid decoding of the held-out rows, split across ranks: ``latentfast.eval.hrpo``'s
+        metrics (accuracy, reward, format, ...), as ``latentfast-hrpo-eval`` computes them."""
+        c = self.cfg
+        m, _ = hrpo_eval.evaluate(self.module, self.tok, c.task, self.eval_rows, max_prompt_length=c.max_prompt_length,
+                                  max_new_tokens=c.max_completion_length, batch_size=64, greedy=True,
+                                  temperature=c.temperature, system_prompt=c.system_prompt,
+                                  chat_template=False if c.no_chat_template else None, amp=self.amp,
+                                  gathered=lambda: dist.gathered(self.model))
+        ev = {f"eval_{k}": v for k, v in m.items() if isinstance(v, (int, float))}
+        if not self.evals:
+            self.print(f"step {step}: held-out accuracy {ev['eval_accuracy']:.3f} (reward {ev['eval_reward']:.3f}, "
+                       f"format {ev['eval_format']:.3f})")
+        self.evals.append(ev)
+        return ev
+
+    def checkpoint_extra(self):
+        return {"hrpo": self.spec}  # latentfast-hrpo-eval rebuilds the model from it
+
+    def on_train_end(self, result):
+        ev0, ev1 = self.evals[0], result["final"]
+        self.print(f"held-out accuracy {ev0['eval_accuracy']:.3f} -> {ev1['eval_accuracy']:.3f} (recipe reward "
+                   f"{ev0['eval_reward']:.3f} -> {ev1['eval_reward']:.3f}, format {ev0['eval_format']:.3f} -> "
+                   f"{ev1['eval_format']:.3f}); checkpoint {result['checkpoint']}; "
+                   f"metrics {self.out / 'metrics.jsonl'}")
+        # one number per rank over the trainable weights: DDP/FSDP ranks must agree
+        checksum = sum(_full(p.detach()).double().abs().sum().item()
+                       for g in self.optimizer.param_groups for p in g["params"])
+        return {"eval_accuracy_before": ev0["eval_accuracy"], "eval_accuracy_after": ev1["eval_accuracy"],
+                "eval_reward_before": ev0["eval_reward"], "eval_reward_after": ev1["eval_reward"],
+                "trainable_checksum": checksum}
+
+
+def main(argv=None):
+    return HRPO(parse_args(argv)).fit()
 
 
 cli = console_entry(main)

@@ -41,13 +41,16 @@ Hooks (called in this order; ``self.cfg`` is the config):
     progress(row) -> dict        the tqdm bar's postfix
     state_dict() / load_state_dict(d)   the trainer's own resumable state (JSON-able), in trainer_state.json
     init_wandb() -> module|None  rank 0, after resume: the wandb to log to (default: --wandb_project set)
+    checkpoint_extra() -> dict   more JSON-able entries for trainer_state.json's ``extra`` (e.g. what an
+                                 evaluation entrypoint needs to rebuild the model)
     on_train_end(result) -> dict after the final checkpoint and evaluation (save_pretrained, summaries)
 
 What the loop provides to the hooks: ``self.device``, ``self.rank``, ``self.world``,
 ``self.amp`` (a context factory: ``with self.amp(): ...``), ``self.module`` (unwrapped),
 ``self.model`` (wrapped), ``self.optimizer``, ``self.scheduler``, ``self.total``,
 ``self.out`` (output dir), ``self.record(row)`` (metrics file + wandb),
-``self.micro_items(stream, step, m, n)`` (this rank's ``n`` items of micro-batch ``m``).
+``self.micro_items(stream, step, m, n)`` (this rank's ``n`` items of micro-batch ``m``; ``self.micro_start``
+its first stream index).
 
 Gradient accumulation: the micro-batches' weighted losses add up to the step's loss, so
 with equal weights ``gradient_accumulation_steps=k`` at batch ``b`` equals one batch
@@ -211,6 +214,9 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def checkpoint_extra(self) -> dict:
+        return {}
+
     def on_train_end(self, result: dict) -> dict:
         return result
 
@@ -232,8 +238,12 @@ class Trainer:
         """This rank's ``n`` items of micro-batch ``m`` of ``step`` from an indexable stream
         (``common.SampleStream``): every (step, micro-batch, rank) reads its own slice, so a
         resumed or re-sharded run reads the same examples."""
-        base = ((step * self.cfg.gradient_accumulation_steps + m) * self.world + self.rank) * n
+        base = self.micro_start(step, m, n)
         return [stream[base + i] for i in range(n)]
+
+    def micro_start(self, step: int, m: int, n: int) -> int:
+        """Stream index of this rank's first item of micro-batch ``m`` of ``step`` (``n`` items each)."""
+        return ((step * self.cfg.gradient_accumulation_steps + m) * self.world + self.rank) * n
 
     def record(self, row: dict) -> None:
         self._log.log(row)
@@ -334,7 +344,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int, guard: NonFiniteGuard) -> str | None:
-        extra = {"config": self.cfg.to_dict(), "trainer": self.state_dict(), "nonfinite": guard.state_dict()}
+        extra = {**self.checkpoint_extra(), "config": self.cfg.to_dict(), "trainer": self.state_dict(),
+                 "nonfinite": guard.state_dict()}
         path = checkpoint.save(str(self.out), step, self.model, self.optimizer, self.scheduler, extra=extra,
                                full=self.save_full)
         ckpt = self.out / f"checkpoint-{step}"

@@ -8,7 +8,8 @@
 The whole trainer is the hooks of ``latentfast.train.loop``. The loss is token-weighted
 over the step (each micro-batch's mean CE weighs by its share of the step's answer
 tokens), so gradient accumulation equals the big batch. The demos of HRPO, CODI and KV
-distillation use ``SFT`` as their warm-up (``SFT(cfg, lm=..., tok=...).fit()``).
+distillation use ``SFT`` as their warm-up (``SFT(cfg, lm=..., tok=...).fit()``, or
+``warm_up(...)``), each with its own prompt format through ``encode``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from latentfast.data.qa import encode_answers
 from latentfast.eval.answers import answer_ce, answer_metrics
+from latentfast.models import adapter
 
 from .common import SampleStream, check_data_arg, console_entry, load_causal_lm, load_rows
 from .config import option
@@ -54,18 +56,21 @@ class AnswerCE(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, targets):
-        h = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = adapter.decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return answer_ce(self.lm, h, targets)
 
 
 class SFT(Trainer):
-    """Answer-token CE on ``rows``; ``lm`` / ``tok`` / ``rows`` given (a warm-up) or loaded from the config."""
+    """Answer-token CE on ``rows``; ``lm`` / ``tok`` / ``rows`` given (a warm-up) or loaded from the config.
+    ``encode(tok, rows, max_length, device)`` -> dict of input_ids / attention_mask / targets
+    (default ``encode_answers``: ``Question: ...`` prompts)."""
 
     name = "sft"
 
-    def __init__(self, cfg: SFTConfig, lm=None, tok=None, rows=None, eval_rows=None):
+    def __init__(self, cfg: SFTConfig, lm=None, tok=None, rows=None, eval_rows=None, encode=None):
         super().__init__(cfg)
         self.lm, self.tok, self.rows, self.eval_rows = lm, tok, rows, eval_rows
+        self.encode = encode or encode_answers
 
     def setup(self):
         c = self.cfg
@@ -85,7 +90,7 @@ class SFT(Trainer):
 
     def batches(self, step):
         n, B = self.cfg.gradient_accumulation_steps, self.cfg.per_device_train_batch_size
-        return [encode_answers(self.tok, self.micro_items(self.stream, step, m, B), self.cfg.max_length, self.device)
+        return [self.encode(self.tok, self.micro_items(self.stream, step, m, B), self.cfg.max_length, self.device)
                 for m in range(n)]
 
     def micro_weights(self, micro):
@@ -106,6 +111,19 @@ class SFT(Trainer):
             self.lm.save_pretrained(str(self.out / "model"))
             self.tok.save_pretrained(str(self.out / "model"))
         return result
+
+
+def warm_up(parent, lm, tok, rows, *, steps: int, lr: float, output_dir, name: str = "sft warm-up", encode=None,
+            batch_size: int = 64, warmup_ratio: float = 0.05, max_length: int = 512) -> dict:
+    """A demo's supervised warm-up of ``lm`` on ``rows`` with ``SFT`` (no evaluation, no saved
+    model); seed, device, bf16 and the non-finite limit come from the ``parent`` config."""
+    cfg = SFTConfig(output_dir=str(output_dir), seed=parent.seed, device=parent.device, bf16=parent.bf16, lr=lr,
+                    max_steps=steps, warmup_ratio=warmup_ratio, per_device_train_batch_size=batch_size,
+                    max_length=max_length, logging_steps=0, save_steps=0, eval_size=0, save_model=False,
+                    max_nonfinite_steps=parent.max_nonfinite_steps)
+    trainer = SFT(cfg, lm=lm, tok=tok, rows=rows, eval_rows=[], encode=encode)
+    trainer.name = name
+    return trainer.fit()
 
 
 def main(argv=None):
