@@ -118,7 +118,7 @@ class PPO(RLTrainer):
     config_class = PPOArgs
     wandb_name = "PPO"
     save_full = True  # the frozen old actor must be in the checkpoint for an exact resume
-    demo_preset = dict(per_device_train_batch_size=8, max_gen_len=64, max_seq_len=160, lr=1e-3,
+    demo_preset = dict(per_device_train_batch_size=8, max_gen_len=64, max_seq_len=160, lr=2e-4,
                        critic_learning_rate=1e-3, max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer",
                        update_old_actor_freq=2)
 
