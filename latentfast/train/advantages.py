@@ -18,7 +18,8 @@ import torch
 REWARD_SCALE = 3.0  # reward-model scores are clipped to +-3; SPO maps rewards to [0, 1] with it
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int, clip: float = 10.0) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, num_generations: int, clip: float = 10.0,
+                     warn: bool = True) -> torch.Tensor:
     """MiniMind GRPO: ``clamp((r - mean_g) / (std_g + 1e-4), -clip, clip)`` per group of
     ``num_generations`` consecutive samples, then ``(A - mean) / (std + 1e-8)`` over the batch.
     One generation per prompt has no group spread: the advantages are 0 (only the KL term
@@ -26,8 +27,9 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, clip: float = 
     if num_generations < 1 or rewards.numel() % num_generations:
         raise ValueError(f"num_generations must divide the {rewards.numel()} rewards, got {num_generations}")
     if num_generations == 1:
-        warnings.warn("num_generations=1: GRPO's group advantages are all 0 (only the KL term trains); "
-                      "use the spo stage for one sample per prompt", stacklevel=2)
+        if warn:
+            warnings.warn("num_generations=1: GRPO's group advantages are all 0 (only the KL term trains); "
+                          "use the spo stage for one sample per prompt", stacklevel=2)
         return torch.zeros_like(rewards, dtype=torch.float32)
     r = rewards.float().view(-1, num_generations)
     a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
@@ -58,6 +60,10 @@ class ValueTracker:
         self.alpha = self.beta = 0.5 * n_init
         self.old_mean_logprob: float | None = None
 
+    def normalise(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Rewards mapped to [0, 1] (on the +-scale range): ``(r + scale) / (2 scale)``."""
+        return (rewards.float() + self.scale) / (2 * self.scale)
+
     def baseline(self) -> float:
         """The baseline on the reward's own scale: ``alpha / (alpha + beta) * 2 scale - scale``."""
         return self.alpha / (self.alpha + self.beta) * 2 * self.scale - self.scale
@@ -79,7 +85,7 @@ class ValueTracker:
         if logps is not None and mask is not None:
             m = mask.float()
             mean_lp = float((logps.detach().float() * m).sum() / m.sum().clamp(min=1.0))
-        return self.step(float(((rewards.float() + self.scale) / (2 * self.scale)).mean()), mean_lp)
+        return self.step(float(self.normalise(rewards).mean()), mean_lp)
 
     def step(self, mean_normalised_reward: float, mean_logprob: float | None = None) -> float:
         """The update from the step's means (what the trainers average over ranks first)."""

@@ -22,7 +22,6 @@ from torch import nn
 from latentfast.data import minimind as mmdata
 from latentfast.data import minimind_rl as rldata
 from latentfast.models.adapter import unwrap
-from latentfast.ops.lm_head_engine import lm_head_logps
 from latentfast.ops.preference import fused_linear_dpo_loss
 
 from ..config import option
@@ -74,8 +73,9 @@ class DPO(MiniMindTrainer):
         return rldata.gsm8k_dpo_pairs("train") if c.data_path == DEMO else rldata.read_dpo(c.data_path)
 
     def encode(self, items):
-        b = mmdata.trim_padding(rldata.encode_dpo(self.tok, items, self.cfg.max_seq_len)) if not self.cfg.use_moe \
-            else rldata.encode_dpo(self.tok, items, self.cfg.max_seq_len)
+        b = rldata.encode_dpo(self.tok, items, self.cfg.max_seq_len)
+        if not self.cfg.use_moe:  # as the SFT stages: cut columns change no loss (the MoE aux counts them)
+            b = mmdata.trim_padding(b)
         return {k: v.to(self.device) for k, v in b.items()}
 
     def build_model(self):
@@ -87,15 +87,11 @@ class DPO(MiniMindTrainer):
         c = self.cfg
         mean = c.dpo_logp == "mean"
         with torch.no_grad():
-            rh = unwrap(self.ref).model(input_ids=b["X"]).last_hidden_state
-            lp = lm_head_logps(rh, unwrap(self.ref).lm_head.weight, b["Y"], mask=b["loss_mask"])[0]
-            n = b["loss_mask"].sum(1).clamp(min=1)
-            ref = lp.sum(1) / n if mean else lp.sum(1)
-        half = b["X"].shape[0] // 2
+            ref_h = unwrap(self.ref).model(input_ids=b["X"]).last_hidden_state
         h, aux = self.model(b["X"])
         target = b["Y"].masked_fill(b["loss_mask"] == 0, -100)
-        loss, (pc, pr, _, _, _, rc, rr) = fused_linear_dpo_loss(
-            h, unwrap(self.lm).lm_head.weight, target, ref_chosen_logps=ref[:half], ref_rejected_logps=ref[half:],
+        loss, (pc, pr, _, _, _, rc, rr) = fused_linear_dpo_loss(  # the reference's log-probs from its own head
+            h, unwrap(self.lm).lm_head.weight, target, ref_input=ref_h, ref_weight=unwrap(self.ref).lm_head.weight,
             beta=c.beta, average_log_prob=mean)
         return loss + aux, {"dpo": loss.detach(), "aux": aux.detach(), "reward_margin": (rc - rr).mean(),
                             "reward_accuracy": (rc > rr).float().mean(), "chosen_logp": pc.mean(),

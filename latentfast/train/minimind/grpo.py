@@ -60,10 +60,8 @@ class GRPO(RLTrainer):
                           "(MiniMind's note-era code gives NaN here); the spo stage is made for one sample per prompt",
                           stacklevel=1)
 
-    def advantages(self, b):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # said once in setup
-            return {"advantages": group_advantages(b["rewards"], self.num_generations)}
+    def advantages(self, b):  # the one-generation warning is said once, in setup
+        return {"advantages": group_advantages(b["rewards"], self.num_generations, warn=False)}
 
     def loss(self, b):
         c = self.cfg

@@ -137,9 +137,6 @@ class PPO(RLTrainer):
         return [dict(params=[p for p in module.lm.parameters() if p.requires_grad], weight_decay=c.weight_decay),
                 dict(params=list(module.critic.parameters()), weight_decay=c.weight_decay, lr=c.critic_learning_rate)]
 
-    def make_optimizer(self, groups):
-        return torch.optim.AdamW(groups, lr=self.cfg.lr)
-
     def before_optimizer_step(self):
         """MiniMind clips actor and critic separately; the loop's clip then sees norms <= grad_clip."""
         c = self.cfg

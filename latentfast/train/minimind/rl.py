@@ -51,7 +51,7 @@ def answer_reward(responses: list[str], answers: list) -> list[float]:
     for r, a in zip(responses, answers):
         span = answer_span(r)
         nums = (span if span is not None else r).replace(",", "").split()
-        pred = next((normalize_number(t) for t in reversed(nums) if normalize_number(t) is not None), None)
+        pred = next((n for n in map(normalize_number, reversed(nums)) if n is not None), None)
         out.append(1.0 if a is not None and pred is not None and pred == normalize_number(str(a)) else 0.0)
     return out
 
@@ -279,8 +279,7 @@ def tiny_reward_model(path: pathlib.Path, tok) -> pathlib.Path:
         return path
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    g = torch.random.fork_rng()
-    with g:
+    with torch.random.fork_rng():
         torch.manual_seed(1234)
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)

@@ -63,7 +63,7 @@ class SPO(RLTrainer):
         mask = b["completion_mask"].float()
         return loss + aux, {"kl": m.kl, "aux": aux.detach(), "baseline": b["baseline"],
                             "logp_mean": (lp * mask).sum() / mask.sum().clamp(min=1.0),
-                            "reward_norm": ((b["rewards"] + self.tracker.scale) / (2 * self.tracker.scale)).mean(),
+                            "reward_norm": self.tracker.normalise(b["rewards"]).mean(),
                             **self.reward_metrics(b)}
 
     def step_metrics(self, row):
