@@ -180,3 +180,59 @@ def test_offline_cache_round_trip_same_loss(tok, tmp_path, compress):
         KVCacheReader(cache).check([0])
     with pytest.raises(ValueError, match="kv_compression"):
         load_teachers_from_config(offline, student.config, tok, compression=None if compress else Compression())
+
+
+def test_router_gradient_is_scale_normalised_per_teacher():
+    """Two teachers whose per-sample KV losses differ by a constant factor c: the router's
+    gradient (d/dw_bk = L_bk / scale_k, scale_k the running mean of teacher k's loss) is zero,
+    where the raw d/dw_bk = L_bk would push every sample to the smaller-loss teacher. A
+    per-sample preference beyond the scale still moves the router; the loss value and the
+    student's gradient are the plain sum_b sum_k w_bk L_bk's."""
+    from latentfast.nn.kv_adapter import IdentityKVAdapter
+    from latentfast.reference.kv_loss import kv_loss_per_sample  # plain, differentiable
+
+    torch.manual_seed(0)
+    B, H, T, d, c = 4, 2, 5, 8, 9.0
+    s_k, s_v = torch.randn(B, H, T, d, requires_grad=True), torch.randn(B, H, T, d, requires_grad=True)
+    dk, dv = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
+    base = (s_k.detach() + dk, s_v.detach() + dv)
+    scaled = (s_k.detach() + c ** 0.5 * dk, s_v.detach() + c ** 0.5 * dv)  # per-sample MSE exactly c times
+    hidden = torch.randn(B, T, 6)
+
+    def make():
+        mt = MultiTeacherKVLoss([[(0, 0)], [(0, 0)]], [[IdentityKVAdapter(H, d, H, d)]] * 2, ["a", "b"], "learned",
+                                router_hidden_size=6, warmup_steps=10**9)
+        torch.nn.init.normal_(mt.router.net[-1].weight, std=0.3)  # non-uniform weights
+        return mt
+
+    def run(mt, targets):
+        w = mt.weights(batch_size=B, hidden=hidden)
+        loss, _, _ = mt({0: (s_k, s_v)}, [{"kv": [t]} for t in targets], w, step=0)
+        return loss, w
+
+    mt = make()
+    loss, w = run(mt, [base, scaled])
+    per = torch.stack([kv_loss_per_sample(s_k, s_v, *t) for t in (base, scaled)], 1)  # (B, 2), plain
+    torch.testing.assert_close(per[:, 1], c * per[:, 0])
+    torch.testing.assert_close(loss, (w * per).sum())  # value unchanged
+    torch.testing.assert_close(mt.router_loss_scale, per.detach().sum(0))  # first batch: its own level
+    g_router = torch.autograd.grad(loss, [mt.router.net[-1].weight, mt.router.net[-1].bias], retain_graph=True)
+    assert all(float(g.abs().max()) < 1e-6 for g in g_router)  # no preference from scale alone
+    g_student = torch.autograd.grad(loss, [s_k, s_v])
+    g_plain = torch.autograd.grad((w.detach() * per).sum(), [s_k, s_v])
+    for a, b in zip(g_student, g_plain):
+        torch.testing.assert_close(a, b)
+    # the unnormalised gradient (what the router had before) prefers the smaller teacher: d/dbias = w*(L - sum w L)
+    raw = torch.autograd.grad((w * per.detach()).sum(), mt.router.net[-1].bias)[0]
+    assert raw[0] < 0 < raw[1]  # descent raises teacher a's logit
+
+    # a second step: the scale is an EMA, and a relative preference per sample still moves the router
+    prev = mt.router_loss_scale.clone()
+    fav = scaled[0].clone(), scaled[1].clone()
+    fav[0][0], fav[1][0] = s_k.detach()[0] + dk[0], s_v.detach()[0] + dv[0]  # sample 0: b as close as a
+    loss, w = run(mt, [base, fav])
+    per = torch.stack([kv_loss_per_sample(s_k, s_v, *t) for t in (base, fav)], 1)
+    torch.testing.assert_close(mt.router_loss_scale, 0.9 * prev + 0.1 * per.sum(0))
+    g_logit = torch.autograd.grad(loss, w)[0]  # d loss / d w_bk = L_bk / scale_k
+    torch.testing.assert_close(g_logit, per / mt.router_loss_scale)
+    assert g_logit[0, 1] < g_logit[0, 0] and (g_logit[1:, 1] > g_logit[1:, 0]).all()  # sample 0 now prefers b

@@ -11,7 +11,9 @@ Each teacher has its own layer map and adapters and one ``AttentionWeightedKVLos
 single-teacher loss, warm-up and attention weighting included), or the KaVa compressed
 loss when its targets carry ``'rkv'``. The teachers' losses are weighted per sample; their
 targets are never averaged. With one teacher and weight 1 this is exactly the single-
-teacher loss. Metrics: each teacher's unweighted loss, mean weight and, per task/mode tag,
+teacher loss. The learned router's gradient reads each teacher's per-sample loss divided
+by that teacher's running loss level (``router_scale``), so a teacher that is merely easier
+to match (a smaller loss scale) does not win every sample. Metrics: each teacher's unweighted loss, mean weight and, per task/mode tag,
 mean weights; the weights' entropy.
 """
 from __future__ import annotations
@@ -54,6 +56,9 @@ class MultiTeacherKVLoss(nn.Module):
             if router_hidden_size is None:
                 raise ValueError("teacher_weighting 'learned' needs router_hidden_size (the student's hidden size)")
             self.router = TeacherRouter(router_hidden_size, K, hidden=router_hidden)
+            # the router's view of each teacher's loss level (``router_scale``); the trainer's
+            # state_dict carries it into checkpoints (they keep trainable weights only)
+            self.register_buffer("router_loss_scale", torch.zeros(K))
 
     @property
     def student_layers(self) -> list[int]:
@@ -70,6 +75,24 @@ class MultiTeacherKVLoss(nn.Module):
     @property
     def last_weighted(self) -> bool:
         return self.kv[0].last_weighted
+
+    ROUTER_SCALE_DECAY = 0.9
+
+    @torch.no_grad()
+    def router_scale(self, shares: torch.Tensor) -> torch.Tensor:
+        """(K,) running mean (EMA, decay 0.9, detached) of each teacher's unweighted batch KV
+        loss, updated with ``shares`` (B, K). The router's gradient is d/dw_bk = L_bk / scale_k:
+        teachers whose KV losses differ by a constant factor (other widths, head counts, value
+        ranges) look alike to it, so it does not drift to the teacher that is easiest to match
+        whatever the sample; it moves weight only where a teacher is relatively better on a
+        sample. The loss value and the student's gradients are unchanged."""
+        batch = shares.detach().float().sum(0)
+        s = self.router_loss_scale
+        if bool((s <= 0).all()):
+            s.copy_(batch)
+        else:
+            s.mul_(self.ROUTER_SCALE_DECAY).add_(batch, alpha=1 - self.ROUTER_SCALE_DECAY)
+        return s.clamp_min(1e-12)
 
     def weights(self, *, batch_size: int, nll=None, entropy=None, tags=None, hidden=None, attention_mask=None,
                 device=None) -> torch.Tensor:
@@ -103,7 +126,8 @@ class MultiTeacherKVLoss(nn.Module):
             met[f"kv/{name}"] = sk_.sum()
             met[f"w/{name}"] = weights[:, k].detach().mean()
         shares = torch.stack(shares, 1)
-        loss = weighted_teacher_loss(pieces, shares, weights)
+        scale = self.router_scale(shares) if weights.requires_grad and self.router is not None else None
+        loss = weighted_teacher_loss(pieces, shares, weights, scale)
         reg = router_regularizer(weights, self.router_kind) if self.router is not None else loss.new_zeros(())
         met["w_entropy"] = weight_entropy(weights.detach())
         if self.router is not None:

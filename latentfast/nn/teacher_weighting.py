@@ -202,13 +202,18 @@ def answer_nll_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.
 
 
 def weighted_teacher_loss(weighted_losses: Sequence[torch.Tensor], shares: torch.Tensor,
-                          weights: torch.Tensor) -> torch.Tensor:
+                          weights: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_b sum_k w_bk * L_bk`` from the pieces the fused KV loss gives cheaply:
     ``weighted_losses[k]`` = teacher k's loss with ``sample_weight=w[:, k].detach()`` (the
     value and the student's gradients) and ``shares`` (B, K), the detached per-sample
     L_bk. When the weights carry a gradient (the learned router) the term
-    ``(w - sg(w)) * L`` adds d/dw_bk = L_bk without changing the value."""
+    ``(w - sg(w)) * L`` adds d/dw_bk = L_bk without changing the value; with ``scale``
+    (K,) > 0 it adds d/dw_bk = L_bk / scale_k instead (``MultiTeacherKVLoss`` passes each
+    teacher's running loss level, so the router compares teachers on one scale)."""
     total = torch.stack(list(weighted_losses)).sum()
     if weights.requires_grad:
-        total = total + ((weights - weights.detach()) * shares.detach().to(weights.dtype)).sum()
+        s = shares.detach().to(weights.dtype)
+        if scale is not None:
+            s = s / scale.detach().to(s.dtype).clamp_min(1e-12)
+        total = total + ((weights - weights.detach()) * s).sum()
     return total

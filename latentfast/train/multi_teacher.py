@@ -328,6 +328,14 @@ class MultiTeacherKVDistill(Trainer):
         batch, targets = mb
         return self.model(batch, targets, self.step)
 
+    def state_dict(self):  # the router's running loss levels (a buffer; checkpoints keep trainable weights)
+        scale = getattr(self.distiller.mt, "router_loss_scale", None)
+        return {} if scale is None else {"router_loss_scale": scale.tolist()}
+
+    def load_state_dict(self, state):
+        if "router_loss_scale" in state and getattr(self.distiller.mt, "router_loss_scale", None) is not None:
+            self.distiller.mt.router_loss_scale.copy_(torch.tensor(state["router_loss_scale"]))
+
     def step_metrics(self, row):
         per_task_weight_means(row)
         row["attn_weighted"] = bool(self.distiller.mt.last_weighted)
