@@ -44,3 +44,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+
+@pytest.fixture
+def two_ranks():
+    """Runs ``worker(rank, world_size, port, *args)`` on 2 local processes (a gloo job's
+    rendezvous on a free port). Forked: the workers inherit the imported modules, where
+    spawn re-imports torch + transformers (~10-15 s a process on a 2-core box); the workers
+    set one intra-op thread, so no OpenMP pool is used across the fork."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    def run(worker, *args):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(worker, args=(2, port, *args), nprocs=2, join=True, start_method="fork")
+
+    return run

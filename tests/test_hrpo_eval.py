@@ -4,11 +4,9 @@ from the checkpoint, and two gloo ranks give the single-process result."""
 import json
 import os
 import pathlib
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from latentfast.data.prompts import SYSTEM_PROMPT
 from latentfast.data.tasks import TASKS
@@ -89,11 +87,6 @@ def test_other_task_trains_and_evaluates_from_the_checkpoint(tmp_path):
     assert gens[0]["gold"] == "B" and gens[0]["question"].startswith("Question: The SI unit of force is\nOptions:")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, world, port, argv, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -103,10 +96,10 @@ def _worker(rank, world, port, argv, out):
     pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps(m))
 
 
-def test_two_ranks_give_the_single_process_result(demo_run, tmp_path):
+def test_two_ranks_give_the_single_process_result(demo_run, tmp_path, two_ranks):
     out, final = demo_run
     argv = ["--checkpoint_path", str(out / "checkpoint-2"), "--batch_size", "64", "--output_dir", str(tmp_path)]
-    mp.spawn(_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    two_ranks(_worker, argv, str(tmp_path))
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     for k in COMPARED:

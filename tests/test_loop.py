@@ -4,12 +4,10 @@ sync (and equals the single-process big batch), the non-finite guard, SFT on the
 import json
 import os
 import pathlib
-import socket
 from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
@@ -130,11 +128,6 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
         _toy(tmp_path, "stop", max_steps=6, nan_steps=[2, 3, 4], max_nonfinite_steps=3).fit()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -147,8 +140,8 @@ def _ddp_worker(rank, world, port, out):
     pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps([r["loss"] for r in res["history"]]))
 
 
-def test_two_process_gloo_ddp_stays_in_sync_and_equals_the_big_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_process_gloo_ddp_stays_in_sync_and_equals_the_big_batch(tmp_path, two_ranks):
+    two_ranks(_ddp_worker, str(tmp_path))
     l0 = json.loads((tmp_path / "rank0.json").read_text())
     l1 = json.loads((tmp_path / "rank1.json").read_text())
     assert l0 == l1  # metrics are all-reduced

@@ -4,11 +4,9 @@ one generation per prompt stays finite, and 2-process gloo DDP stays in sync."""
 import json
 import os
 import pathlib
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from latentfast.train.minimind import dpo, grpo, ppo, spo
@@ -105,11 +103,6 @@ def test_dpo_reward_margin_rises(tmp_path):
     assert h[-1]["reward_margin"] > 0.01 and h[-1]["loss"] < h[0]["loss"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -119,8 +112,8 @@ def _ddp_worker(rank, world, port, out):
     pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps([r["loss"] for r in res["history"]]))
 
 
-def test_grpo_two_process_gloo_ddp_in_sync(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_grpo_two_process_gloo_ddp_in_sync(tmp_path, two_ranks):
+    two_ranks(_ddp_worker, str(tmp_path))
     l0 = json.loads((tmp_path / "rank0.json").read_text())
     l1 = json.loads((tmp_path / "rank1.json").read_text())
     assert l0 == l1 and len(l0) == 2

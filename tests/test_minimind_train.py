@@ -5,11 +5,9 @@ import json
 import math
 import os
 import pathlib
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from latentfast.models.minimind import load_pth
 from latentfast.train.minimind import cli as mm_cli
@@ -172,11 +170,6 @@ def test_use_wandb_without_wandb_never_fails(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- DDP
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -189,9 +182,8 @@ def _ddp_worker(rank, world, port, out):
     pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps({"loss": _losses(res), "params": sums}))
 
 
-def test_two_process_gloo_ddp_moe_stays_in_sync(tmp_path):
-    # fork: the workers inherit the imported modules (spawn re-imports torch + transformers, ~15 s each here)
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+def test_two_process_gloo_ddp_moe_stays_in_sync(tmp_path, two_ranks):
+    two_ranks(_ddp_worker, str(tmp_path))
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0 == r1  # same all-reduced metrics, same weights on both ranks

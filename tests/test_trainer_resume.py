@@ -63,3 +63,7 @@ def test_hrpo_resume_is_bit_exact(tmp_path):
         assert a[k] == b[k], k
     state = json.loads((part / "checkpoint-3" / "trainer_state.json").read_text())["extra"]
     assert state["hrpo"]["base_model"] and state["config"]["group_size"] == 4  # latentfast-hrpo-eval reads these
+    # resuming a finished run: no training step, the final evaluation and checkpoint only
+    before = _rows(part)
+    res = hrpo.main(argv + ["--output_dir", str(part), "--resume_from_checkpoint", "latest"])
+    assert res["trainable_checksum"] > 0 and _rows(part).keys() == before.keys() == {3}
