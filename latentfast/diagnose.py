@@ -17,6 +17,7 @@ import statistics
 
 import torch
 
+from latentfast.models import adapter
 from latentfast.nn import CKALoss, CODILoss, KVProjection, QKCapture, cache_kv, layer_pairs
 from latentfast.ops import attention_token_importance, kv_loss
 
@@ -111,8 +112,8 @@ def measure(args) -> dict[str, list[float]]:
             t_out = teacher(input_ids=ids, output_hidden_states=True, use_cache=True)
             src = ct if args.use_teacher_attention else cs
             importance = attention_token_importance(*src.qk[args.attention_layer])
-            s_kv = cache_kv(getattr(s_out, "cache", None) or s_out.past_key_values)
-            t_kv = cache_kv(getattr(t_out, "cache", None) or t_out.past_key_values)
+            s_kv = cache_kv(adapter.output_cache(s_out))
+            t_kv = cache_kv(adapter.output_cache(t_out))
             plain, weighted = [], []
             for s, t in pairs:
                 sk, sv = proj(*s_kv[s]) if proj is not None else s_kv[s]

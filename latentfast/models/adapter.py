@@ -57,6 +57,12 @@ def cache_kwarg(transformer: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(transformer).forward).parameters else "past_key_values"
 
 
+def output_cache(out):
+    """The KV cache a forward with ``use_cache=True`` returned (``cache`` in transformers
+    >= 5.2x, ``past_key_values`` before)."""
+    return getattr(out, "cache", None) or out.past_key_values
+
+
 def new_cache(config):
     from transformers import DynamicCache
 
@@ -102,4 +108,4 @@ def keep_in_graph(loss: torch.Tensor, params) -> torch.Tensor:
 
 
 __all__ = ["LORA_TARGETS", "add_lora", "cache_kwarg", "decoder", "decoder_layers", "keep_in_graph", "lm_head_bias",
-           "lm_head_weight", "new_cache", "positions_from_mask", "run_decoder", "unwrap"]
+           "lm_head_weight", "new_cache", "output_cache", "positions_from_mask", "run_decoder", "unwrap"]

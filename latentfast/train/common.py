@@ -1,11 +1,10 @@
-"""Small helpers shared by the HRPO, CODI and KV-distillation trainers.
+"""Small helpers shared by the trainers (flags and presets live in ``config.py``).
 
-``explicit_args`` (which flags the user typed, so demo presets never override them),
 ``load_rows`` (JSONL path / shipped GSM8K sample / synthetic arithmetic), ``SampleStream``
 (resumable epoch-shuffled order), ``warmup_schedule`` (linear warm-up then
 cosine/linear/constant), ``JsonlLogger`` (rank-0 metrics file), ``amp_context`` (bf16
-autocast or nothing), ``reset_peak_mem``/``peak_mem_mb``, the gradient-accumulation
-step (``accumulate_grads``, ``no_sync_unless``, ``optimizer_step``) and ``load_causal_lm``.
+autocast or nothing), ``reset_peak_mem``/``peak_mem_mb``, the pieces of
+the loop's step (``no_sync_unless``, ``optimizer_step``) and ``load_causal_lm``.
 """
 from __future__ import annotations
 
@@ -23,56 +22,6 @@ from latentfast.data import load_gsm8k, make_arithmetic
 from latentfast.data.synthetic import make_two_mode_arithmetic
 
 from .guard import NonFiniteGuard
-
-
-def explicit_args(parser: argparse.ArgumentParser, argv) -> set:
-    """Destinations set on the command line (re-parse with every default suppressed)."""
-    saved = {a: a.default for a in parser._actions}
-    try:
-        for a in parser._actions:
-            a.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for a, d in saved.items():
-            a.default = d
-
-
-def parse_bool(v) -> bool:
-    """'True'/'False' (HF ``TrainingArguments`` style: ``--use_lora True``), yes/no, 1/0."""
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("true", "yes", "y", "1", "on"):
-        return True
-    if s in ("false", "no", "n", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {v!r}")
-
-
-def add_bool(parser: argparse.ArgumentParser, name: str, default, help: str = "") -> None:
-    """``--name``, ``--name True|False`` (as HF's argument parser takes them) and
-    ``--no-name`` / ``--no_name``."""
-    dest = name.lstrip("-")
-    parser.add_argument(name, type=parse_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
-    parser.add_argument(f"--no-{dest}", f"--no_{dest}", dest=dest, action="store_false", help=argparse.SUPPRESS)
-
-
-def apply_preset(args, parser, argv, preset: dict) -> None:
-    """Demo presets replace the defaults of the arguments the user did not type."""
-    typed = explicit_args(parser, argv)
-    for k, v in preset.items():
-        if k not in typed:
-            setattr(args, k, v)
-
-
-def parse_with_demo(parser: argparse.ArgumentParser, argv, model_arg: str, demo: str, preset: dict):
-    """Parse ``argv``; ``args.demo`` is True when ``--<model_arg>`` names the embedded demo,
-    whose preset then replaces the defaults the user did not type."""
-    args = parser.parse_args(argv)
-    args.demo = getattr(args, model_arg) == demo
-    if args.demo:
-        apply_preset(args, parser, argv, preset)
-    return args
 
 
 def console_entry(main):
@@ -194,20 +143,6 @@ def no_sync_unless(wrapped, sync: bool):
     """DDP's ``no_sync()`` for a micro-batch whose gradients are not all-reduced yet;
     a no-op context on the syncing one or for an unwrapped / FSDP module."""
     return wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
-
-
-def accumulate_grads(wrapped, calls, n: int, amp) -> dict:
-    """Forward + backward of ``loss / n`` for each of the ``n`` argument tuples that
-    ``calls`` yields (``wrapped(*args) -> (loss, metrics)``, under ``amp()``); gradients
-    sync on the last only. Returns each metric averaged over the micro-batches."""
-    sums = {}
-    for m, call_args in enumerate(calls):
-        with no_sync_unless(wrapped, m == n - 1), amp():
-            loss, met = wrapped(*call_args)
-            (loss / n).backward()
-        for k, v in met.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / n
-    return sums
 
 
 def optimizer_step(params, opt, sched, max_grad_norm: float, *, guard: NonFiniteGuard | None = None,
