@@ -231,3 +231,54 @@ def test_compile_failure_falls_back_to_eager_with_one_log_line(monkeypatch, capl
             assert torch.equal(fallback.completion_ids, eager.completion_ids)
     lines = [r for r in caplog.records if "decoding eagerly" in r.getMessage()]
     assert len(lines) == 1 and "cannot compile this" in lines[0].getMessage()
+
+
+def test_compiled_decodes_reuse_their_buffers_and_results_are_copies(monkeypatch):
+    """A compiled step's mutated buffers (static cache, mask, positions, the policy's outputs)
+    come from a per-model pool: the next decode of the same shapes gets the same storage
+    (CUDA graphs replay fixed addresses), other shapes get their own, and what a call
+    returned is a copy the next call does not touch. The compiled path runs the eager step
+    here (compiling costs ~30 s on this CPU; test_compiled_step_matches_eager compiles)."""
+    from latentfast.generation import engine
+
+    monkeypatch.setattr(engine._CompiledStep, "get", classmethod(lambda cls, device: (engine._step, None)))
+    lm = _lm()
+    decoder = engine.DecoderParts(lm).decoder
+    engine.BufferPool._pools.pop(decoder, None)
+    kw = dict(eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)
+    (ids_a, mask_a), (ids_b, mask_b) = _prompts(6, seed=1), _prompts(6, seed=2)
+    ids_b, mask_b = ids_b[:, -ids_a.shape[1]:], mask_b[:, -ids_a.shape[1]:]  # same B x P, other prompts
+
+    def pointers():
+        (bufs,) = engine.BufferPool._pools[decoder].values()
+        return {k: v.data_ptr() for k, v in bufs.items() if isinstance(v, torch.Tensor)} | {
+            "cache": bufs["cache"].layers[0].keys.data_ptr()}
+
+    a = generate(lm, ids_a, mask_a, 8, compile=True, **kw)
+    first, kept = pointers(), a.completion_ids.clone()
+    assert {"attn", "pos", "col", "t", "tokens", "mask", "finished", "cache"} <= first.keys()
+    b = generate(lm, ids_b, mask_b, 8, compile=True, **kw)
+    assert pointers() == first  # the same storage, refilled
+    assert torch.equal(a.completion_ids, kept)  # the first result is not a view of a pooled buffer
+    for (ids, mask), ro in (((ids_a, mask_a), a), ((ids_b, mask_b), b)):
+        eager = generate(lm, ids, mask, 8, compile=False, **kw)  # (eager decodes use no pool)
+        assert torch.equal(ro.completion_ids, eager.completion_ids)
+        assert torch.equal(ro.completion_mask, eager.completion_mask)
+    generate(lm, ids_a[:3], mask_a[:3], 8, compile=True, **kw)
+    assert len(engine.BufferPool._pools[decoder]) == 2  # another batch size: its own set
+
+    # the thinking policy's recorded states are copies too
+    torch.manual_seed(0)
+    m = HybridThinkingLM(_lm(), HybridConfig()).eval()
+    hk = dict(eos_token_id=[TOK.eos_token_id], pad_token_id=TOK.pad_token_id, do_sample=True)
+
+    def think(seed, compiled):
+        return decode(m, ids_a, mask_a, 8, ThinkingPolicy([TOK.answer_marker_id], **hk),
+                      generator=torch.Generator().manual_seed(seed), compile=compiled)
+
+    r0 = think(0, True)
+    saved = (r0.thinking_hidden.clone(), r0.thinking_mask.clone(), r0.completion_ids.clone())
+    think(1, True)
+    assert all(torch.equal(x, y) for x, y in zip((r0.thinking_hidden, r0.thinking_mask, r0.completion_ids), saved))
+    ref = think(0, False)
+    assert torch.equal(ref.completion_ids, r0.completion_ids) and torch.equal(ref.thinking_hidden, r0.thinking_hidden)

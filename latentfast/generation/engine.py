@@ -8,6 +8,12 @@ compiled once (Inductor on CPU, CUDA graphs with ``mode="reduce-overhead"`` on G
 reused for prompts of any length within a cache bucket. A *policy* (``policies.py``)
 turns the last hidden state into the next input embedding and records what it needs.
 
+A compiled step also keeps its buffers between calls: every mutated tensor (static KV
+cache, mask, positions, the policy's outputs) is taken from a small per-model pool keyed
+by the shapes, so the next rollout of the same shapes replays the same addresses (CUDA
+graphs record pointers; HF's compiled ``generate`` reuses its static cache the same way)
+instead of re-recording. Results are copied out of the pool by ``policy.finish``.
+
 Finished rows keep decoding padding, so the batch keeps its shape. The host looks at the
 device only every ``check_every`` steps (all rows done?); under torch.distributed every
 rank keeps stepping until all ranks are done, so sharded forwards stay collective.
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -131,6 +139,23 @@ class _CompiledStep:
         return out
 
 
+class BufferPool:
+    """Work buffers of compiled decodes, per model (weakly keyed by the decoder module): the
+    sets of the last ``keep`` shape keys, least recently used dropped first."""
+
+    keep = 4
+    _pools: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def get(cls, decoder: nn.Module, key: tuple) -> dict:
+        sets = cls._pools.setdefault(decoder, OrderedDict())
+        bufs = sets.pop(key, None) or {}
+        sets[key] = bufs
+        while len(sets) > cls.keep:
+            sets.popitem(last=False)
+        return bufs
+
+
 class Engine:
     """Buffers of one ``decode`` call (B rows, P prompt tokens, C new tokens)."""
 
@@ -145,21 +170,44 @@ class Engine:
         self.device = input_ids.device
         self.dtype = parts.embedding.weight.dtype
         self.compiled, self.compile_checked = compiled, False
-        dev = self.device
-        self.cache = static_cache(parts.config, self.B, self.L, dev, self.dtype)
-        self.attn = torch.zeros(self.B, self.L, dtype=torch.long, device=dev)
+        self.pool = (BufferPool.get(parts.decoder, (self.B, self.L, self.C, self.dtype, self.device))
+                     if compiled else None)
+        self.cache = self._static_cache()
+        self.attn = self.buffer("attn", (self.B, self.L), torch.long, 0)
         self.attn[:, :self.P] = attention_mask
         self.prompt_pos = adapter.positions_from_mask(attention_mask)
-        self.pos = self.prompt_pos[:, -1:] + 1        # B x 1: the next fed token's position
-        self.col = torch.full((1,), self.P, dtype=torch.long, device=dev)  # its cache slot
-        self.t = torch.zeros(1, dtype=torch.long, device=dev)             # step index of the policy's head
+        self.pos = self.buffer("pos", (self.B, 1), torch.long, self.prompt_pos[:, -1:] + 1)  # next fed token's position
+        self.col = self.buffer("col", (1,), torch.long, self.P)  # its cache slot
+        self.t = self.buffer("t", (1,), torch.long, 0)           # step index of the policy's head
         self.noise = None
         if policy.samples:
-            self.noise = torch.empty(self.B, parts.config.vocab_size, dtype=torch.float32, device=dev)
+            self.noise = self.buffer("noise", (self.B, parts.config.vocab_size), torch.float32, 0)
         policy.setup(self)
-        if compiled and dev.type == "cuda":
+        if compiled and self.device.type == "cuda":
             mark_static(self.attn, self.pos, self.col, self.t, *([self.noise] if self.noise is not None else []),
                         *policy.buffers())
+
+    def buffer(self, name: str, shape, dtype: torch.dtype, fill=0) -> torch.Tensor:
+        """A work buffer filled with ``fill`` (a number or a tensor to copy): from the pool
+        when the step is compiled (the same storage on every call of these shapes), else new.
+        Policies allocate everything ``head`` writes through this."""
+        shape = torch.Size(shape)
+        t = None if self.pool is None else self.pool.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype:
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+            if self.pool is not None:
+                self.pool[name] = t
+        return t.copy_(fill) if isinstance(fill, torch.Tensor) else t.fill_(fill)
+
+    def _static_cache(self):
+        cache = None if self.pool is None else self.pool.get("cache")
+        if cache is None:
+            cache = static_cache(self.parts.config, self.B, self.L, self.device, self.dtype)
+            if self.pool is not None:
+                self.pool["cache"] = cache
+        else:
+            cache.reset()  # stale keys would be masked anyway; zeros keep a reused cache identical to a new one
+        return cache
 
     def forward(self, embeds, attn, pos, col):
         p = self.parts

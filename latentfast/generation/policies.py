@@ -33,11 +33,11 @@ class SamplingPolicy:
 
     # -- engine hooks ---------------------------------------------------------
     def setup(self, eng) -> None:
-        B, C, dev = eng.B, eng.C, eng.device
-        self.eos = torch.tensor(self.eos_ids, device=dev)
-        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.tokens = torch.full((B, C), self.pad_token_id, dtype=torch.long, device=dev)
-        self.mask = torch.zeros(B, C, dtype=torch.bool, device=dev)
+        B, C = eng.B, eng.C
+        self.eos = eng.buffer("eos", (len(self.eos_ids),), torch.long, torch.tensor(self.eos_ids))
+        self.finished = eng.buffer("finished", (B,), torch.bool, False)
+        self.tokens = eng.buffer("tokens", (B, C), torch.long, self.pad_token_id)
+        self.mask = eng.buffer("mask", (B, C), torch.bool, False)
 
     def buffers(self) -> list[torch.Tensor]:
         return [self.eos, self.finished, self.tokens, self.mask]
@@ -65,13 +65,14 @@ class SamplingPolicy:
         return self.finished.all()
 
     def finish(self, eng, steps: int) -> Rollout:
-        """Trim the padding-only steps decoded past the end; pack once."""
+        """Trim the padding-only steps decoded past the end; pack once (copies: the
+        buffers may be the engine's pooled ones, rewritten by the next call)."""
         mask = self.mask[:, :steps]
         used = mask.any(0)
         n = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
         D = eng.parts.config.hidden_size
         think = torch.zeros(eng.B, n, dtype=torch.bool, device=eng.device)
-        return Rollout(None, None, self.tokens[:, :n], mask[:, :n].long(), think,
+        return Rollout(None, None, self.tokens[:, :n].clone(), mask[:, :n].long(), think,
                        torch.zeros(0, D, dtype=eng.dtype, device=eng.device),
                        torch.zeros(0, dtype=torch.float32, device=eng.device))
 
@@ -89,18 +90,19 @@ class ThinkingPolicy(SamplingPolicy):
 
     def setup(self, eng) -> None:
         super().setup(eng)
-        B, C, D, dev = eng.B, eng.C, eng.parts.config.hidden_size, eng.device
+        B, C, D = eng.B, eng.C, eng.parts.config.hidden_size
         model = eng.parts.model
         if not hasattr(model, "thinking"):
             raise TypeError(f"ThinkingPolicy needs a HybridThinkingLM, got {type(model).__name__}")
         self.thinking_mod = model.thinking
         self.soft = not self.thinking_mod.uses_projection
-        self.marker = torch.tensor(self.marker_ids, device=dev)
-        self.recent = torch.full((B, len(self.marker_ids)), -1, dtype=torch.long, device=dev)
-        self.thinking = torch.ones(B, dtype=torch.bool, device=dev)
-        self.think = torch.zeros(B, C, dtype=torch.bool, device=dev)
-        self.states = torch.zeros(B, C, D, dtype=eng.dtype, device=dev)
-        self.ratios = torch.zeros(B, C, dtype=torch.float32, device=dev)
+        M = len(self.marker_ids)
+        self.marker = eng.buffer("marker", (M,), torch.long, torch.tensor(self.marker_ids))
+        self.recent = eng.buffer("recent", (B, M), torch.long, -1)
+        self.thinking = eng.buffer("thinking", (B,), torch.bool, True)
+        self.think = eng.buffer("think", (B, C), torch.bool, False)
+        self.states = eng.buffer("states", (B, C, D), eng.dtype, 0)
+        self.ratios = eng.buffer("ratios", (B, C), torch.float32, 0)
 
     def buffers(self):
         return super().buffers() + [self.marker, self.recent, self.thinking, self.think, self.states, self.ratios]

@@ -98,17 +98,18 @@ class SwitchPolicy:
     def setup(self, eng) -> None:
         B, S, dev, V = eng.B, eng.C, eng.device, eng.parts.config.vocab_size
         self.ctrl = BatchedSwitch(B, dev, self.mode, **self.switch_kw)
-        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.n_out = torch.zeros(B, dtype=torch.long, device=dev)
-        self.last_out = torch.full((B,), -1, dtype=torch.long, device=dev)
-        self.recent = torch.full((B, max(1, len(self.marker_ids))), -1, dtype=torch.long, device=dev)
-        self.marker = torch.tensor(self.marker_ids or [-2], device=dev)
-        self.ends_line = torch.zeros(V + 1, dtype=torch.bool, device=dev)  # index V: "no token yet" (a boundary)
+        self.done = eng.buffer("done", (B,), torch.bool, False)
+        self.n_out = eng.buffer("n_out", (B,), torch.long, 0)
+        self.last_out = eng.buffer("last_out", (B,), torch.long, -1)
+        marker = self.marker_ids or [-2]
+        self.recent = eng.buffer("recent", (B, max(1, len(self.marker_ids))), torch.long, -1)
+        self.marker = eng.buffer("marker", (len(marker),), torch.long, torch.tensor(marker))
+        self.ends_line = eng.buffer("ends_line", (V + 1,), torch.bool, False)  # index V: "no token yet" (a boundary)
         self.ends_line[torch.tensor(self.line_end_ids + [V], dtype=torch.long, device=dev)] = True
-        self.actions = torch.full((B, S), NONE, dtype=torch.int8, device=dev)
-        self.tokens = torch.zeros(B, S, dtype=torch.long, device=dev)
-        self.entropies = torch.zeros(B, S, dtype=torch.float32, device=dev)
-        self.refs = torch.zeros(B, S, dtype=torch.float64, device=dev)
+        self.actions = eng.buffer("actions", (B, S), torch.int8, NONE)
+        self.tokens = eng.buffer("tokens", (B, S), torch.long, 0)
+        self.entropies = eng.buffer("entropies", (B, S), torch.float32, 0)
+        self.refs = eng.buffer("refs", (B, S), torch.float64, 0)
 
     def buffers(self):
         return [self.done, self.n_out, self.last_out, self.recent, self.marker, self.ends_line, self.actions,
@@ -150,8 +151,10 @@ class SwitchPolicy:
 
     def finish(self, eng, steps: int) -> dict:
         """Host copies: per-row action codes, predicted tokens, entropies, switch references
-        (steps columns), and the controller's latent-step / switch counts."""
+        (steps columns), and the controller's latent-step / switch counts (copies on every
+        device: the buffers may be the engine's pooled ones)."""
         c = self.ctrl
-        return dict(actions=self.actions[:, :steps].cpu(), tokens=self.tokens[:, :steps].cpu(),
-                    entropies=self.entropies[:, :steps].cpu(), refs=self.refs[:, :steps].cpu(),
-                    latent_steps=c.latent_steps.cpu(), switches=c.switches.cpu())
+        host = lambda t: t.to("cpu", copy=True)  # noqa: E731
+        return dict(actions=host(self.actions[:, :steps]), tokens=host(self.tokens[:, :steps]),
+                    entropies=host(self.entropies[:, :steps]), refs=host(self.refs[:, :steps]),
+                    latent_steps=host(c.latent_steps), switches=host(c.switches))
