@@ -143,21 +143,32 @@ def test_per_task_weight_means_from_sums():
 
 def test_multi_teacher_demo_compare_smoke(models, tmp_path, monkeypatch):
     """--multi_teacher_demo --compare with smaller models: the teachers' warm-up on their own
-    mode, six students, table, JSON, plot."""
+    mode, eight students (the teachers' targets computed once per step for all of them, the
+    same as a run on its own), table, JSON, plot."""
     monkeypatch.setattr(multi_teacher, "DEMO_TEACHERS", TEACHERS)
+    calls = []
+    real = multi_teacher.teacher_targets
+    monkeypatch.setattr(multi_teacher, "teacher_targets", lambda *a, **k: calls.append(1) or real(*a, **k))
     small = ["--model_name", str(models / "student"), "--max_steps", "2", "--teacher_sft_steps", "1",
              "--batch_size", "2", "--eval_size", "4", "--max_new_tokens", "2", "--subset_size", "16",
              "--logging_steps", "1"]
     res = kv_distill.main(["--multi_teacher_demo", "--compare", "--output_dir", str(tmp_path)] + small)
+    assert len(calls) == 2 * 2  # two teachers x two steps, not once per run
     names = [r["config"] for r in res["compare"]]
-    assert names == ["only eq", "only nl", "static", "per_task", "confidence", "learned"]
+    assert names == ["only eq", "only nl", "static", "per_task", "confidence", "entropy", "min_ce", "learned"]
+    alone = kv_distill.main(["--multi_teacher_demo", "--teacher_weighting", "entropy", "--output_dir",
+                             str(tmp_path / "alone")] + small)
+    rows = [json.loads(x) for x in (tmp_path / "entropy" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("loss", "kv", "w/eq", "w/nl/eq", "grad_norm")
+    assert [[r[k] for k in keys] for r in rows if "loss" in r] == _hist(alone, keys)
     by = {r["config"]: r for r in res["compare"]}
     assert by["per_task"]["w/eq/eq"] == 1.0 and by["per_task"]["w/nl/nl"] == 1.0  # each mode to its teacher
     assert by["static"]["w/eq/eq"] == 0.5 and "w/eq/nl" not in by["only eq"] and by["only eq"]["w/eq"] == 1.0
     assert {"kv/eq", "kv/nl", "w_entropy", "step_ms", "eval_accuracy/eq", "eval_accuracy/nl"} <= set(by["learned"])
     table = (tmp_path / "compare.md").read_text()
     assert "| teacher eq |" in table and "| only eq |" in table and "acc [nl]" in table
-    assert table.count("\n") == 2 + 2 + 6  # header, the two teachers, six students
+    assert table.count("\n") == 2 + 2 + 8  # header, the two teachers, eight students
+    assert by["min_ce"]["w_entropy"] == pytest.approx(0.0, abs=1e-6) and 0 < by["entropy"]["w_entropy"]
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert [r["config"] for r in saved] == ["teacher eq", "teacher nl"] + names
     assert (tmp_path / "routing_weights.png").stat().st_size > 1000

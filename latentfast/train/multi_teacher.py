@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import pathlib
 import sys
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -97,6 +98,7 @@ class Teacher:
         self.layers = [t for _, t in self.pairs]
         self.importance_layer = importance_layer % config.num_hidden_layers
         self.compression = compression
+        self.memo = None  # the demo's --compare: {batch key: targets}, shared by every run (same sample stream)
         self.capture = None
         if model is not None:
             q_layers = set(self.layers) if compression is not None else set()
@@ -108,6 +110,15 @@ class Teacher:
 
     def targets(self, batch: dict, *, need_importance: bool, stats: bool, hidden: bool = False,
                 amp=contextlib.nullcontext) -> dict:
+        if self.memo is not None:  # computed once for all runs, with the statistics every rule may read
+            key = (tuple(batch["row_ids"]), need_importance, hidden)
+            if key not in self.memo:
+                self.memo[key] = self._targets(batch, need_importance=need_importance, stats=True, hidden=hidden,
+                                               amp=amp)
+            return self.memo[key]
+        return self._targets(batch, need_importance=need_importance, stats=stats, hidden=hidden, amp=amp)
+
+    def _targets(self, batch: dict, *, need_importance: bool, stats: bool, hidden: bool, amp) -> dict:
         if self.reader is not None:
             if hidden:
                 raise ValueError(f"teacher {self.name!r} is offline (source {self.spec.source}): its cache holds no "
@@ -390,12 +401,13 @@ DEMO_TEACHERS = {
     "nl": dict(hidden_size=160, num_hidden_layers=4, num_attention_heads=5, num_key_value_heads=5,
                intermediate_size=448),
 }
-# sized so that --compare (two teacher warm-ups + six students) stays within ~15 min on 2 CPU cores
-MT_DEMO_PRESET = dict(lr=2e-3, batch_size=32, max_steps=100, warmup_ratio=0.05, dataset_name="synthetic_two_mode",
-                      eval_data="synthetic_two_mode", subset_size=4000, eval_size=128, max_length=128,
-                      logging_steps=20, save_steps=0, teacher_sft_steps=150, max_new_tokens=48,
+# sized so that --compare (two teacher warm-ups + eight students) stays within ~15 min at one CPU thread:
+# one-step problems (~40 tokens), 300 teacher steps (~80% held-out on their own mode), 80 student steps
+MT_DEMO_PRESET = dict(lr=2e-3, batch_size=32, max_steps=80, warmup_ratio=0.05, dataset_name="synthetic_two_mode",
+                      eval_data="synthetic_two_mode", subset_size=4000, eval_size=160, max_length=64,
+                      logging_steps=20, save_steps=0, teacher_sft_steps=300, teacher_sft_lr=3e-3, max_new_tokens=20,
                       teacher_weighting="learned", router_reg_weight=1.0)
-COMPARE_RULES = ("static", "per_task", "confidence", "learned")
+COMPARE_RULES = ("static", "per_task", "confidence", "entropy", "min_ce", "learned")
 
 
 def demo_teachers(cfg, tok, student_config, rows, device) -> tuple[list[Teacher], TeachersConfig]:
@@ -415,10 +427,14 @@ def demo_teachers(cfg, tok, student_config, rows, device) -> tuple[list[Teacher]
                              logging_steps=0, save_steps=0, eval_size=0, save_model=False)
             sft = SFT(warm, lm=model, tok=tok, rows=[r for r in rows if r.get("mode") == mode], eval_rows=[])
             sft.name = f"teacher {mode} warm-up"
+            t0 = time.time()
             sft.fit()
+            warm_s = time.time() - t0
         specs.append(spec)
         teachers.append(online_teacher(spec, model, student_config, kv_layers=cfg.kv_layers,
                                        importance_layer=cfg.importance_layer, compression=_compression(cfg)))
+        if cfg.teacher_sft_steps:
+            teachers[-1].warm_s = warm_s
     return teachers, TeachersConfig(specs)
 
 
@@ -444,7 +460,7 @@ def summarize_run(name: str, res: dict, names: Sequence[str]) -> dict:
 
 def compare_table(rows: list[dict], tags: Sequence[str], names: Sequence[str]) -> str:
     head = ["config"] + [f"acc [{t}]" for t in tags] + ["acc (all)"] + [f"CE [{t}]" for t in tags] + \
-        ["KV loss"] + [f"KV vs {n}" for n in names] + [f"w [{t}]" for t in tags] + ["w entropy", "step ms"]
+        ["KV loss"] + [f"KV vs {n}" for n in names] + [f"w [{t}]" for t in tags] + ["w entropy", "step ms", "run s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     nan = float("nan")
     for r in rows:
@@ -453,7 +469,8 @@ def compare_table(rows: list[dict], tags: Sequence[str], names: Sequence[str]) -
             [f"{r['kv']:.4f}" if "kv" in r else "-"] + \
             [f"{r[f'kv/{n}']:.4f}" if f"kv/{n}" in r else "-" for n in names] + \
             [" / ".join(f"{n} {r[f'w/{t}/{n}']:.2f}" for n in names if f"w/{t}/{n}" in r) or "-" for t in tags] + \
-            [f"{r['w_entropy']:.3f}" if "w_entropy" in r else "-", f"{r['step_ms']:.0f}" if "step_ms" in r else "-"]
+            [f"{r['w_entropy']:.3f}" if "w_entropy" in r else "-", f"{r['step_ms']:.0f}" if "step_ms" in r else "-",
+             f"{r['seconds']:.0f}" if "seconds" in r else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -488,7 +505,6 @@ def run_multi_teacher(cfg):
     """``latentfast-kv-distill --teachers ...`` / ``--multi_teacher_demo`` [``--compare``]."""
     import copy
     import json
-    import time
 
     from . import dist
     from .common import amp_context, load_causal_lm, load_rows
@@ -523,7 +539,8 @@ def run_multi_teacher(cfg):
         for t in teachers:
             if t.model is not None:
                 ev = eval_by_tag(t.model, tok, eval_rows, cfg, device, amp)
-                teacher_rows.append({"config": f"teacher {t.name}", **ev})
+                teacher_rows.append({"config": f"teacher {t.name}", **ev,
+                                     **({"seconds": t.warm_s} if hasattr(t, "warm_s") else {})})
                 print(f"[kv_distill] teacher {t.name}: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval_accuracy")), flush=True)
 
@@ -539,6 +556,11 @@ def run_multi_teacher(cfg):
                   f"{time.time() - t_start:.0f}s; {out}", flush=True)
     else:
         init = copy.deepcopy(student.state_dict())  # every configuration starts from the same student
+        if cfg.multi_teacher_demo:
+            # every run draws the same batches: the frozen teachers' targets are computed once and kept
+            # (tiny models: ~tens of MB per step; real teachers recompute, or use offline caches)
+            for t in teachers:
+                t.memo = {}
         runs = [(f"only {t.name}", [t], "static") for t in teachers]
         has_tags = any(k != "default" for k in tcfg.task_table())
         runs += [(rule, teachers, rule) for rule in COMPARE_RULES if rule != "per_task" or has_tags]
