@@ -42,7 +42,7 @@ class Crash(RuntimeError):
 
 STAGES = {"dpo": (dpo.DPO, dpo.DPOArgs, dict(max_seq_len=64)),
           "grpo": (grpo.GRPO, grpo.GRPOArgs, dict(num_generations=2)),
-          "ppo": (ppo.PPO, ppo.PPOArgs, dict(update_old_actor_freq=2)),
+          "ppo": (ppo.PPO, ppo.PPOArgs, dict(update_old_actor_freq=2, value_head_init="mean_reward")),
           "spo": (spo.SPO, spo.SPOArgs, dict(gradient_accumulation_steps=2))}
 
 
@@ -93,6 +93,66 @@ def test_ppo_updates_actor_and_critic_keeps_reference_frozen(tmp_path, mode):
     actor = {k[len("lm."):]: v for k, v in w.items() if k.startswith("lm.")}
     assert any(not torch.equal(actor[k], ref[k]) for k in ref if k in actor)  # the actor moved, the ref did not
     assert any(k.startswith("critic.value_head") for k in w)
+
+
+def test_critic_and_policy_hidden_match_a_plain_forward():
+    """Critic values and the policy's completion hidden states (one shared prompt + completion
+    decode) equal a plain input_ids forward, left-padded prompts and right-padded completions."""
+    from latentfast.models.minimind import MiniMindConfig, MiniMindForCausalLM
+    from latentfast.train.minimind.rl import completion_hidden
+
+    torch.manual_seed(0)
+    lm = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64))
+    critic = ppo.Critic(lm)
+    pids, cids = torch.randint(1, 64, (2, 5)), torch.randint(1, 64, (2, 3))
+    pmask, cmask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    mask = torch.cat([pmask, cmask], 1)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = lm.model(input_ids=torch.cat([pids, cids], 1), attention_mask=mask, position_ids=pos, use_cache=False)
+    h = out.last_hidden_state
+    v = critic.value_head(lm.model.norm(h)).squeeze(-1)  # (B, P + C): the value after each position
+    values = critic(pids, pmask, cids, cmask)
+    assert values.shape == (2, 4) and torch.allclose(values, v[:, 4:], atol=1e-6)
+    # GAE: the state before each completion token (MiniMind's newer prompt_len - 1 + t), 0 past the end
+    assert torch.allclose(ppo.token_values(values, cmask), v[:, 4:7] * cmask, atol=1e-6)
+    # note-era A = R - V: the state after the response's last real token (the last non-pad position)
+    assert torch.allclose(ppo.last_index_values(values, cmask), torch.stack([v[0, 6], v[1, 7]]), atol=1e-6)
+    hid, aux = completion_hidden(lm, pids, pmask, cids, cmask)
+    assert torch.allclose(hid, h[:, 4:-1], atol=1e-6) and aux.shape == ()
+    values.sum().backward()  # the critic's gradient reaches its value head and the shared decoder
+    assert critic.value_head.weight.grad.abs().sum() > 0 and lm.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["sequence", "gae"])
+def test_ppo_value_head_init_mean_reward(tmp_path, mode):
+    """--value_head_init mean_reward: on the first rollout the head is weight 0, bias = its mean
+    reward, so every value is that mean and the first advantages are R - mean(R)."""
+    seen = []
+
+    class Spy(ppo.PPO):
+        def score(self, msgs, responses, answers):  # spread rewards (the tiny random model earns none)
+            return torch.linspace(0.5, 2.0, len(responses))
+
+        def advantages(self, b):
+            out = super().advantages(b)
+            seen.append((b["rewards"].clone(), {k: v.clone() for k, v in out.items()}, b["completion_mask"].clone(),
+                         float(self.module.critic.value_head.bias.detach()),
+                         float(self.module.critic.value_head.weight.detach().abs().max())))
+            return out
+
+    t = Spy(_cfg(ppo.PPOArgs, tmp_path, mode, ppo_mode=mode, max_steps=2, value_head_init="mean_reward",
+                 critic_learning_rate=1e-3, mini_batch_size=2, ppo_update_iters=1, max_gen_len=6))
+    t.fit()
+    (r, out, mask, bias, w), (r2, _, _, bias2, w2) = seen[0], seen[1]
+    assert bias == pytest.approx(float(r.mean()), abs=1e-6) and w == 0.0
+    if mode == "sequence":
+        assert torch.allclose(out["advantages"], r - r.mean(), atol=1e-5)
+    else:  # V_t = mean(R) at every token: returns = R at the last token under gamma 1
+        last = mask.sum(1) - 1
+        assert torch.allclose(out["old_values"], r.mean() * mask.float(), atol=1e-5)
+        assert torch.allclose(out["returns"].gather(1, last[:, None]).squeeze(1), r, atol=1e-5)
+    assert bias2 != bias and w2 > 0 and bias2 != pytest.approx(float(r2.mean()), abs=1e-6)  # trained, not reset
+    assert abs(bias2 - bias) < 0.01  # one critic step at lr 1e-3
 
 
 def test_dpo_reward_margin_rises(tmp_path):

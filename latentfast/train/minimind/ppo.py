@@ -18,13 +18,20 @@ against the old actor (refreshed from the actor every ``--update_old_actor_freq`
 (``PPOSequenceObjective``).
 
 ``--ppo_mode gae`` (MiniMind's newer code): the reward on the last response token,
-token-level GAE (``--gamma``, ``--lam``) over the critic's values at rollout time, whitened
+token-level GAE (``--gamma``, ``--lam``) over the critic's values at rollout time (the value of
+the state *before* each response token, MiniMind's ``gather(1, prompt_len - 1 + t)``), whitened
 advantages, ``--ppo_update_iters`` epochs of ``--mini_batch_size`` minibatches over each
 rollout (one optimizer step each), the clipped per-token ratio against the rollout's
 log-probs, the k3 KL in the loss, the clipped value loss (``--cliprange_value``), and the
 rest of a rollout's updates skipped once the ranks' mean ``0.5 (log ratio)^2`` exceeds
 ``--early_stop_kl``. Resume is exact at rollout boundaries (``--save_interval`` a multiple
 of the updates per rollout).
+
+``--value_head_init mean_reward`` (not MiniMind's; its head is ``nn.Linear``'s random init, the
+default): on a fresh run's first rollout the head becomes weight 0, bias = that rollout's mean
+reward (averaged over ranks), so the first advantages are ``R - mean(R)`` instead of ``R`` minus
+a random head's output; the fitted head is in the checkpoints. The demo runs ``--ppo_mode gae``
+with it (measured: the note-era objective at the demo's size stays flat, see the README).
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentfast.models.adapter import positions_from_mask, unwrap
+from latentfast.models.adapter import unwrap
 from latentfast.ops.grpo_loss import fused_linear_grpo_loss
 from latentfast.ops.lm_head_engine import lm_head_logps
 from latentfast.ops.ppo_loss import fused_linear_ppo_sequence_loss
@@ -45,7 +52,7 @@ from latentfast.train.advantages import gae, last_token_rewards, whiten
 from .. import dist
 from ..config import check, option
 from .common import cli_of, stage_main
-from .rl import RLArgs, RLTrainer, completion_hidden
+from .rl import RLArgs, RLTrainer, completion_hidden, decode_prompt_completion
 
 
 @dataclass
@@ -64,6 +71,9 @@ class PPOArgs(RLArgs):
     ppo_update_iters: int = option(2, "epochs over each rollout (--ppo_mode gae)")
     early_stop_kl: float = option(0.25, "skip a rollout's remaining updates above this approx KL (--ppo_mode gae)")
     mini_batch_size: int = option(2, "responses per update (--ppo_mode gae)")
+    value_head_init: str = option("random", "random: nn.Linear's init (MiniMind); mean_reward: weight 0 and bias the "
+                                            "first rollout's mean reward, so the first advantages are R - mean(R)",
+                                  choices=("random", "mean_reward"))
     wandb_project: str | None = "MiniMind-PPO"
 
     def __post_init__(self):
@@ -83,12 +93,12 @@ class Critic(nn.Module):
         self.value_head = nn.Linear(self.model.config.hidden_size, 1)
 
     def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        """Values (B, C) at the positions of the completion tokens."""
-        ids = torch.cat([prompt_ids, completion_ids], 1)
-        mask = torch.cat([prompt_mask, completion_mask], 1)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+        """Values (B, C + 1) from the last prompt position on: column t is the state before
+        completion token t (what GAE needs, MiniMind's newer ``gather(1, prompt_len - 1 + t)``),
+        column ``len`` the state after the response's last token (the note-era value)."""
+        out = decode_prompt_completion(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         values = self.value_head(self.model.norm(out.last_hidden_state)).squeeze(-1).float()
-        return values[:, prompt_ids.shape[1]:]
+        return values[:, prompt_ids.shape[1] - 1:]
 
 
 class ActorCritic(nn.Module):
@@ -108,9 +118,14 @@ class ActorCritic(nn.Module):
 
 
 def last_index_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) the value at each response's last token (MiniMind: the last non-pad position)."""
-    last = (mask.ne(0).sum(1) - 1).clamp(min=0)
-    return values.gather(1, last[:, None]).squeeze(1)
+    """(B,) from the critic's (B, C + 1) values: the state after each response's last token
+    (MiniMind's note-era value, read at the last non-pad position of prompt + response)."""
+    return values.gather(1, mask.ne(0).sum(1)[:, None]).squeeze(1)
+
+
+def token_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, C) from the critic's (B, C + 1) values: the state before each response token, 0 past the end."""
+    return values[:, :-1] * mask
 
 
 class PPO(RLTrainer):
@@ -118,13 +133,15 @@ class PPO(RLTrainer):
     config_class = PPOArgs
     wandb_name = "PPO"
     save_full = True  # the frozen old actor must be in the checkpoint for an exact resume
-    demo_preset = dict(per_device_train_batch_size=8, max_gen_len=64, max_seq_len=160, lr=2e-4,
-                       critic_learning_rate=1e-3, max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer",
-                       update_old_actor_freq=2)
+    # the demo: MiniMind's newer token-level PPO, one update per rollout, the value head started at the
+    # mean reward (measured: the note-era default stays flat at this size; the README has the numbers)
+    demo_preset = dict(per_device_train_batch_size=16, max_gen_len=64, max_seq_len=160, lr=2e-4,
+                       critic_learning_rate=1e-3, max_steps=40, logging_steps=5, reasoning=1, rule_rewards="answer",
+                       ppo_mode="gae", mini_batch_size=16, ppo_update_iters=1, value_head_init="mean_reward")
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.rollouts, self._plan, self._exp, self._stop = 0, [], None, False
+        self.rollouts, self._plan, self._exp, self._stop, self._head_ready = 0, [], None, False, False
 
     # ---------------------------------------------------------------- models
     def policy_module(self):
@@ -154,8 +171,21 @@ class PPO(RLTrainer):
     def items_per_step(self):
         return super().items_per_step() / self.updates_per_rollout()
 
+    def init_value_head(self, rewards: torch.Tensor):
+        """``--value_head_init mean_reward``, once, on the first rollout of a fresh run (a resumed
+        run has the fitted head in its checkpoint): every value is the rank-averaged mean reward."""
+        mean = dist.all_mean({"r": float(rewards.float().mean())}, self.device)["r"]
+        head = self.module.critic.value_head
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.fill_(mean)
+        self._head_ready = True
+        self.print(f"--value_head_init mean_reward: value head = {mean:.4f} (the first rollout's mean reward)")
+
     def advantages(self, b):
         c = self.cfg
+        if c.value_head_init == "mean_reward" and self.rollouts == 0 and not self._head_ready:
+            self.init_value_head(b["rewards"])
         with torch.no_grad(), self.amp():
             values = self.module.critic(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
             old_lm = self.module.old if c.ppo_mode == "sequence" else self.module.lm
@@ -165,7 +195,7 @@ class PPO(RLTrainer):
         mask = b["completion_mask"].float()
         if c.ppo_mode == "sequence":
             return {"advantages": b["rewards"] - last_index_values(values, mask), "old_logps": (old * mask).sum(1)}
-        values = values * mask
+        values = token_values(values, mask)
         adv, returns = gae(last_token_rewards(b["rewards"], mask), values, c.gamma, c.lam)
         return {"advantages": whiten(adv, mask), "returns": returns, "old_values": values, "old_logps": old}
 
@@ -214,6 +244,7 @@ class PPO(RLTrainer):
                                       self.device)["k"]
             if approx_kl > c.early_stop_kl:
                 self._stop = True  # MiniMind: this and the rollout's remaining updates contribute nothing
+            values = token_values(values, mask)
             clipped = torch.clamp(values, b["old_values"] - c.cliprange_value, b["old_values"] + c.cliprange_value)
             value_loss = 0.5 * (torch.max((values - b["returns"]) ** 2, (clipped - b["returns"]) ** 2)
                                 * mask).sum() / n

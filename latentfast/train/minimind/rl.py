@@ -115,10 +115,17 @@ class CompletionHidden(nn.Module):
         return completion_hidden(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask)
 
 
-def completion_hidden(lm, prompt_ids, prompt_mask, completion_ids, completion_mask):
+def decode_prompt_completion(transformer, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """One call of ``transformer`` (a decoder: embeddings, blocks, final norm) over prompt +
+    completion, positions from the joined mask; its HF output (``last_hidden_state`` (B, P + C, H))."""
     ids = torch.cat([prompt_ids, completion_ids], 1)
     mask = torch.cat([prompt_mask, completion_mask], 1)
-    out = run_decoder(lm, decoder(lm).get_input_embeddings()(ids), mask)
+    return run_decoder(None, transformer.get_input_embeddings()(ids), mask, transformer=transformer)
+
+
+def completion_hidden(lm, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """The hidden states that predict each completion token (B, C, H) and the MoE aux loss."""
+    out = decode_prompt_completion(decoder(lm), prompt_ids, prompt_mask, completion_ids, completion_mask)
     P = prompt_ids.shape[1]
     h = out.last_hidden_state[:, P - 1:-1]
     aux = getattr(out, "aux_loss", None)
@@ -288,4 +295,4 @@ def tiny_reward_model(path: pathlib.Path, tok) -> pathlib.Path:
     return path
 
 
-__all__ = ["RLArgs", "RLTrainer", "CompletionHidden", "completion_hidden", "answer_reward", "tiny_reward_model"]
+__all__ = ["RLArgs", "RLTrainer", "CompletionHidden", "completion_hidden", "decode_prompt_completion", "answer_reward", "tiny_reward_model"]
