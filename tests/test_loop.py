@@ -200,3 +200,25 @@ def test_sft_token_weighted_accumulation_and_exact_resume(tmp_path):
     _sft(tmp_path, "resumed", tok, resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2")).fit()
     a, b = _weights(tmp_path / "full", 4), _weights(tmp_path / "resumed", 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_minimind_schedules_follow_minimind_and_take_a_warmup_when_asked():
+    import math
+
+    from latentfast.train.common import warmup_schedule
+
+    def lrs(kind, ratio, total=20):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = warmup_schedule(opt, total, ratio, kind), []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    plain = lrs("minimind", 0.0)
+    assert plain == pytest.approx([0.1 + 0.45 * (1 + math.cos(math.pi * s / 20)) for s in range(20)])
+    rl = lrs("minimind_rl", 0.0)
+    assert rl[0] == pytest.approx(1.0) and rl[10] == pytest.approx(0.55)  # lr -> lr / 10, CosineAnnealingLR
+    warm = lrs("minimind", 0.2)  # 4 warm-up steps: ramped, then MiniMind's curve
+    assert warm[:4] == pytest.approx([plain[s] * (s + 1) / 4 for s in range(4)]) and warm[4:] == pytest.approx(plain[4:])

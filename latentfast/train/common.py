@@ -101,15 +101,16 @@ class SampleStream:
 
 def warmup_schedule(opt, total: int, warmup_ratio: float, kind: str = "cosine"):
     """LambdaLR: linear warm-up over ``warmup_ratio * total`` steps, then ``kind``;
-    ``"minimind"`` is MiniMind's ``lr * (0.1 + 0.45 * (1 + cos(pi * step / total)))``, no warm-up;
-    ``"minimind_rl"`` its RL stages' cosine from lr to lr / 10."""
+    ``"minimind"`` is MiniMind's ``lr * (0.1 + 0.45 * (1 + cos(pi * step / total)))``;
+    ``"minimind_rl"`` its RL stages' cosine from lr to lr / 10. MiniMind has no warm-up (its
+    stages default ``warmup_ratio`` to 0); a warm-up asked for scales these two linearly."""
     warm = max(1, int(warmup_ratio * total))
 
     def f(s):
-        if kind == "minimind":
-            return 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / max(1, total)))
-        if kind == "minimind_rl":  # its RL stages: CosineAnnealingLR(T_max=total, eta_min=lr / 10)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / max(1, total)))
+        if kind in ("minimind", "minimind_rl"):
+            ramp = min(1.0, (s + 1) / warm) if warmup_ratio > 0 else 1.0
+            cos = 1 + math.cos(math.pi * min(s, total) / max(1, total))
+            return ramp * (0.1 + 0.45 * cos if kind == "minimind" else 0.1 + 0.9 * 0.5 * cos)
         if s < warm:
             return (s + 1) / warm
         if kind == "constant":
