@@ -48,6 +48,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny shapes: a second thread only adds contention,
+    up to 18x slower on a busy 2-core box). Files use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def two_ranks():
     """Runs ``worker(rank, world_size, port, *args)`` on 2 local processes (a gloo job's
     rendezvous on a free port). Forked: the workers inherit the imported modules, where

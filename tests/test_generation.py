@@ -14,12 +14,7 @@ from latentfast.reference.generation import hybrid_generate, reference_sample
 TOK = build_tokenizer()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lm(**kw):

@@ -16,12 +16,7 @@ from latentfast.train.common import optimizer_step
 from latentfast.train.guard import NonFiniteGuard, NonFiniteTrainingError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup():

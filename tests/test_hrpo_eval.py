@@ -19,12 +19,7 @@ SHORT = ["--sft_steps", "1", "--max_steps", "2", "--per_device_train_batch_size"
 COMPARED = ("accuracy", "reward", "format", "completion_length", "embeds_ratio", "thinking_fraction")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,7 @@ from safetensors.torch import load_file
 
 from latentfast.train import hrpo
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: a second intra-op thread only adds contention (18x slower on a busy 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # A few seconds per run: tiny model, short warm-up, three small HRPO steps.

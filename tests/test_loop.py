@@ -19,12 +19,7 @@ from latentfast.train.guard import NonFiniteTrainingError
 from latentfast.train.loop import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

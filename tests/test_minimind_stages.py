@@ -17,13 +17,12 @@ from latentfast.train.minimind.full_sft import FullSFT, FullSFTArgs
 from latentfast.train.minimind.lora import LoRA, LoRAArgs, load_lora, square_linears, with_lora
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
+def _native_cpu_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the engine's CPU path (its kernels have their own tests)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TINY = dict(hidden_size=32, num_hidden_layers=1, max_seq_len=128, batch_size=4, accumulation_steps=1,

@@ -8,12 +8,7 @@ from latentfast.models import HRPO_MODULES, HybridConfig, HybridThinkingLM, buil
 TOK = build_tokenizer()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()  # tiny shapes: extra intra-op threads only add contention
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(cfg=None, lora=True, **overrides):

@@ -11,12 +11,7 @@ from safetensors.torch import load_file
 from latentfast.train import codi, codi_data, hrpo
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(out):
