@@ -99,6 +99,7 @@ class Teacher:
         self.importance_layer = importance_layer % config.num_hidden_layers
         self.compression = compression
         self.memo = None  # the demo's --compare: {batch key: targets}, shared by every run (same sample stream)
+        self.warm_s = None  # the demo's warm-up seconds (--compare's table)
         self.capture = None
         if model is not None:
             q_layers = set(self.layers) if compression is not None else set()
@@ -540,7 +541,7 @@ def run_multi_teacher(cfg):
             if t.model is not None:
                 ev = eval_by_tag(t.model, tok, eval_rows, cfg, device, amp)
                 teacher_rows.append({"config": f"teacher {t.name}", **ev,
-                                     **({"seconds": t.warm_s} if hasattr(t, "warm_s") else {})})
+                                     **({"seconds": t.warm_s} if t.warm_s is not None else {})})
                 print(f"[kv_distill] teacher {t.name}: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval_accuracy")), flush=True)
 
