@@ -1,12 +1,13 @@
 """latentfast: fused Triton kernels for latent-reasoning and GRPO fine-tuning.
 
-The Triton device code lives in the top-level ``kernels/`` folder and is installed
-as ``latentfast.kernels`` (a top-level ``kernels`` package would shadow the
-``kernels`` library that transformers imports).
+The device code (Triton kernels and the C++ of the native CPU backend) lives in
+``latentfast/kernels/``, never in a top-level ``kernels`` package: ``python -m`` puts the
+working directory on ``sys.path``, and a top-level ``kernels/`` would shadow Hugging Face's
+``kernels`` library that transformers and TRL import.
 """
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["latentfast", "latentfast.*"]) + ["latentfast.kernels"]
+packages = find_packages(include=["latentfast", "latentfast.*"])
 
 setup(
     name="latentfast",
@@ -16,7 +17,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"latentfast.kernels": "kernels"},
     package_data={
         "latentfast.data": ["*.jsonl", "LICENSE*"],
         # the native CPU backend is compiled from these on first use (latentfast/ops/_native.py)
@@ -40,7 +40,9 @@ setup(
     extras_require={
         # liger-kernel: its chunked losses are the peer the fused losses are tested against (CPU,
         # compiled=False); it needs only torch + triton, already required.
-        "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6", "liger-kernel>=0.8"],
+        # kernels: Hugging Face's hub-kernels package (transformers imports it); the suite checks
+        # that nothing in this repo shadows it when run from the repo root.
+        "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6", "liger-kernel>=0.8", "kernels>=0.10"],
         "bench": ["liger-kernel>=0.6"],
         "flash": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "wandb": ["wandb>=0.17"],

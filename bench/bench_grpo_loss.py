@@ -2,7 +2,7 @@
 
 impls: eager (TRL-style: full logits, fp32 log_softmax + entropy; latentfast.reference),
 torch_compile of eager, liger (LigerFusedLinearGRPOLoss, if installed), latentfast,
-on CPU latentfast_native (the per-chunk kernels from kernels/csrc, when the library is
+on CPU latentfast_native (the per-chunk kernels from latentfast/kernels/csrc, when the library is
 built; ``latentfast`` is then the torch-ops path, LATENTFAST_NATIVE=0), and
 three_matmuls: the forward GEMM plus the two backward GEMMs alone, the floor any fused
 lm_head loss pays. ``vs_three_matmuls`` = impl ms / floor ms (target <= 1.2).
@@ -103,7 +103,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
         cases.append({"op": "lm_head + GRPO loss fwd+bwd", "shape": {"B": B, "T": T, "H": H, "V": V},
                       "completion_fill": fill, "dtype": str(dtype).replace("torch.", ""),
                       "backend": "triton" if device.type == "cuda" else
-                      "torch (no Triton on CPU)" + ("; latentfast_native: kernels/csrc" if native else ""),
+                      "torch (no Triton on CPU)" + ("; latentfast_native: latentfast/kernels/csrc" if native else ""),
                       "impls": rows})
         del x, W, impls
     return cases

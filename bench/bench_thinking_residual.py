@@ -1,7 +1,7 @@
 """Fused thinking residual (fwd+bwd) vs eager PyTorch vs torch.compile of eager, and
 the floor: the same GEMMs with no elementwise work (``gemms_only``). On CPU,
 ``latentfast*`` rows run with LATENTFAST_NATIVE=0 (the reference: no Triton there), and
-``latentfast_native*`` rows take the fused op with the native epilogues (kernels/csrc,
+``latentfast_native*`` rows take the fused op with the native epilogues (latentfast/kernels/csrc,
 when the library is built)."""
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
                     if "ms" in rows[other]:
                         r["speedup_vs_" + other] = round(rows[other]["ms"] / r["ms"], 3)
         backend = "triton" if device.type == "cuda" else "torch ops (no Triton on CPU)" + (
-            "; latentfast_native: fused op, kernels/csrc epilogues" if native else "")
+            "; latentfast_native: fused op, latentfast/kernels/csrc epilogues" if native else "")
         cases.append({"op": "thinking_residual fwd+bwd", "N": N, "D": D, "dtype": str(dtype).replace("torch.", ""),
                       "backend": backend, "impls": rows})
         del tensors, grad_out

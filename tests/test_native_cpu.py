@@ -1,4 +1,4 @@
-"""Optional native CPU backend (kernels/csrc, CMakeLists.txt): the GRPO loss's per-chunk
+"""Optional native CPU backend (latentfast/kernels/csrc, CMakeLists.txt): the GRPO loss's per-chunk
 kernels vs the torch functions, and the thinking residual's epilogues end to end vs the reference.
 
 A session fixture gets the library as a user does, through latentfast.ops._native (built

@@ -6,7 +6,7 @@ Dispatch rule (same for all ops):
     interpreter (this is how CI exercises the real kernel code).
   * CPU tensors otherwise             -> the plain PyTorch reference; for the GRPO loss's
     per-chunk kernels and the thinking residual's epilogues, the optional native C++
-    kernels instead when the library is built (``kernels/csrc/`` via ``CMakeLists.txt``,
+    kernels instead when the library is built (``latentfast/kernels/csrc/`` via ``CMakeLists.txt``,
     loaded by ``latentfast.ops._native``) and ``LATENTFAST_NATIVE`` is not ``0``.
 """
 from __future__ import annotations

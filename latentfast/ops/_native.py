@@ -1,4 +1,4 @@
-"""Loader of the native CPU backend (``kernels/csrc/``), built once on first use.
+"""Loader of the native CPU backend (``latentfast/kernels/csrc/``), built once on first use.
 
 The library registers ``torch.ops.latentfast_native.*``. It is looked up once, on first
 use, in this order:

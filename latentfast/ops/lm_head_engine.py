@@ -168,7 +168,7 @@ def _torch_logit_grad_(L, ids, lse, g, inv_t):
 
 def _backends(t: torch.Tensor):
     """Triton kernels on CUDA / under the interpreter; on CPU the native kernels
-    (kernels/csrc, when built and not switched off by LATENTFAST_NATIVE=0), else the
+    (latentfast/kernels/csrc, when built and not switched off by LATENTFAST_NATIVE=0), else the
     same math in torch."""
     if use_triton(t):
         from latentfast.kernels import grpo_loss as K

@@ -12,7 +12,7 @@ input gradients. ``W_p=None`` serves the original HRPO
 soft-embedding variant, where ``h`` is already the normalised thinking state.
 
 Epilogues: Triton on CUDA or under ``TRITON_INTERPRET=1``; on CPU otherwise the native
-C++ ones (``kernels/csrc/thinking_residual.cpp``) when that library is built and not
+C++ ones (``latentfast/kernels/csrc/thinking_residual.cpp``) when that library is built and not
 switched off (``LATENTFAST_NATIVE=0``), with the same memory savings; else (and for
 float64) ``thinking_residual()`` runs the plain reference with autograd.
 """
