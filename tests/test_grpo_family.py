@@ -88,8 +88,8 @@ def trl_loss(x, W, ids, mask, advantages, old, ref, *, loss_type, beta=0.0, epsi
     elif loss_type in ("cispo", "dapo", "vespo"):
         normalizer = mask.sum().clamp(min=1.0)
         loss = (ptl * mask).sum() / normalizer
-    elif loss_type == "luspo":
-        loss = (ptl * mask.sum(1, keepdim=True)).mean()
+    elif loss_type == "luspo":  # TRL 1.16; a (B, 1) ptl broadcasts over the mask
+        loss = (ptl * mask).sum(-1).mean()
     if entropy_coef:
         if loss_type in ("cispo", "dapo", "vespo"):
             ent = (entropies * mask).sum() / normalizer
@@ -132,9 +132,70 @@ def test_trl_loss_types_and_options(kw):
     _check(kw)
 
 
-def test_luspo_per_token_loss_without_padding():
-    """Token-level luspo averages over all B x T positions (TRL); equal when nothing is padded."""
-    _check(dict(loss_type="luspo", beta=0.05), data=_data(full=True))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("full", [False, True])
+def test_luspo_levels_and_kl(level, beta, full):
+    """luspo = (per_token_loss * mask).sum(-1).mean() (TRL 1.16), with the per-sequence loss
+    (B, 1) or, once KL or token-level ratios enter, (B, T): padded and unpadded batches."""
+    _check(dict(loss_type="luspo", importance_sampling_level=level, beta=beta), data=_data(full=full))
+
+
+def _trl_compute_loss(x, W, ids, mask, adv, old, ref, **cfg):
+    """TRL's own GRPOTrainer._compute_loss on a stand-in trainer: the model's log-probs and
+    entropies come from x @ W.T, one process, no accumulation, no vLLM."""
+    import collections
+    import types
+
+    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
+
+    def logps_and_entropies(model, *a, **k):
+        logp_all = torch.log_softmax(x @ W.t(), -1)
+        return logp_all.gather(-1, ids[..., None])[..., 0], -(logp_all.exp() * logp_all).sum(-1), None
+
+    acc = types.SimpleNamespace(reduce=lambda t, reduction="sum": t, gather=lambda t: t,
+                                gather_for_metrics=lambda t: t, num_processes=1, sync_gradients=True)
+    fake = types.SimpleNamespace(
+        _get_per_token_logps_and_entropies=logps_and_entropies, top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None, importance_sampling_level=cfg.get("importance_sampling_level", "token"),
+        beta=cfg.get("beta", 0.0), loss_type=cfg["loss_type"], epsilon_low=0.2, epsilon_high=0.2,
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None), use_vllm=False,
+        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False, accelerator=acc,
+        _metrics={"train": collections.defaultdict(list)})
+    inputs = dict(prompt_ids=ids[:, :0], prompt_mask=mask[:, :0], completion_ids=ids, completion_mask=mask,
+                  advantages=adv, old_per_token_logps=old, ref_per_token_logps=ref)
+    return grpo_trainer.GRPOTrainer._compute_loss(fake, None, inputs)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_luspo_matches_trl_compute_loss(level, beta):
+    """The installed TRL's _compute_loss itself (skipped without trl): B=4, T=7, padded rows."""
+    g = torch.Generator().manual_seed(3)
+    b, t = 4, 7
+    x, W = torch.randn(b, t, H, generator=g), torch.randn(V, H, generator=g) * 0.3
+    ids = torch.randint(0, V, (b, t), generator=g)
+    mask = torch.ones(b, t)
+    mask[0, 3:] = 0
+    mask[2, 5:] = 0
+    adv = torch.tensor([0.9, -0.4, 1.3, -1.1])
+    with torch.no_grad():
+        lp = torch.log_softmax(x @ W.t(), -1).gather(-1, ids[..., None])[..., 0]
+    old = lp + 0.3 * torch.randn(lp.shape, generator=g)
+    ref = lp + 0.2 * torch.randn(lp.shape, generator=g)
+    kw = dict(loss_type="luspo", importance_sampling_level=level, beta=beta)
+    outs = []
+    for side in ("trl", "ours"):
+        xx, WW = x.clone().requires_grad_(), W.clone().requires_grad_()
+        if side == "trl":
+            loss = _trl_compute_loss(xx, WW, ids, mask, adv, old, ref, **kw)
+        else:
+            loss, _ = fused_linear_grpo_loss(xx, WW, ids, mask, adv, None, ref if beta else None, old, **kw)
+        loss.backward()
+        outs.append((loss.detach(), xx.grad, WW.grad))
+    for name, w, got in zip(("loss", "grad_x", "grad_W"), *outs):
+        torch.testing.assert_close(got, w, atol=2e-6, rtol=1e-5, msg=lambda s: f"{name}: {s}")
 
 
 def test_off_policy_mask_drops_something():

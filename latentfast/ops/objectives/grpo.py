@@ -18,9 +18,9 @@ reference on full logits (``latentfast.reference.grpo_loss``); both differentiat
     ``sampling_logp - logp`` exceeds it (DeepSeek-V3.2's off-policy sequence mask).
   * normalisation by ``loss_type`` (grpo, sapo, spo: per-sequence token mean averaged over
     sequences; bnpo: token mean of the micro-batch; dr_grpo: / (B * max_completion_length);
-    dapo, cispo, vespo: / ``normalizer``, the global token count per process; luspo: each
-    sequence's loss times its length, averaged over sequences -- over B x T positions when
-    the loss is per token, padding counting 0); no division by gradient-accumulation steps
+    dapo, cispo, vespo: / ``normalizer``, the global token count per process; luspo (TRL 1.16):
+    ``(per_token_loss * mask).sum(-1).mean()``, each sequence's summed loss averaged over
+    sequences -- a (B, 1) sequence loss counts len_b times); no division by gradient-accumulation steps
     (the trainer's business, as in Liger).
   * ``entropy_coef``: ``- entropy_coef * H``, H the mean entropy of the (entropy-masked)
     tokens (/ ``normalizer`` for dapo, cispo, vespo), differentiated.
@@ -116,7 +116,7 @@ class GRPOObjective(Objective):
 
     inputs = (("advantages", "token"), ("old", "token"), ("ref", "token"), ("entropy_mask", "token"),
               ("vllm_ratio", "token"), ("sampling", "token"), ("normalizer", "batch"),
-              ("entropy_count", "batch"), ("padded_len", "batch"))
+              ("entropy_count", "batch"))
     metric_names = METRICS
 
     def __post_init__(self):
@@ -198,11 +198,6 @@ class GRPOObjective(Objective):
             per_token = per_token + self.beta * kl
         return dict(per_token=per_token, ratio=ratio, coef_1=coef_1, kl=kl, log_w_seq=log_w_seq, adv=adv, phi=phi)
 
-    def _per_sequence_loss(self, r: Rows) -> bool:
-        """TRL's per_token_loss is (B, 1) (one value per sequence) for luspo only then."""
-        return (self.sequence_level and self.per_sequence_advantages and self.beta == 0.0
-                and "entropy_mask" not in r.tok and "vllm_ratio" not in r.tok)
-
     def _weight(self, r: Rows):
         lt = self.loss_type
         if lt in ("grpo", "sapo", "spo"):
@@ -212,9 +207,9 @@ class GRPOObjective(Objective):
         if lt == "dr_grpo":
             return 1.0 / (r.n_seqs * self.max_completion_length)
         if lt == "luspo":
-            if self._per_sequence_loss(r):
-                return 1.0 / r.n_seqs  # (loss_b * len_b).mean(): len_b rows of loss_b each
-            return r.seq_len[r.seq] / (r.n_seqs * r.batch["padded_len"])
+            # (per_token_loss * mask).sum(-1).mean(): a (B, 1) sequence loss, repeated on its
+            # len_b rows here, counts len_b times, as does a (B, T) one (KL, masks) summed
+            return 1.0 / r.n_seqs
         return 1.0 / r.batch["normalizer"]
 
     def loss(self, r: Rows) -> torch.Tensor:
@@ -295,6 +290,5 @@ def grpo_setup(mask, advantages, ref_per_token_logps, old_per_token_logps, *, be
                   entropy_mask=ent_mask, vllm_ratio=vis,
                   sampling=None if sampling_per_token_logps is None else sampling_per_token_logps.float(),
                   normalizer=dapo_normalizer(mask, num_items_in_batch) if loss_type in TOKEN_NORMALISED else None,
-                  entropy_count=eff.sum() if objective.entropy_coef != 0.0 else None,
-                  padded_len=torch.tensor(float(T), device=mask.device) if loss_type == "luspo" else None)
+                  entropy_count=eff.sum() if objective.entropy_coef != 0.0 else None)
     return objective, inputs
