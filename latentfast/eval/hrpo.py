@@ -148,12 +148,13 @@ def resolve_checkpoint(path: str) -> pathlib.Path:
     p = pathlib.Path(path)
     if (p / "trainer_state.json").exists():
         return p
-    ckpts = sorted(p.glob("checkpoint-*"), key=lambda c: int(c.name.rsplit("-", 1)[1]) if c.name.rsplit(
-        "-", 1)[1].isdigit() else -1)
-    ckpts = [c for c in ckpts if (c / "trainer_state.json").exists()]
-    if not ckpts:
-        raise FileNotFoundError(f"--checkpoint_path {path!r}: no trainer_state.json there and no checkpoint-* in it")
-    return ckpts[-1]
+    from latentfast.train import checkpoint
+
+    found = checkpoint.latest(str(p))  # the newest intact one (a warning names any skipped)
+    if found is None:
+        raise FileNotFoundError(f"--checkpoint_path {path!r}: no trainer_state.json there and no intact "
+                                f"checkpoint-* in it")
+    return pathlib.Path(found)
 
 
 def load_checkpoint(path: str, device, model_name: str | None = None, bf16: bool | None = None):

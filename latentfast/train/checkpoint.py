@@ -2,7 +2,11 @@
 
 ``checkpoint-<step>/``: ``model.safetensors`` (trainable parameters, or the full model
 when ``full``), ``optimizer.safetensors`` (optimizer state flattened to tensors),
-``trainer_state.json`` (step, param-group hyper-parameters, scheduler, extra state).
+``trainer_state.json`` (step, param-group hyper-parameters, scheduler, extra state), the
+loop's ``rng_state_<rank>.json`` and, written last, ``manifest.json`` (size + blake2b of each
+file, ``latentfast.files``). Every file is written under a temporary name and renamed, so a
+folder is a checkpoint exactly when its manifest is there and matches: ``latest`` skips the
+others (one warning naming them) and ``load`` verifies first, failing with the file's name.
 Works for plain, DDP and FSDP2 models through torch.distributed.checkpoint's
 full-state-dict helpers; rank 0 writes.
 """
@@ -10,12 +14,16 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+
+from latentfast import files
 
 from .dist import is_main
 from .guard import assert_finite_weights
@@ -45,8 +53,15 @@ def _drop_tied(model, msd: dict) -> dict:
     return out
 
 
+def step_of(path) -> int | None:
+    tail = pathlib.Path(path).name.rsplit("-", 1)[-1]
+    return int(tail) if pathlib.Path(path).name.startswith("checkpoint-") and tail.isdigit() else None
+
+
 def save(out_dir: str, step: int, model, optimizer, scheduler=None, extra: dict | None = None,
-         full: bool = False) -> str | None:
+         full: bool = False, seal_now: bool = True) -> str | None:
+    """Write ``checkpoint-<step>`` (rank 0); ``seal_now=False`` leaves the manifest to a later
+    ``seal`` (the loop adds every rank's RNG state first)."""
     path = pathlib.Path(out_dir) / f"checkpoint-{step}"
     msd = get_model_state_dict(model, options=_FULL)
     if not full:
@@ -59,6 +74,9 @@ def save(out_dir: str, step: int, model, optimizer, scheduler=None, extra: dict 
     if not is_main():
         return None
     path.mkdir(parents=True, exist_ok=True)
+    (path / files.MANIFEST).unlink(missing_ok=True)  # rewriting a folder: incomplete until sealed again
+    files.clean_stale_tmp(path)
+    # save_file writes a temporary in the same folder and renames it (atomic)
     save_file({k: v.contiguous() for k, v in msd.items()}, str(path / "model.safetensors"))
     flat = {}
     for name, st in osd["state"].items():
@@ -70,13 +88,33 @@ def save(out_dir: str, step: int, model, optimizer, scheduler=None, extra: dict 
              "scheduler": scheduler.state_dict() if scheduler is not None else None, "extra": extra or {},
              # every parameter at save time: a frozen one (not saved) may be unfrozen on resume
              "param_names": sorted(_fqn(n) for n, _ in model.named_parameters())}
-    (path / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+    files.write_json(path / "trainer_state.json", state, indent=1, default=str)
+    if seal_now:
+        seal(path)
     return str(path)
+
+
+def seal(path) -> None:
+    """Rank 0, last: the manifest of every file in the folder (the checkpoint is complete)."""
+    path = pathlib.Path(path)
+    names = [p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != files.MANIFEST]
+    files.write_manifest(path, names, {"step": step_of(path)})
+
+
+def verify(path) -> dict:
+    """The manifest of a complete, unmodified checkpoint folder, else ``CorruptFileError``
+    naming the file."""
+    man = files.verify_manifest(path)
+    for need in ("model.safetensors", "trainer_state.json"):
+        if need not in man["files"]:
+            raise files.CorruptFileError(f"{pathlib.Path(path) / need}: missing from {files.MANIFEST}")
+    return man
 
 
 def load(path: str, model, optimizer=None, scheduler=None) -> dict:
     """Restore in place; returns the trainer_state dict (``step``, ``extra``)."""
     path = pathlib.Path(path)
+    verify(path)
     state = json.loads((path / "trainer_state.json").read_text())
     msd = load_file(str(path / "model.safetensors"))
     # non-strict: a trainable-only checkpoint has no frozen weights. But a checkpoint from a
@@ -106,10 +144,54 @@ def load(path: str, model, optimizer=None, scheduler=None) -> dict:
     return state
 
 
-def latest(out_dir: str) -> str | None:
-    ckpts = sorted(pathlib.Path(out_dir).glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
-    ckpts = [p for p in ckpts if (p / "trainer_state.json").exists()]
-    return str(ckpts[-1]) if ckpts else None
+def checkpoints(out_dir) -> list[pathlib.Path]:
+    """``checkpoint-<step>`` folders of ``out_dir``, oldest first (complete or not)."""
+    found = [p for p in pathlib.Path(out_dir).glob("checkpoint-*") if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=step_of)
 
 
-__all__ = ["save", "load", "latest"]
+def latest(out_dir: str, warn: bool = True) -> str | None:
+    """The newest complete, verified checkpoint of ``out_dir``; newer folders that are
+    incomplete or corrupt are skipped with one warning naming each and why."""
+    skipped = []
+    for p in reversed(checkpoints(out_dir)):
+        try:
+            verify(p)
+        except files.CorruptFileError as e:
+            skipped.append(str(e))
+            continue
+        if skipped and warn:
+            warnings.warn(f"resuming from {p}, the newest intact checkpoint; skipped: " + "; ".join(skipped),
+                          RuntimeWarning, stacklevel=2)
+        return str(p)
+    if skipped and warn:
+        warnings.warn(f"no intact checkpoint in {out_dir}; skipped: " + "; ".join(skipped), RuntimeWarning,
+                      stacklevel=2)
+    return None
+
+
+def prune(out_dir, keep: int, protect=()) -> list[str]:
+    """``--save_total_limit``: delete all but the newest ``keep`` intact checkpoints (and any
+    incomplete folder older than the oldest kept); never one named in ``protect``."""
+    ckpts = checkpoints(out_dir)
+    intact = []
+    for p in ckpts:
+        try:
+            files.read_manifest(p)
+            intact.append(p)
+        except files.CorruptFileError:
+            pass
+    if len(intact) <= keep:
+        return []
+    oldest_kept = step_of(intact[-keep])
+    protect = {pathlib.Path(p).resolve() for p in protect}
+    gone = []
+    for p in ckpts:
+        if step_of(p) < oldest_kept and p.resolve() not in protect:
+            (p / files.MANIFEST).unlink(missing_ok=True)  # no longer a checkpoint even if the rmtree is cut short
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(str(p))
+    return gone
+
+
+__all__ = ["checkpoints", "latest", "load", "prune", "save", "seal", "step_of", "verify"]

@@ -14,6 +14,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from latentfast.files import nonfinite
+
 LIKELY_CAUSES = ("a learning rate too high for this model, fp16 overflow (use --bf16 or fp32), "
                  "a data row that tokenises to nothing, or a reward/advantage normalisation that divides by zero")
 
@@ -84,11 +86,11 @@ class NonFiniteGuard:
 
 
 def assert_finite_weights(named_tensors, where: str) -> None:
-    """Refuse to write a checkpoint that holds a non-finite weight."""
-    bad = [k for k, v in named_tensors if torch.is_tensor(v) and v.is_floating_point()
-           and not bool(torch.isfinite(v).all())]
+    """Refuse to write a checkpoint that holds a non-finite weight (names tensor and dtype)."""
+    bad = nonfinite(named_tensors)
     if bad:
-        few = ", ".join(bad[:5]) + (f" ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        few = ", ".join(f"{k} ({str(d).removeprefix('torch.')})" for k, d, _ in bad[:5])
+        few += f" ... ({len(bad)} in all)" if len(bad) > 5 else ""
         raise NonFiniteTrainingError(f"refusing to save {where}: non-finite values in {few}")
 
 

@@ -69,6 +69,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from latentfast import files
+
 from . import checkpoint, dist
 from .common import (JsonlLogger, amp_context, check_resume_arg, no_sync_unless, optimizer_step, peak_mem_mb,
                      reset_peak_mem, warmup_schedule)
@@ -99,7 +101,9 @@ class TrainConfig(Config):
     logging_steps: int = option(10, "console line every N steps (0: none)")
     save_steps: int = option(500, "checkpoint every N steps (0: only at the end)")
     eval_steps: int = option(0, "evaluate every N steps (0: only at the end)")
-    resume_from_checkpoint: str | None = option(None, "checkpoint dir, or 'latest' in --output_dir")
+    resume_from_checkpoint: str | None = option(None, "checkpoint dir, or 'latest' in --output_dir (the newest "
+                                                      "intact one)")
+    save_total_limit: int | None = option(None, "keep only the newest N checkpoints (default: all)")
     max_nonfinite_steps: int = option(10, "stop after this many consecutive non-finite steps")
     wandb_project: str | None = option(None, "also log to this Weights & Biases project")
 
@@ -111,6 +115,8 @@ class TrainConfig(Config):
         super().__post_init__()
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_nonfinite_steps"):
             check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
+              "an integer >= 1 (or leave it unset to keep every checkpoint)", self.save_total_limit)
         for name in ("logging_steps", "save_steps", "eval_steps"):
             check(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
         check(0.0 <= self.warmup_ratio <= 1.0, "warmup_ratio", "a number in [0, 1]", self.warmup_ratio)
@@ -279,6 +285,7 @@ class Trainer:
         guard = NonFiniteGuard(cfg.max_nonfinite_steps, name=self.name)
 
         # resume
+        self._resumed = (None, None)
         start = self._resume(guard)
         self._log = JsonlLogger(out / "metrics.jsonl", enabled=self.rank == 0)
         self._wandb = self.init_wandb() if self.rank == 0 else None
@@ -344,15 +351,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int, guard: NonFiniteGuard) -> str | None:
+        ckpt = self.out / f"checkpoint-{step}"
+        if step == getattr(self, "_resumed", (None, None))[0] and ckpt.resolve() == self._resumed[1]:
+            return str(ckpt)  # resumed here and no step since: it holds this very state (keep it intact)
         extra = {**self.checkpoint_extra(), "config": self.cfg.to_dict(), "trainer": self.state_dict(),
                  "nonfinite": guard.state_dict()}
         path = checkpoint.save(str(self.out), step, self.model, self.optimizer, self.scheduler, extra=extra,
-                               full=self.save_full)
-        ckpt = self.out / f"checkpoint-{step}"
-        if torch.distributed.is_initialized():
+                               full=self.save_full, seal_now=False)
+        distributed = torch.distributed.is_initialized()
+        if distributed:
             torch.distributed.barrier()  # rank 0 made the folder
         ckpt.mkdir(parents=True, exist_ok=True)
-        (ckpt / f"rng_state_{self.rank}.json").write_text(json.dumps(rng_state()))
+        files.write_json(ckpt / f"rng_state_{self.rank}.json", rng_state())
+        if distributed:
+            torch.distributed.barrier()  # every rank's RNG state is on disk
+        if self.rank == 0:
+            checkpoint.seal(ckpt)  # last: now it is a checkpoint
+            if self.cfg.save_total_limit:
+                checkpoint.prune(self.out, self.cfg.save_total_limit)
         return path
 
     def _resume(self, guard) -> int:
@@ -363,6 +379,10 @@ class Trainer:
             return 0
         if not (pathlib.Path(path) / "trainer_state.json").exists():
             raise FileNotFoundError(f"--resume_from_checkpoint: no checkpoint (trainer_state.json) at {path}")
+        try:
+            checkpoint.verify(path)
+        except files.CorruptFileError as e:
+            raise files.CorruptFileError(f"--resume_from_checkpoint {path}: {e}") from None
         opt, sched = self.optimizer, self.scheduler
         target = [g["initial_lr"] for g in opt.param_groups]  # this run's lrs win (e.g. a stage-2 unfreeze)
         saved = json.loads((pathlib.Path(path) / "trainer_state.json").read_text())
@@ -379,6 +399,7 @@ class Trainer:
             set_rng_state(json.loads(rng.read_text()))
         note = "" if same_groups else " (optimizer groups changed: fresh optimizer state)"
         self.print(f"resumed from {path} at step {state['step']}{note}")
+        self._resumed = (state["step"], pathlib.Path(path).resolve())
         return state["step"]
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from latentfast.data import minimind as mmdata
+from latentfast.files import CorruptFileError
 from latentfast.models.adapter import unwrap
 from latentfast.models.minimind import MiniMindConfig, MiniMindForCausalLM, checkpoint_name, load_pth, save_pth
 from latentfast.models.minimind.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, load_tokenizer
@@ -129,6 +130,8 @@ def load_weights(lm, path, flag: str = "--from_weight"):
     """``load_pth`` strictly (same layer count, gate and MoE layout), errors naming the flag."""
     try:
         load_pth(lm, path, strict=True)
+    except CorruptFileError as e:
+        raise CorruptFileError(f"{flag}: {e}") from None
     except RuntimeError as e:
         raise RuntimeError(f"{flag}: {path} does not fit the model built from the flags "
                            f"(--hidden_size / --num_hidden_layers / --use_moe?): {e}") from None
@@ -183,6 +186,10 @@ class MiniMindTrainer(Trainer):
         if c.dtype == "float16" and self.device.type == "cuda":
             self.print("--dtype float16: the loop runs bf16 autocast (no GradScaler)")
         self.tok = load_tokenizer(c.tokenizer)
+        if self.rank == 0 and self.write_weights:  # a killed export's temporary (this run's file only)
+            w = self.weights_file()
+            for p in w.parent.glob(f".{w.name}.tmp-*"):
+                p.unlink(missing_ok=True)
         if self.rows is None:
             self.rows = self.load_rows()
         self.stream = SampleStream(self.rows, c.seed)

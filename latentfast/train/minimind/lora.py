@@ -14,14 +14,15 @@ LoRA (``models.adapter.add_lora``, alpha = rank: MiniMind's unscaled ``B(A(x))``
 """
 from __future__ import annotations
 
-import os
 import pathlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from latentfast import files
 from latentfast.models.adapter import add_lora, unwrap
+from latentfast.models.minimind.pth import read_pth
 
 from ..config import check, option
 from .common import DEMO, LMLoss, MiniMindArgs, MiniMindTrainer, cli_of, stage_main
@@ -75,15 +76,14 @@ def lora_state_dict(lm) -> dict:
 def save_lora(lm, path, dtype=torch.float16) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({k: v.to(dtype) for k, v in lora_state_dict(lm).items()}, tmp)
-    os.replace(tmp, path)
-    return path
+    state = {k: v.to(dtype) for k, v in lora_state_dict(lm).items()}
+    files.assert_finite(state.items(), str(path))  # after the cast: fp16 overflow is an error, not a file
+    return files.save_with_sidecar(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_lora(lm, path) -> None:
     """Load MiniMind-named LoRA weights into a PEFT-wrapped ``lm`` (made by this stage's ``add_lora``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_pth(path)
     mods = dict(unwrap(lm).named_modules())
     for key, v in state.items():
         name, _, part = key.removeprefix("module.").rpartition(".lora.")
