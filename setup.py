@@ -42,7 +42,7 @@ setup(
         # compiled=False); it needs only torch + triton, already required.
         # kernels: Hugging Face's hub-kernels package (transformers imports it); the suite checks
         # that nothing in this repo shadows it when run from the repo root.
-        "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6", "liger-kernel>=0.8", "kernels>=0.10"],
+        "dev": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.8", "kernels>=0.10"],
         "bench": ["liger-kernel>=0.6"],
         "flash": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "wandb": ["wandb>=0.17"],

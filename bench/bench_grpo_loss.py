@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from measure import compare
+from measure import compare, needs
 
 from latentfast.nn import FusedLinearGRPOLoss
 from latentfast.ops import _native
@@ -112,15 +112,9 @@ def run(device: torch.device, quick: bool) -> list[dict]:
 def _liger_step(x, W, args):
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-    except Exception as exc:  # recorded as this impl's error by compare()
-        err = exc
-
-        def missing():
-            raise RuntimeError(f"liger-kernel unavailable: {err}")
-        return missing
+    except ImportError:
+        return needs("liger-kernel not installed (pip install -e '.[bench]')")
     if x.device.type != "cuda":
-        def cpu():
-            raise RuntimeError("Liger's kernels need CUDA")
-        return cpu
+        return needs("needs CUDA (Liger's kernels are Triton-only)")
     liger = LigerFusedLinearGRPOLoss(**KW, use_ref_model=True)
     return _step(liger, x, W, *args)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from measure import compare
+from measure import compare, needs
 
 from latentfast.nn import FusedLinearCrossEntropyLoss, FusedLinearDPOLoss, FusedLinearJSDLoss
 
@@ -38,12 +38,8 @@ def _step(fn, *params):
 def _liger(name, build):
     try:
         from liger_kernel import chunked_loss  # noqa: F401
-    except Exception as exc:
-        err = exc
-
-        def missing():
-            raise RuntimeError(f"liger-kernel unavailable: {err}")
-        return missing
+    except ImportError:
+        return needs("liger-kernel not installed (pip install -e '.[bench]')")
     return build()
 
 
@@ -63,9 +59,7 @@ def _ce_case(B, T, H, V, dtype, device):
     def liger_build():
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         if device.type != "cuda":
-            def cpu():
-                raise RuntimeError("Liger's fused linear CE is Triton-only (CUDA)")
-            return cpu
+            return needs("needs CUDA (Liger's fused linear CE is Triton-only)")
         mod = LigerFusedLinearCrossEntropyLoss()
         return _step(lambda: mod(W, x, y), x, W)
 

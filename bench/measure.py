@@ -17,6 +17,18 @@ import time
 import torch
 
 
+class Skipped(Exception):
+    """A peer that cannot run here (e.g. Liger's Triton-only kernels on a CPU): reported as
+    "skipped: <why>", not as an error."""
+
+
+def needs(reason: str):
+    """A stand-in callable for an implementation that cannot run on this device."""
+    def skipped():
+        raise Skipped(reason)
+    return skipped
+
+
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -111,6 +123,9 @@ def compare(impls: dict, device: torch.device, baseline: str, **timing_kw) -> di
     baseline/impl for speed (>1 = faster than baseline) and impl/baseline for memory."""
     rows = {}
     for name, ms in time_round_robin(impls, device, **timing_kw).items():
+        if isinstance(ms, Skipped):
+            rows[name] = {"skipped": str(ms)}
+            continue
         if isinstance(ms, Exception):
             rows[name] = {"error": f"{type(ms).__name__}: {str(ms)[:200]}"}
             continue
