@@ -58,6 +58,9 @@ setup(
             "latentfast-hrpo-eval=latentfast.eval.hrpo:cli",
             "latentfast-kv-cache=latentfast.train.kv_cache:cli",
             "latentfast-diagnose=latentfast.diagnose:main",
+            "latentfast-grpo=latentfast.train.rl.grpo:cli",
+            "latentfast-dpo=latentfast.train.rl.dpo:cli",
+            "latentfast-rloo=latentfast.train.rl.rloo:cli",
         ]
     },
 )

@@ -39,6 +39,7 @@ from . import dist
 from .common import SampleStream, check_data_arg, console_entry, load_causal_lm
 from .config import option
 from .loop import TrainConfig, Trainer
+from .rl.advantages import trl_group_zscore
 from .sft import warm_up
 
 DEMO_MODEL = "tiny"
@@ -159,11 +160,9 @@ def decode_completions(tok, rollout) -> list[str]:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(r - mean_group) / (std_group + 1e-4), TRL's GRPO normalisation. A group of one has no
-    spread (its sample std is NaN): its advantage is 0, never NaN."""
-    g = rewards.view(-1, group_size)
-    std = g.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(g)
-    return ((g - g.mean(1, keepdim=True)) / (std + 1e-4)).view(-1)
+    """(r - mean_group) / (std_group + 1e-4), TRL's GRPO normalisation (``rl.advantages.trl_group_zscore``).
+    A group of one has no spread (its sample std is NaN): its advantage is 0, never NaN."""
+    return trl_group_zscore(rewards, group_size, "group")
 
 
 # ----------------------------------------------------------------------------- model

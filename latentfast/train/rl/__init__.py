@@ -1,0 +1,14 @@
+"""``latentfast.train.rl``: one RL trainer for any Hugging Face causal LM, on the training loop.
+
+    trainer.py     RLConfig (TRL ModelConfig + HF Trainer defaults), RLTrainer (hooks rollout / score /
+                   advantages / loss), the policy model (LoRA via PEFT)
+    policy.py      the policy protocol: rollout (the decode engine), hidden states, head, reference
+    advantages.py  every estimator, named for whose it is (trl_group_zscore, minimind_group_batch_zscore,
+                   rloo_baseline, gae, SPOTracker)
+    objectives.py  GRPOLoss / DPOLoss: the one place a loss type's options are validated
+    data.py        TRL dataset formats (prompt-only, preference; standard or conversational), built-in sets
+    rewards.py     module:function reward functions (TRL's signature), reward-model folders, 'accuracy'
+    grpo.py        latentfast-grpo (TRL GRPOConfig's flags)
+    dpo.py         latentfast-dpo (TRL DPOConfig's flags)
+    rloo.py        latentfast-rloo: a new algorithm in one small file (the example to copy)
+"""

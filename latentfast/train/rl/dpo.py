@@ -1,0 +1,144 @@
+"""DPO for any local Hugging Face causal LM, with TRL DPOConfig's arguments and defaults.
+
+    latentfast-dpo --model_name_or_path ~/.cache/latentfast/gemma-3-270m --dataset_name pairs.jsonl \\
+        --use_peft --per_device_train_batch_size 4 --max_length 512 --learning_rate 5e-6
+
+Data: TRL's preference format, ``prompt``/``chosen``/``rejected`` (strings, or messages through
+the chat template), or conversational ``chosen``/``rejected`` whose shared leading messages are
+the prompt. ``per_device_train_batch_size`` pairs per micro-batch. The loss is the fused
+engine's DPO family (``objectives.DPOLoss``: every ``--loss_type``, ``--rpo_alpha``'s chosen NLL)
+on the policy's hidden states; reference log-probs come from the base with the LoRA adapter
+disabled (or a frozen copy without LoRA), per batch or once up front
+(``--precompute_ref_log_probs``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..common import SampleStream, console_entry
+from ..config import check, option
+from .data import load_dataset_rows, preference_texts
+from .objectives import DPO_LOSS_TYPES, DPOLoss, sequence_logps
+from .trainer import RLConfig, RLTrainer
+
+
+@dataclass
+class DPOConfig(RLConfig):
+    """TRL DPOConfig's names and defaults for the options the fused trainer has."""
+
+    beta: float = option(0.1, "DPO temperature (deviation from the reference)")
+    loss_type: str = option("sigmoid", "DPO loss", choices=list(DPO_LOSS_TYPES))
+    label_smoothing: float = option(0.0, "robust / exo_pair label smoothing")
+    max_length: int | None = option(1024, "prompt + response tokens kept (the response end is cut)")
+    max_prompt_length: int | None = option(512, "prompt tokens kept (left-truncated); None: all")
+    rpo_alpha: float | None = option(None, "RPO: add alpha x the chosen responses' NLL (None: off)")
+    precompute_ref_log_probs: bool = option(False, "reference log-probs of the whole data set once, up front")
+    dataset_name: str = "arithmetic_pairs"
+    output_dir: str = "runs/dpo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.max_length is None or self.max_length >= 2, "max_length", "an integer >= 2 (or None)",
+              self.max_length)
+        check(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
+              "an integer >= 1 (or None)", self.max_prompt_length)
+        self.objective()
+
+    def objective(self) -> DPOLoss:
+        return DPOLoss(loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
+                       rpo_alpha=self.rpo_alpha)
+
+
+class DPO(RLTrainer):
+    name = "dpo"
+
+    def setup(self):
+        c = self.cfg
+        self.rows = load_dataset_rows(c.dataset_name, c.dataset_train_split)
+        if not self.rows:
+            raise ValueError(f"--dataset_name {c.dataset_name}: no rows")
+        self.stream = SampleStream(list(range(len(self.rows))), c.seed)
+        self.loss_fn = c.objective()
+        self.ref_cache = None
+
+    def num_train_items(self):
+        return len(self.rows)
+
+    def encode(self, idx: list[int]) -> dict:
+        """Pairs -> chosen rows then rejected rows: prompts left-padded, responses right-padded."""
+        c, tok, pad = self.cfg, self.tok, self.policy.pad
+        prompts, resp = [], []
+        for which in (1, 2):
+            for i in idx:
+                texts = preference_texts(tok, self.rows[i])
+                p = tok(texts[0], add_special_tokens=True)["input_ids"]
+                r = tok(texts[which], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                if c.max_prompt_length:
+                    p = p[-c.max_prompt_length:]
+                if c.max_length:
+                    r = r[:max(1, c.max_length - len(p))]
+                prompts.append(p)
+                resp.append(r)
+        P, C = max(map(len, prompts)), max(map(len, resp))
+        dev = self.device
+        t = lambda rows: torch.tensor(rows, device=dev)  # noqa: E731
+        return dict(prompt_ids=t([[pad] * (P - len(p)) + p for p in prompts]),
+                    prompt_mask=t([[0] * (P - len(p)) + [1] * len(p) for p in prompts]),
+                    completion_ids=t([r + [pad] * (C - len(r)) for r in resp]),
+                    completion_mask=t([[1] * len(r) + [0] * (C - len(r)) for r in resp]), index=idx)
+
+    @torch.no_grad()
+    def reference_logps(self, b: dict) -> torch.Tensor:
+        h = self.reference_hidden(b)
+        W, bias = self.policy.head()
+        return sequence_logps(h, W, bias, b["completion_ids"], b["completion_mask"])
+
+    def precompute(self):
+        B, cache = self.cfg.per_device_train_batch_size, {}
+        for s in range(0, len(self.rows), B):
+            idx = list(range(s, min(s + B, len(self.rows))))
+            lp = self.reference_logps(self.encode(idx)).cpu()
+            for k, i in enumerate(idx):
+                cache[i] = (lp[k], lp[len(idx) + k])
+        self.print(f"reference log-probs of {len(cache)} pairs precomputed")
+        return cache
+
+    def batches(self, step):
+        c = self.cfg
+        if c.precompute_ref_log_probs and self.ref_cache is None:
+            self.ref_cache = self.precompute()
+        out = []
+        for m in range(c.gradient_accumulation_steps):
+            b = self.encode(self.micro_items(self.stream, step, m, c.per_device_train_batch_size))
+            if self.ref_cache is not None:
+                lp = torch.stack([torch.stack(self.ref_cache[i]) for i in b["index"]]).to(self.device)  # (B, 2)
+                b["ref_chosen"], b["ref_rejected"] = lp[:, 0], lp[:, 1]
+            else:
+                lp = self.reference_logps(b)
+                half = lp.shape[0] // 2
+                b["ref_chosen"], b["ref_rejected"] = lp[:half], lp[half:]
+            out.append(b)
+        return out
+
+    def loss(self, b):
+        h, aux = self.model(b)
+        W, bias = self.policy.head()
+        target = b["completion_ids"].masked_fill(b["completion_mask"] == 0, -100)
+        loss, m = self.loss_fn(h, W, bias, target, b["ref_chosen"], b["ref_rejected"])
+        return loss + aux, m
+
+    def log_line(self, row):
+        return (f"Step {row['step']}: loss={row['loss']:.4f} margin={row.get('rewards/margins', 0):.4f} "
+                f"acc={row.get('rewards/accuracies', 0):.2f} lr={row['lr']:.2e} {row['step_s']:.1f}s")
+
+
+def main(argv=None):
+    return DPO(DPOConfig.parse(argv, __doc__)).fit()
+
+
+cli = console_entry(main)
+
+if __name__ == "__main__":
+    cli()

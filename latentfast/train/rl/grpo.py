@@ -1,0 +1,244 @@
+"""GRPO for any local Hugging Face causal LM, with TRL GRPOConfig's arguments and defaults.
+
+    latentfast-grpo --model_name_or_path ~/.cache/latentfast/gemma-3-270m --dataset_name gsm8k_sample \\
+        --reward_funcs accuracy --use_peft --num_generations 4 --per_device_train_batch_size 8 \\
+        --max_completion_length 64 --learning_rate 1e-5
+    latentfast-grpo --dataset_name prompts.jsonl --reward_funcs my_rewards:correct ./reward_model
+
+Data: TRL's prompt-only format (``prompt``: a string, or messages through the chat template);
+other columns reach the reward functions as keywords. Rewards: ``module:function`` (TRL's
+signature), a local reward-model folder, or ``accuracy``; summed with ``--reward_weights``.
+Batching as TRL: ``per_device_train_batch_size`` completions per micro-batch; one generation
+round makes ``per_device_train_batch_size * steps_per_generation`` completions
+(``num_generations`` per prompt), used for ``num_iterations`` passes (old log-probs are taken
+then, so the clipped ratio is live). Loss: every GRPO-family type of the fused engine
+(``objectives.GRPOLoss``) on the policy's hidden states; rollouts: the decode engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from latentfast.ops.lm_head_engine import lm_head_logps
+
+from ..common import SampleStream, console_entry
+from ..config import check, option
+from . import advantages as adv_mod
+from . import rewards as rw
+from .data import check_prompt_rows, load_dataset_rows, render_prompt
+from .objectives import GRPO_LOSS_TYPES, GRPOLoss
+from .policy import Sampling
+from .trainer import RLConfig, RLTrainer
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """TRL GRPOConfig's names and defaults (TRL 1.16) for the options the fused trainer has."""
+
+    num_generations: int = option(8, "completions per prompt (the group)")
+    max_prompt_length: int | None = option(512, "prompt tokens kept (left-truncated); None: all")
+    max_completion_length: int = option(256, "new tokens per completion")
+    temperature: float = option(1.0, "sampling temperature (also divides the logits of the loss, as TRL)")
+    top_p: float = option(1.0, "nucleus sampling")
+    top_k: int = option(0, "top-k sampling (0: off)")
+    beta: float = option(0.0, "KL coefficient (0: no reference model is built)")
+    loss_type: str = option("dapo", "loss normalisation / policy term", choices=list(GRPO_LOSS_TYPES))
+    epsilon: float = option(0.2, "lower clip")
+    epsilon_high: float | None = option(None, "upper clip (default: --epsilon)")
+    delta: float | None = option(None, "two-sided clip bound on the ratio (None: off)")
+    importance_sampling_level: str = option("token", "token or sequence (GSPO)", choices=["token", "sequence"])
+    scale_rewards: str = option("group", "advantage scaling: group / batch / none", choices=["group", "batch", "none"])
+    num_iterations: int = option(1, "passes over each generation round (mu)")
+    steps_per_generation: int | None = option(None, "micro-batches per generation round (default: "
+                                                    "--gradient_accumulation_steps)")
+    mask_truncated_completions: bool = option(False, "completions without EOS are left out of the loss")
+    top_entropy_quantile: float = option(1.0, "train on this top fraction of tokens by entropy")
+    use_bias_correction_kl: bool = option(True, "multiply the KL term by the importance ratio (TRL's default)")
+    entropy_coef: float = option(0.0, "entropy bonus coefficient")
+    reward_funcs: list[str] = option(["accuracy"], "module:function, local reward-model folders, or 'accuracy'")
+    reward_weights: list[float] | None = option(None, "weights of --reward_funcs (default: all 1)")
+    logging_steps: int = 10
+    output_dir: str = "runs/grpo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.num_generations >= 2, "num_generations", "an integer >= 2 (a group of one has no advantage)",
+              self.num_generations)
+        check(self.max_completion_length >= 1, "max_completion_length", "an integer >= 1", self.max_completion_length)
+        check(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
+              "an integer >= 1 (or None)", self.max_prompt_length)
+        check(self.num_iterations >= 1, "num_iterations", "an integer >= 1", self.num_iterations)
+        check(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        check(self.top_k >= 0, "top_k", "an integer >= 0", self.top_k)
+        spg = self.generation_steps
+        check(spg >= 1, "steps_per_generation", "an integer >= 1", spg)
+        check(self.per_device_train_batch_size * spg % self.num_generations == 0, "num_generations",
+              f"a divisor of the generation batch per_device_train_batch_size x steps_per_generation = "
+              f"{self.per_device_train_batch_size * spg}", self.num_generations)
+        check(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
+              f"{len(self.reward_funcs)} weights (one per --reward_funcs)", self.reward_weights)
+        self.objective()  # every loss-type option is checked here, once
+
+    @property
+    def generation_steps(self) -> int:
+        return self.steps_per_generation or self.gradient_accumulation_steps
+
+    def objective(self) -> GRPOLoss:
+        return GRPOLoss(loss_type=self.loss_type, beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
+                        delta=self.delta, importance_sampling_level=self.importance_sampling_level,
+                        top_entropy_quantile=self.top_entropy_quantile,
+                        use_bias_correction_kl=self.use_bias_correction_kl,
+                        max_completion_length=self.max_completion_length, temperature=self.temperature,
+                        entropy_coef=self.entropy_coef)
+
+
+class GRPO(RLTrainer):
+    """GRPO (TRL semantics) on the generic RL trainer; subclasses change ``advantages``."""
+
+    name = "grpo"
+    estimator = staticmethod(adv_mod.trl_group_zscore)
+    token_reference = True  # the loss takes per-token reference log-probs (RLOO puts its KL in the reward)
+
+    def needs_reference(self):
+        return self.cfg.beta != 0.0
+
+    def setup(self):
+        c = self.cfg
+        self.rows = load_dataset_rows(c.dataset_name, c.dataset_train_split)
+        check_prompt_rows(self.rows)
+        self.stream = SampleStream(self.rows, c.seed)
+        self.reward_fns = [rw.resolve(s, self.device) for s in c.reward_funcs]
+        self.reward_weights = torch.tensor(c.reward_weights or [1.0] * len(self.reward_fns))
+        self.loss_fn = c.objective()
+        self.buffer, self.round = [], 0
+
+    def num_train_items(self):
+        return len(self.rows) * self.cfg.num_generations * self.cfg.num_iterations
+
+    def state_dict(self):
+        return {"round": self.round}
+
+    def load_state_dict(self, state):
+        self.round = int(state.get("round", 0))
+
+    # ---------------------------------------------------------------- hooks
+    def rollout(self, rows: list[dict], round_: int) -> dict:
+        c, G, dev = self.cfg, self.cfg.num_generations, self.device
+        texts = [render_prompt(self.tok, r["prompt"]) for r in rows]
+        enc = self.tok(texts, add_special_tokens=True, padding=False)["input_ids"]
+        if c.max_prompt_length:
+            enc = [ids[-c.max_prompt_length:] for ids in enc]
+        P = max(len(x) for x in enc)
+        pad = self.policy.pad
+        ids = torch.tensor([[pad] * (P - len(x)) + x for x in enc], device=dev).repeat_interleave(G, 0)
+        mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in enc], device=dev).repeat_interleave(G, 0)
+        gen = torch.Generator(device=dev).manual_seed(c.seed * 1_000_003 + round_ * self.world + self.rank)
+        sampling = Sampling(c.max_completion_length, c.temperature, c.top_p, c.top_k)
+        with self.amp():
+            ro = self.policy.rollout(ids, mask, sampling, generator=gen)
+        b = dict(prompt_ids=ids, prompt_mask=mask, completion_ids=ro.completion_ids,
+                 completion_mask=ro.completion_mask, prompts=[t for t in texts for _ in range(G)],
+                 rows=[r for r in rows for _ in range(G)])
+        b["truncated"] = self.policy.truncated(ro)
+        return b
+
+    def score(self, b: dict) -> torch.Tensor:
+        ids = b["completion_ids"].masked_fill(b["completion_mask"] == 0, self.policy.pad)
+        completions = self.tok.batch_decode(ids.tolist(), skip_special_tokens=True)
+        keys = [k for k in b["rows"][0] if k != "prompt"]
+        columns = {k: [r.get(k) for r in b["rows"]] for k in keys}
+        cids = [row[m.bool()].tolist() for row, m in zip(b["completion_ids"].cpu(), b["completion_mask"].cpu())]
+        per_fn = rw.score(self.reward_fns, b["prompts"], completions, cids, columns)
+        b["completions"], b["rewards_per_func"] = completions, per_fn
+        w = self.reward_weights
+        rewards = (per_fn * w).nansum(1)
+        return rewards.masked_fill(per_fn.isnan().all(1), float("nan")).to(self.device)
+
+    def advantages(self, b: dict) -> torch.Tensor:
+        return self.estimator(b["rewards"], self.cfg.num_generations, self.cfg.scale_rewards)
+
+    def generation_round(self) -> list[dict]:
+        """One round: rollout -> score -> advantages -> old / reference log-probs, cut into
+        ``steps_per_generation`` micro-batches, repeated ``num_iterations`` times."""
+        c = self.cfg
+        spg, B = c.generation_steps, c.per_device_train_batch_size
+        n_prompts = B * spg // c.num_generations
+        base = (self.round * self.world + self.rank) * n_prompts
+        rows = [self.stream[base + i] for i in range(n_prompts)]
+        b = self.rollout(rows, self.round)
+        self.round += 1
+        b["rewards"] = self.score(b)
+        b["advantages"] = self.advantages(b)
+        mask = b["completion_mask"]
+        if c.mask_truncated_completions:
+            mask = mask * (~b["truncated"]).long()[:, None]
+        off_policy = c.num_iterations > 1 or spg > c.gradient_accumulation_steps
+        stats = self.rollout_stats(b)
+        micro = []
+        for k in range(spg):
+            sl = slice(k * B, (k + 1) * B)
+            mb = {key: b[key][sl] for key in ("prompt_ids", "prompt_mask", "completion_ids", "advantages")}
+            mb["completion_mask"], mb["stats"] = mask[sl], stats
+            with torch.no_grad():
+                W, bias = self.policy.head()
+                if off_policy:
+                    with self.amp():
+                        h, _ = self.model(mb)
+                    mb["old"] = lm_head_logps(h, W, mb["completion_ids"], bias, c.temperature, mb["completion_mask"])[0]
+                h_ref = self.reference_hidden(mb) if self.needs_reference() and self.token_reference else None
+                if h_ref is not None:
+                    mb["ref"] = lm_head_logps(h_ref, W, mb["completion_ids"], bias, c.temperature,
+                                              mb["completion_mask"])[0]
+            micro.append(mb)
+        return micro * c.num_iterations
+
+    def rollout_stats(self, b) -> dict:
+        r, lens = b["rewards"], b["completion_mask"].sum(1).float()
+        out = {"reward": float(torch.nanmean(r)), "reward_std": float(r[~r.isnan()].std()) if r.numel() > 1 else 0.0,
+               "completions/mean_length": float(lens.mean()),
+               "completions/clipped_ratio": float(b["truncated"].float().mean())}
+        for f, col in zip(self.cfg.reward_funcs, b["rewards_per_func"].T):
+            out[f"rewards/{f.split(':')[-1].rstrip('/').split('/')[-1]}/mean"] = float(torch.nanmean(col))
+        return out
+
+    def batches(self, step):
+        n = self.cfg.gradient_accumulation_steps
+        while len(self.buffer) < n:
+            self.buffer.extend(self.generation_round())
+        micro, self.buffer = self.buffer[:n], self.buffer[n:]
+        if self.loss_fn.token_normalised:  # the step's completion tokens, every rank (TRL's num_items_in_batch)
+            t = torch.tensor(sum(int(m["completion_mask"].sum()) for m in micro), device=self.device)
+            if self.world > 1:
+                torch.distributed.all_reduce(t)
+            for m in micro:
+                m["num_items"] = int(t)
+        return micro
+
+    def micro_weights(self, micro):  # token-normalised losses are parts of one token mean
+        return [1.0] * len(micro) if self.loss_fn.token_normalised else [1.0 / len(micro)] * len(micro)
+
+    def loss(self, mb):
+        h, aux = self.model(mb)
+        W, bias = self.policy.head()
+        loss, m = self.loss_fn(h, W, bias, mb["completion_ids"], mb["completion_mask"], mb["advantages"],
+                               ref=mb.get("ref"), old=mb.get("old"), num_items_in_batch=mb.get("num_items"))
+        return loss + aux, {**mb["stats"], **m}
+
+    def log_line(self, row):
+        return (f"Step {row['step']}: loss={row['loss']:.4f} reward={row.get('reward', 0):.3f} "
+                f"kl={row.get('kl', 0):.4f} len={row.get('completions/mean_length', 0):.1f} lr={row['lr']:.2e} "
+                f"{row['step_s']:.1f}s")
+
+    def progress(self, row):
+        return {"reward": f"{row.get('reward', 0):.3f}", "loss": f"{row['loss']:.3f}"}
+
+
+def main(argv=None, trainer=GRPO, config=GRPOConfig, doc=__doc__):
+    return trainer(config.parse(argv, doc)).fit()
+
+
+cli = console_entry(main)
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,87 @@
+"""RLOO (REINFORCE leave-one-out, TRL ``RLOOTrainer``) as a configuration of the GRPO trainer.
+
+    latentfast-rloo --model_name_or_path <folder> --dataset_name arithmetic --use_peft --num_generations 4
+
+What differs from GRPO, after TRL 1.16: the advantage is the reward minus the mean of the
+other ``num_generations - 1`` samples of its prompt (``advantages.rloo_baseline``), optionally
+z-scored over the batch (``--normalize_advantages``); the KL to the reference is a reward
+penalty, ``r - beta * sum_t(old_t - ref_t)`` (first-order estimate, default beta 0.05); the loss is
+PPO's clipped term on the *sequence* log-prob ratio, averaged over sequences
+(``PPOSequenceObjective`` with no KL term, through the fused engine).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from latentfast.ops.lm_head_engine import lm_head_logps
+from latentfast.ops.ppo_loss import fused_linear_ppo_sequence_loss
+
+from ..common import console_entry
+from ..config import check, option
+from .advantages import rloo_baseline
+from .grpo import GRPO, GRPOConfig, main as grpo_main
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """TRL RLOOConfig's defaults where they differ from GRPOConfig's."""
+
+    num_generations: int = 2
+    beta: float = 0.05
+    normalize_advantages: bool = option(False, "z-score the advantages over the batch")
+    output_dir: str = "runs/rloo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.epsilon_high in (None, self.epsilon), "epsilon_high", "unset or equal to --epsilon (RLOO's clip "
+              "is symmetric here)", self.epsilon_high)
+
+
+class RLOO(GRPO):
+    name = "rloo"
+    token_reference = False
+
+    def sequence_logps(self, b, reference: bool) -> torch.Tensor:
+        W, bias = self.policy.head()
+        with torch.no_grad():
+            if reference:
+                h = self.reference_hidden(b)
+            else:
+                with self.amp():
+                    h = self.model(b)[0]
+            lp = lm_head_logps(h, W, b["completion_ids"], bias, self.cfg.temperature, b["completion_mask"])[0]
+        return lp.sum(1)
+
+    def advantages(self, b):
+        r = b["rewards"]
+        if self.cfg.beta:  # KL as a reward penalty: sum over tokens of old - ref (first order)
+            kl = self.sequence_logps(b, False) - self.sequence_logps(b, True)
+            r = r - self.cfg.beta * kl
+            b["kl"] = kl
+        nan = r.isnan()
+        a = rloo_baseline(r.nan_to_num(0.0), self.cfg.num_generations)
+        if self.cfg.normalize_advantages:
+            a = (a - a.mean()) / (a.std() + 1e-4)
+        return a.masked_fill(nan, 0.0)
+
+    def loss(self, mb):
+        h, aux = self.model(mb)
+        W, bias = self.policy.head()
+        mask = mb["completion_mask"]
+        old = (mb["old"] * mask).sum(1) if "old" in mb else None
+        loss, m = fused_linear_ppo_sequence_loss(h, W, mb["completion_ids"], mask, mb["advantages"], bias,
+                                                 old_logps=old, clip_epsilon=self.cfg.epsilon, kl_coef=0.0,
+                                                 temperature=self.cfg.temperature)
+        return loss + aux, {**mb["stats"], "ratio_mean": m["ratio_mean"], "clip_ratio": m["clip_frac"]}
+
+
+def main(argv=None):
+    return grpo_main(argv, trainer=RLOO, config=RLOOConfig, doc=__doc__)
+
+
+cli = console_entry(main)
+
+if __name__ == "__main__":
+    cli()
