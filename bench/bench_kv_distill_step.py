@@ -21,8 +21,8 @@ import torch
 from measure import compare
 
 from latentfast.data import build_tokenizer
+from latentfast.hf.capture import KVCapture
 from latentfast.models import build_tiny_causal_lm
-from latentfast.models.capture import KVCapture
 from latentfast.ops import attention_token_importance
 from latentfast.train import kv_distill
 

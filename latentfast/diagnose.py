@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from latentfast.models import adapter
+from latentfast.hf import adapter
 from latentfast.nn import CKALoss, CODILoss, KVProjection, QKCapture, cache_kv, layer_pairs
 from latentfast.ops import attention_token_importance, kv_loss
 

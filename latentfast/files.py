@@ -12,7 +12,7 @@
 * ``clean_stale_tmp(folder)``: temporaries left by killed writes (ours and safetensors').
 * ``assert_finite(named_tensors, where)``: refuse to write a non-finite weight (after the cast).
 
-Used by ``train/checkpoint.py`` and the MiniMind ``.pth`` exports; nothing here imports train/.
+Used by ``runtime/checkpoint.py`` and the MiniMind ``.pth`` exports; nothing here imports train/.
 """
 from __future__ import annotations
 

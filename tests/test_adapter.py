@@ -1,10 +1,11 @@
-"""The Hugging Face adapter (latentfast.models.adapter) and the one capture mechanism."""
+"""The Hugging Face adapter (latentfast.hf.adapter) and the one capture mechanism."""
 import pytest
 import torch
 
 from latentfast.data import build_tokenizer
-from latentfast.models import adapter, build_tiny_causal_lm
-from latentfast.models.capture import AttentionCapture, KVCapture, QKCapture
+from latentfast.hf import adapter
+from latentfast.hf.capture import AttentionCapture, KVCapture, QKCapture
+from latentfast.models import build_tiny_causal_lm
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
 

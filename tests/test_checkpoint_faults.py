@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from latentfast import files
-from latentfast.train import checkpoint
+from latentfast.runtime import checkpoint
 from toy_trainer import BASE, same, toy, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")

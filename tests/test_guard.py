@@ -1,4 +1,4 @@
-"""The non-finite-step guard (latentfast.train.guard): a NaN/Inf loss or gradient norm
+"""The non-finite-step guard (latentfast.runtime.guard): a NaN/Inf loss or gradient norm
 skips the optimizer and scheduler step, is counted and warned about, stops the run after
 too many in a row, and no checkpoint ever holds a non-finite weight. End to end: a NaN
 injected into one HRPO step leaves the weights finite and the run going; --group_size 1
@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentfast.train import checkpoint, hrpo
+from latentfast.runtime import checkpoint
+from latentfast.runtime.guard import NonFiniteGuard, NonFiniteTrainingError
+from latentfast.train import hrpo
 from latentfast.train.common import optimizer_step
-from latentfast.train.guard import NonFiniteGuard, NonFiniteTrainingError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

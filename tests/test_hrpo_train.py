@@ -109,7 +109,7 @@ def _early_stop_run(rank, out):
 
     from latentfast.data import build_tokenizer
     from latentfast.models import HybridThinkingLM, build_tiny_causal_lm, generate
-    from latentfast.train import dist as tdist
+    from latentfast.runtime import dist as tdist
 
     tok = build_tokenizer()
     model = HybridThinkingLM(build_tiny_causal_lm(tok, seed=0))
@@ -172,7 +172,7 @@ def test_full_finetune_loads_fp32_master_weights(monkeypatch, tmp_path, lora_ran
 def test_checkpoint_load_rejects_a_different_model_layout(tmp_path):
     from latentfast.data import build_tokenizer
     from latentfast.models import HybridConfig, HybridThinkingLM, build_tiny_causal_lm
-    from latentfast.train import checkpoint
+    from latentfast.runtime import checkpoint
 
     tok = build_tokenizer()
 

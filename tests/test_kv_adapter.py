@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from latentfast.data import build_tokenizer
+from latentfast.hf.capture import KVCapture
 from latentfast.models import build_tiny_causal_lm
-from latentfast.models.capture import KVCapture
 from latentfast.nn import KVProjection
 from latentfast.nn.kv_adapter import MLPKVAdapter, kv_adapter, kv_adapters, kv_shape, layer_map
 from latentfast.nn.layer_pairs import layer_pairs

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from latentfast.data import build_tokenizer, make_arithmetic
+from latentfast.hf.adapter import cache_kwarg as _cache_kwarg
+from latentfast.hf.adapter import new_cache
+from latentfast.hf.capture import KVCapture
 from latentfast.models import build_tiny_causal_lm
-from latentfast.models.adapter import cache_kwarg as _cache_kwarg
-from latentfast.models.adapter import new_cache
-from latentfast.models.capture import KVCapture
 from latentfast.ops import attention_token_importance
 from latentfast.train import kv_distill
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from latentfast.runtime.guard import NonFiniteTrainingError
 from latentfast.train import sft
 from latentfast.train.common import SampleStream
 from latentfast.train.config import option
-from latentfast.train.guard import NonFiniteTrainingError
 from latentfast.train.loop import TrainConfig, Trainer
 
 

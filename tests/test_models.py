@@ -183,7 +183,7 @@ def test_cuda_parity_fp32_and_bf16_autocast_step():
 
 
 def test_pretrained_loads_are_local_only(tmp_path):
-    from latentfast.train.common import load_causal_lm
+    from latentfast.models.local import load_causal_lm
 
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(FileNotFoundError, match="no-such-model"):

@@ -6,8 +6,8 @@ import torch
 
 from latentfast.data import build_tokenizer, make_arithmetic
 from latentfast.data.kv_cache import KVCacheReader
+from latentfast.hf.capture import KVCapture
 from latentfast.models import build_tiny_causal_lm
-from latentfast.models.capture import KVCapture
 from latentfast.nn import AttentionWeightedKVLoss
 from latentfast.nn.kv_adapter import kv_adapters
 from latentfast.nn.multi_teacher_kv import MultiTeacherKVLoss

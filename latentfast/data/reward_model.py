@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from latentfast.train.advantages import REWARD_SCALE
+from .rewards import REWARD_SCALE
 
 _FORMAT = (re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.S),
            re.compile(r"^<think>\n.*?\n</think>\n\n<answer>\n.*?\n</answer>$", re.S))

@@ -18,6 +18,7 @@ import re
 from typing import Callable
 
 MARKER = "####"
+REWARD_SCALE = 3.0  # reward-model scores are clipped to +-3; SPO maps rewards to [0, 1] with it
 RewardFn = Callable[[list, list], list]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")

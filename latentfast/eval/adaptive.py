@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from latentfast.data import format_prompt
 from latentfast.data.rewards import correctness_reward, extract_answer
+from latentfast.data.rows import load_rows
+from latentfast.generation import decode
+from latentfast.generation.switching import BOT as A_BOT, EOT as A_EOT, NONE as A_NONE, TOKEN as A_TOKEN, SwitchPolicy
+from latentfast.models.codi import CODIModel, load_weights, prepare_tokenizer
+from latentfast.models.local import load_causal_lm
+from latentfast.runtime.device import amp_context
 
 MODES = ("adaptive", "explicit", "latent")
 TOKEN, BOT, LATENT, EOT = "token", "bot", "latent", "eot"
@@ -138,14 +145,6 @@ def generate_adaptive(model, tok, questions: list[str], mode: str = "adaptive", 
     """Greedy batched decoding, each sequence switched by ``SwitchController``'s rule
     (``model``: CODIModel). Runs on the decode engine with ``SwitchPolicy``, the rule as
     batched device tensors (no host round trip per step)."""
-    from latentfast.data import format_prompt
-    from latentfast.generation import decode
-    from latentfast.generation.switching import BOT as A_BOT
-    from latentfast.generation.switching import EOT as A_EOT
-    from latentfast.generation.switching import NONE as A_NONE
-    from latentfast.generation.switching import TOKEN as A_TOKEN
-    from latentfast.generation.switching import SwitchPolicy
-
     amp = amp or (lambda: torch.autocast("cpu", enabled=False))
     device = model.lm.get_input_embeddings().weight.device
     tok.padding_side = "left"
@@ -263,9 +262,6 @@ def build_parser():
 def load_codi(base_model_path: str, ckpt_dir: str | None, device, num_latent: int = 6, prj_dim: int = 2048,
               use_prj: bool = True, lora_rank: int = 0, lora_alpha: int | None = None, seed: int = 0):
     """(tokenizer, CODIModel) from a base model and an optional CODI checkpoint."""
-    from latentfast.models.codi import CODIModel, load_weights, prepare_tokenizer
-    from latentfast.train.common import load_causal_lm
-
     tok, lm = load_causal_lm(base_model_path, device, seed=seed)
     prepare_tokenizer(tok, lm)
     model = CODIModel(lm, tok.bot_token_id, tok.eot_token_id, num_latent=num_latent, prj_dim=prj_dim,
@@ -291,8 +287,6 @@ def codi_config(ckpt_dir: str | None) -> dict:
 
 
 def main(argv=None):
-    from latentfast.train.common import amp_context, load_rows
-
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = codi_config(args.ckpt_dir)

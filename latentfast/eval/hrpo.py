@@ -6,7 +6,7 @@
     latentfast-hrpo-eval --checkpoint_path ckpt --task arc_c --data ARC-Challenge/test.jsonl
     torchrun --nproc_per_node 8 -m latentfast.eval.hrpo --checkpoint_path ckpt --task gsm8k --data ...
 
-Loads a latentfast checkpoint (``latentfast.train.checkpoint``: LoRA + HRPO's modules, or
+Loads a latentfast checkpoint (``latentfast.runtime.checkpoint``: LoRA + HRPO's modules, or
 the full model) onto its base model, which the trainer records in ``trainer_state.json``
 (``extra.hrpo``: base model, LoRA rank, thinking state, projection, prompt settings, task,
 held-out data); decodes greedily (the recipe's default) or with ``--temperature``; writes
@@ -36,6 +36,9 @@ from latentfast.data.prompts import encode_prompts, prepare_tokenizer
 from latentfast.data.rewards import marker_format_reward
 from latentfast.data.tasks import TASKS, get_task, load_task_rows
 from latentfast.models import HybridConfig, HybridThinkingLM, build_tiny_causal_lm, eos_token_ids
+from latentfast.models.local import from_local
+from latentfast.runtime import checkpoint, dist
+from latentfast.runtime.device import amp_context
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -148,8 +151,6 @@ def resolve_checkpoint(path: str) -> pathlib.Path:
     p = pathlib.Path(path)
     if (p / "trainer_state.json").exists():
         return p
-    from latentfast.train import checkpoint
-
     found = checkpoint.latest(str(p))  # the newest intact one (a warning names any skipped)
     if found is None:
         raise FileNotFoundError(f"--checkpoint_path {path!r}: no trainer_state.json there and no intact "
@@ -159,8 +160,6 @@ def resolve_checkpoint(path: str) -> pathlib.Path:
 
 def load_checkpoint(path: str, device, model_name: str | None = None, bf16: bool | None = None):
     """(tokenizer, HybridThinkingLM with the checkpoint's weights, spec)."""
-    from latentfast.models.local import from_local
-    from latentfast.train import checkpoint
 
     ckpt = resolve_checkpoint(path)
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -230,8 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    from latentfast.train import dist
-    from latentfast.train.common import amp_context
 
     args = build_parser().parse_args(argv)
     device, rank, world = dist.setup(args.device)

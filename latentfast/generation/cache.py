@@ -1,5 +1,5 @@
 """The static KV cache and the decoder's keyword names, across transformers versions
-(the cache keyword itself is ``models.adapter.cache_kwarg``, the one place)."""
+(the cache keyword itself is ``latentfast.hf.adapter.cache_kwarg``, the one place)."""
 from __future__ import annotations
 
 import inspect

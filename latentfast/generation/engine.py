@@ -28,6 +28,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from latentfast.hf import adapter
+
 from .cache import cache_len, mark_static, static_cache, takes_cache_position
 from .sampling import draw_noise
 
@@ -40,8 +42,6 @@ class DecoderParts:
     LM, a PEFT model around one, ``HybridThinkingLM`` and ``CODIModel``."""
 
     def __init__(self, model: nn.Module):
-        from latentfast.models import adapter  # (latentfast.models imports this package)
-
         hf = model
         for attr in ("hf_model", "lm"):  # our wrappers (HybridThinkingLM / CODIModel)
             inner = getattr(type(model), attr, None)
@@ -161,8 +161,6 @@ class Engine:
 
     def __init__(self, parts: DecoderParts, policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, compiled: bool):
-        from latentfast.models import adapter  # (latentfast.models imports this package)
-
         self.parts, self.policy = parts, policy
         self.B, self.P = input_ids.shape
         self.C = max_new_tokens

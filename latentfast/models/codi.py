@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentfast.data import ANSWER_MARKER, BOT, EOT, format_prompt
+from latentfast.hf import adapter
+from latentfast.hf.adapter import new_cache  # noqa: F401  (re-exported: callers build caches for CODIModel.run)
 from latentfast.nn import CODILoss
-
-from . import adapter
-from .adapter import new_cache  # noqa: F401  (re-exported: callers build caches for CODIModel.run)
+from latentfast.runtime.checkpoint import latest
 
 LATENT = -1  # placeholder id of a latent position in an encoded student sequence
 
@@ -363,8 +363,6 @@ def _checkpoint_file(path: str) -> tuple[pathlib.Path, bool]:
     """(weights file, whether it is one of our trainer checkpoints)."""
     p = pathlib.Path(path)
     if p.is_dir() and not (p / "trainer_state.json").exists():
-        from latentfast.train.checkpoint import latest
-
         ck = latest(str(p))
         if ck is not None:
             p = pathlib.Path(ck)

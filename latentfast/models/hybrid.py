@@ -25,13 +25,16 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoModelForCausalLM
 
+from latentfast.hf import adapter
 from latentfast.nn import ThinkingResidual
 from latentfast.ops import thinking_residual
 from latentfast.reference.thinking_residual import normalize_thinking_state
 
-from . import adapter
+from .generation import generate
 from .grpo import grpo_loss, per_token_logps
+from .local import from_local
 
 # PEFT modules_to_save, exactly as in the recipe (hrpo_gsm8k.py).
 HRPO_MODULES = ["thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
@@ -129,16 +132,10 @@ class HybridThinkingLM(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: str, cfg: HybridConfig | None = None, **hf_kwargs) -> "HybridThinkingLM":
-        from transformers import AutoModelForCausalLM
-
-        from .local import from_local
-
         return cls(from_local(AutoModelForCausalLM, path, **hf_kwargs), cfg)  # local files only
 
     @classmethod
     def from_config(cls, config, cfg: HybridConfig | None = None) -> "HybridThinkingLM":
-        from transformers import AutoModelForCausalLM
-
         return cls(AutoModelForCausalLM.from_config(config), cfg)
 
     def add_lora(self, rank: int = 32, alpha: int | None = None, target_modules=None, dropout: float = 0.0):
@@ -204,8 +201,6 @@ class HybridThinkingLM(nn.Module):
         as ``latentfast.models.generation.generate``: ``eos_token_id``, ``pad_token_id``,
         ``marker_ids``, ``temperature``, ``top_p``, ``do_sample``, ``generator``, ...). Callers go
         through this method, so the decode engine behind it can change."""
-        from .generation import generate
-
         return generate(self, prompt_ids, prompt_mask, max_new_tokens, **kwargs)
 
     # ------------------------------------------------------------------ training forward

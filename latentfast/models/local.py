@@ -1,8 +1,16 @@
 """Loading Hugging Face models and tokenizers from local files only (nothing is
-downloaded at run time)."""
+downloaded at run time): ``from_local`` (any ``from_pretrained`` class) and
+``load_causal_lm`` (a tokenizer and causal LM by name, ``tiny`` built in code)."""
 from __future__ import annotations
 
 import pathlib
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from latentfast.data import build_tokenizer
+
+from .tiny import build_tiny_causal_lm
 
 
 def _is_local(name: str) -> bool:
@@ -31,4 +39,20 @@ def from_local(cls, name, **kwargs):
                       f"run time): {e}") from e
 
 
-__all__ = ["from_local"]
+def load_causal_lm(name: str, device, dtype=None, seed: int = 0, size: str = "tiny", **overrides):
+    """(tokenizer, model). ``name='tiny'`` builds the project tokenizer and a small Qwen2
+    from a config (``size`` / ``overrides``, random weights, no download); anything
+    else is a local Hugging Face model path."""
+    if name == "tiny":
+        tok = build_tokenizer()
+        lm = build_tiny_causal_lm(tok, size=size, seed=seed, **overrides).to(device)
+        return tok, lm if dtype is None else lm.to(dtype)
+    tok = from_local(AutoTokenizer, name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return tok, from_local(AutoModelForCausalLM, name, dtype=dtype).to(device)
+
+
+__all__ = ["from_local", "load_causal_lm"]

@@ -8,10 +8,4 @@ from latentfast.nn.cross_entropy import FusedLinearCrossEntropyLoss  # noqa: F40
 from latentfast.nn.preference import FusedLinearDPOLoss, FusedLinearORPOLoss, FusedLinearSimPOLoss  # noqa: F401
 from latentfast.nn.distill import FusedLinearJSDLoss  # noqa: F401
 
-
-def __getattr__(name):  # QKCapture lives in latentfast.models.capture (one capture mechanism)
-    if name == "QKCapture":
-        from latentfast.models.capture import QKCapture
-
-        return QKCapture
-    raise AttributeError(f"module 'latentfast.nn' has no attribute {name!r}")
+from latentfast.hf.capture import QKCapture  # noqa: F401  (one capture mechanism, re-exported)

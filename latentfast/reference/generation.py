@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from latentfast.models import adapter
+from latentfast.hf import adapter
 
 
 def reference_sample(logits: torch.Tensor, temperature: float, top_p: float, do_sample: bool, generator=None):

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-REWARD_SCALE = 3.0  # reward-model scores are clipped to +-3; SPO maps rewards to [0, 1] with it
+from latentfast.data.rewards import REWARD_SCALE
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, clip: float = 10.0,

@@ -37,13 +37,15 @@ from dataclasses import dataclass
 
 import torch
 
+from latentfast.data.rows import load_rows
 from latentfast.eval import adaptive
-from latentfast.models import adapter
+from latentfast.hf import adapter
 from latentfast.models.codi import CODIModel, collate, encode_example, load_weights, prepare_tokenizer, split_batch
+from latentfast.models.local import load_causal_lm
 from latentfast.nn.codi import LOSS_TYPES
 
 from . import codi_data
-from .common import SampleStream, check_data_arg, console_entry, load_causal_lm, load_rows
+from .common import SampleStream, check_data_arg, console_entry
 from .config import check, option
 from .loop import TrainConfig, Trainer
 from .sft import warm_up

@@ -29,9 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from latentfast.data import ANSWER_MARKER
+from latentfast.data.rows import load_rows
 from latentfast.models.codi import encode_example, prepare_tokenizer, split_answer
-
-from .common import amp_context, load_causal_lm, load_rows
+from latentfast.models.local import load_causal_lm
+from latentfast.runtime.device import amp_context
 
 OUTPUT_NAME = "hybrid_training_data.json"
 

@@ -1,10 +1,10 @@
 """Small helpers shared by the trainers (flags and presets live in ``config.py``).
 
-``load_rows`` (JSONL path / shipped GSM8K sample / synthetic arithmetic), ``SampleStream``
+``check_data_arg`` / ``check_resume_arg`` (path flags checked at parsing), ``SampleStream``
 (resumable epoch-shuffled order), ``warmup_schedule`` (linear warm-up then
-cosine/linear/constant), ``JsonlLogger`` (rank-0 metrics file), ``amp_context`` (bf16
-autocast or nothing), ``reset_peak_mem``/``peak_mem_mb``, the pieces of
-the loop's step (``no_sync_unless``, ``optimizer_step``) and ``load_causal_lm``.
+cosine/linear/constant), ``JsonlLogger`` (rank-0 metrics file) and the pieces of the loop's
+step (``no_sync_unless``, ``optimizer_step``). Rows by name are ``latentfast.data.rows``,
+model loading ``latentfast.models.local``, precision and memory ``latentfast.runtime.device``.
 """
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ import json
 import math
 import pathlib
 import random
-import resource
 
 import torch
 
-from latentfast.data import load_gsm8k, make_arithmetic
-from latentfast.data.synthetic import make_two_mode_arithmetic
-
-from .guard import NonFiniteGuard
+from latentfast.data import load_gsm8k
+from latentfast.data.rows import DATA_NAMES
+from latentfast.runtime.guard import NonFiniteGuard
 
 
 def console_entry(main):
@@ -31,29 +29,6 @@ def console_entry(main):
         main()
         return 0
     return cli
-
-
-TRAIN_SAMPLE_NAMES = ("gsm8k_sample", "gsm8k_sample_train", "gsm8k")
-TEST_SAMPLE_NAMES = ("gsm8k_sample_test", "gsm8k_test")
-DATA_NAMES = ("synthetic", "synthetic_two_mode", *TRAIN_SAMPLE_NAMES, *TEST_SAMPLE_NAMES)
-
-
-def load_rows(spec: str, n: int | None = None, seed: int = 0) -> list[dict]:
-    """``synthetic`` | ``synthetic_two_mode`` (each one-step problem as an '[eq]' and an '[nl]' row) |
-    ``gsm8k_sample`` / ``gsm8k`` (shipped train sample) | ``gsm8k_sample_test`` | a JSONL
-    path with ``question``/``answer`` lines."""
-    if spec == "synthetic":
-        return make_arithmetic(n or 20000, seed=seed, min_steps=1, max_steps=3)
-    if spec == "synthetic_two_mode":
-        n = n or 20000
-        # one operation per problem: the multi-teacher demo's tiny teachers learn it (each in its own
-        # style) in a few hundred CPU steps; with 1-3 operations they stayed at ~10% accuracy
-        return make_two_mode_arithmetic((n + 1) // 2, seed=seed, min_steps=1, max_steps=1)[:n]
-    if spec in TRAIN_SAMPLE_NAMES:
-        return load_gsm8k("train", n)
-    if spec in TEST_SAMPLE_NAMES:
-        return load_gsm8k("test", n)
-    return load_gsm8k(spec, n)
 
 
 def check_data_arg(parser: argparse.ArgumentParser, flag: str, spec, allowed=()) -> None:
@@ -121,27 +96,6 @@ def warmup_schedule(opt, total: int, warmup_ratio: float, kind: str = "cosine"):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
-def amp_context(device: torch.device, bf16: bool | None):
-    """bf16 autocast when asked (default: on for CUDA); a no-op context otherwise."""
-    on = bf16 if bf16 is not None else device.type == "cuda"
-    if on:
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-def reset_peak_mem(device: torch.device) -> None:
-    """Start a new CUDA peak-memory window (``peak_mem_mb`` then reports this step's peak)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_mem_mb(device: torch.device) -> float:
-    """Peak CUDA memory since the last reset, or this process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def no_sync_unless(wrapped, sync: bool):
     """DDP's ``no_sync()`` for a micro-batch whose gradients are not all-reduced yet;
     a no-op context on the syncing one or for an unwrapped / FSDP module."""
@@ -180,26 +134,3 @@ class JsonlLogger:
         if self.f is not None:
             self.f.close()
             self.f = None
-
-
-def load_causal_lm(name: str, device, dtype=None, seed: int = 0, size: str = "tiny", **overrides):
-    """(tokenizer, model). ``name='tiny'`` builds the project tokenizer and a small Qwen2
-    from a config (``size`` / ``overrides``, random weights, no download); anything
-    else is a local Hugging Face model path."""
-    if name == "tiny":
-        from latentfast.data import build_tokenizer
-        from latentfast.models import build_tiny_causal_lm
-
-        tok = build_tokenizer()
-        lm = build_tiny_causal_lm(tok, size=size, seed=seed, **overrides).to(device)
-        return tok, lm if dtype is None else lm.to(dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from latentfast.models.local import from_local
-
-    tok = from_local(AutoTokenizer, name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return tok, from_local(AutoModelForCausalLM, name, dtype=dtype).to(device)

@@ -160,6 +160,17 @@ class Config:
         return cfg
 
     @classmethod
+    def typed(cls, **fields):
+        """The config as if ``fields`` were typed on its command line (aliases accepted;
+        ``explicit`` names them, so a demo preset leaves them): one run starting another
+        calls this, not a command line of strings."""
+        alias = cls.aliases()
+        fields = {alias.get(k, k): v for k, v in fields.items()}
+        cfg = cls(**fields)
+        object.__setattr__(cfg, "_explicit", frozenset(fields))
+        return cfg
+
+    @classmethod
     def preset(cls, typed: dict) -> dict:
         """Values ``parse`` gives the fields the command line did not set (``typed``: those it
         did), before validation; a demo's preset (``{}``: none)."""

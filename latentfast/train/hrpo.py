@@ -34,9 +34,10 @@ from latentfast.data.qa import encode_answers
 from latentfast.data.tasks import TASKS, get_task, load_task_rows
 from latentfast.eval import hrpo as hrpo_eval
 from latentfast.models import HybridConfig, HybridThinkingLM, eos_token_ids, generate
+from latentfast.models.local import load_causal_lm
+from latentfast.runtime import dist
 
-from . import dist
-from .common import SampleStream, check_data_arg, console_entry, load_causal_lm
+from .common import SampleStream, check_data_arg, console_entry
 from .config import option
 from .loop import TrainConfig, Trainer
 from .rl.advantages import trl_group_zscore

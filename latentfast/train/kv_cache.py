@@ -22,8 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from latentfast.data.kv_cache import KVCacheWriter
+from latentfast.data.rows import load_rows
+from latentfast.runtime.device import amp_context
 
-from .common import amp_context, check_data_arg, console_entry, load_rows
+from .common import check_data_arg, console_entry
 from .multi_teacher import COMPRESSIONS, Compression, load_teachers_from_config
 from .teachers import TeachersConfigError, load_teachers
 

@@ -18,7 +18,7 @@ heads/dims, then MSE on K and V; with ``--use_attention_weighted_kv`` each token
 weighted by the attention it receives (from the student, or the teacher with
 ``--use_teacher_attention``) once ``--attention_weighted_kv_warmup`` steps have passed.
 Both models run their normal SDPA/flash attention: K/V/Q come from hooks
-(``latentfast.models.capture``) and the importance from the fused
+(``latentfast.hf.capture``) and the importance from the fused
 ``attention_token_importance`` -- no ``output_attentions``. The teacher is frozen
 (eval, no grad). Teacher and student must share a tokenizer.
 
@@ -39,13 +39,16 @@ import torch
 from torch import nn
 
 from latentfast.data.qa import encode_answers
+from latentfast.data.rows import load_rows
 from latentfast.eval.answers import answer_ce, answer_metrics
-from latentfast.models import adapter
-from latentfast.models.capture import KVCapture
+from latentfast.hf import adapter
+from latentfast.hf.capture import KVCapture
+from latentfast.models.local import load_causal_lm
 from latentfast.nn import AttentionWeightedKVLoss, CKALoss, CODILoss, KVProjection, layer_pairs
+from latentfast.runtime import dist
+from latentfast.runtime.device import amp_context
 
-from . import dist
-from .common import SampleStream, amp_context, check_data_arg, console_entry, load_causal_lm, load_rows
+from .common import SampleStream, check_data_arg, console_entry
 from .config import Config, option
 from .loop import TrainConfig, Trainer
 from .multi_teacher import MT_DEMO_PRESET, run_multi_teacher

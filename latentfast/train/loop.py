@@ -54,7 +54,7 @@ its first stream index).
 
 Gradient accumulation: the micro-batches' weighted losses add up to the step's loss, so
 with equal weights ``gradient_accumulation_steps=k`` at batch ``b`` equals one batch
-``k*b`` (``tests/test_loop.py``). The non-finite guard is ``train.guard``; a skipped step
+``k*b`` (``tests/test_loop.py``). The non-finite guard is ``runtime.guard``; a skipped step
 leaves weights, optimizer and schedule untouched and counts ``skipped_nonfinite``.
 """
 from __future__ import annotations
@@ -70,12 +70,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latentfast import files
+from latentfast.runtime import checkpoint, dist
+from latentfast.runtime.device import amp_context, peak_mem_mb, reset_peak_mem
+from latentfast.runtime.guard import NonFiniteGuard
 
-from . import checkpoint, dist
-from .common import (JsonlLogger, amp_context, check_resume_arg, no_sync_unless, optimizer_step, peak_mem_mb,
-                     reset_peak_mem, warmup_schedule)
+from .common import JsonlLogger, check_resume_arg, no_sync_unless, optimizer_step, warmup_schedule
 from .config import Config, check, option
-from .guard import NonFiniteGuard
 
 SCHEDULES = ("cosine", "linear", "constant", "minimind", "minimind_rl")
 
@@ -168,7 +168,7 @@ class Trainer:
         raise NotImplementedError
 
     def fsdp_layers(self, module) -> list:
-        from latentfast.models.adapter import decoder_layers
+        from latentfast.hf.adapter import decoder_layers
 
         try:
             return list(decoder_layers(module))

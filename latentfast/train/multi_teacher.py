@@ -28,8 +28,8 @@ from torch import nn
 
 from latentfast.data.kv_cache import KVCacheReader
 from latentfast.eval.answers import answer_ce, answer_metrics
-from latentfast.models import adapter
-from latentfast.models.capture import KVCapture
+from latentfast.hf import adapter
+from latentfast.hf.capture import KVCapture
 from latentfast.nn import CKALoss, CODILoss
 from latentfast.nn.kv_adapter import kv_adapters, layer_map
 from latentfast.nn.multi_teacher_kv import MultiTeacherKVLoss
@@ -149,7 +149,7 @@ def load_teachers_from_config(cfg: TeachersConfig, student_config, tok, *, kv_la
     """Build every teacher of ``cfg``: online ones loaded frozen in their dtype (tokenizer
     checked against the student's), offline ones as cache readers (checked for the layers,
     importance and statistics this run needs)."""
-    from .common import load_causal_lm
+    from latentfast.models.local import load_causal_lm
 
     out = []
     for spec in cfg.teachers:
@@ -413,7 +413,7 @@ COMPARE_RULES = ("static", "per_task", "confidence", "entropy", "min_ce", "learn
 
 def demo_teachers(cfg, tok, student_config, rows, device) -> tuple[list[Teacher], TeachersConfig]:
     """Two tiny teachers, each warmed up (SFT on the loop) on one reasoning mode of ``rows``."""
-    from .common import load_causal_lm
+    from latentfast.models.local import load_causal_lm
     from .sft import SFT, SFTConfig
 
     specs, teachers = [], []
@@ -507,8 +507,10 @@ def run_multi_teacher(cfg):
     import copy
     import json
 
-    from . import dist
-    from .common import amp_context, load_causal_lm, load_rows
+    from latentfast.runtime import dist
+    from latentfast.data.rows import load_rows
+    from latentfast.models.local import load_causal_lm
+    from latentfast.runtime.device import amp_context
     from .teachers import load_teachers
 
     device, rank, world = dist.setup(cfg.device)

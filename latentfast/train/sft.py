@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from latentfast.data.qa import encode_answers
+from latentfast.data.rows import load_rows
 from latentfast.eval.answers import answer_ce, answer_metrics
-from latentfast.models import adapter
+from latentfast.hf import adapter
+from latentfast.models.local import load_causal_lm
 
-from .common import SampleStream, check_data_arg, console_entry, load_causal_lm, load_rows
+from .common import SampleStream, check_data_arg, console_entry
 from .config import option
 from .loop import TrainConfig, Trainer
 

@@ -38,12 +38,12 @@ from torch import nn
 
 from latentfast.data import minimind as mmdata
 from latentfast.files import CorruptFileError
-from latentfast.models.adapter import unwrap
+from latentfast.hf.adapter import unwrap
 from latentfast.models.minimind import MiniMindConfig, MiniMindForCausalLM, checkpoint_name, load_pth, save_pth
 from latentfast.models.minimind.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, load_tokenizer
 from latentfast.ops.cross_entropy import fused_linear_cross_entropy
+from latentfast.runtime import dist
 
-from .. import dist
 from ..common import SampleStream
 from ..config import check, option
 from ..loop import TrainConfig, Trainer
@@ -323,18 +323,17 @@ class MiniMindTrainer(Trainer):
 
 
 def warmup_lm(cfg: MiniMindArgs, hidden_size: int, num_layers: int, steps: int = WARMUP_STEPS):
-    """The demo's stand-in for missing weights: ``steps`` of pretraining on the GSM8K text."""
-    from .pretrain import Pretrain, PretrainArgs
-
-    names = {f.name for f in dataclasses.fields(PretrainArgs)}
+    """The demo's stand-in for missing weights: ``steps`` of pretraining on the GSM8K text
+    (``MiniMindTrainer`` itself is the pretraining stage; ``pretrain.py`` only names it)."""
+    names = {f.name for f in dataclasses.fields(MiniMindArgs)}
     base = {k: v for k, v in cfg.to_dict().items() if k in names}
-    wcfg = PretrainArgs(**{**base, **dict(hidden_size=hidden_size, num_hidden_layers=num_layers, from_weight="none",
+    wcfg = MiniMindArgs(**{**base, **dict(hidden_size=hidden_size, num_hidden_layers=num_layers, from_weight="none",
                                           from_resume=0, resume_from_checkpoint=None, data_path=DEMO, max_steps=steps,
                                           lr=2e-3, logging_steps=0, save_steps=0, use_wandb=False,
                                           gradient_accumulation_steps=1, save_weight="warmup",
                                           output_dir=str(pathlib.Path(cfg.output_dir or "checkpoints") /
                                                          f"warmup_{hidden_size}"))})
-    trainer = Pretrain(wcfg, demo=True, save_weights=False)
+    trainer = MiniMindTrainer(wcfg, demo=True, save_weights=False)
     trainer.fit()
     return trainer.lm
 
@@ -345,24 +344,28 @@ def is_demo(cfg: MiniMindArgs) -> bool:
     return cfg.data_path == DEMO or ("data_path" not in cfg.explicit and not pathlib.Path(cfg.data_path).is_file())
 
 
+def run_stage(trainer_cls, cfg: MiniMindArgs):
+    """Run a stage from its config: the demo preset when it is a demo, a missing
+    ``--from_weight`` reported before any work, then ``fit``."""
+    demo = is_demo(cfg)
+    tag = f"[minimind {trainer_cls.stage}]"
+    if demo:
+        if cfg.data_path != DEMO:
+            print(f"{tag} no {cfg.data_path}: running the embedded demo (small model, the shipped GSM8K "
+                  f"sample); pass --data_path to train on MiniMind data", flush=True)
+        cfg = cfg.with_preset({**DEMO_PRESET, **trainer_cls.demo_preset})
+    else:
+        for flag, name, path in trainer_cls.required_weights(cfg):
+            if not path.is_file():
+                sys.exit(f"{tag} error: {missing_weight_error(flag, name, path)}")
+    return trainer_cls(cfg, demo=demo).fit()
+
+
 def stage_main(trainer_cls, doc: str):
-    """``main(argv)`` of a stage: parse MiniMind's flags, the demo preset when it is a demo,
-    a missing ``--from_weight`` reported before any work, then ``fit``."""
+    """``main(argv)`` of a stage: parse MiniMind's flags, then ``run_stage``."""
 
     def main(argv=None):
-        cfg = trainer_cls.config_class.parse(argv, doc)
-        demo = is_demo(cfg)
-        tag = f"[minimind {trainer_cls.stage}]"
-        if demo:
-            if cfg.data_path != DEMO:
-                print(f"{tag} no {cfg.data_path}: running the embedded demo (small model, the shipped GSM8K "
-                      f"sample); pass --data_path to train on MiniMind data", flush=True)
-            cfg = cfg.with_preset({**DEMO_PRESET, **trainer_cls.demo_preset})
-        else:
-            for flag, name, path in trainer_cls.required_weights(cfg):
-                if not path.is_file():
-                    sys.exit(f"{tag} error: {missing_weight_error(flag, name, path)}")
-        return trainer_cls(cfg, demo=demo).fit()
+        return run_stage(trainer_cls, trainer_cls.config_class.parse(argv, doc))
 
     return main
 
@@ -375,4 +378,4 @@ def cli_of(main):
 
 
 __all__ = ["DEMO", "DEMO_PRESET", "LMLoss", "MiniMindArgs", "MiniMindTrainer", "cli_of", "is_demo", "load_weights",
-           "missing_weight_error", "model_config", "stage_main", "warmup_lm", "weight_path"]
+           "missing_weight_error", "model_config", "run_stage", "stage_main", "warmup_lm", "weight_path"]

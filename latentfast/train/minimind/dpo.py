@@ -21,7 +21,7 @@ from torch import nn
 
 from latentfast.data import minimind as mmdata
 from latentfast.data import minimind_rl as rldata
-from latentfast.models.adapter import unwrap
+from latentfast.hf.adapter import unwrap
 from latentfast.ops.preference import fused_linear_dpo_loss
 
 from ..config import option

@@ -10,7 +10,7 @@ The base comes from ``{save_dir}/../{from_weight}_{hidden_size}{_moe}.pth`` (Min
 into ``../out/lora`` and loads the base from ``../out``); only the LoRA weights are saved, as
 ``{save_dir}/{lora_name}_{hidden_size}.pth`` under MiniMind's key names
 (``model.layers.0.self_attn.q_proj.lora.A.weight`` / ``...lora.B.weight``). PEFT does the
-LoRA (``models.adapter.add_lora``, alpha = rank: MiniMind's unscaled ``B(A(x))``).
+LoRA (``hf.adapter.add_lora``, alpha = rank: MiniMind's unscaled ``B(A(x))``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from latentfast import files
-from latentfast.models.adapter import add_lora, unwrap
+from latentfast.hf.adapter import add_lora, unwrap
 from latentfast.models.minimind.pth import read_pth
 
 from ..config import check, option

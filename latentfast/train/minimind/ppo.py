@@ -43,13 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentfast.models.adapter import unwrap
+from latentfast.hf.adapter import unwrap
 from latentfast.ops.grpo_loss import fused_linear_grpo_loss
 from latentfast.ops.lm_head_engine import lm_head_logps
 from latentfast.ops.ppo_loss import fused_linear_ppo_sequence_loss
+from latentfast.runtime import dist
 from latentfast.train.advantages import gae, last_token_rewards, whiten
 
-from .. import dist
 from ..config import check, option
 from .common import cli_of, stage_main
 from .rl import RLArgs, RLTrainer, completion_hidden, decode_prompt_completion

@@ -34,12 +34,14 @@ from latentfast.data.minimind import write_jsonl
 from latentfast.data.reward_model import RewardModel, answer_span, minimind_rewards
 from latentfast.data.rewards import normalize_number
 from latentfast.generation import eos_token_ids, generate
-from latentfast.models.adapter import decoder, run_decoder, unwrap
+from latentfast.hf.adapter import decoder, run_decoder, unwrap
 from latentfast.ops.lm_head_engine import lm_head_logps
 from latentfast.train.common import SampleStream
 
 from ..config import check, option
-from .common import DEMO, MiniMindArgs, MiniMindTrainer, weight_path
+from .common import DEMO, MiniMindArgs, MiniMindTrainer, run_stage, weight_path
+from .distill_reason import DistillReason
+from .full_sft import FullSFT
 
 RULES = ("answer",)
 WARMUP_SFT_STEPS = 160  # the demo's SFT warm-up when its --from_weight file is absent
@@ -182,34 +184,29 @@ class RLTrainer(MiniMindTrainer):
     def make_demo_weights(self):
         """Demo in an empty folder: make the ``--from_weight`` file with a short run of the stage
         that writes it (``reason`` -> distill_reason, else full_sft; each chains from a warm-up)."""
-        import importlib
-        import importlib.util
-
         c = self.cfg
         if c.from_weight == "none":
             return
         path = weight_path(c.from_weight, self.weight_dir_of(c), c.hidden_size, c.use_moe)
         if path.is_file():
             return
-        stage = "distill_reason" if c.from_weight == "reason" else "full_sft"
-        if importlib.util.find_spec(f"latentfast.train.minimind.{stage}") is None:
-            stage = "full_sft"
-        self.print(f"demo: no {path}; making it first with a short `{stage}` demo (the SFT warm-up this stage needs)")
-        data, extra = DEMO, []
-        if stage == "distill_reason":  # short <think> spans, so a rollout of --max_gen_len tokens can finish
+        stage = DistillReason if c.from_weight == "reason" else FullSFT
+        self.print(f"demo: no {path}; making it first with a short `{stage.stage}` demo (the SFT warm-up this stage "
+                   f"needs)")
+        data, extra = DEMO, {}
+        if stage is DistillReason:  # short <think> spans, so a rollout of --max_gen_len tokens can finish
             data = str(pathlib.Path(c.save_dir) / "demo_reason_short.jsonl")
             if self.rank == 0:
                 pathlib.Path(c.save_dir).mkdir(parents=True, exist_ok=True)
                 write_jsonl(rldata.gsm8k_short_reason("train"), data)
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
-            extra = ["--from_weight", "none", "--learning_rate", "2e-3", "--batch_size", "16", "--accumulation_steps",
-                     "1", "--log_interval", "20", "--epochs", "100"]
-        mod = importlib.import_module(f"latentfast.train.minimind.{stage}")
-        mod.main(["--save_dir", c.save_dir, "--hidden_size", str(c.hidden_size), "--num_hidden_layers",
-                  str(c.num_hidden_layers), "--use_moe", str(c.use_moe), "--save_weight", c.from_weight,
-                  "--max_steps", str(WARMUP_SFT_STEPS), "--data_path", data, "--max_seq_len", "256",
-                  "--device", str(self.device), "--dtype", c.dtype, "--save_interval", "0", *extra])
+            extra = dict(from_weight="none", learning_rate=2e-3, batch_size=16, accumulation_steps=1, log_interval=20,
+                         epochs=100.0)
+        run_stage(stage, stage.config_class.typed(
+            save_dir=c.save_dir, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers, use_moe=c.use_moe,
+            save_weight=c.from_weight, max_steps=WARMUP_SFT_STEPS, data_path=data, max_seq_len=256,
+            device=str(self.device), dtype=c.dtype, save_interval=0, **extra))
 
     def build_model(self):
         c = self.cfg
