@@ -52,11 +52,11 @@ setup(
         "console_scripts": [
             "latentfast-hrpo=latentfast.train.hrpo:cli",
             "latentfast-codi=latentfast.train.codi:cli",
-            "latentfast-kv-distill=latentfast.train.kv_distill:cli",
+            "latentfast-kv-distill=latentfast.train.kv_distill.cli:cli",
             "latentfast-sft=latentfast.train.sft:cli",
             "latentfast-minimind=latentfast.train.minimind.cli:cli",
             "latentfast-hrpo-eval=latentfast.eval.hrpo:cli",
-            "latentfast-kv-cache=latentfast.train.kv_cache:cli",
+            "latentfast-kv-cache=latentfast.train.kv_distill.cache:cli",
             "latentfast-diagnose=latentfast.diagnose:main",
             "latentfast-grpo=latentfast.train.rl.grpo:cli",
             "latentfast-dpo=latentfast.train.rl.dpo:cli",

@@ -21,10 +21,12 @@ import torch
 from measure import compare
 
 from latentfast.data import build_tokenizer
-from latentfast.hf.capture import KVCapture
+from latentfast.eval.answers import answer_ce
 from latentfast.models import build_tiny_causal_lm
 from latentfast.ops import attention_token_importance
 from latentfast.train import kv_distill
+from latentfast.train.kv_distill.demo import DEMO_TEACHER
+from latentfast.train.kv_distill.spec import TeacherSpec
 
 
 def _models(device, dtype, student_size, teacher_size, teacher_overrides):
@@ -60,7 +62,7 @@ def run(device, quick):
     if cuda:
         dtype, s_size, t_size, t_over, shapes = torch.bfloat16, "0.5b", "1.5b", {}, [(4, 1024)]
     elif quick:
-        dtype, s_size, t_size, t_over, shapes = torch.float32, "tiny", "tiny", kv_distill.DEMO_TEACHER, [(4, 256)]
+        dtype, s_size, t_size, t_over, shapes = torch.float32, "tiny", "tiny", DEMO_TEACHER, [(4, 256)]
     else:
         dtype, s_size, t_size, t_over, shapes = torch.float32, "0.5b", "1.5b", {}, [(1, 512)]
     student, teacher = _models(device, dtype, s_size, t_size, t_over)
@@ -71,27 +73,30 @@ def run(device, quick):
         mask = batch["attention_mask"]
         args = kv_distill.build_parser().parse_args(["--use_attention_weighted_kv", "--attention_weighted_kv_warmup",
                                                       "0"])
-        d = kv_distill.KVDistiller(student, teacher.config, args).to(device, dtype)
-        t_cap = KVCapture(teacher, [t for _, t in d.pairs], [d.t_imp])
+        t = kv_distill.online_teacher(TeacherSpec(model="teacher", name="teacher"), teacher, student.config)
+        d = kv_distill.KVDistiller(student, [t], args).to(device, dtype)
+        kv_loss = d.mt.kv[0]
+
+        def targets():
+            return t.targets(batch, need_importance=d.need_importance(10), stats=False, amp=amp)
 
         def fused(teacher_attention=False):
-            d.use_teacher_attention = d.kv.use_teacher_attention = teacher_attention
+            d.use_teacher_attention = kv_loss.use_teacher_attention = teacher_attention
             student.config._attn_implementation = "sdpa"
-            t_out = kv_distill.teacher_outputs(teacher, t_cap, d, batch, 10, amp)
-            loss, _ = d(batch, t_out, 10)
+            loss, _ = d(batch, [targets()], 10)
             loss.backward()
             _zero([d])
 
         def recipe():
-            d.use_teacher_attention = d.kv.use_teacher_attention = False
-            t_out = kv_distill.teacher_outputs(teacher, t_cap, d, batch, 10, amp)
+            d.use_teacher_attention = kv_loss.use_teacher_attention = False
+            t_out = targets()
             student.config._attn_implementation = "eager"
             try:
                 with d.capture:
                     out = student.model(input_ids=batch["input_ids"], attention_mask=mask, output_attentions=True)
-                ce = kv_distill.answer_ce(student, out.last_hidden_state, batch["targets"])
+                ce = answer_ce(student, out.last_hidden_state, batch["targets"])
                 imp = attention_token_importance(out.attentions[d.s_imp], attention_mask=mask)
-                kv = d.kv([d.capture.kv(s) for s, _ in d.pairs], t_out["kv"], step=10, attention_mask=mask,
+                kv = kv_loss([d.capture.kv(s) for s, _ in t.pairs], t_out["kv"], step=10, attention_mask=mask,
                           student_importance=imp)
                 (ce + kv).backward()
                 d.capture.clear()
@@ -107,7 +112,7 @@ def run(device, quick):
                 r["tokens_per_s"] = round(B * T / (r["ms"] / 1e3), 1)
         cases.append({"case": "kv_distill_step", "student": s_size, "teacher": t_size if t_size != "tiny" else
                       "tiny-teacher", "B": B, "T": T, "dtype": str(dtype).replace("torch.", ""),
-                      "layer_pairs": len(d.pairs), "impls": rows})
-        t_cap.remove()
+                      "layer_pairs": len(t.pairs), "impls": rows})
+        t.remove()
         d.capture.remove()
     return cases

@@ -12,7 +12,9 @@ from latentfast.hf.adapter import new_cache
 from latentfast.hf.capture import KVCapture
 from latentfast.models import build_tiny_causal_lm
 from latentfast.ops import attention_token_importance
+from latentfast.runtime.device import amp_context
 from latentfast.train import kv_distill
+from latentfast.train.kv_distill.spec import TeacherSpec
 
 STUDENT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=128)
@@ -39,6 +41,17 @@ def _args(**kw):
     for k, v in kw.items():
         setattr(a, k, v)
     return a
+
+
+def _distiller(student, teacher, args):
+    """The one distiller with ``teacher`` as its only teacher (what ``--teacher_model`` builds)."""
+    t = kv_distill.online_teacher(TeacherSpec(model="teacher", name="teacher"), teacher, student.config,
+                                  kv_layers=args.kv_layers, importance_layer=args.importance_layer)
+    return kv_distill.KVDistiller(student, [t], args), t
+
+
+def _targets(t, d, b, step, amp):
+    return [t.targets(b, need_importance=d.need_importance(step), stats=False, hidden=d.need_hidden, amp=amp)]
 
 
 def _batch(tok, n=4, seed=0):
@@ -68,16 +81,15 @@ def test_losses_zero_when_student_is_teacher(tok):
     student = copy.deepcopy(teacher).requires_grad_(True)
     args = _args(use_attention_weighted_kv=True, attention_weighted_kv_warmup=0, cka_weight=1.0, cka_layers="all",
                  codi_weight=1.0)
-    d = kv_distill.KVDistiller(student, teacher.config, args)
-    assert d.codi.proj is None  # same widths: no projection
+    d, t = _distiller(student, teacher, args)
+    assert d.codi[0].proj is None  # same widths: no projection
     b = _batch(tok)
-    t_cap = KVCapture(teacher, [t for _, t in d.pairs], [d.t_imp])
-    amp = kv_distill.amp_context(torch.device("cpu"), False)
+    amp = amp_context(torch.device("cpu"), False)
     for teacher_attention in (False, True):
-        d.use_teacher_attention = d.kv.use_teacher_attention = teacher_attention
-        t_out = kv_distill.teacher_outputs(teacher, t_cap, d, b, step=5, amp=amp)
+        d.use_teacher_attention = d.mt.kv[0].use_teacher_attention = teacher_attention
+        t_out = _targets(t, d, b, 5, amp)
         _, met = d(b, t_out, step=5)
-        assert d.kv.last_weighted
+        assert d.mt.last_weighted
         assert float(met["kv"]) == pytest.approx(0.0, abs=1e-10) and float(met["kv_mse"]) == pytest.approx(0.0, abs=1e-10)
         assert float(met["cka"]) == pytest.approx(0.0, abs=1e-5)
         assert float(met["codi"]) == pytest.approx(0.0, abs=1e-6)
@@ -90,16 +102,15 @@ def test_a_few_steps_decrease_the_loss_across_shapes(tok):
     student = build_tiny_causal_lm(tok, **STUDENT)
     args = _args(use_attention_weighted_kv=True, use_teacher_attention=True, attention_weighted_kv_warmup=3,
                  cka_weight=0.05, codi_weight=0.1)
-    d = kv_distill.KVDistiller(student, teacher.config, args)
-    assert d.pairs == [(0, 1), (1, 2)]
-    t_cap = KVCapture(teacher, [t for _, t in d.pairs], [d.t_imp])
-    amp = kv_distill.amp_context(torch.device("cpu"), False)
+    d, t = _distiller(student, teacher, args)
+    assert t.pairs == [(0, 1), (1, 2)]
+    amp = amp_context(torch.device("cpu"), False)
     opt = torch.optim.AdamW(d.parameters(), lr=3e-3)
     b = _batch(tok, n=8, seed=2)
     hist = []
     for step in range(8):
-        t_out = kv_distill.teacher_outputs(teacher, t_cap, d, b, step, amp)
-        assert ("importance" in t_out) == (step >= 3)
+        t_out = _targets(t, d, b, step, amp)
+        assert (t_out[0]["importance"] is not None) == (step >= 3)
         loss, met = d(b, t_out, step)
         loss.backward()
         opt.step()
@@ -112,18 +123,18 @@ def test_a_few_steps_decrease_the_loss_across_shapes(tok):
 
 def test_warmup_tags(tok):
     teacher = build_tiny_causal_lm(tok, **STUDENT)
-    d = kv_distill.KVDistiller(build_tiny_causal_lm(tok, **STUDENT), teacher.config,
-                               _args(use_attention_weighted_kv=True, attention_weighted_kv_warmup=1000))
+    d, _ = _distiller(build_tiny_causal_lm(tok, **STUDENT), teacher,
+                      _args(use_attention_weighted_kv=True, attention_weighted_kv_warmup=1000))
     assert d.status(500) == "[Attn-warmup: 500 steps]"
     assert d.status(1000) == "[Student-Attn-weighted]"
-    d = kv_distill.KVDistiller(build_tiny_causal_lm(tok, **STUDENT), teacher.config, _args())
-    assert d.status(10**6) == "" and not d.kv.weighting_active(10**6)  # baseline: never weighted
+    d, _ = _distiller(build_tiny_causal_lm(tok, **STUDENT), teacher, _args())
+    assert d.status(10**6) == "" and not d.mt.weighting_active(10**6)  # baseline: never weighted
 
 
 def test_tokenizer_mismatch_is_refused(tok):
     other = build_tokenizer(vocab_size=512)
     with pytest.raises(SystemExit, match="share a tokenizer"):
-        kv_distill.check_tokenizers(tok, other)
+        kv_distill.check_same_tokenizer(tok, other)
 
 
 DEMO_SMALL = ["--max_steps", "4", "--teacher_sft_steps", "2", "--batch_size", "4", "--eval_size", "4",
@@ -161,21 +172,21 @@ def test_cuda_bf16_step_fused_matches_eager_importance(tok):
     teacher = build_tiny_causal_lm(tok, **TEACHER).to(dev).eval().requires_grad_(False)
     student = build_tiny_causal_lm(tok, **STUDENT).to(dev)
     args = _args(use_attention_weighted_kv=True, attention_weighted_kv_warmup=0, cka_weight=0.05, codi_weight=0.1)
-    d = kv_distill.KVDistiller(student, teacher.config, args).to(dev)
-    t_cap = KVCapture(teacher, [t for _, t in d.pairs], [d.t_imp])
-    amp = kv_distill.amp_context(dev, True)
+    d, t = _distiller(student, teacher, args)
+    d = d.to(dev)
+    amp = amp_context(dev, True)
     b = kv_distill.encode(tok, make_arithmetic(8, seed=4), 96, dev)
     opt = torch.optim.AdamW(d.parameters(), lr=3e-3)
     losses = []
     for step in range(6):
-        t_out = kv_distill.teacher_outputs(teacher, t_cap, d, b, step, amp)
+        t_out = _targets(t, d, b, step, amp)
         with amp():
             loss, met = d(b, t_out, step)
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-        assert d.kv.last_weighted
+        assert d.mt.last_weighted
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     with torch.no_grad(), amp(), KVCapture(student, [1], [1]) as cap:
         student.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])

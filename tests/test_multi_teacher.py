@@ -11,9 +11,10 @@ from latentfast.models import build_tiny_causal_lm
 from latentfast.nn import AttentionWeightedKVLoss
 from latentfast.nn.kv_adapter import kv_adapters
 from latentfast.nn.multi_teacher_kv import MultiTeacherKVLoss
-from latentfast.train import kv_cache, kv_distill
-from latentfast.train.multi_teacher import Compression, load_teachers_from_config
-from latentfast.train.teachers import TeachersConfigError, load_teachers, parse_teachers, save_teachers
+from latentfast.train import kv_distill
+from latentfast.train.kv_distill import cache as kv_cache
+from latentfast.train.kv_distill.spec import TeachersConfigError, load_teachers, parse_teachers, save_teachers
+from latentfast.train.kv_distill.teachers import Compression, load_teachers_from_config
 
 STUDENT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=64)

@@ -1,5 +1,5 @@
-"""The multi-teacher trainer (``latentfast-kv-distill --teachers``): one teacher at static weight 1
-is the single-teacher run step for step, an offline cache trains like the online teacher,
+"""The KV-distillation trainer with teachers lists (``latentfast-kv-distill --teachers``): ``--teacher_model``
+gives the single-teacher numbers and equals a one-entry list, an offline cache trains like the online teacher,
 teachers of other widths / head counts train their adapters, resume restores the router, and
 the demo / --compare run end to end (tiny)."""
 import json
@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 from latentfast.data import build_tokenizer
 from latentfast.data.synthetic import make_two_mode_arithmetic
 from latentfast.models import build_tiny_causal_lm
-from latentfast.train import kv_cache, kv_distill, multi_teacher
-from latentfast.train.multi_teacher import per_task_weight_means
+from latentfast.train import kv_distill
+from latentfast.train.kv_distill import cache as kv_cache
+from latentfast.train.kv_distill import demo, teachers
+from latentfast.train.kv_distill.distiller import per_task_weight_means
 
 STUDENT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=64)
@@ -63,17 +65,39 @@ def _hist(res, keys=("loss", "ce", "kv", "grad_norm")):
     return [[r[k] for k in keys] for r in res["history"]]
 
 
-def test_one_teacher_static_weight_one_is_the_single_teacher_run(models, tmp_path):
-    """Same losses, gradient norms and final weights as ``--teacher_model``, with attention
-    weighting (teacher's), CKA and CODI on."""
-    extra = dict(use_attention_weighted_kv=True, use_teacher_attention=True, attention_weighted_kv_warmup=1,
-                 cka_weight=0.05, codi_weight=0.1)
+# --teacher_model's numbers before the two KV-distillation trainers became one (main at d76fb4e, this CPU,
+# fp32, one thread): loss, ce, kv, kv_mse, cka, codi, grad_norm per step
+SINGLE_TEACHER = {
+    "teacher_attention_cka_codi": [
+        [7.088650226593018, 6.929464817047119, 0.044921234250068665, 0.044921234250068665, 0.5153746604919434,
+         0.8849532604217529, 1.6998409032821655],
+        [6.9107985496521, 6.75892448425293, 0.04262104630470276, 0.043096836656332016, 0.4743974804878235,
+         0.8553317785263062, 1.651821255683899],
+        [6.7321038246154785, 6.588341236114502, 0.04063341021537781, 0.04139755666255951, 0.45736682415008545,
+         0.8026143312454224, 1.6317322254180908]],
+    "student_attention": [  # no CKA / CODI: loss, ce, kv, kv_mse, grad_norm
+        [6.974386215209961, 6.929464817047119, 0.044921234250068665, 0.044921234250068665, 1.6778008937835693],
+        [6.800266265869141, 6.757610321044922, 0.04265572875738144, 0.04312717169523239, 1.6304420232772827],
+        [6.6276631355285645, 6.58700704574585, 0.04065588116645813, 0.04139737784862518, 1.6526247262954712]],
+}
+
+
+@pytest.mark.parametrize("case", list(SINGLE_TEACHER))
+def test_teacher_model_gives_the_single_teacher_numbers(models, tmp_path, case):
+    """``--teacher_model`` (a teachers list of one) reproduces the single-teacher trainer's losses,
+    and a one-entry teachers.yaml at static weight 1 the same run."""
+    extra = dict(use_attention_weighted_kv=True, attention_weighted_kv_warmup=1)
+    keys = ("loss", "ce", "kv", "kv_mse", "grad_norm")
+    if case == "teacher_attention_cka_codi":
+        extra.update(use_teacher_attention=True, cka_weight=0.05, codi_weight=0.1)
+        keys = ("loss", "ce", "kv", "kv_mse", "cka", "codi", "grad_norm")
     single = kv_distill.main(_argv(models, tmp_path / "single", teacher_model=models / "eq", **extra))
+    torch.testing.assert_close(torch.tensor(_hist(single, keys)), torch.tensor(SINGLE_TEACHER[case]),
+                               rtol=1e-4, atol=1e-6)
+    assert [r["attn_weighted"] for r in single["history"]] == [False, True, True]
     y = _yaml(tmp_path / "t.yaml", [dict(name="eq", model=models / "eq", weight=1.0, kv_adapter="linear")])
     multi = kv_distill.main(_argv(models, tmp_path / "multi", teachers=y, teacher_weighting="static", **extra))
-    assert _hist(multi, ("loss", "ce", "kv", "kv_mse", "cka", "codi", "grad_norm")) == \
-        _hist(single, ("loss", "ce", "kv", "kv_mse", "cka", "codi", "grad_norm"))
-    assert [r["attn_weighted"] for r in multi["history"]] == [False, True, True]
+    assert _hist(multi, keys) == _hist(single, keys)
     assert all(r["w/eq"] == 1.0 and r["w_entropy"] == pytest.approx(0.0, abs=1e-6) for r in multi["history"])
     a = load_file(str(tmp_path / "single" / "student" / "model.safetensors"))
     b = load_file(str(tmp_path / "multi" / "student" / "model.safetensors"))
@@ -145,10 +169,10 @@ def test_multi_teacher_demo_compare_smoke(models, tmp_path, monkeypatch):
     """--multi_teacher_demo --compare with smaller models: the teachers' warm-up on their own
     mode, eight students (the teachers' targets computed once per step for all of them, the
     same as a run on its own), table, JSON, plot."""
-    monkeypatch.setattr(multi_teacher, "DEMO_TEACHERS", TEACHERS)
+    monkeypatch.setattr(demo, "DEMO_TEACHERS", TEACHERS)
     calls = []
-    real = multi_teacher.teacher_targets
-    monkeypatch.setattr(multi_teacher, "teacher_targets", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = teachers.teacher_targets
+    monkeypatch.setattr(teachers, "teacher_targets", lambda *a, **k: calls.append(1) or real(*a, **k))
     small = ["--model_name", str(models / "student"), "--max_steps", "2", "--teacher_sft_steps", "1",
              "--batch_size", "2", "--eval_size", "4", "--max_new_tokens", "2", "--subset_size", "16",
              "--logging_steps", "1"]

@@ -17,17 +17,23 @@ import argparse
 import json
 import pathlib
 import time
+from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer
 
+from latentfast.data import build_tokenizer
 from latentfast.data.kv_cache import KVCacheWriter
 from latentfast.data.rows import load_rows
+from latentfast.models.local import from_local
+from latentfast.models.tiny import tiny_config
 from latentfast.runtime.device import amp_context
 
-from .common import check_data_arg, console_entry
-from .multi_teacher import COMPRESSIONS, Compression, load_teachers_from_config
-from .teachers import TeachersConfigError, load_teachers
+from ..common import check_data_arg, console_entry
+from .data import encode
+from .spec import COMPRESSIONS, TeachersConfigError, load_teachers
+from .teachers import Compression, load_teachers_from_config
 
 
 def build_parser():
@@ -56,18 +62,10 @@ def build_parser():
 
 
 def _student_config(args):
-    from types import SimpleNamespace
-
     if args.student_layers is not None:
         return SimpleNamespace(num_hidden_layers=args.student_layers)
     if args.model_name == "tiny":
-        from latentfast.models.tiny import tiny_config
-
         return tiny_config(1024)
-    from transformers import AutoConfig
-
-    from latentfast.models.local import from_local
-
     return from_local(AutoConfig, args.model_name)
 
 
@@ -92,20 +90,13 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = amp_context(device, args.bf16)
     if args.model_name == "tiny":
-        from latentfast.data import build_tokenizer
-
         tok = build_tokenizer()
     else:
-        from transformers import AutoTokenizer
-
-        from latentfast.models.local import from_local
-
         tok = from_local(AutoTokenizer, args.model_name)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
     rows = load_rows(args.dataset_name, args.subset_size, args.seed)
     compression = Compression(args.kv_slots, args.kv_lambda) if args.kv_compression == "rkv" else None
-    from .kv_distill import encode
 
     written = {}
     for name in names:

@@ -26,10 +26,10 @@ import dataclasses
 import pathlib
 from dataclasses import dataclass, field
 
-from latentfast.nn.kv_adapter import ADAPTERS
-from latentfast.nn.teacher_weighting import REGULARIZERS, RULES
+import torch
+import yaml
 
-from .config import Config, check, option
+from latentfast.nn.kv_adapter import ADAPTERS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPRESSIONS = ("none", "rkv")
@@ -61,8 +61,6 @@ class TeacherSpec:
         return ((self.mode,) if self.mode else ()) + tuple(self.tasks)
 
     def torch_dtype(self, device):
-        import torch
-
         if self.dtype == "auto":
             return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
@@ -99,44 +97,6 @@ class TeachersConfig:
         if self.per_task:
             d["per_task"] = self.per_task
         return d
-
-
-@dataclass
-class MultiTeacherConfig(Config):
-    """The multi-teacher options of ``latentfast-kv-distill`` (``--teachers teachers.yaml``)."""
-
-    teachers: str | None = option(None, "teachers.yaml: distil from several teachers (instead of --teacher_model)")
-    teacher_weighting: str = option("static", "per-sample teacher weights", choices=RULES)
-    router_reg_weight: float = option(0.01, "learned router: coefficient of its regulariser")
-    router_regularizer: str = option("load_balance", "learned router: regulariser", choices=REGULARIZERS)
-    router_hidden: int = option(0, "learned router: hidden width (0 = one linear map)")
-    kv_compression: str = option("none", "KV targets: full cache or KaVa R-KV compressed", choices=COMPRESSIONS)
-    kv_slots: int = option(24, "--kv_compression rkv: kept entries per (layer, KV head)")
-    kv_lambda: float = option(0.1, "--kv_compression rkv: lambda * importance + (1 - lambda) * redundancy")
-    multi_teacher_demo: bool = option(False, "embedded demo: two tiny teachers (eq / nl reasoning) -> one student")
-
-    @property
-    def multi_teacher(self) -> bool:
-        return self.teachers is not None or self.multi_teacher_demo
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.teacher_weighting in RULES, "teacher_weighting", f"one of {RULES}", self.teacher_weighting)
-        check(self.router_regularizer in REGULARIZERS, "router_regularizer", f"one of {REGULARIZERS}",
-              self.router_regularizer)
-        check(self.kv_compression in COMPRESSIONS, "kv_compression", f"one of {COMPRESSIONS}", self.kv_compression)
-        check(self.kv_slots >= 1, "kv_slots", "an integer >= 1", self.kv_slots)
-        check(0.0 <= self.kv_lambda <= 1.0, "kv_lambda", "a number in [0, 1]", self.kv_lambda)
-        check(self.router_reg_weight >= 0, "router_reg_weight", "a number >= 0", self.router_reg_weight)
-        check(self.router_hidden >= 0, "router_hidden", "an integer >= 0", self.router_hidden)
-
-    def check_cli(self, parser):
-        super().check_cli(parser)
-        if self.teachers is not None:
-            try:
-                load_teachers(self.teachers)
-            except TeachersConfigError as e:
-                parser.error(str(e))
 
 
 def _err(where: str, msg: str):
@@ -227,8 +187,6 @@ def parse_teachers(data, where: str = "teachers") -> TeachersConfig:
 
 def load_teachers(path) -> TeachersConfig:
     """Read ``teachers.yaml`` (YAML; JSON is YAML too)."""
-    import yaml
-
     p = pathlib.Path(path)
     if not p.is_file():
         raise TeachersConfigError(f"--teachers {str(path)!r}: no such file (expected a teachers.yaml)")
@@ -242,6 +200,4 @@ def load_teachers(path) -> TeachersConfig:
 
 
 def save_teachers(cfg: TeachersConfig, path) -> None:
-    import yaml
-
     pathlib.Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
