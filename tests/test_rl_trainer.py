@@ -111,7 +111,7 @@ def test_every_engine_loss_type_is_a_grpo_choice():
 # ---------------------------------------------------------------- policy: hidden states, head, reference
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from latentfast.train.common import load_causal_lm
+    from latentfast.models.local import load_causal_lm
 
     d = tmp_path_factory.mktemp("tiny_hf")
     tok, lm = load_causal_lm("tiny", "cpu")

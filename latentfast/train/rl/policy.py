@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from latentfast.generation import Rollout, eos_token_ids, generate
-from latentfast.models.adapter import decoder, lm_head_bias, lm_head_weight, run_decoder, unwrap
+from latentfast.hf.adapter import decoder, lm_head_bias, lm_head_weight, run_decoder, unwrap
 
 
 @dataclass

@@ -69,7 +69,7 @@ class RLConfig(TrainConfig):
 
 def load_policy_model(cfg: RLConfig, device):
     """(tokenizer, causal LM, PEFT-wrapped when --use_peft)."""
-    from latentfast.train.common import load_causal_lm
+    from latentfast.models.local import load_causal_lm
 
     dtype = DTYPES[cfg.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tok, lm = load_causal_lm(cfg.model_name_or_path, device, dtype=dtype, seed=cfg.seed)
