@@ -36,12 +36,13 @@ MT_DEMO_PRESET = dict(lr=2e-3, batch_size=32, max_steps=80, warmup_ratio=0.05, d
                       eval_data="synthetic_two_mode", subset_size=4000, eval_size=160, max_length=64,
                       logging_steps=20, save_steps=0, teacher_sft_steps=300, teacher_sft_lr=3e-3, max_new_tokens=20,
                       teacher_weighting="learned", router_reg_weight=1.0)
+MT_FULL_PRESET = dict(max_steps=200, eval_size=240)  # --full: long enough to ask whether the students separate
 
 
 def preset(cfg):
     """The demo's values for the flags the command line did not set (the config itself when no demo)."""
     if cfg.multi_teacher_demo:
-        return cfg.with_preset(MT_DEMO_PRESET)
+        return cfg.with_preset({**MT_DEMO_PRESET, **(MT_FULL_PRESET if cfg.full else {})})
     if cfg.demo:
         return cfg.with_preset(DEMO_PRESET)
     return cfg
@@ -51,7 +52,7 @@ def banner(cfg) -> str | None:
     """The line a demo prints first: its presets."""
     if not (cfg.multi_teacher_demo or cfg.demo):
         return None
-    which = MT_DEMO_PRESET if cfg.multi_teacher_demo else DEMO_PRESET
+    which = {**MT_DEMO_PRESET, **MT_FULL_PRESET} if cfg.multi_teacher_demo else DEMO_PRESET
     return (("multi-teacher demo" if cfg.multi_teacher_demo else "embedded demo") + "; presets: " +
             json.dumps({k: getattr(cfg, k) for k in which}))
 
