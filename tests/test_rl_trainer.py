@@ -227,3 +227,29 @@ def test_dpo_cli_formats_and_precomputed_reference(tiny_dir, tmp_path):
     assert losses[False][0] == pytest.approx(losses[True][0], rel=1e-5)  # same reference either way
     assert losses[False] == pytest.approx(losses[True], rel=1e-4)
     assert losses[False][2] < losses[False][0] or losses[False][1] < losses[False][0]
+
+
+# ---------------------------------------------------------------- latentfast-hrpo takes every engine loss type
+def test_hrpo_loss_type_takes_every_engine_type(capsys):
+    from latentfast.ops.objectives.grpo import LOSS_TYPES
+    from latentfast.train import hrpo
+
+    assert hrpo.HRPOConfig.meta("loss_type")["choices"] == list(LOSS_TYPES)
+    for lt in LOSS_TYPES:
+        hrpo.parse_args(["--loss_type", lt] + (["--importance_sampling_level", "sequence"] if lt == "luspo" else []))
+    with pytest.raises(SystemExit) as e:  # validated by the one loss object
+        hrpo.parse_args(["--loss_type", "luspo"])
+    assert e.value.code == 2 and "--importance_sampling_level" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--loss_type", "cispo", "--gradient_accumulation_steps", "2"],
+                                   ["--loss_type", "luspo", "--importance_sampling_level", "sequence"]])
+def test_hrpo_runs_new_loss_types(tmp_path, extra):
+    from latentfast.train import hrpo
+
+    argv = ["--sft_steps", "2", "--max_steps", "1", "--per_device_train_batch_size", "8", "--group_size", "4",
+            "--max_completion_length", "8", "--eval_size", "4", "--save_steps", "0", "--seed", "3"]
+    res = hrpo.main(argv + extra + ["--output_dir", str(tmp_path / "run")])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step = [r for r in rows if "reward" in r][0]
+    assert math.isfinite(step["loss"]) and math.isfinite(res["trainable_checksum"])

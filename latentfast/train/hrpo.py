@@ -41,6 +41,7 @@ from .common import SampleStream, check_data_arg, console_entry
 from .config import option
 from .loop import TrainConfig, Trainer
 from .rl.advantages import trl_group_zscore
+from .rl.objectives import GRPO_LOSS_TYPES, GRPOLoss
 from .sft import warm_up
 
 DEMO_MODEL = "tiny"
@@ -51,7 +52,7 @@ DEMO_PRESET = dict(lr=5e-4, lora_rank=16, lr_residual_gate=5e-4, lr_residual_Lam
                    max_grad_norm=1.0, train_data="synthetic", eval_data="synthetic", eval_size=256, eval_steps=100,
                    sft_steps=250, save_steps=100,
                    system_prompt="")  # the tiny tokenizer's chat template, without the 132-token system turn
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = GRPO_LOSS_TYPES  # every GRPO-family type of the fused engine (luspo: --importance_sampling_level sequence)
 
 
 @dataclass
@@ -79,7 +80,10 @@ class HRPOConfig(TrainConfig):
     per_device_train_batch_size: int = option(8, "completions per device per micro-batch")
     max_prompt_length: int = option(1024, "prompt tokens kept (left-truncated)")
     max_completion_length: int = option(1024, "new tokens per rollout")
-    loss_type: str = option("grpo", "GRPO normalisation", choices=list(LOSS_TYPES))
+    loss_type: str = option("grpo", "GRPO normalisation / policy term (every type of the fused engine)",
+                            choices=list(LOSS_TYPES))
+    importance_sampling_level: str = option("token", "token, or sequence (GSPO; needed by luspo)",
+                                            choices=["token", "sequence"])
     epsilon_low: float = option(0.2, "PPO clip, lower")
     epsilon_high: float = option(0.2, "PPO clip, upper")
     save_steps: int = 250
@@ -120,9 +124,15 @@ class HRPOConfig(TrainConfig):
         super().__post_init__()
         if self.group_size < 1:
             raise ValueError(f"--group_size must be >= 1, got {self.group_size}")
+        self.objective()  # the loss type's options, checked in the one place (rl.objectives.GRPOLoss)
         if self.per_device_train_batch_size % self.group_size:
             raise ValueError(f"--per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple "
                              f"of --group_size ({self.group_size})")
+
+    def objective(self) -> GRPOLoss:
+        return GRPOLoss(loss_type=self.loss_type, beta=self.beta, epsilon=self.epsilon_low,
+                        epsilon_high=self.epsilon_high, importance_sampling_level=self.importance_sampling_level,
+                        max_completion_length=self.max_completion_length, temperature=1.0)
 
     def check_cli(self, parser):
         """The common mistakes, reported at argument parsing with the flag's name."""
@@ -348,8 +358,9 @@ class HRPO(Trainer):
         self.t_roll = time.perf_counter() - t0
         self.n_tokens = sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b, _, _ in micro)
         loss_kw = dict(beta=c.beta, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
+                       importance_sampling_level=c.importance_sampling_level,
                        max_completion_length=c.max_completion_length)
-        if c.loss_type == "dapo":  # the op's convention: completion tokens of the whole step, all ranks and
+        if c.objective().token_normalised:  # dapo / cispo / vespo, the op's convention: completion tokens of the whole step, all ranks and
             # micro-batches (it divides by world itself; micro-batch losses then add up to one token-mean)
             t = torch.tensor(sum(int(b["completion_mask"].sum()) for b, _, _ in micro), device=dev, dtype=torch.int64)
             if self.world > 1:
@@ -359,8 +370,8 @@ class HRPO(Trainer):
         self.t_train0 = time.perf_counter()
         return [(batch, adv, ref, loss_kw, step_stats) for batch, adv, ref in micro]
 
-    def micro_weights(self, micro):  # dapo: the micro-batch losses are parts of one token-mean
-        return [1.0] * len(micro) if self.cfg.loss_type == "dapo" else [1.0 / len(micro)] * len(micro)
+    def micro_weights(self, micro):  # dapo / cispo / vespo: the micro-batch losses are parts of one token-mean
+        return [1.0] * len(micro) if self.cfg.objective().token_normalised else [1.0 / len(micro)] * len(micro)
 
     def loss(self, mb):
         batch, adv, ref, loss_kw, step_stats = mb
