@@ -237,3 +237,38 @@ def test_router_gradient_is_scale_normalised_per_teacher():
     g_logit = torch.autograd.grad(loss, w)[0]  # d loss / d w_bk = L_bk / scale_k
     torch.testing.assert_close(g_logit, per / mt.router_loss_scale)
     assert g_logit[0, 1] < g_logit[0, 0] and (g_logit[1:, 1] > g_logit[1:, 0]).all()  # sample 0 now prefers b
+
+
+@pytest.mark.parametrize("signal", ["answer_nll", "tag"])
+def test_router_signal_answer_nll_or_tag(signal):
+    """``router_signal``: the learned router's gradient reads each teacher's answer NLL, or the
+    sample's tag through the per_task table, instead of the KV losses: d loss / d w_bk = cost_bk;
+    the loss value and the student's gradients stay the plain sum_b sum_k w_bk L_bk's."""
+    from latentfast.nn.kv_adapter import IdentityKVAdapter
+    from latentfast.nn.teacher_weighting import router_cost
+    from latentfast.reference.kv_loss import kv_loss_per_sample
+
+    torch.manual_seed(0)
+    B, H, T, d = 4, 2, 5, 8
+    s_k, s_v = torch.randn(B, H, T, d, requires_grad=True), torch.randn(B, H, T, d, requires_grad=True)
+    targets = [(s_k.detach() + torch.randn(B, H, T, d), s_v.detach() + torch.randn(B, H, T, d)) for _ in range(2)]
+    table = {"default": [1.0, 1.0], "eq": [1.0, 0.0], "nl": [0.0, 1.0]}
+    mt = MultiTeacherKVLoss([[(0, 0)], [(0, 0)]], [[IdentityKVAdapter(H, d, H, d)]] * 2, ["eq", "nl"], "learned",
+                            task_table=table, router_hidden_size=6, warmup_steps=10**9, router_signal=signal)
+    nll = torch.tensor([[0.5, 2.0], [3.0, 0.1], [1.0, 1.0], [0.2, 0.4]])
+    tags = ["eq", "nl", None, "nl"]
+    assert mt.needs_stats == (signal == "answer_nll")
+    cost = router_cost(signal, nll=nll, tags=tags, table=table, num_teachers=2)
+    expected = nll if signal == "answer_nll" else torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [1.0, 0.0]])
+    torch.testing.assert_close(cost, expected)
+    w = mt.weights(batch_size=B, hidden=torch.randn(B, T, 6))
+    loss, _, _ = mt({0: (s_k, s_v)}, [{"kv": [t]} for t in targets], w, step=0, router_cost=cost)
+    per = torch.stack([kv_loss_per_sample(s_k, s_v, *t) for t in targets], 1)
+    torch.testing.assert_close(loss, (w * per).sum())  # value unchanged
+    torch.testing.assert_close(torch.autograd.grad(loss, w, retain_graph=True)[0], cost)
+    for a, b in zip(torch.autograd.grad(loss, [s_k, s_v]), torch.autograd.grad((w.detach() * per).sum(), [s_k, s_v])):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="router_signal 'tag' needs"):
+        router_cost("tag", tags=[None] * B, table=table, num_teachers=2)
+    with pytest.raises(ValueError, match="router_signal must be one of"):
+        MultiTeacherKVLoss([[(0, 0)]], [[IdentityKVAdapter(H, d, H, d)]], ["a"], router_signal="logits")

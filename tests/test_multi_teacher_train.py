@@ -159,6 +159,21 @@ def test_other_shapes_adapters_train_and_resume_restores_the_router(models, tmp_
         torch.testing.assert_close(r4[k], c4[k])
 
 
+def test_router_signal_trains_the_router_from_tags_or_answer_nll(models, tmp_path):
+    """--router_signal tag / answer_nll: the learned router trains from the samples' mode tags
+    (through the per_task table) or from the teachers' answer NLLs instead of the KV losses
+    (its gradient is checked exactly in test_multi_teacher.py); here it runs in the trainer and
+    moves the weights off uniform. (On these tiny models it moves every sample alike: the mean-
+    pooled hidden state does not separate the modes in a few steps.)"""
+    y = _yaml(tmp_path / "t.yaml", [dict(name="eq", model=models / "eq", mode="eq"),
+                                    dict(name="nl", model=models / "nl", mode="nl")])
+    kw = dict(teachers=y, teacher_weighting="learned", router_reg_weight=0.0, lr=5e-2)
+    for signal in ("tag", "answer_nll"):
+        h = kv_distill.main(_argv(models, tmp_path / signal, steps=3, router_signal=signal, **kw))["history"]
+        assert h[0]["w/eq"] == pytest.approx(0.5)  # zero-initialised router: uniform at the first step
+        assert all(abs(r["w/eq"] + r["w/nl"] - 1) < 1e-6 for r in h) and abs(h[-1]["w/eq"] - 0.5) > 0.01
+
+
 def test_per_task_weight_means_from_sums():
     row = {"_wsum/eq/a": 3.0, "_wsum/eq/b": 1.0, "_n/eq": 4.0, "_wsum/nl/a": 0.0, "_n/nl": 0.0, "loss": 1.0}
     per_task_weight_means(row)

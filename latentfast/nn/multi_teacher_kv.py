@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from latentfast.nn.kv_loss import AttentionWeightedKVLoss
-from latentfast.nn.teacher_weighting import (RULES, TeacherRouter, router_regularizer, teacher_weights,
-                                             weight_entropy, weighted_teacher_loss)
+from latentfast.nn.teacher_weighting import (ROUTER_SIGNALS, RULES, TeacherRouter, router_regularizer,
+                                             teacher_weights, weight_entropy, weighted_teacher_loss)
 from latentfast.ops.kv_compression import compressed_kv_loss
 
 
@@ -34,7 +34,7 @@ class MultiTeacherKVLoss(nn.Module):
                  names: Sequence[str], weighting: str = "static", static_weights: Sequence[float] | None = None,
                  task_table: dict | None = None, router_hidden_size: int | None = None, router_hidden: int = 0,
                  router_regularizer: str = "load_balance", warmup_steps: int = 1000,
-                 use_teacher_attention: bool = False):
+                 use_teacher_attention: bool = False, router_signal: str = "kv"):
         super().__init__()
         K = len(names)
         if not (len(pairs) == len(adapters) == K) or K < 1:
@@ -51,6 +51,9 @@ class MultiTeacherKVLoss(nn.Module):
         self.kv = nn.ModuleList(AttentionWeightedKVLoss(warmup_steps, use_teacher_attention, list(a))
                                 for a in adapters)
         self.router_kind = router_regularizer
+        if router_signal not in ROUTER_SIGNALS:
+            raise ValueError(f"router_signal must be one of {ROUTER_SIGNALS}, got {router_signal!r}")
+        self.router_signal = router_signal
         self.router = None
         if weighting == "learned":
             if router_hidden_size is None:
@@ -67,7 +70,8 @@ class MultiTeacherKVLoss(nn.Module):
     @property
     def needs_stats(self) -> bool:
         """Whether the teachers must report their answer NLL / entropy."""
-        return self.weighting in ("confidence", "entropy", "min_ce")
+        return self.weighting in ("confidence", "entropy", "min_ce") or (
+            self.weighting == "learned" and self.router_signal == "answer_nll")
 
     def weighting_active(self, step: int) -> bool:
         return self.kv[0].weighting_active(step)
@@ -102,10 +106,12 @@ class MultiTeacherKVLoss(nn.Module):
                                device=device).to(device)
 
     def forward(self, student_kv: dict, targets: Sequence[dict], weights: torch.Tensor, *, step: int,
-                attention_mask=None, student_attention=None, tags=None):
+                attention_mask=None, student_attention=None, tags=None, router_cost=None):
         """``student_kv``: {student layer: (K, V)}; ``targets[k]``: teacher k's
         ``{'kv': [(K, V) per pair], 'importance': (B, T) or None}`` or ``{'rkv': [compressed
-        target per pair]}``. Returns (weighted KV loss, router regulariser, metrics)."""
+        target per pair]}``. ``router_cost`` (B, K): what the learned router's gradient reads
+        instead of the KV losses (``teacher_weighting.router_cost``). Returns (weighted KV loss,
+        router regulariser, metrics)."""
         if len(targets) != len(self.names):
             raise ValueError(f"got targets for {len(targets)} teachers, expected {len(self.names)}")
         pieces, shares, met = [], [], {}
@@ -126,8 +132,11 @@ class MultiTeacherKVLoss(nn.Module):
             met[f"kv/{name}"] = sk_.sum()
             met[f"w/{name}"] = weights[:, k].detach().mean()
         shares = torch.stack(shares, 1)
-        scale = self.router_scale(shares) if weights.requires_grad and self.router is not None else None
-        loss = weighted_teacher_loss(pieces, shares, weights, scale)
+        if router_cost is not None:  # the value and the student's gradients are the same; the router reads the cost
+            loss = weighted_teacher_loss(pieces, router_cost.to(shares.device), weights)
+        else:
+            scale = self.router_scale(shares) if weights.requires_grad and self.router is not None else None
+            loss = weighted_teacher_loss(pieces, shares, weights, scale)
         reg = router_regularizer(weights, self.router_kind) if self.router is not None else loss.new_zeros(())
         met["w_entropy"] = weight_entropy(weights.detach())
         if self.router is not None:

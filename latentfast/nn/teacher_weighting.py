@@ -14,7 +14,10 @@ Rules (every one returns (B, K) weights, each row summing to 1):
     min_ce      FuseLLM MinCE: weight 1 on the teacher with the lowest CE, 0 elsewhere
     learned     ``TeacherRouter``: softmax over a linear map of the student's pooled hidden
                 state, trained with the student; ``router_regularizer`` keeps it from
-                collapsing onto one teacher
+                collapsing onto one teacher. What its gradient reads (``ROUTER_SIGNALS``):
+                ``kv`` each teacher's per-sample KV loss over that teacher's running level,
+                ``answer_nll`` each teacher's NLL of the gold answer (a learned MinCE),
+                ``tag`` the sample's task/mode tag through the per_task table (cost 1 - row)
 
 The teachers' losses are weighted, never their targets: averaging K teachers' KV caches
 mixes unrelated representations (notes, "Weight the losses, not the targets").
@@ -30,6 +33,7 @@ from torch import nn
 
 RULES = ("static", "per_task", "confidence", "entropy", "min_ce", "learned")
 REGULARIZERS = ("load_balance", "entropy", "none")
+ROUTER_SIGNALS = ("kv", "answer_nll", "tag")
 
 
 def _check_stat(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +186,23 @@ def teacher_weights(rule: str, *, batch_size: int | None = None, static=None, ta
     if rule == "learned":
         return need("router_probs", router_probs)
     raise ValueError(f"teacher weighting must be one of {RULES}, got {rule!r}")
+
+
+@torch.no_grad()
+def router_cost(signal: str, *, nll=None, tags=None, table=None, num_teachers: int, device=None) -> torch.Tensor:
+    """(B, K) the learned router's per-sample cost of each teacher for ``signal`` other than
+    ``kv`` (the KV losses themselves, in ``MultiTeacherKVLoss``): the router's gradient is
+    d/dw_bk = cost_bk, so it moves weight to the cheaper teacher. ``answer_nll``: the
+    teacher's NLL of the gold answer; ``tag``: 1 - the per_task table's row for the sample's tag."""
+    if signal == "answer_nll":
+        if nll is None:
+            raise ValueError("router_signal 'answer_nll' needs the teachers' answer NLL (stats)")
+        return nll.detach().float()
+    if signal == "tag":
+        if tags is None or table is None or all(t is None for t in tags):
+            raise ValueError("router_signal 'tag' needs task/mode tags on the rows and the teachers' per_task table")
+        return 1.0 - per_task_weights(tags, table, num_teachers, device)
+    raise ValueError(f"router_signal must be one of {ROUTER_SIGNALS[1:]} here (kv is the KV loss), got {signal!r}")
 
 
 @torch.no_grad()

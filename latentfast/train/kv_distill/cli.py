@@ -66,7 +66,8 @@ def build_teachers(cfg, tok, student, rows, device):
     teachers = load_teachers_from_config(
         tcfg, student.config, tok, kv_layers=cfg.kv_layers, device=device, importance_layer=cfg.importance_layer,
         compression=compression_of(cfg), need_importance=cfg.use_attention_weighted_kv and cfg.use_teacher_attention,
-        need_stats=any(r in ("confidence", "entropy", "min_ce") for r in rules))
+        need_stats=any(r in ("confidence", "entropy", "min_ce") for r in rules) or (
+            cfg.teacher_weighting == "learned" and cfg.router_signal == "answer_nll"))
     return teachers, tcfg
 
 

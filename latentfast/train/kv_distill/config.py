@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from latentfast.nn.teacher_weighting import REGULARIZERS, RULES
+from latentfast.nn.teacher_weighting import REGULARIZERS, ROUTER_SIGNALS, RULES
 
 from ..common import check_data_arg
 from ..config import Config, check, option
@@ -37,6 +37,9 @@ class MultiTeacherConfig(Config):
     router_reg_weight: float = option(0.01, "learned router: coefficient of its regulariser")
     router_regularizer: str = option("load_balance", "learned router: regulariser", choices=REGULARIZERS)
     router_hidden: int = option(0, "learned router: hidden width (0 = one linear map)")
+    router_signal: str = option("kv", "learned router: what its gradient reads: kv (each teacher's KV loss over its "
+                                      "running level), answer_nll (each teacher's NLL of the gold answer), tag (the "
+                                      "sample's task/mode tag via the per_task table)", choices=ROUTER_SIGNALS)
     kv_compression: str = option("none", "KV targets: full cache or KaVa R-KV compressed", choices=COMPRESSIONS)
     kv_slots: int = option(24, "--kv_compression rkv: kept entries per (layer, KV head)")
     kv_lambda: float = option(0.1, "--kv_compression rkv: lambda * importance + (1 - lambda) * redundancy")
@@ -56,6 +59,7 @@ class MultiTeacherConfig(Config):
         check(0.0 <= self.kv_lambda <= 1.0, "kv_lambda", "a number in [0, 1]", self.kv_lambda)
         check(self.router_reg_weight >= 0, "router_reg_weight", "a number >= 0", self.router_reg_weight)
         check(self.router_hidden >= 0, "router_hidden", "an integer >= 0", self.router_hidden)
+        check(self.router_signal in ROUTER_SIGNALS, "router_signal", f"one of {ROUTER_SIGNALS}", self.router_signal)
 
     def check_cli(self, parser):
         super().check_cli(parser)

@@ -25,7 +25,7 @@ from latentfast.hf.capture import KVCapture
 from latentfast.nn import CKALoss, CODILoss
 from latentfast.nn.kv_adapter import kv_adapters
 from latentfast.nn.multi_teacher_kv import MultiTeacherKVLoss
-from latentfast.nn.teacher_weighting import weight_entropy
+from latentfast.nn.teacher_weighting import router_cost, weight_entropy
 
 from .teachers import Teacher
 
@@ -60,7 +60,8 @@ class KVDistiller(nn.Module):
                                      [t.spec.weight for t in teachers], task_table,
                                      router_hidden_size=s_cfg.hidden_size, router_hidden=cfg.router_hidden,
                                      router_regularizer=cfg.router_regularizer, warmup_steps=warm,
-                                     use_teacher_attention=cfg.use_teacher_attention)
+                                     use_teacher_attention=cfg.use_teacher_attention,
+                                     router_signal=cfg.router_signal)
         self.cka = CKALoss(cfg.cka_layers) if self.cka_weight else None
         self.codi = nn.ModuleList(CODILoss("blocks", student_dim=s_cfg.hidden_size, teacher_dim=t.config.hidden_size)
                                   for t in teachers) if self.codi_weight else None
@@ -93,7 +94,12 @@ class KVDistiller(nn.Module):
                 with torch.no_grad():
                     met["kv_mse"] = self.mt(s_kv, targets, w.detach(), step=-1, attention_mask=mask)[0]
             student_attention = self.capture.qk(self.s_imp) if weighting and not self.use_teacher_attention else None
-            kv, reg, m = self.mt(s_kv, targets, w, step=step, attention_mask=mask, student_attention=student_attention)
+            cost = None
+            if self.mt.router is not None and self.mt.router_signal != "kv":
+                cost = router_cost(self.mt.router_signal, nll=stat("nll"), tags=tags, table=self.mt.task_table,
+                                   num_teachers=len(self.names), device=mask.device)
+            kv, reg, m = self.mt(s_kv, targets, w, step=step, attention_mask=mask, student_attention=student_attention,
+                                 router_cost=cost)
             loss = loss + self.kv_weight * kv
             if self.mt.router is not None:
                 loss = loss + self.router_reg_weight * reg
