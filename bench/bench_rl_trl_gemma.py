@@ -165,6 +165,7 @@ def run_ours(a) -> dict:
                 return out
 
             def step_metrics(self, row):
+                super().step_metrics(row)
                 cpus.append(cpu_s() - self.c0)
 
         cfg = GRPOConfig(**common, dataset_name="arithmetic", per_device_train_batch_size=a.batch * a.gens,
@@ -182,6 +183,7 @@ def run_ours(a) -> dict:
                 return super().batches(step)
 
             def step_metrics(self, row):
+                super().step_metrics(row)
                 cpus.append(cpu_s() - self.c0)
 
         cfg = DPOConfig(**common, dataset_name="arithmetic_pairs", per_device_train_batch_size=a.batch, beta=0.1,

@@ -190,7 +190,7 @@ def test_grpo_cli_conversational_prompts(tiny_dir, tmp_path, extra):
                 "--learning_rate", "1e-3", "--output_dir", str(out), "--logging_steps", "0", *extra])
     rows = _metrics(out)
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and 0 <= r["reward"] <= 1 for r in rows)
-    assert "rewards/digit_reward/mean" in rows[0]
+    assert "rewards/digit_reward/mean" in rows[0] and 0 < rows[0]["rollout_s"] < rows[0]["step_s"]
     assert (out / "final" / "adapter_config.json").is_file()
     if "--num_iterations" in extra:  # step 2 replays step 1's round: old log-probs, the ratio moved
         assert rows[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and rows[1]["ratio_mean"] != 1.0

@@ -16,6 +16,7 @@ then, so the clipped ratio is live). Loss: every GRPO-family type of the fused e
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -204,8 +205,10 @@ class GRPO(RLTrainer):
 
     def batches(self, step):
         n = self.cfg.gradient_accumulation_steps
+        t0 = time.perf_counter()
         while len(self.buffer) < n:
             self.buffer.extend(self.generation_round())
+        self.t_rollout = time.perf_counter() - t0  # rollout, rewards, old / reference log-probs
         micro, self.buffer = self.buffer[:n], self.buffer[n:]
         if self.loss_fn.token_normalised:  # the step's completion tokens, every rank (TRL's num_items_in_batch)
             t = torch.tensor(sum(int(m["completion_mask"].sum()) for m in micro), device=self.device)
@@ -214,6 +217,10 @@ class GRPO(RLTrainer):
             for m in micro:
                 m["num_items"] = int(t)
         return micro
+
+    def step_metrics(self, row):
+        row["rollout_s"] = self.t_rollout
+        row["train_s"] = row["step_s"] - self.t_rollout
 
     def micro_weights(self, micro):  # token-normalised losses are parts of one token mean
         return [1.0] * len(micro) if self.loss_fn.token_normalised else [1.0 / len(micro)] * len(micro)
