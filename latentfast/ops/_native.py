@@ -46,7 +46,7 @@ CFLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "
 
 def sources() -> list[str]:
     """The C++ sources, shipped inside the package as ``latentfast/kernels/csrc``."""
-    import latentfast.kernels as k
+    import latentfast.kernels as k  # the package's folder, found only when the backend is built
 
     return sorted(str(p) for p in (pathlib.Path(k.__file__).resolve().parent / "csrc").glob("*.cpp"))
 

@@ -25,7 +25,7 @@ def _importance_op(
     causal: bool, scale: float,
 ) -> torch.Tensor:
     if use_triton(q):
-        from latentfast.kernels.attention_importance import attention_importance
+        from latentfast.kernels.attention_importance import attention_importance  # Triton: optional on CPU
 
         return attention_importance(q, k, causal=causal, attention_mask=attention_mask, lse=lse, scale=scale)
     return _ref.attention_token_importance(q, k, causal=causal, attention_mask=attention_mask, scale=scale)

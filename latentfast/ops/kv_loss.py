@@ -21,7 +21,7 @@ from latentfast.reference.kv_loss import importance_weights  # noqa: F401  (re-e
 @torch.library.custom_op("latentfast::weighted_sq_error", mutates_args=())
 def _wse_op(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
-        from latentfast.kernels.weighted_kv_loss import weighted_sq_error
+        from latentfast.kernels.weighted_kv_loss import weighted_sq_error  # Triton: optional on CPU
 
         return weighted_sq_error(x, y, w)
     return _ref.weighted_sq_error(x, y, w)
@@ -35,7 +35,7 @@ def _(x, y, w):
 @torch.library.custom_op("latentfast::weighted_sq_error_backward", mutates_args=())
 def _wse_bwd_op(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
-        from latentfast.kernels.weighted_kv_loss import weighted_sq_error_backward
+        from latentfast.kernels.weighted_kv_loss import weighted_sq_error_backward  # Triton: optional on CPU
 
         return weighted_sq_error_backward(x, y, w, grad)
     return (2.0 * grad.float() * w.float()[:, None, :, None] * (x.float() - y.float())).to(x.dtype)

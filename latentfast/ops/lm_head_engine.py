@@ -171,7 +171,7 @@ def _backends(t: torch.Tensor):
     (latentfast/kernels/csrc, when built and not switched off by LATENTFAST_NATIVE=0), else the
     same math in torch."""
     if use_triton(t):
-        from latentfast.kernels import grpo_loss as K
+        from latentfast.kernels import grpo_loss as K  # Triton: optional on CPU
 
         return K.logit_stats, K.logit_grad_
     if _native.usable(t, "logit_stats"):

@@ -47,7 +47,7 @@ def _fused(e: torch.Tensor) -> bool:
 def _epilogues(e: torch.Tensor):
     """(forward_epilogue, backward_epilogue): Triton (CUDA / interpreter), else native (CPU)."""
     if use_triton(e):
-        from latentfast.kernels import thinking_residual as K
+        from latentfast.kernels import thinking_residual as K  # Triton: optional on CPU
 
         return K.forward_epilogue, K.backward_epilogue
     if _use_native(e):
