@@ -79,7 +79,10 @@ def test_full_disk_during_a_write_loses_nothing(tmp_path, full, monkeypatch):
     monkeypatch.setattr(os, "replace", real)
     assert not _leftovers(part / "checkpoint-6")  # the temporary went with the error
     checkpoint.verify(part / "checkpoint-4")
+    (part / "checkpoint-2" / ".tmpAb12Cd").write_bytes(b"x" * 100)  # a killed safetensors write's temporary
     _resume_exactly(full, part)
+    assert not _leftovers(part)  # removed at start (under the run lock)
+    checkpoint.verify(part / "checkpoint-2")
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "trainer_state.json",
@@ -121,3 +124,25 @@ def test_save_total_limit_keeps_the_newest(tmp_path):
     with pytest.raises(SystemExit):
         from toy_trainer import ToyConfig
         ToyConfig.parse(["--save_total_limit", "0"])
+
+
+def test_checkpoint_from_before_manifests_loads_after_a_structural_check(tmp_path, full):
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for step in (2, 4, 6):
+        ck = part / f"checkpoint-{step}"
+        (ck / "manifest.json").unlink()
+        state = json.loads((ck / "trainer_state.json").read_text())
+        del state["format"]
+        (ck / "trainer_state.json").write_text(json.dumps(state))
+    f = part / "checkpoint-6" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-4])  # a truncated legacy file is still found
+    with pytest.raises(files.CorruptFileError, match=r"checkpoint-6/model\.safetensors: not a complete safetensors"):
+        checkpoint.verify(part / "checkpoint-6")
+    with pytest.warns(RuntimeWarning, match="older latentfast"):
+        assert checkpoint.latest(str(part)) == str(part / "checkpoint-4")
+    (part / "checkpoint-6" / "trainer_state.json").write_text("")  # the 0-byte state of a killed write
+    with pytest.raises(files.CorruptFileError, match=r"checkpoint-6/trainer_state\.json: unreadable"):
+        checkpoint.verify(part / "checkpoint-6")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from latentfast.train import resume
 from latentfast.train.common import SampleStream
 from latentfast.train.config import option
 from latentfast.train.loop import TrainConfig, Trainer
@@ -32,6 +33,7 @@ class Crash(RuntimeError):
 
 class Toy(Trainer):
     name = "toy"
+    resume_fields = (*resume.RUN_DEFINING, "width")  # a trainer adds its own run-defining flags
 
     def setup(self):
         g = torch.Generator().manual_seed(123)

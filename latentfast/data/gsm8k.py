@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pathlib
 
-from .jsonl import iter_jsonl
+from .jsonl import check_text, iter_jsonl
 from .prompts import PROMPT_TEMPLATE, format_prompt  # noqa: F401  (re-exported: the plain prompt)
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -23,12 +23,16 @@ def sample_path(split: str = "train") -> str:
 
 
 def load_jsonl(path: str, limit: int | None = None) -> list[dict]:
-    """Rows of a JSONL file; each must carry ``question`` and ``answer``."""
+    """Rows of a JSONL file; each must carry a non-empty string ``question`` and an ``answer``
+    (a string, or a finite number: made a string); anything else names file, line and field."""
     rows = []
     for n, row in iter_jsonl(path):
         if not isinstance(row, dict) or "question" not in row or "answer" not in row:
             raise ValueError(f"{path}:{n}: each line needs 'question' and 'answer' fields")
-        rows.append(row)
+        q = check_text(path, n, "question", row["question"])
+        if not q.strip():
+            raise ValueError(f"{path}:{n}: field 'question' is empty")
+        rows.append({**row, "question": q, "answer": check_text(path, n, "answer", row["answer"], numbers=True)})
         if limit is not None and len(rows) >= limit:
             break
     if not rows:

@@ -19,34 +19,48 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import warnings
 
 import torch
 
-from .jsonl import iter_jsonl
+from .jsonl import check_messages, check_text, iter_jsonl
 
 THINK_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 # ---------------------------------------------------------------------------- files
 def read_jsonl(path: str | pathlib.Path, field: str, limit: int | None = None) -> list:
-    """The ``field`` value of every line of ``path`` (``"text"`` or ``"conversations"``)."""
+    """The ``field`` value of every line of ``path`` (``"text"`` or ``"conversations"``),
+    type-checked: a text that is not a string, or a conversation turn without string role and
+    content, is an error naming file, line and field; so is a file whose texts are all empty."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    out = []
+    out, empty = [], []
     for n, row in iter_jsonl(path):
         if not isinstance(row, dict) or field not in row:
             raise ValueError(f"{path}:{n}: each line needs a {field!r} field (MiniMind's format)")
         value = row[field]
-        if field == "conversations" and not (isinstance(value, list) and value and all(
-                isinstance(t, dict) and "role" in t and "content" in t for t in value)):
-            raise ValueError(f"{path}:{n}: 'conversations' must be a non-empty list of "
-                             f"{{'role', 'content'}} objects")
+        if field == "conversations":
+            check_messages(path, n, field, value)
+            blank = not any(isinstance(t["content"], str) and t["content"].strip() for t in value
+                            if t["role"] == "assistant")
+        else:
+            blank = not check_text(path, n, field, value).strip()
+        if blank:
+            empty.append(n)
         out.append(value)
         if limit is not None and len(out) >= limit:
             break
     if not out:
         raise ValueError(f"{path}: no rows (expected one JSON object per line)")
+    what = "'text'" if field != "conversations" else "assistant 'content'"
+    if len(empty) == len(out):
+        raise ValueError(f"{path}: every {what} is empty ({len(out)} rows): nothing to train on")
+    if empty:
+        warnings.warn(f"{path}: {len(empty)} of {len(out)} rows have an empty {what} (lines "
+                      f"{', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''}): they add no loss",
+                      RuntimeWarning, stacklevel=2)
     return out
 
 

@@ -19,13 +19,13 @@ from . import minimind as mm
 
 def read_dpo(path, limit: int | None = None) -> list[dict]:
     """``[{"chosen": msgs, "rejected": msgs}, ...]`` from a MiniMind DPO JSONL file."""
-    from .jsonl import iter_jsonl
+    from .jsonl import check_messages, iter_jsonl
 
     rows = []
     for n, row in iter_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("chosen"), list) or not isinstance(row.get("rejected"), list):
             raise ValueError(f"{path}:{n}: each line needs 'chosen' and 'rejected' message lists (MiniMind's DPO format)")
-        rows.append({"chosen": row["chosen"], "rejected": row["rejected"]})
+        rows.append({k: check_messages(path, n, k, row[k]) for k in ("chosen", "rejected")})
         if limit and len(rows) >= limit:
             break
     if not rows:

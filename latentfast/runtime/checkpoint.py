@@ -84,7 +84,7 @@ def save(out_dir: str, step: int, model, optimizer, scheduler=None, extra: dict 
             flat[f"{name}::{key}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
     save_file(flat, str(path / "optimizer.safetensors"))
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
-    state = {"step": step, "param_groups": groups,
+    state = {"step": step, "format": FORMAT, "param_groups": groups,
              "scheduler": scheduler.state_dict() if scheduler is not None else None, "extra": extra or {},
              # every parameter at save time: a frozen one (not saved) may be unfrozen on resume
              "param_names": sorted(_fqn(n) for n, _ in model.named_parameters())}
@@ -101,9 +101,16 @@ def seal(path) -> None:
     files.write_manifest(path, names, {"step": step_of(path)})
 
 
+FORMAT = 2  # trainer_state.json "format": 2 = written with a manifest (absent: an older latentfast)
+
+
 def verify(path) -> dict:
     """The manifest of a complete, unmodified checkpoint folder, else ``CorruptFileError``
-    naming the file."""
+    naming the file. A folder from before manifests (trainer_state.json without "format")
+    gets a structural check instead, with a warning."""
+    path = pathlib.Path(path)
+    if not (path / files.MANIFEST).exists() and (path / "trainer_state.json").is_file():
+        return _verify_legacy(path)
     man = files.verify_manifest(path)
     for need in ("model.safetensors", "trainer_state.json"):
         if need not in man["files"]:
@@ -111,10 +118,13 @@ def verify(path) -> dict:
     return man
 
 
-def load(path: str, model, optimizer=None, scheduler=None) -> dict:
-    """Restore in place; returns the trainer_state dict (``step``, ``extra``)."""
+def load(path: str, model, optimizer=None, scheduler=None, hint: str = "--projection, LoRA rank or thinking state",
+         verified: bool = False) -> dict:
+    """Restore in place (after ``verify`` unless ``verified``); returns the trainer_state dict
+    (``step``, ``extra``)."""
     path = pathlib.Path(path)
-    verify(path)
+    if not verified:
+        verify(path)
     state = json.loads((path / "trainer_state.json").read_text())
     msd = load_file(str(path / "model.safetensors"))
     # non-strict: a trainable-only checkpoint has no frozen weights. But a checkpoint from a
@@ -127,8 +137,7 @@ def load(path: str, model, optimizer=None, scheduler=None) -> dict:
     if missing or unexpected:
         def few(keys):
             return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
-        raise RuntimeError(f"checkpoint {path} does not match the model (different --projection, LoRA rank or "
-                           f"thinking state?): " + "; ".join(
+        raise RuntimeError(f"checkpoint {path} does not match the model (different {hint}?): " + "; ".join(
                                f"{what}: {few(keys)}" for what, keys in (("missing trainable parameters", missing),
                                                                        ("unexpected keys", unexpected)) if keys))
     if optimizer is not None:
@@ -142,6 +151,44 @@ def load(path: str, model, optimizer=None, scheduler=None) -> dict:
     if scheduler is not None and state.get("scheduler"):
         scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def _verify_legacy(path: pathlib.Path) -> dict:
+    state_file = path / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as e:
+        raise files.CorruptFileError(f"{state_file}: unreadable ({type(e).__name__}: {e}); an interrupted "
+                                     f"save?") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise files.CorruptFileError(f"{state_file}: not a trainer state (no 'step')")
+    if state.get("format", 0) >= FORMAT:
+        raise files.CorruptFileError(f"{path}: no {files.MANIFEST} (an interrupted save)")
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        if (path / name).exists() or name == "model.safetensors":
+            _check_safetensors(path / name)
+    for rng in path.glob("rng_state_*.json"):
+        try:
+            json.loads(rng.read_text())
+        except ValueError as e:
+            raise files.CorruptFileError(f"{rng}: unreadable ({e})") from None
+    warnings.warn(f"{path} has no {files.MANIFEST} (written by an older latentfast): its files were checked for "
+                  f"structure only, not contents", RuntimeWarning, stacklevel=3)
+    return {"files": {}, "step": state["step"], "legacy": True}
+
+
+def _check_safetensors(f: pathlib.Path) -> None:
+    """The header parses and the file is exactly as long as the header says."""
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        ok = f.stat().st_size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, MemoryError):
+        ok = False
+    if not ok:
+        raise files.CorruptFileError(f"{f}: not a complete safetensors file (truncated or corrupt)")
 
 
 def checkpoints(out_dir) -> list[pathlib.Path]:

@@ -5,7 +5,10 @@
     set-up    torchrun DDP (gloo on CPU, nccl on CUDA) or --fsdp FSDP2; device; bf16 autocast; seeds
     model     build_model(); wrap (DDP / FSDP2); optimizer_groups() -> make_optimizer(); the schedule
               (linear warm-up, then cosine / linear / constant; or MiniMind's lr*(0.1+0.45(1+cos)))
-    resume    --resume_from_checkpoint PATH | latest: weights, optimizer, schedule, RNG, trainer state
+    folder    run.lock (one run per --output_dir), stale temporaries removed
+    resume    --resume_from_checkpoint PATH | latest (the newest intact, verified checkpoint): its saved
+              run-defining flags must match (--allow_config_change); weights, optimizer, schedule, RNG,
+              trainer state, the data position; metrics.jsonl cut back to the resumed step
     each step micro = batches(step)                   one item per micro-batch (HRPO: rollouts here)
               loss(mb) -> (loss, metrics); backward(loss * weight); DDP syncs on the last micro-batch only
               clip; the non-finite guard (a NaN/Inf loss or grad norm skips the step); optimizer + schedule
@@ -63,7 +66,7 @@ import json
 import pathlib
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -73,7 +76,9 @@ from latentfast import files
 from latentfast.runtime import checkpoint, dist
 from latentfast.runtime.device import amp_context, peak_mem_mb, reset_peak_mem
 from latentfast.runtime.guard import NonFiniteGuard
+from latentfast.runtime.runlock import RunLock
 
+from . import resume
 from .common import JsonlLogger, check_resume_arg, no_sync_unless, optimizer_step, warmup_schedule
 from .config import Config, check, option
 
@@ -104,8 +109,12 @@ class TrainConfig(Config):
     resume_from_checkpoint: str | None = option(None, "checkpoint dir, or 'latest' in --output_dir (the newest "
                                                       "intact one)")
     save_total_limit: int | None = option(None, "keep only the newest N checkpoints (default: all)")
+    allow_config_change: list[str] = option([], "on resume, flags that may differ from the checkpoint's run "
+                                                "(model shape, tokenizer, data, batch size, seed, ...)")
     max_nonfinite_steps: int = option(10, "stop after this many consecutive non-finite steps")
     wandb_project: str | None = option(None, "also log to this Weights & Biases project")
+    ddp_timeout: int = option(600, "seconds a collective waits for the other ranks before the job fails naming it "
+                                   "(torchrun; HF's default is 1800)")
 
     def check_cli(self, parser):
         super().check_cli(parser)
@@ -113,8 +122,11 @@ class TrainConfig(Config):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_nonfinite_steps"):
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_nonfinite_steps",
+                     "ddp_timeout"):
             check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        unknown = sorted(resume.allowed_names(self, self.allow_config_change) - {f.name for f in fields(self)})
+        check(not unknown, "allow_config_change", "flags of this trainer", unknown)
         check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
               "an integer >= 1 (or leave it unset to keep every checkpoint)", self.save_total_limit)
         for name in ("logging_steps", "save_steps", "eval_steps"):
@@ -132,6 +144,21 @@ def decay_groups(named_params, weight_decay: float, **extra) -> list[dict]:
     groups = [dict(params=[p for _, p in named if p.dim() >= 2], weight_decay=weight_decay, **extra),
               dict(params=[p for _, p in named if p.dim() < 2], weight_decay=0.0, **extra)]
     return [g for g in groups if g["params"]]
+
+
+def truncate_metrics(path: pathlib.Path, step: int) -> None:
+    """Drop the rows after ``step`` (a resumed run redoes those steps and logs them again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            s = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue  # a line cut short by a kill
+        if s is None or s <= step:
+            keep.append(line)
+    files.write_text(path, "".join(line + "\n" for line in keep))
 
 
 def rng_state() -> dict:
@@ -153,6 +180,7 @@ class Trainer:
     """Subclass and override the hooks (module docstring); ``fit()`` runs the loop."""
 
     name = "train"          # progress-bar / console tag
+    resume_fields = resume.RUN_DEFINING  # config fields a resumed run must share with its checkpoint
     eval_at_start = False   # also evaluate before the first step
     save_full = False       # checkpoints hold the full model (default: trainable parameters only)
 
@@ -249,10 +277,11 @@ class Trainer:
 
     def micro_start(self, step: int, m: int, n: int) -> int:
         """Stream index of this rank's first item of micro-batch ``m`` of ``step`` (``n`` items each)."""
-        return ((step * self.cfg.gradient_accumulation_steps + m) * self.world + self.rank) * n
+        return getattr(self, "_stream_offset", 0) + \
+            ((step * self.cfg.gradient_accumulation_steps + m) * self.world + self.rank) * n
 
     def record(self, row: dict) -> None:
-        self._log.log(row)
+        self._log.log({**row, "run_id": self.run_id})
         if self._wandb is not None:
             self._wandb.log(row, step=row.get("step"))
 
@@ -260,15 +289,53 @@ class Trainer:
         if self.rank == 0:
             tqdm.write(f"[{self.name}] {msg}")
 
+    def shape_hint(self) -> str:
+        """The flags of this trainer that decide which parameters exist (for a mismatch error)."""
+        names = [n for n in resume.MODEL_SHAPE if n in self.cfg.to_dict()]
+        return " / ".join(f"--{n}" for n in names) or "model"
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         cfg = self.cfg
         owns_group = not torch.distributed.is_initialized()
-        self.device, self.rank, self.world = dist.setup(cfg.device)
-        self.amp = amp_context(self.device, cfg.bf16)
-        self.out = out = pathlib.Path(cfg.output_dir)
+        self.device, self.rank, self.world = dist.setup(cfg.device, getattr(cfg, "ddp_timeout", None))
+        self.out = pathlib.Path(cfg.output_dir)
+        self._lock = self._take_folder()
+        try:
+            return self._fit(owns_group)
+        finally:
+            self._lock.release()
+
+    def _take_folder(self) -> RunLock:
+        """Rank 0: the output folder's run lock (every rank fails if it is held), stale
+        temporaries removed, the checkpoint to resume from found and its config checked."""
+        lock, err = RunLock(self.out), None
         if self.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire()
+                files.clean_stale_tmp(self.out)
+                for ck in checkpoint.checkpoints(self.out):
+                    files.clean_stale_tmp(ck)
+                self._resume_path = self._find_resume()
+            except Exception as e:
+                err = e
+        if torch.distributed.is_initialized():  # one decision for every rank
+            box = [(err is None, lock.run_id, getattr(self, "_resume_path", None), None if err is None else str(err))]
+            torch.distributed.broadcast_object_list(box, src=0)
+            ok, lock.run_id, self._resume_path, msg = box[0]
+            if not ok and err is None:
+                raise RuntimeError(f"rank 0 stopped: {msg}")
+        if err is not None:
+            lock.release()
+            raise err
+        self.run_id = lock.run_id
+        return lock
+
+    def _fit(self, owns_group: bool) -> dict:
+        cfg = self.cfg
+        self._stream_offset = 0
+        self.amp = amp_context(self.device, cfg.bf16)
+        out = self.out
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.setup()
@@ -287,6 +354,8 @@ class Trainer:
         # resume
         self._resumed = (None, None)
         start = self._resume(guard)
+        if self.rank == 0 and start > 0:
+            truncate_metrics(out / "metrics.jsonl", start)  # the steps redone are logged once
         self._log = JsonlLogger(out / "metrics.jsonl", enabled=self.rank == 0)
         self._wandb = self.init_wandb() if self.rank == 0 else None
         if self.eval_at_start:
@@ -310,17 +379,20 @@ class Trainer:
             self.module.train()
             step_loss, sums = 0.0, {}
             for m, mb in enumerate(micro):
-                with no_sync_unless(self.model, m == n - 1), self.amp():
+                with no_sync_unless(self.model, m == n - 1), self.amp(), \
+                        dist.named(f"step {step + 1}'s forward/backward (DDP / FSDP gradient collectives)"):
                     loss, met = self.loss(mb)
                     (loss * weights[m]).backward()
                 step_loss += float(loss.detach()) * weights[m]
                 for k, v in met.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / n
             self.before_optimizer_step()
-            grad_norm = optimizer_step(params, self.optimizer, self.scheduler, cfg.max_grad_norm, guard=guard,
-                                       loss=step_loss, step=step + 1)
+            with dist.named(f"step {step + 1}'s non-finite check (all_reduce)"):
+                grad_norm = optimizer_step(params, self.optimizer, self.scheduler, cfg.max_grad_norm, guard=guard,
+                                           loss=step_loss, step=step + 1)
             sums["loss"] = step_loss
-            row = dist.all_mean(sums, self.device)
+            with dist.named(f"step {step + 1}'s metrics all_reduce"):
+                row = dist.all_mean(sums, self.device)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             row.update(step=step + 1, lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                        skipped_nonfinite=guard.skipped, step_s=time.perf_counter() - t0,
@@ -336,9 +408,11 @@ class Trainer:
                 if line:
                     tqdm.write(line)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total:
-                self.save(step + 1, guard)
+                with dist.named(f"the checkpoint barrier at step {step + 1}"):
+                    self.save(step + 1, guard)
 
-        final_ckpt = self.save(total, guard)
+        with dist.named(f"the final checkpoint barrier (step {total})"):
+            final_ckpt = self.save(total, guard)
         final = self.evaluate(total)
         if final:
             self.record({"step": total, **final})
@@ -355,7 +429,8 @@ class Trainer:
         if step == getattr(self, "_resumed", (None, None))[0] and ckpt.resolve() == self._resumed[1]:
             return str(ckpt)  # resumed here and no step since: it holds this very state (keep it intact)
         extra = {**self.checkpoint_extra(), "config": self.cfg.to_dict(), "trainer": self.state_dict(),
-                 "nonfinite": guard.state_dict()}
+                 "nonfinite": guard.state_dict(), "run_id": self.run_id,
+                 "items_seen": getattr(self, "_stream_offset", 0) + step * self.items_per_step()}
         path = checkpoint.save(str(self.out), step, self.model, self.optimizer, self.scheduler, extra=extra,
                                full=self.save_full, seal_now=False)
         distributed = torch.distributed.is_initialized()
@@ -371,23 +446,37 @@ class Trainer:
                 checkpoint.prune(self.out, self.cfg.save_total_limit)
         return path
 
-    def _resume(self, guard) -> int:
+    def _find_resume(self) -> str | None:
+        """The verified checkpoint to resume from (None: a fresh run), its config checked."""
         cfg = self.cfg
         path = checkpoint.latest(cfg.output_dir) if cfg.resume_from_checkpoint == "latest" else \
             cfg.resume_from_checkpoint
         if not path:
-            return 0
+            return None
         if not (pathlib.Path(path) / "trainer_state.json").exists():
             raise FileNotFoundError(f"--resume_from_checkpoint: no checkpoint (trainer_state.json) at {path}")
         try:
             checkpoint.verify(path)
         except files.CorruptFileError as e:
             raise files.CorruptFileError(f"--resume_from_checkpoint {path}: {e}") from None
+        saved = json.loads((pathlib.Path(path) / "trainer_state.json").read_text()).get("extra", {}).get("config")
+        if saved:
+            changed = resume.check_config(saved, cfg, path, self.resume_fields, cfg.allow_config_change)
+            if changed:
+                self.print("resuming with changed " + "; ".join(
+                    f"{resume.flag_names(cfg, n)} {saved[n]!r} -> {getattr(cfg, n)!r}" for n in changed))
+        return path
+
+    def _resume(self, guard) -> int:
+        path = self._resume_path
+        if not path:
+            return 0
         opt, sched = self.optimizer, self.scheduler
         target = [g["initial_lr"] for g in opt.param_groups]  # this run's lrs win (e.g. a stage-2 unfreeze)
         saved = json.loads((pathlib.Path(path) / "trainer_state.json").read_text())
         same_groups = len(saved["param_groups"]) == len(opt.param_groups)
-        state = checkpoint.load(path, self.model, opt if same_groups else None, sched)
+        state = checkpoint.load(path, self.model, opt if same_groups else None, sched, hint=self.shape_hint(),
+                                verified=True)  # by _find_resume
         sched.base_lrs = target
         for g, lr in zip(opt.param_groups, target):
             g["initial_lr"], g["lr"] = lr, lr * sched.lr_lambdas[0](sched.last_epoch)
@@ -400,7 +489,8 @@ class Trainer:
         note = "" if same_groups else " (optimizer groups changed: fresh optimizer state)"
         self.print(f"resumed from {path} at step {state['step']}{note}")
         self._resumed = (state["step"], pathlib.Path(path).resolve())
+        self._stream_offset = resume.stream_offset(extra.get("items_seen"), state["step"], self.items_per_step())
         return state["step"]
 
 
-__all__ = ["TrainConfig", "Trainer", "decay_groups"]
+__all__ = ["TrainConfig", "Trainer", "decay_groups", "truncate_metrics"]
