@@ -15,31 +15,41 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import torch
-
-from latentfast.hf import adapter
-from latentfast.nn import CKALoss, CODILoss, KVProjection, QKCapture, cache_kv, layer_pairs
-from latentfast.ops import attention_token_importance, kv_loss
+from latentfast.cli import check_path, cli_parser, finite_float, positive_int  # torch-free: --help is fast
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("--model_name", default=None, help="student checkpoint (local path); default: embedded tiny model")
     p.add_argument("--teacher_model", default=None, help="teacher checkpoint (local path); default: embedded tiny model")
     p.add_argument("--data", default="synthetic", help="'synthetic', 'train'/'test' (shipped GSM8K sample) or a jsonl path")
-    p.add_argument("--num_samples", type=int, default=10)
-    p.add_argument("--ce_weight", type=float, default=1.0)
-    p.add_argument("--kv_weight", type=float, default=1.0)
-    p.add_argument("--codi_weight", type=float, default=0.5)
-    p.add_argument("--cka_weight", type=float, default=0.05)
+    p.add_argument("--num_samples", type=positive_int, default=10)
+    p.add_argument("--ce_weight", type=finite_float, default=1.0)
+    p.add_argument("--kv_weight", type=finite_float, default=1.0)
+    p.add_argument("--codi_weight", type=finite_float, default=0.5)
+    p.add_argument("--cka_weight", type=finite_float, default=0.05)
     p.add_argument("--cka_layers", default="middle", help="middle | last | all | comma-separated student layers")
     p.add_argument("--kv_layers", default="all", help="student layers whose KV cache is distilled")
     p.add_argument("--use_teacher_attention", action="store_true", help="weight tokens by the teacher's attention")
     p.add_argument("--attention_layer", type=int, default=-1, help="layer whose attention gives token importance")
-    p.add_argument("--max_length", type=int, default=512)
+    p.add_argument("--max_length", type=positive_int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, the model and data paths checked (argparse errors, exit 2) before any work."""
+    p = _parser()
+    args = p.parse_args(argv)
+    check_path(p, "--model_name", args.model_name, "model")
+    check_path(p, "--teacher_model", args.teacher_model, "model")
+    check_path(p, "--data", args.data, "file", ("synthetic", "train", "test"), "a GSM8K-style JSONL file")
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
 
 
 def _models(args):
@@ -83,7 +93,12 @@ def _kv_shape(model):
 
 def measure(args) -> dict[str, list[float]]:
     """Per-sample loss values: ce, kv, kv_weighted, codi, cka."""
+    import torch
+
     from latentfast.data.gsm8k import format_prompt
+    from latentfast.hf import adapter
+    from latentfast.nn import CKALoss, CODILoss, KVProjection, QKCapture, cache_kv, layer_pairs
+    from latentfast.ops import attention_token_importance, kv_loss
 
     torch.manual_seed(args.seed)
     tok, student, teacher = _models(args)
@@ -179,9 +194,7 @@ def report(vals: dict, args) -> str:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    if args.num_samples < 1:
-        raise SystemExit("--num_samples must be >= 1")
+    args = parse_args(argv)
     vals = measure(args)
     print(report(vals, args))
     return 0

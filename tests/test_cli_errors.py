@@ -108,3 +108,175 @@ def test_every_console_script_is_installed_and_answers_help(monkeypatch, capsys)
         _answers_help(monkeypatch, capsys, module, lambda: runpy.run_module(module, run_name="__main__"))
     r = subprocess.run([str(bindir / "latentfast-diagnose"), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, f"latentfast-diagnose --help: {r.stderr[-2000:]}"
+
+
+# ----------------------------------------------------------------------------- every console script
+# (console script, how to run it in-process, argv before the bad flag, the flag). Every path flag of
+# every console script in setup.py; a new console script without a row fails
+# test_every_console_script_has_path_cases.
+MISSING = "missing/nope"  # relative to the test's empty working folder: does not exist
+MM_DATA = "mm.jsonl"  # a MiniMind JSONL in the working folder (so the weight / reward-model checks are reached)
+MM_STAGES = ("pretrain", "full_sft", "lora", "distill_reason", "distillation", "dpo", "ppo", "grpo", "spo")
+CASES = [
+    ("latentfast-hrpo", "latentfast.train.hrpo", [], "--model_name"),
+    ("latentfast-hrpo", "latentfast.train.hrpo", [], "--model_name_or_path"),
+    ("latentfast-hrpo", "latentfast.train.hrpo", [], "--train_data"),
+    ("latentfast-hrpo", "latentfast.train.hrpo", [], "--eval_data"),
+    ("latentfast-hrpo", "latentfast.train.hrpo", [], "--dataset_root"),
+    ("latentfast-hrpo", "latentfast.train.hrpo", [], "--resume_from_checkpoint"),
+    ("latentfast-codi", "latentfast.train.codi", [], "--model_name"),
+    ("latentfast-codi", "latentfast.train.codi", [], "--hybrid_data_path"),
+    ("latentfast-codi", "latentfast.train.codi", [], "--restore_from"),
+    ("latentfast-codi", "latentfast.train.codi", [], "--train_data"),
+    ("latentfast-codi", "latentfast.train.codi", [], "--eval_data"),
+    ("latentfast-codi", "latentfast.train.codi", [], "--resume_from_checkpoint"),
+    ("latentfast-kv-distill", "latentfast.train.kv_distill.cli", [], "--model_name"),
+    ("latentfast-kv-distill", "latentfast.train.kv_distill.cli", [], "--teacher_model"),
+    ("latentfast-kv-distill", "latentfast.train.kv_distill.cli", [], "--dataset_name"),
+    ("latentfast-kv-distill", "latentfast.train.kv_distill.cli", [], "--eval_data"),
+    ("latentfast-kv-distill", "latentfast.train.kv_distill.cli", [], "--teachers"),
+    ("latentfast-kv-distill", "latentfast.train.kv_distill.cli", [], "--resume_from_checkpoint"),
+    ("latentfast-sft", "latentfast.train.sft", [], "--model_name"),
+    ("latentfast-sft", "latentfast.train.sft", [], "--train_data"),
+    ("latentfast-sft", "latentfast.train.sft", [], "--eval_data"),
+    ("latentfast-sft", "latentfast.train.sft", [], "--resume_from_checkpoint"),
+    *[(f"latentfast-{alg}", f"latentfast.train.rl.{alg}", [], flag) for alg in ("grpo", "dpo", "rloo")
+      for flag in ("--model_name_or_path", "--model_name", "--dataset_name", "--resume_from_checkpoint")],
+    *[(f"latentfast-{alg}", f"latentfast.train.rl.{alg}", [], "--reward_funcs") for alg in ("grpo", "rloo")],
+    ("latentfast-hrpo-eval", "latentfast.eval.hrpo", [], "--checkpoint_path"),
+    ("latentfast-hrpo-eval", "latentfast.eval.hrpo", ["--checkpoint_path", "."], "--checkpoint_path"),
+    ("latentfast-kv-cache", "latentfast.train.kv_distill.cache", [], "--teachers"),
+    ("latentfast-kv-cache", "latentfast.train.kv_distill.cache", ["--teachers", "t.yaml"], "--model_name"),
+    ("latentfast-kv-cache", "latentfast.train.kv_distill.cache", ["--teachers", "t.yaml"], "--dataset_name"),
+    ("latentfast-diagnose", "latentfast.diagnose", [], "--model_name"),
+    ("latentfast-diagnose", "latentfast.diagnose", [], "--teacher_model"),
+    ("latentfast-diagnose", "latentfast.diagnose", [], "--data"),
+    *[("latentfast-minimind", stage, [], "--data_path") for stage in MM_STAGES],
+    *[("latentfast-minimind", stage, ["--data_path", MM_DATA], "--from_weight")
+      for stage in MM_STAGES if stage not in ("distillation", "ppo", "grpo", "spo")],
+    ("latentfast-minimind", "distillation", ["--data_path", MM_DATA], "--from_student_weight"),
+    ("latentfast-minimind", "distillation", ["--data_path", MM_DATA, "--from_student_weight", "none"],
+     "--from_teacher_weight"),
+    *[("latentfast-minimind", stage, ["--data_path", MM_DATA], "--reward_model_path")
+      for stage in ("ppo", "grpo", "spo")],
+    *[("latentfast-minimind", stage, ["--data_path", MM_DATA, "--reward_model_path", "none"], "--from_weight")
+      for stage in ("ppo", "grpo", "spo")],
+    *[("latentfast-minimind", stage, [], "--resume_from_checkpoint") for stage in ("pretrain", "grpo")],
+]
+# flags whose missing value is an error of their own (required, or nothing to fall back to)
+REQUIRED = [("latentfast-hrpo-eval", "latentfast.eval.hrpo", "--checkpoint_path"),
+            ("latentfast-kv-cache", "latentfast.train.kv_distill.cache", "--teachers")]
+
+
+def _run_main(script, target, argv):
+    import importlib
+
+    if script == "latentfast-minimind":
+        from latentfast.train.minimind import cli as mm
+
+        return mm.main([target, *argv])
+    return importlib.import_module(target).main(argv)
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _fails_like_a_cli(capsys, tmp_path, monkeypatch, script, target, argv) -> str:
+    """Runs in an empty working folder one level down (MiniMind writes to ../out, ../checkpoints)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / MM_DATA).write_text('{"text": "1 + 1 = 2", "conversations": []}\n')
+    (work / "t.yaml").write_text("teachers:\n  - {name: t, model: tiny_teacher_dir}\n")
+    (work / "tiny_teacher_dir").mkdir()
+    monkeypatch.chdir(work)
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _run_main(script, target, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, f"{script} {argv}: exit {e.value.code}\n{err}"
+    assert "Traceback" not in err and "usage:" in err and "error:" in err, err
+    assert _tree(tmp_path) == before, f"{script} {argv} created {set(_tree(tmp_path)) - set(before)}"
+    return err
+
+
+@pytest.mark.parametrize("script,target,argv,flag", CASES, ids=[f"{c[0]}:{c[1]}:{c[3]}:{len(c[2])}" for c in CASES])
+def test_every_path_flag_fails_like_a_cli(capsys, tmp_path, monkeypatch, script, target, argv, flag):
+    """A path that is not there: exit 2, the flag named with what was expected, no traceback, and
+    nothing created (no output folder, no ../checkpoints/pretrain_512)."""
+    bad = [flag, MISSING] if len(argv) == 0 or argv[-2:] != [flag, "."] else []
+    err = _fails_like_a_cli(capsys, tmp_path, monkeypatch, script, target, argv + bad)
+    assert flag in err and "expected" in err, err
+
+
+@pytest.mark.parametrize("script,target,flag", REQUIRED)
+def test_required_path_flags(capsys, tmp_path, monkeypatch, script, target, flag):
+    err = _fails_like_a_cli(capsys, tmp_path, monkeypatch, script, target, [])
+    assert flag in err and "required" in err, err
+
+
+def _setup_scripts() -> dict:
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "setup.py").read_text()
+    return dict(re.findall(r'"(latentfast-[\w-]+)=([\w.]+:\w+)"', text))
+
+
+def test_every_console_script_has_path_cases():
+    """A console script added to setup.py gets its rows in CASES (or is listed here as having no path flag)."""
+    covered = {c[0] for c in CASES}
+    assert set(_setup_scripts()) <= covered, sorted(set(_setup_scripts()) - covered)
+
+
+@pytest.mark.parametrize("argv,flag", [(["--lr", "inf"], "--lr"), (["--weight_decay", "nan"], "--weight_decay"),
+                                       (["--learning_rate", "-inf"], "--learning_rate"),
+                                       (["--eval_size", "-1"], "--eval_size"), (["--max_steps", "-5"], "--max_steps"),
+                                       (["--lora_rank", "-2"], "--lora_rank"), (["--top_p", "1.5"], "--top_p")])
+def test_non_finite_and_out_of_range_numbers(capsys, argv, flag):
+    err = _error(capsys, hrpo, argv)
+    assert flag in err and ("finite" in err or "expected" in err), err
+
+
+def test_non_finite_numbers_in_hand_written_parsers(capsys, tmp_path, monkeypatch):
+    err = _fails_like_a_cli(capsys, tmp_path, monkeypatch, "latentfast-diagnose", "latentfast.diagnose",
+                            ["--kv_weight", "nan"])
+    assert "--kv_weight" in err and "finite" in err
+
+
+def _parsers():
+    from latentfast.diagnose import _parser
+    from latentfast.eval import adaptive
+    from latentfast.eval import hrpo as hrpo_eval
+    from latentfast.train import codi_data, sft
+    from latentfast.train.kv_distill import cache as kv_cache
+    from latentfast.train.minimind import cli as mm
+
+    out = {"hrpo": hrpo.build_parser(), "codi": codi.build_parser(), "kv_distill": kv_distill.build_parser(),
+           "sft": sft.SFTConfig.build_parser(), "hrpo-eval": hrpo_eval.build_parser(),
+           "kv-cache": kv_cache.build_parser(), "diagnose": _parser(), "codi_data": codi_data.build_parser(), "adaptive": adaptive.build_parser()}
+    import importlib
+
+    from latentfast.train.rl import dpo, grpo, rloo
+
+    out.update(grpo=grpo.GRPOConfig.build_parser(), dpo=dpo.DPOConfig.build_parser(),
+               rloo=rloo.RLOOConfig.build_parser())
+    for stage in MM_STAGES:
+        mod = importlib.import_module(f"latentfast.train.minimind.{mm.STAGES[stage]}")
+        out[f"minimind {stage}"] = _stage_config(mod).build_parser()
+    return out
+
+
+def _stage_config(mod):
+    from latentfast.train.minimind.common import MiniMindTrainer
+
+    return next(v.config_class for v in vars(mod).values()
+                if isinstance(v, type) and issubclass(v, MiniMindTrainer) and v.__module__ == mod.__name__)
+
+
+def test_no_parser_abbreviates_flags(capsys):
+    """argparse's prefix matching is off everywhere: --max_step is an error, not --max_steps."""
+    for name, parser in _parsers().items():
+        assert parser.allow_abbrev is False, name
+    err = _error(capsys, hrpo, ["--max_step", "20"])
+    assert "unrecognized arguments: --max_step" in err

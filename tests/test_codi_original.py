@@ -26,27 +26,30 @@ def tok():
 def test_original_script_flags_parse_with_their_meaning(tmp_path):
     data = tmp_path / "gsm8k_aug.jsonl"
     data.write_text('{"question": "1+2?", "cot": "<<1+2=3>>", "answer": "3"}\n')
-    a = codi.parse_args(ORIGINAL_SCRIPT + ["--train_data", str(data)])
+    model = tmp_path / "m"  # model folders must exist (checked at parsing)
+    model.mkdir()
+    script = [str(model) if a == "/models/Llama-3.2-1B-Instruct" else a for a in ORIGINAL_SCRIPT]
+    a = codi.parse_args(script + ["--train_data", str(data)])
     assert (a.lora_rank, a.lora_alpha, a.lora_init) == (128, 32, True)
     assert (a.use_prj, a.prj_dim, a.num_latent) == (True, 2048, 6)
     assert (a.distill_loss_div_std, a.distill_loss_factor, a.remove_eos, a.max_token_num) == (True, 20.0, True, 200)
     assert (a.model_max_length, a.data_name, a.print_ref_model_stats, a.bf16) == (512, "icot", True, True)
     assert a.hybrid_cot_only_ratio == 0.0  # the original trains the student on every sample
-    d = codi.parse_args(["--model_name_or_path", "/m"])  # the original's defaults where the seed note has none
+    d = codi.parse_args(["--model_name_or_path", str(model)])  # the original's defaults where the seed note has none
     assert (d.distill_loss_type, d.distill_loss_div_std, d.distill_layers, d.remove_eos) == ("smooth_l1", False, "all",
                                                                                            False)
     assert (d.max_token_num, d.model_max_length, d.lora_alpha, d.lora_rank) == (1000, 28000, 16, 0)
     assert d.hybrid_cot_only_ratio == 0.2 and d.use_prj and d.num_latent == 6  # seed note 003's
-    assert codi.parse_args(["--model_name_or_path", "/m", "--use_lora", "--lora_rank", "8"]).lora_rank == 8
-    assert codi.parse_args(["--model_name_or_path", "/m", "--lora_r", "8", "--use_lora", "False"]).lora_rank == 0
-    assert not codi.parse_args(["--model_name_or_path", "/m", "--no-use_prj"]).use_prj
-    assert codi.parse_args(["--model_name_or_path", "/m", "--distill_loss_type", "l2"]).distill_loss_type == "l2"
+    assert codi.parse_args(["--model_name_or_path", str(model), "--use_lora", "--lora_rank", "8"]).lora_rank == 8
+    assert codi.parse_args(["--model_name_or_path", str(model), "--lora_r", "8", "--use_lora", "False"]).lora_rank == 0
+    assert not codi.parse_args(["--model_name_or_path", str(model), "--no-use_prj"]).use_prj
+    assert codi.parse_args(["--model_name_or_path", str(model), "--distill_loss_type", "l2"]).distill_loss_type == "l2"
     with pytest.raises(SystemExit):
-        codi.parse_args(["--model_name_or_path", "/m", "--use_lora", "maybe"])
+        codi.parse_args(["--model_name_or_path", str(model), "--use_lora", "maybe"])
     with pytest.raises(SystemExit):
-        codi.parse_args(["--model_name_or_path", "/m", "--lora_r", "8", "--lora_init", "False"])
+        codi.parse_args(["--model_name_or_path", str(model), "--lora_r", "8", "--lora_init", "False"])
     with pytest.raises(SystemExit):  # --data_name needs the dataset as a local file
-        codi.parse_args(ORIGINAL_SCRIPT)
+        codi.parse_args(script)
 
 
 def test_eos_delimiters_are_the_originals(tok):
@@ -141,16 +144,18 @@ def stock_lm(tok, seed):
 def original_codi_state(lora: bool, prj_dim=24, seed=1):
     """What the original's ``CODI`` module saves (``Trainer.save_model`` -> pytorch_model.bin):
     ``codi`` = the HF model resized to vocab_size + 3 (PEFT-wrapped with --use_lora), ``prj``."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType
     from torch import nn
+
+    from latentfast.hf.adapter import wrap_peft  # get_peft_model without PEFT's transformers FutureWarning
 
     tok = stock_tokenizer()
     torch.manual_seed(seed)
     lm = stock_lm(tok, seed)
     lm.resize_token_embeddings(lm.config.vocab_size + 3)
     if lora:
-        lm = get_peft_model(lm, LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=8, lora_alpha=32,
-                                           lora_dropout=0.1, target_modules=LORA_TARGETS, init_lora_weights=True))
+        lm = wrap_peft(lm, LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=8, lora_alpha=32,
+                                      lora_dropout=0.1, target_modules=LORA_TARGETS, init_lora_weights=True))
         with torch.no_grad():  # trained adapters: lora_B is no longer zero
             for n, p in lm.named_parameters():
                 if "lora_B" in n:

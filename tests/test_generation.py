@@ -58,14 +58,16 @@ def test_greedy_matches_hf_generate_with_several_eos_ids():
 
 
 def test_greedy_matches_hf_generate_under_peft_and_for_llama():
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from latentfast.hf.adapter import wrap_peft  # get_peft_model without PEFT's transformers FutureWarning
 
     ids, mask = _prompts(4)
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(TOK), hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
-    peft = get_peft_model(_lm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    peft = wrap_peft(_lm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
     for m in (llama, peft):
         ro = generate(m, ids, mask, 10, eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id, compile=False)
         hf = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,

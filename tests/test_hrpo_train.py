@@ -37,6 +37,18 @@ def test_short_run_logs_metrics_and_checkpoints(tmp_path):
     assert any("thinking_projection" in n for n in names) and any("lora_" in n for n in names)
 
 
+def test_eval_size_zero_means_no_evaluation(tmp_path, monkeypatch):
+    """--eval_size 0: no held-out rows loaded and no evaluation (it used to mean 20,000 rows)."""
+    calls = []
+    monkeypatch.setattr(hrpo.hrpo_eval, "evaluate", lambda *a, **k: calls.append(1))
+    argv = ["--sft_steps", "0", "--max_steps", "1", "--per_device_train_batch_size", "4", "--group_size", "4",
+            "--max_completion_length", "4", "--eval_size", "0", "--eval_steps", "1", "--save_steps", "0"]
+    res = hrpo.main(argv + ["--output_dir", str(tmp_path / "run")])
+    assert not calls and "eval_accuracy_after" not in res and "trainable_checksum" in res
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and not any(k.startswith("eval_") for r in rows for k in r)
+
+
 def test_gradient_checkpointing_trains_the_same_model(tmp_path):
     short = FAST[:FAST.index("--max_steps") + 1] + ["2"] + FAST[FAST.index("--max_steps") + 2:]
     plain = hrpo.main(short + ["--output_dir", str(tmp_path / "plain")])
@@ -67,10 +79,10 @@ def test_group_advantages():
     assert torch.all(adv[4:] == 0)  # no signal in a uniform group
 
 
-def test_demo_presets_only_fill_unset_args():
+def test_demo_presets_only_fill_unset_args(tmp_path):
     args = hrpo.parse_args(["--lr", "1e-5"])
     assert args.demo and args.lr == 1e-5 and args.group_size == hrpo.DEMO_PRESET["group_size"]
-    real = hrpo.parse_args(["--model_name", "/some/path"])
+    real = hrpo.parse_args(["--model_name", str(tmp_path)])  # a model folder (the parser checks it exists)
     assert not real.demo and real.lr == 5e-6 and real.lora_rank == 32 and real.beta == 0.005
     assert real.residual_r_min == 0.99 and real.temperature == 0.5 and real.group_size == 4
 
@@ -163,7 +175,7 @@ def test_full_finetune_loads_fp32_master_weights(monkeypatch, tmp_path, lora_ran
     seen = {}
     monkeypatch.setattr(hrpo, "load_causal_lm", lambda name, device, dtype=None, seed=0: seen.update(dtype=dtype)
                         or ("tok", "lm"))
-    args = hrpo.parse_args(["--model_name", "/models/x", "--lora_rank", str(lora_rank), "--output_dir",
+    args = hrpo.parse_args(["--model_name", str(tmp_path), "--lora_rank", str(lora_rank), "--output_dir",
                             str(tmp_path)] + ([] if bf16 is None else ["--no-bf16"]))
     hrpo.load_model(args, torch.device("cuda"))
     assert seen["dtype"] == expected

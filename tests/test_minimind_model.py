@@ -275,13 +275,15 @@ def test_rope_yarn_only_changes_low_frequencies():
 
 
 def test_peft_lora_trains_only_adapters_and_merges():
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from latentfast.hf.adapter import wrap_peft  # get_peft_model without PEFT's transformers FutureWarning
 
     m = _model(use_moe=True, headwise_attn_output_gate=True)
     ids = torch.randint(0, 320, (2, 8))
     base = m.eval()(ids).logits
-    pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "gate_proj"],
-                                      init_lora_weights=False))
+    pm = wrap_peft(m, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "gate_proj"],
+                                 init_lora_weights=False))
     pm.train()
     out = pm(ids, labels=ids)
     (out.loss + out.aux_loss).backward()

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from latentfast.data import format_prompt
+from latentfast.cli import check_path, cli_parser
 from latentfast.data.rewards import correctness_reward, extract_answer
 from latentfast.data.rows import load_rows
 from latentfast.generation import decode
@@ -233,7 +234,7 @@ def results_table(results: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     a = p.add_argument
     a("--model_type", default="codi", choices=["codi"])
     a("--base_model_path", default=None, help="HF model path or 'tiny' (default: from the checkpoint's codi_config.json)")
@@ -287,7 +288,12 @@ def codi_config(ckpt_dir: str | None) -> dict:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_path(parser, "--base_model_path", args.base_model_path, "model", ("tiny",))
+    check_path(parser, "--ckpt_dir", args.ckpt_dir, "path")
+    if args.data_name not in ("gsm8k", "synthetic"):
+        check_path(parser, "--data_name", args.data_name, "file", what="a GSM8K-style JSONL file")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = codi_config(args.ckpt_dir)
     base = args.base_model_path or cfg.get("model_name_or_path", "tiny")

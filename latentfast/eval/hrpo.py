@@ -31,10 +31,11 @@ import pathlib
 import torch
 from tqdm.auto import tqdm
 
+from latentfast.cli import check_path, cli_parser, finite_float, positive_int
 from latentfast.data import build_tokenizer
 from latentfast.data.prompts import encode_prompts, prepare_tokenizer
 from latentfast.data.rewards import marker_format_reward
-from latentfast.data.tasks import TASKS, get_task, load_task_rows
+from latentfast.data.tasks import BUILTIN, TASKS, get_task, load_task_rows
 from latentfast.models import HybridConfig, HybridThinkingLM, build_tiny_causal_lm, eos_token_ids
 from latentfast.models.local import from_local
 from latentfast.runtime import checkpoint, dist
@@ -201,21 +202,21 @@ def load_checkpoint(path: str, device, model_name: str | None = None, bf16: bool
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     a = p.add_argument
     a("--checkpoint_path", required=True, help="checkpoint-<step> folder, or a run folder (its latest)")
     a("--task", default=None, choices=sorted(TASKS), help="default: the checkpoint's")
     a("--data", default=None, help="eval file/folder (default: the run's held-out data)")
     a("--dataset_root", default=None, help="folder holding the splits (reads --split)")
     a("--split", default="test")
-    a("--batch_size", type=int, default=32)
+    a("--batch_size", type=positive_int, default=32)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
-    g.add_argument("--temperature", type=float, default=None, help="sample at this temperature instead")
-    a("--top_p", type=float, default=1.0)
-    a("--num_samples", type=int, default=None, help="evaluate the first N rows")
-    a("--max_new_tokens", type=int, default=None, help="default: the run's --max_completion_length")
-    a("--max_prompt_length", type=int, default=None, help="default: the run's")
+    g.add_argument("--temperature", type=finite_float, default=None, help="sample at this temperature instead")
+    a("--top_p", type=finite_float, default=1.0)
+    a("--num_samples", type=positive_int, default=None, help="evaluate the first N rows")
+    a("--max_new_tokens", type=positive_int, default=None, help="default: the run's --max_completion_length")
+    a("--max_prompt_length", type=positive_int, default=None, help="default: the run's")
     a("--system_prompt", default=None, help="default: the run's (the recipe's in the chat format)")
     a("--no_chat_template", action="store_true", help="plain 'Question: ...\\nAnswer:' prompts")
     a("--subset_path", default=None, help="also report accuracy on the rows whose question is in this file "
@@ -228,9 +229,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every path checked (argparse errors, exit 2) before anything is loaded."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_path(p, "--checkpoint_path", args.checkpoint_path, "dir",
+               what="a checkpoint-<step> folder or a run folder holding them")
+    try:
+        resolve_checkpoint(args.checkpoint_path)
+    except FileNotFoundError as e:
+        p.error(f"{e} (expected a checkpoint-<step> folder or a run folder holding them)")
+    if args.data not in BUILTIN and args.data != "synthetic":
+        check_path(p, "--data", args.data, "path", what="a .jsonl/.json file or a folder with the split")
+    check_path(p, "--dataset_root", args.dataset_root, "dir")
+    check_path(p, "--subset_path", args.subset_path, "path")
+    check_path(p, "--model_name", args.model_name, "model", ("tiny",))
+    if args.temperature is not None and args.temperature <= 0:
+        p.error(f"--temperature: expected a number > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top_p: expected a number in (0, 1], got {args.top_p}")
+    return args
+
+
 def main(argv=None) -> dict:
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     device, rank, world = dist.setup(args.device)
     tok, model, spec = load_checkpoint(args.checkpoint_path, device, args.model_name, args.bf16)
     ckpt = resolve_checkpoint(args.checkpoint_path)

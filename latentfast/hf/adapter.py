@@ -13,6 +13,7 @@ through these functions, so a new architecture or a transformers rename (``cache
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -42,14 +43,33 @@ def add_lora(lm: nn.Module, rank: int, alpha: int | None = None, dropout: float 
              modules_to_save=None) -> nn.Module:
     """``lm`` wrapped with PEFT LoRA (alpha default 2 * rank; the recipes' q/k/v/o/gate/up/down
     targets); ``modules_to_save`` are trained in full (HRPO's thinking modules)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     if rank <= 0:
         raise ValueError(f"LoRA rank must be > 0, got {rank}")
     cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout,
                      target_modules=list(target_modules or LORA_TARGETS),
                      modules_to_save=list(modules_to_save) if modules_to_save else None, task_type="CAUSAL_LM")
-    return get_peft_model(lm, cfg)
+    return wrap_peft(lm, cfg)
+
+
+def wrap_peft(lm: nn.Module, peft_config) -> nn.Module:
+    """``peft.get_peft_model``; PEFT reads transformers' deprecated ``is_gradient_checkpointing``
+    (a FutureWarning from their code, not ours to rename), so that one warning is silenced here."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(lm, peft_config)
+
+
+def enable_activation_checkpointing(hf: nn.Module, **kwargs) -> None:
+    """Hugging Face's activation checkpointing under its current name (transformers >= 5.2x
+    deprecates ``gradient_checkpointing_enable``)."""
+    if hasattr(hf, "activation_checkpointing_enable"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def cache_kwarg(transformer: nn.Module) -> str:

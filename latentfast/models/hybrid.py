@@ -148,11 +148,7 @@ class HybridThinkingLM(nn.Module):
         """Recompute each decoder layer's activations in backward instead of keeping them
         (Hugging Face's checkpointing, non-reentrant so it composes with DDP/FSDP2 and
         inputs_embeds that carry gradient). Training forwards only; generation is unaffected."""
-        hf, kw = self.hf_model, {"use_reentrant": False}
-        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        adapter.enable_activation_checkpointing(self.hf_model, use_reentrant=False)
         return self
 
     # ------------------------------------------------------------------ accessors

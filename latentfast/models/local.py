@@ -3,32 +3,20 @@ downloaded at run time): ``from_local`` (any ``from_pretrained`` class) and
 ``load_causal_lm`` (a tokenizer and causal LM by name, ``tiny`` built in code)."""
 from __future__ import annotations
 
-import pathlib
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from latentfast.cli import is_local_model
 from latentfast.data import build_tokenizer
 
 from .tiny import build_tiny_causal_lm
-
-
-def _is_local(name: str) -> bool:
-    if pathlib.Path(name).is_dir():
-        return True
-    try:  # a hub id whose files are already in the local cache
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # not a valid repo id, no cache
-        return False
 
 
 def from_local(cls, name, **kwargs):
     """``cls.from_pretrained(name, local_files_only=True, **kwargs)``; a clear error
     naming ``name`` when it is neither a local model directory nor already cached."""
     name = str(name)
-    if not _is_local(name):
+    if not is_local_model(name):
         raise FileNotFoundError(f"model {name!r} not found locally: pass a local Hugging Face model directory "
                                 f"(nothing is downloaded at run time)")
     kwargs.setdefault("local_files_only", True)

@@ -62,18 +62,20 @@ class CODIConfig(TrainConfig):
     """CODI hybrid explicit/latent training: the recipe's flags (phase2_train_compatible.py) and
     the original CODI's (zhenyi4/codi train.py), their meanings and defaults."""
 
-    model_name: str = option(DEMO, "local HF model path; 'tiny' = embedded demo", aliases=("model_name_or_path",))
-    hybrid_data_path: str | None = option(None, "phase-1 JSON (latentfast.train.codi_data); default: --train_data")
+    model_name: str = option(DEMO, "local HF model path; 'tiny' = embedded demo", aliases=("model_name_or_path",),
+                             path="model", names=(DEMO,))
+    hybrid_data_path: str | None = option(None, "phase-1 JSON (latentfast.train.codi_data); default: --train_data",
+                                          path="file")
     output_dir: str = option("runs/codi", "where checkpoints, metrics.jsonl, codi_config.json and eval.md go")
     num_train_epochs: float = 5.0
     per_device_train_batch_size: int = 4
     lr: float = 2e-5
     warmup_ratio: float = 0.1
     max_grad_norm: float = 2.0
-    num_latent: int = option(6, "latent steps per latent block")
-    prj_dim: int = option(2048, "hidden width of the latent projection")
+    num_latent: int = option(6, "latent steps per latent block", min=0)
+    prj_dim: int = option(2048, "hidden width of the latent projection", min=1)
     use_prj: bool = option(True, "latent projection (Linear-GELU-Linear-LayerNorm)")
-    prj_dropout: float = option(0.0, "dropout before the projection")
+    prj_dropout: float = option(0.0, "dropout before the projection", min=0.0, max=1.0)
     distill_loss_factor: float = option(1.0, "weight of the CODI distillation loss")
     ref_loss_factor: float = option(1.0, "weight of the teacher's (explicit CoT) CE")
     distill_loss_type: str = option("smooth_l1", "smooth_l1 / l2 (the original's) or l1", choices=list(LOSS_TYPES))
@@ -82,7 +84,8 @@ class CODIConfig(TrainConfig):
                                         "'blocks' | 'middle' | 'last' | 'i,j,...'")
     hybrid_cot_only_ratio: float | None = option(
         None, "share of samples trained as pure explicit CoT (default 0.2; 0 with --data_name, as the original)")
-    restore_from: str | None = option(None, "CODI checkpoint to start from (ours or original CODI weights)")
+    restore_from: str | None = option(None, "CODI checkpoint to start from (ours or original CODI weights)",
+                                      path="path")
     use_lora: bool | None = option(None, "LoRA adapters (True: rank --lora_r, default 128); default: --lora_rank "
                                          "decides")
     lora_rank: int | None = option(None, "0 = full fine-tuning (default); CODI uses 128", aliases=("lora_r",))
@@ -101,12 +104,12 @@ class CODIConfig(TrainConfig):
     train_data: str = option("gsm8k", "without --hybrid_data_path: JSONL path, 'gsm8k' sample or 'synthetic' (every "
                                       "step latent = original CODI); with --data_name: the local file of that dataset")
     eval_data: str = option("gsm8k_test", "JSONL path, 'gsm8k_test' sample, 'synthetic' or 'none'")
-    eval_size: int = option(100, "held-out rows (latentfast.eval.adaptive)")
+    eval_size: int = option(100, "held-out rows (latentfast.eval.adaptive)", min=0)
     eval_modes: str = option("latent,explicit,adaptive", "comma-separated latentfast.eval.adaptive modes")
-    max_new_tokens: int = option(256, "decoding length at evaluation")
-    sft_steps: int = option(0, "explicit-CoT warm-up steps before phase 1 (demo)")
+    max_new_tokens: int = option(256, "decoding length at evaluation", min=1)
+    sft_steps: int = option(0, "explicit-CoT warm-up steps before phase 1 (demo)", min=0)
     sft_lr: float = option(3e-3, "learning rate of the warm-up")
-    hybrid_samples: int = option(0, "demo: phase-1 samples generated in-process")
+    hybrid_samples: int = option(0, "demo: phase-1 samples generated in-process", min=0)
 
     @property
     def demo(self) -> bool:
@@ -138,8 +141,6 @@ class CODIConfig(TrainConfig):
         if not self.data_name:  # with --data_name, codi_data.from_original checks the rows
             check_data_arg(parser, "--train_data", self.train_data)
         check_data_arg(parser, "--eval_data", self.eval_data, allowed=("none",))
-        if self.hybrid_data_path is not None and not pathlib.Path(self.hybrid_data_path).is_file():
-            parser.error(f"--hybrid_data_path {self.hybrid_data_path!r}: no such file")
         super().check_cli(parser)  # --resume_from_checkpoint
         if self.data_name and not pathlib.Path(self.train_data).is_file():
             parser.error(f"--data_name {self.data_name} reads --train_data as a local file "
@@ -247,7 +248,8 @@ class CODI(Trainer):
             print("[codi] note: training with <eos> delimiters (--remove_eos False, the original's default); "
                   "latentfast.eval.adaptive decodes without them -- pass --remove_eos True as the original's "
                   "scripts do to evaluate in-process", flush=True)
-        self.eval_rows = [] if c.eval_data == "none" else load_rows(c.eval_data, c.eval_size, c.seed + 10_000)
+        self.eval_rows = [] if c.eval_data == "none" or not c.eval_size else \
+            load_rows(c.eval_data, c.eval_size, c.seed + 10_000)  # --eval_size 0: none (load_rows' 0 = all)
         self.modes = [m for m in c.eval_modes.split(",") if m]
         self.stream = SampleStream(self.samples, c.seed)
         self.eval_results = []

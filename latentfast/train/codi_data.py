@@ -28,11 +28,13 @@ import random
 import torch
 from tqdm.auto import tqdm
 
+from latentfast.cli import check_path, cli_parser, finite_float, positive_int
 from latentfast.data import ANSWER_MARKER
 from latentfast.data.rows import load_rows
 from latentfast.models.codi import encode_example, prepare_tokenizer, split_answer
 from latentfast.models.local import load_causal_lm
 from latentfast.runtime.device import amp_context
+from latentfast.train.common import check_data_arg
 
 OUTPUT_NAME = "hybrid_training_data.json"
 
@@ -173,16 +175,16 @@ def from_rows(rows: list[dict]) -> list[dict]:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     a = p.add_argument
     a("--model_path", default="tiny", help="local HF model path; 'tiny' = random tiny model (smoke run)")
     a("--data_name", default="synthetic", help="JSONL path, 'gsm8k' (shipped sample) or 'synthetic'")
-    a("--max_samples", type=int, default=None)
+    a("--max_samples", type=positive_int, default=None)
     a("--output_dir", default="data/hybrid_training")
-    a("--batch_size", type=int, default=16)
-    a("--entropy_quantile", type=float, default=0.5, help="steps below this entropy quantile go latent")
-    a("--random_ratio", type=float, default=0.375, help="share of samples with random latent steps")
-    a("--random_latent_prob", type=float, default=0.5)
+    a("--batch_size", type=positive_int, default=16)
+    a("--entropy_quantile", type=finite_float, default=0.5, help="steps below this entropy quantile go latent")
+    a("--random_ratio", type=finite_float, default=0.375, help="share of samples with random latent steps")
+    a("--random_latent_prob", type=finite_float, default=0.5)
     a("--seed", type=int, default=0)
     a("--device", default=None)
     a("--bf16", action=argparse.BooleanOptionalAction, default=None)
@@ -190,7 +192,13 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_path(parser, "--model_path", args.model_path, "model", ("tiny",))
+    check_data_arg(parser, "--data_name", args.data_name)
+    for flag in ("entropy_quantile", "random_ratio", "random_latent_prob"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            parser.error(f"--{flag}: expected a number in [0, 1], got {getattr(args, flag)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n = args.max_samples or (512 if args.data_name == "synthetic" else None)
     rows = load_rows(args.data_name, n, args.seed)

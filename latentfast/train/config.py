@@ -17,7 +17,12 @@ spell some options differently: ``--lr``/``--learning_rate``,
 ``--model_name``/``--model_name_or_path``); its type comes from the annotation
 (``int``, ``float``, ``str``, ``bool`` -> ``--x`` / ``--x True|False`` / ``--no-x``, ``X | None``,
 ``list[str]`` -> ``nargs="+"``). Validation lives in ``__post_init__`` and a failure is a
-``ValueError`` naming the argument, which ``parse`` turns into an argparse error.
+``ValueError`` naming the argument, which ``parse`` turns into an argparse error (exit 2).
+Generic checks from the field's ``option``: every float finite (``finite=False`` to allow
+inf/nan), ``min``/``max`` bounds, and ``path="file"|"dir"|"path"|"model"`` flags that must
+name something that exists (``names``: other accepted values, e.g. ``'tiny'``), checked by
+``parse`` before anything is built or created. Flags are never abbreviated (``--max_step``
+is an error, not ``--max_steps``).
 Presets are plain dicts applied only to the fields the command line did not set (after
 parsing with ``with_preset``, or during it, before validation, from a ``preset`` classmethod);
 ``to_dict`` is what a checkpoint stores, and ``Config(**saved)`` reproduces the run.
@@ -26,17 +31,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 
+from latentfast.cli import PATH_KINDS, cli_parser, finite_float, path_error
+
 _MISSING = dataclasses.MISSING
 
 
-def option(default=_MISSING, help: str = "", *, aliases: tuple = (), choices=None, cli: bool = True):
+def option(default=_MISSING, help: str = "", *, aliases: tuple = (), choices=None, cli: bool = True,
+           path: str | None = None, names: tuple = (), min=None, max=None, finite: bool = True):
     """A config field: its default, help text, extra flag spellings, allowed values.
-    ``cli=False`` keeps a field out of the command line (set by code only)."""
-    meta = {"help": help, "aliases": tuple(aliases), "choices": choices, "cli": cli}
+    ``cli=False`` keeps a field out of the command line (set by code only). ``path``: the
+    value must name an existing file / dir / either / a local model (``PATH_KINDS``) unless
+    it is one of ``names`` (or None); ``min``/``max``: inclusive bounds; ``finite=False``
+    lets a float be inf or nan."""
+    if path is not None and path not in PATH_KINDS:
+        raise ValueError(f"path must be one of {sorted(PATH_KINDS)}, got {path!r}")
+    meta = {"help": help, "aliases": tuple(aliases), "choices": choices, "cli": cli, "path": path,
+            "names": tuple(names), "min": min, "max": max, "finite": finite}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -80,24 +95,36 @@ class Config:
     """Base of every config: command-line generation, aliases, presets, serialisation."""
 
     def __post_init__(self):  # subclasses validate here (and call super().__post_init__())
-        pass
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), self.meta(f.name)
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if meta["finite"] and _base_type(hints[f.name])[0] is float:
+                check(math.isfinite(value), f.name, "a finite number", value)
+            if meta["min"] is not None:
+                check(value >= meta["min"], f.name, f"a number >= {meta['min']}", value)
+            if meta["max"] is not None:
+                check(value <= meta["max"], f.name, f"a number <= {meta['max']}", value)
 
     @classmethod
     def meta(cls, name: str) -> dict:
         """A field's help / aliases / choices, merged over the class hierarchy: a subclass that
         only changes a default (``lr: float = 2e-5``) keeps the base field's help and aliases."""
-        out = {"help": "", "aliases": (), "choices": None, "cli": True}
+        out = {"help": "", "aliases": (), "choices": None, "cli": True, "path": None, "names": (), "min": None,
+               "max": None, "finite": True}
         for klass in reversed(cls.__mro__):
             f = getattr(klass, "__dataclass_fields__", {}).get(name)
             if f is None:
                 continue
             m = f.metadata
             out["aliases"] = tuple(dict.fromkeys(out["aliases"] + tuple(m.get("aliases", ()))))
-            for k in ("help", "choices"):
-                if m.get(k):
+            for k in ("help", "choices", "path", "names", "min", "max"):
+                if m.get(k) is not None and m.get(k) != "" and m.get(k) != ():
                     out[k] = m[k]
-            if "cli" in m:
-                out["cli"] = m["cli"]
+            for k in ("cli", "finite"):
+                if k in m:
+                    out[k] = m[k]
         return out
 
     @classmethod
@@ -117,8 +144,7 @@ class Config:
 
     @classmethod
     def build_parser(cls, description: str | None = None, suppress_defaults: bool = False) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(description=description or cls.__doc__,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = cli_parser(description or cls.__doc__)
         for f, tp in cls.cli_fields():
             meta = cls.meta(f.name)
             flags = [f"--{f.name}"] + [f"--{a}" for a in meta["aliases"]]
@@ -130,7 +156,7 @@ class Config:
             if base is bool and not many:  # --x, --x True|False (HF's parser), --no-x / --no_x
                 kw.update(type=_bool_flag, nargs="?", const=True, metavar="BOOL")
             else:
-                kw["type"] = _bool_flag if base is bool else base
+                kw["type"] = _bool_flag if base is bool else finite_float if base is float and meta["finite"] else base
                 if many:
                     kw["nargs"] = "+"
                 if meta["choices"]:
@@ -155,8 +181,8 @@ class Config:
             cfg = cls(**{**preset, **typed})
         except ValueError as e:
             parser.error(str(e))
-        cfg.check_cli(parser)
         object.__setattr__(cfg, "_explicit", frozenset(typed))
+        cfg.check_cli(parser)
         return cfg
 
     @classmethod
@@ -177,7 +203,18 @@ class Config:
         return {}
 
     def check_cli(self, parser: argparse.ArgumentParser) -> None:
-        """Checks that only make sense for a command line (files exist, ...): ``parser.error``."""
+        """Checks that only make sense for a command line (files exist, ...): ``parser.error``.
+        Here: every ``path`` field names something that exists (``path_error``)."""
+        for f in dataclasses.fields(self):
+            meta = self.meta(f.name)
+            if meta["path"] is None or not meta["cli"]:
+                continue
+            values = getattr(self, f.name)
+            for value in values if isinstance(values, (list, tuple)) else [values]:
+                flag = "/".join(f"--{n}" for n in (f.name, *meta["aliases"]))  # as argparse names it
+                msg = path_error(flag, value, meta["path"], meta["names"])
+                if msg:
+                    parser.error(msg)
 
     @property
     def explicit(self) -> frozenset:
@@ -225,4 +262,4 @@ class Config:
         raise AttributeError(f"{type(self).__name__} has no field {name!r}")
 
 
-__all__ = ["Config", "ConfigError", "check", "option"]
+__all__ = ["Config", "ConfigError", "check", "cli_parser", "finite_float", "option", "path_error"]

@@ -60,10 +60,10 @@ class HRPOConfig(TrainConfig):
     """HRPO: GRPO on hybrid latent reasoning; the recipe's arguments (hrpo_gsm8k.py) and defaults."""
 
     model_name: str = option(DEMO_MODEL, "local HF model path; 'tiny' = embedded demo",
-                             aliases=("model_name_or_path",))
-    lora_rank: int = option(32, "LoRA rank (alpha = 2*rank, q/k/v/o/gate/up/down); 0 = full")
+                             aliases=("model_name_or_path",), path="model", names=(DEMO_MODEL,))
+    lora_rank: int = option(32, "LoRA rank (alpha = 2*rank, q/k/v/o/gate/up/down); 0 = full", min=0)
     lr: float = 5e-6
-    beta: float = option(0.005, "KL coefficient (reference = adapters disabled)")
+    beta: float = option(0.005, "KL coefficient (reference = adapters disabled)", min=0.0)
     residual_r_min: float = option(0.99, "thinking residual: r_min of the gate's Lambda init")
     residual_r_max: float = option(0.999, "thinking residual: r_max of the gate's Lambda init")
     lr_residual_gate: float = option(1e-4, "learning rate of the residual gates")
@@ -74,18 +74,18 @@ class HRPOConfig(TrainConfig):
     optimizer: str = option("adamw_torch", "adamw_torch, or paged_adamw_8bit (needs bitsandbytes)")
     max_grad_norm: float = 0.1
     group_size: int = option(4, "completions per prompt (GRPO group)")
-    temperature: float = option(0.5, "sampling temperature of the rollouts")
-    top_p: float = option(1.0, "nucleus sampling of the rollouts")
+    temperature: float = option(0.5, "sampling temperature of the rollouts", min=0.0)
+    top_p: float = option(1.0, "nucleus sampling of the rollouts", min=0.0, max=1.0)
     gradient_accumulation_steps: int = 4
     per_device_train_batch_size: int = option(8, "completions per device per micro-batch")
-    max_prompt_length: int = option(1024, "prompt tokens kept (left-truncated)")
-    max_completion_length: int = option(1024, "new tokens per rollout")
+    max_prompt_length: int = option(1024, "prompt tokens kept (left-truncated)", min=1)
+    max_completion_length: int = option(1024, "new tokens per rollout", min=1)
     loss_type: str = option("grpo", "GRPO normalisation / policy term (every type of the fused engine)",
                             choices=list(LOSS_TYPES))
     importance_sampling_level: str = option("token", "token, or sequence (GSPO; needed by luspo)",
                                             choices=["token", "sequence"])
-    epsilon_low: float = option(0.2, "PPO clip, lower")
-    epsilon_high: float = option(0.2, "PPO clip, upper")
+    epsilon_low: float = option(0.2, "PPO clip, lower", min=0.0)
+    epsilon_high: float = option(0.2, "PPO clip, upper", min=0.0)
     save_steps: int = 250
     logging_steps: int = 0
     # --- HRPO model switches ---
@@ -99,15 +99,15 @@ class HRPOConfig(TrainConfig):
                                           "shipped sample ('gsm8k_sample'); 'synthetic' = arithmetic")
     eval_data: str | None = option(None, "file/folder; default: --dataset_root's test split, else for gsm8k "
                                          "'gsm8k_sample_test'")
-    dataset_root: str | None = option(None, "folder with the task's splits (the recipe's --dataset_root)")
+    dataset_root: str | None = option(None, "folder with the task's splits (the recipe's --dataset_root)", path="dir")
     system_prompt: str | None = option(None, "default: the recipe's (chat template); '' = no system turn")
     no_chat_template: bool = option(False, "plain 'Question: ...\nAnswer:' prompts (base models)")
-    eval_size: int = option(100, "held-out rows (greedy hybrid decoding)")
+    eval_size: int = option(100, "held-out rows (greedy hybrid decoding; 0: no evaluation)", min=0)
     eval_steps: int = option(0, "evaluate every N steps (0: only before and after)")
     reward_funcs: list[str] = option(["hrpo"], "hrpo = the recipe's (correct AND exactly one ####); or the split "
                                                "correctness / format")
     output_dir: str = option("runs/hrpo", "where checkpoints, metrics.jsonl and the demo's base_model go")
-    sft_steps: int = option(0, "supervised warm-up steps before HRPO (demo)")
+    sft_steps: int = option(0, "supervised warm-up steps before HRPO (demo)", min=0)
     sft_lr: float = option(3e-3, "learning rate of the warm-up")
     gradient_checkpointing: bool = option(False, "recompute decoder-layer activations in backward (less memory, "
                                                  "~1/3 more compute)")
@@ -146,8 +146,6 @@ class HRPOConfig(TrainConfig):
             elif spec is not None and not pathlib.Path(spec).exists():  # rows are checked by the task's loader
                 parser.error(f"{flag} {spec!r}: no such file or folder (task {self.task}: expected "
                              f"{TASKS[self.task].doc})")
-        if self.dataset_root is not None and not pathlib.Path(self.dataset_root).is_dir():
-            parser.error(f"--dataset_root {self.dataset_root!r}: no such folder")
         super().check_cli(parser)  # --resume_from_checkpoint
 
 
@@ -278,7 +276,8 @@ class HRPO(Trainer):
             if self.rank == 0 and c.demo:
                 self.lm.save_pretrained(str(self.out / "base_model"))  # resume needs the warmed-up base
         self.train_rows = load_task_rows(self.task, c.train_data, "train", None, c.seed, c.dataset_root)
-        self.eval_rows = load_task_rows(self.task, c.eval_data, "test", c.eval_size, c.seed + 10_000, c.dataset_root)
+        self.eval_rows = [] if not c.eval_size else \
+            load_task_rows(self.task, c.eval_data, "test", c.eval_size, c.seed + 10_000, c.dataset_root)  # 0 = none
         self.stream = SampleStream(self.train_rows, c.seed)
         self.ppm = c.per_device_train_batch_size // c.group_size  # prompts per micro-batch
         self.hybrid = HybridConfig(thinking_state=c.thinking_state, projection=c.projection,
@@ -406,6 +405,8 @@ class HRPO(Trainer):
         """Greedy hybrid decoding of the held-out rows, split across ranks: ``latentfast.eval.hrpo``'s
         metrics (accuracy, reward, format, ...), as ``latentfast-hrpo-eval`` computes them."""
         c = self.cfg
+        if not self.eval_rows:  # --eval_size 0
+            return {}
         m, _ = hrpo_eval.evaluate(self.module, self.tok, c.task, self.eval_rows, max_prompt_length=c.max_prompt_length,
                                   max_new_tokens=c.max_completion_length, batch_size=64, greedy=True,
                                   temperature=c.temperature, system_prompt=c.system_prompt,
@@ -422,14 +423,18 @@ class HRPO(Trainer):
         return {"hrpo": self.spec}  # latentfast-hrpo-eval rebuilds the model from it
 
     def on_train_end(self, result):
+        # one number per rank over the trainable weights: DDP/FSDP ranks must agree
+        checksum = sum(_full(p.detach()).double().abs().sum().item()
+                       for g in self.optimizer.param_groups for p in g["params"])
+        if not self.eval_rows:
+            self.print(f"no evaluation (--eval_size 0); checkpoint {result['checkpoint']}; "
+                       f"metrics {self.out / 'metrics.jsonl'}")
+            return {"trainable_checksum": checksum}
         ev0, ev1 = self.evals[0], result["final"]
         self.print(f"held-out accuracy {ev0['eval_accuracy']:.3f} -> {ev1['eval_accuracy']:.3f} (recipe reward "
                    f"{ev0['eval_reward']:.3f} -> {ev1['eval_reward']:.3f}, format {ev0['eval_format']:.3f} -> "
                    f"{ev1['eval_format']:.3f}); checkpoint {result['checkpoint']}; "
                    f"metrics {self.out / 'metrics.jsonl'}")
-        # one number per rank over the trainable weights: DDP/FSDP ranks must agree
-        checksum = sum(_full(p.detach()).double().abs().sum().item()
-                       for g in self.optimizer.param_groups for p in g["params"])
         return {"eval_accuracy_before": ev0["eval_accuracy"], "eval_accuracy_after": ev1["eval_accuracy"],
                 "eval_reward_before": ev0["eval_reward"], "eval_reward_after": ev1["eval_reward"],
                 "trainable_checksum": checksum}

@@ -35,12 +35,13 @@ DEMO_PRESET = dict(lr=3e-3, per_device_train_batch_size=32, max_steps=200, warmu
 
 @dataclass
 class SFTConfig(TrainConfig):
-    model_name: str = option(DEMO, "local HF model path; 'tiny' = embedded demo", aliases=("model_name_or_path",))
+    model_name: str = option(DEMO, "local HF model path; 'tiny' = embedded demo", aliases=("model_name_or_path",),
+                             path="model", names=(DEMO,))
     train_data: str = option("gsm8k", "JSONL path, 'gsm8k' (shipped sample) or 'synthetic'")
     eval_data: str = option("gsm8k_test", "JSONL path, 'gsm8k_test' sample, 'synthetic' or 'none'")
-    eval_size: int = option(64, "held-out rows (answer CE and greedy accuracy)")
-    max_length: int = option(512, "prompt + answer tokens kept")
-    max_new_tokens: int = option(256, "greedy decoding length at evaluation")
+    eval_size: int = option(64, "held-out rows (answer CE and greedy accuracy)", min=0)
+    max_length: int = option(512, "prompt + answer tokens kept", min=2)
+    max_new_tokens: int = option(256, "greedy decoding length at evaluation", min=1)
     output_dir: str = option("runs/sft", "where checkpoints, metrics.jsonl and the model go")
     save_model: bool = option(True, "save_pretrained the model (and tokenizer) into output_dir/model at the end")
 

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
+from latentfast.cli import check_path, cli_parser, finite_float, positive_int
 from latentfast.data import build_tokenizer
 from latentfast.data.kv_cache import KVCacheWriter
 from latentfast.data.rows import load_rows
@@ -32,30 +33,31 @@ from latentfast.runtime.device import amp_context
 
 from ..common import check_data_arg, console_entry
 from .data import encode
-from .spec import COMPRESSIONS, TeachersConfigError, load_teachers
+from .spec import COMPRESSIONS, TeachersConfigError, load_teachers, teacher_paths_error
 from .teachers import Compression, load_teachers_from_config
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     a = p.add_argument
     a("--teachers", required=True, help="teachers.yaml")
     a("--teacher", action="append", default=None, help="cache this teacher (repeatable; default: every offline one)")
     a("--output_dir", default=None, help="with a single --teacher: write here instead of its offline:<dir>")
     a("--model_name", default="tiny", help="student (local path or 'tiny'): its layer count gives the layer pairs")
-    a("--student_layers", type=int, default=None, help="the student's layer count, instead of reading --model_name")
+    a("--student_layers", type=positive_int, default=None,
+      help="the student's layer count, instead of reading --model_name")
     a("--kv_layers", default="all")
     a("--importance_layer", type=int, default=-1)
     a("--dataset_name", default="gsm8k")
-    a("--subset_size", type=int, default=None)
+    a("--subset_size", type=positive_int, default=None)
     a("--seed", type=int, default=42)
-    a("--max_length", type=int, default=512)
-    a("--batch_size", type=int, default=16)
+    a("--max_length", type=positive_int, default=512)
+    a("--batch_size", type=positive_int, default=16)
     a("--kv_compression", default="none", choices=COMPRESSIONS)
-    a("--kv_slots", type=int, default=24)
-    a("--kv_lambda", type=float, default=0.1, help="R-KV score: lambda * importance + (1 - lambda) * redundancy")
+    a("--kv_slots", type=positive_int, default=24)
+    a("--kv_lambda", type=finite_float, default=0.1, help="R-KV score: lambda * importance + (1 - lambda) * redundancy")
     a("--cache_dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    a("--shard_size", type=int, default=512, help="rows per safetensors shard")
+    a("--shard_size", type=positive_int, default=512, help="rows per safetensors shard")
     a("--device", default=None)
     a("--bf16", action=argparse.BooleanOptionalAction, default=None)
     return p
@@ -73,12 +75,16 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_data_arg(parser, "--dataset_name", args.dataset_name)
-    if args.kv_slots < 1:
-        parser.error(f"--kv_slots must be >= 1, got {args.kv_slots}")
+    check_path(parser, "--model_name", args.model_name, "model", ("tiny",))
+    if not 0.0 <= args.kv_lambda <= 1.0:
+        parser.error(f"--kv_lambda: expected a number in [0, 1], got {args.kv_lambda}")
     try:
         cfg = load_teachers(args.teachers)
     except TeachersConfigError as e:
         parser.error(str(e))
+    msg = teacher_paths_error(cfg, writing_cache=True)
+    if msg:
+        parser.error(msg)
     names = args.teacher or [t.name for t in cfg.teachers if t.offline_dir]
     unknown = sorted(set(names) - set(cfg.names))
     if unknown:

@@ -8,7 +8,7 @@ from latentfast.nn.teacher_weighting import REGULARIZERS, ROUTER_SIGNALS, RULES
 from ..common import check_data_arg
 from ..config import Config, check, option
 from ..loop import TrainConfig
-from .spec import COMPRESSIONS, TeachersConfigError, load_teachers
+from .spec import COMPRESSIONS, TeachersConfigError, load_teachers, teacher_paths_error
 
 DEMO = "tiny"  # --model_name / --teacher_model: the embedded demo's models (latentfast.train.kv_distill.demo)
 
@@ -17,13 +17,13 @@ DEMO = "tiny"  # --model_name / --teacher_model: the embedded demo's models (lat
 class KVLossConfig(Config):
     """What ``KVDistiller`` needs: the loss terms and their weights."""
 
-    kv_weight: float = option(1.0, "weight of the KV-cache MSE")
+    kv_weight: float = option(1.0, "weight of the KV-cache MSE", min=0.0)
     use_attention_weighted_kv: bool = option(False, "weight the KV loss by attention after the warm-up (demo: on)")
-    attention_weighted_kv_warmup: int = option(1000, "steps of plain MSE before the attention weighting")
+    attention_weighted_kv_warmup: int = option(1000, "steps of plain MSE before the attention weighting", min=0)
     use_teacher_attention: bool = option(False, "weight by the teacher's attention (steadier)")
-    cka_weight: float = option(0.0, "recipe: 0.05")
+    cka_weight: float = option(0.0, "recipe: 0.05", min=0.0)
     cka_layers: str = option("middle", "'middle' | 'last' | 'all' | 'i,j,...'")
-    codi_weight: float = option(0.0, "CODI hidden-state loss at the token before the answer")
+    codi_weight: float = option(0.0, "CODI hidden-state loss at the token before the answer", min=0.0)
     kv_layers: str = option("all", "student blocks whose KV cache is distilled")
     importance_layer: int = option(-1, "block whose attention gives token importance")
 
@@ -32,7 +32,8 @@ class KVLossConfig(Config):
 class MultiTeacherConfig(Config):
     """The teachers' options (``--teachers teachers.yaml``; ``--teacher_model`` is a list of one)."""
 
-    teachers: str | None = option(None, "teachers.yaml: distil from several teachers (instead of --teacher_model)")
+    teachers: str | None = option(None, "teachers.yaml: distil from several teachers (instead of --teacher_model)",
+                                  path="file")
     teacher_weighting: str = option("static", "per-sample teacher weights", choices=RULES)
     router_reg_weight: float = option(0.01, "learned router: coefficient of its regulariser")
     router_regularizer: str = option("load_balance", "learned router: regulariser", choices=REGULARIZERS)
@@ -65,29 +66,34 @@ class MultiTeacherConfig(Config):
         super().check_cli(parser)
         if self.teachers is not None:
             try:
-                load_teachers(self.teachers)
+                cfg = load_teachers(self.teachers)
             except TeachersConfigError as e:
                 parser.error(str(e))
+            msg = teacher_paths_error(cfg)
+            if msg:
+                parser.error(msg)
 
 
 @dataclass
 class KVDistillConfig(TrainConfig, KVLossConfig, MultiTeacherConfig):
     """Teacher -> student KV-cache distillation (the recipe's experiments/train_with_kv.py flags)."""
 
-    model_name: str = option(DEMO, "student: local HF path; 'tiny' = embedded demo", aliases=("model_name_or_path",))
-    teacher_model: str = option(DEMO, "teacher: local HF path; 'tiny' = demo teacher (warmed up in-process)")
+    model_name: str = option(DEMO, "student: local HF path; 'tiny' = embedded demo", aliases=("model_name_or_path",),
+                             path="model", names=(DEMO,))
+    teacher_model: str = option(DEMO, "teacher: local HF path; 'tiny' = demo teacher (warmed up in-process)",
+                                path="model", names=(DEMO,))
     dataset_name: str = option("gsm8k", "JSONL path, 'gsm8k' (shipped sample) or 'synthetic'")
-    subset_size: int | None = option(None, "first N training rows")
+    subset_size: int | None = option(None, "first N training rows", min=1)
     num_train_epochs: float = 2
     lr: float = 5e-5
     output_dir: str = "runs/kv_distill"
-    max_length: int = option(512, "prompt + answer tokens kept")
+    max_length: int = option(512, "prompt + answer tokens kept", min=2)
     eval_data: str | None = option(None, "default: 'synthetic' for synthetic training, else the GSM8K test sample")
-    eval_size: int = option(100, "held-out rows (answer CE and greedy accuracy)")
-    max_new_tokens: int = option(256, "greedy decoding length at evaluation")
+    eval_size: int = option(100, "held-out rows (answer CE and greedy accuracy)", min=0)
+    max_new_tokens: int = option(256, "greedy decoding length at evaluation", min=1)
     compare: bool = option(False, "run baseline, +attention, +attention+CKA (with --teachers / --multi_teacher_demo: "
                                   "each teacher alone, static, per_task, confidence, learned); write table + plot")
-    teacher_sft_steps: int = option(0, "demo: CE warm-up of the tiny teacher")
+    teacher_sft_steps: int = option(0, "demo: CE warm-up of the tiny teacher", min=0)
     teacher_sft_lr: float = option(3e-3, "learning rate of the teacher warm-up")
     full: bool = option(False, "demo: the longer run (--multi_teacher_demo: 2.5x the student steps, 240 held-out "
                                "rows; bench/results/multi_teacher_cpu.md)")

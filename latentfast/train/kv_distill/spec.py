@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
+from latentfast.cli import path_error
 from latentfast.nn.kv_adapter import ADAPTERS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -97,6 +98,21 @@ class TeachersConfig:
         if self.per_task:
             d["per_task"] = self.per_task
         return d
+
+
+def teacher_paths_error(cfg: TeachersConfig, writing_cache: bool = False) -> str | None:
+    """Training: an online teacher's model must be local, an offline one's cache folder must
+    exist. ``writing_cache`` (latentfast-kv-cache): every teacher's model must be local."""
+    for i, t in enumerate(cfg.teachers):
+        where = f"--teachers {cfg.path}: teachers[{i}]"
+        if t.offline_dir is None or writing_cache:
+            msg = path_error(f"{where}.model", t.model, "model")
+        else:
+            msg = path_error(f"{where}.source", t.offline_dir, "dir",
+                             what="a cache folder written by latentfast-kv-cache")
+        if msg:
+            return msg
+    return None
 
 
 def _err(where: str, msg: str):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +44,7 @@ from latentfast.ops.cross_entropy import fused_linear_cross_entropy
 from latentfast.runtime import dist
 
 from ..common import SampleStream
-from ..config import check, option
+from ..config import check, option, path_error
 from ..loop import TrainConfig, Trainer
 
 DEMO = "demo"
@@ -62,13 +61,13 @@ class MiniMindArgs(TrainConfig):
 
     save_dir: str = option("../out", "where the .pth weights go: {save_dir}/{save_weight}_{hidden_size}{_moe}.pth")
     save_weight: str = option("pretrain", "prefix of the saved weight file")
-    num_train_epochs: float = option(1.0, "epochs over the data", aliases=("epochs",))
+    num_train_epochs: float = option(1.0, "epochs over the data", aliases=("epochs",), min=0.0)
     per_device_train_batch_size: int = option(32, "examples per device per micro-batch", aliases=("batch_size",))
     lr: float = option(5e-4, "peak learning rate", aliases=("learning_rate",))
     device: str | None = option(None, "cuda:0 / cpu (default: cuda when available)")
     dtype: str = option("bfloat16", "autocast dtype on CUDA (CPU runs fp32, as MiniMind)",
                         choices=("bfloat16", "float16", "float32"))
-    num_workers: int = option(8, "accepted for MiniMind's command lines (batches are tokenised in-process)")
+    num_workers: int = option(8, "accepted for MiniMind's command lines (batches are tokenised in-process)", min=0)
     gradient_accumulation_steps: int = option(8, "micro-batches per optimizer step", aliases=("accumulation_steps",))
     max_grad_norm: float = option(1.0, "gradient clipping norm", aliases=("grad_clip",))
     logging_steps: int = option(100, "console line every N optimizer steps", aliases=("log_interval",))
@@ -100,6 +99,15 @@ class MiniMindArgs(TrainConfig):
         check(not (self.headwise_attn_output_gate and self.elementwise_attn_output_gate),
               "headwise_attn_output_gate", "at most one of the two attention gates", "both set")
 
+    def check_cli(self, parser):
+        """A ``--data_path`` given (or MiniMind's default, when present) must be a file; the
+        weight files are checked by ``stage_main`` (their names depend on the stage)."""
+        super().check_cli(parser)
+        if not is_demo(self):
+            msg = path_error("--data_path", self.data_path, "file", (DEMO,), "a MiniMind JSONL file")
+            if msg:
+                parser.error(msg)
+
     @property
     def stem(self) -> str:
         return checkpoint_name(self.save_weight, self.hidden_size, bool(self.use_moe)).stem
@@ -121,9 +129,9 @@ def weight_path(name: str, weight_dir, hidden_size: int, use_moe) -> pathlib.Pat
 
 
 def missing_weight_error(flag: str, name: str, path) -> FileNotFoundError:
-    return FileNotFoundError(f"{flag} {name}: no such file {path} (MiniMind's name "
-                             f"{{save_dir}}/{{weight}}_{{hidden_size}}{{_moe}}.pth; train that stage first, "
-                             f"check --save_dir / --hidden_size / --use_moe, or pass {flag} none)")
+    return FileNotFoundError(f"{flag} {name}: no such file {path} (expected MiniMind's "
+                             f"{{save_dir}}/{{weight}}_{{hidden_size}}{{_moe}}.pth, or a .pth path; train that stage "
+                             f"first, check --save_dir / --hidden_size / --use_moe, or pass {flag} none)")
 
 
 def load_weights(lm, path, flag: str = "--from_weight"):
@@ -356,8 +364,8 @@ def run_stage(trainer_cls, cfg: MiniMindArgs):
         cfg = cfg.with_preset({**DEMO_PRESET, **trainer_cls.demo_preset})
     else:
         for flag, name, path in trainer_cls.required_weights(cfg):
-            if not path.is_file():
-                sys.exit(f"{tag} error: {missing_weight_error(flag, name, path)}")
+            if not path.is_file():  # before anything is built or a folder made, as an argparse error
+                cfg.build_parser().error(str(missing_weight_error(flag, name, path)))
     return trainer_cls(cfg, demo=demo).fit()
 
 

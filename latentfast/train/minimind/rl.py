@@ -38,8 +38,8 @@ from latentfast.hf.adapter import decoder, run_decoder, unwrap
 from latentfast.ops.lm_head_engine import lm_head_logps
 from latentfast.train.common import SampleStream
 
-from ..config import check, option
-from .common import DEMO, MiniMindArgs, MiniMindTrainer, run_stage, weight_path
+from ..config import check, option, path_error
+from .common import DEMO, MiniMindArgs, MiniMindTrainer, is_demo, run_stage, weight_path
 from .distill_reason import DistillReason
 from .full_sft import FullSFT
 
@@ -94,6 +94,14 @@ class RLArgs(MiniMindArgs):
         check(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
         rules = [] if self.rule_rewards in ("", "none") else self.rule_rewards.split(",")
         check(all(r in RULES for r in rules), "rule_rewards", f"'none' or a comma list from {RULES}", self.rule_rewards)
+
+    def check_cli(self, parser):
+        super().check_cli(parser)
+        if not is_demo(self):  # the demo falls back to rule rewards (or builds a tiny reward model)
+            msg = path_error("--reward_model_path", self.reward_model_path, "dir", ("none",),
+                             "a local Hugging Face reward model folder")
+            if msg:
+                parser.error(msg)
 
     @property
     def rules(self) -> list[str]:

@@ -16,6 +16,7 @@ then, so the clipped ratio is live). Loss: every GRPO-family type of the fused e
 """
 from __future__ import annotations
 
+import pathlib
 import time
 from dataclasses import dataclass
 
@@ -80,6 +81,15 @@ class GRPOConfig(RLConfig):
         check(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
               f"{len(self.reward_funcs)} weights (one per --reward_funcs)", self.reward_weights)
         self.objective()  # every loss-type option is checked here, once
+
+    def check_cli(self, parser):
+        super().check_cli(parser)
+        from .rewards import BUILTIN  # a folder is a reward model, module:function is imported at setup
+
+        for spec in self.reward_funcs:
+            if spec not in BUILTIN and ":" not in spec and not pathlib.Path(spec).is_dir():
+                parser.error(f"--reward_funcs {spec!r}: no such folder (expected 'module:function', a local "
+                             f"reward-model folder, or one of {sorted(BUILTIN)})")
 
     @property
     def generation_steps(self) -> int:

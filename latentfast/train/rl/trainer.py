@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from latentfast.hf import adapter
+
 from ..config import check, option
 from ..loop import TrainConfig, Trainer
 from .policy import CausalLMPolicy
@@ -33,7 +35,7 @@ class RLConfig(TrainConfig):
     """Shared by the RL entrypoints: the model (TRL ModelConfig), the data, HF Trainer defaults."""
 
     model_name_or_path: str = option("tiny", "local HF causal LM folder ('tiny': a small random Qwen2, for tests)",
-                                     aliases=("model_name",))
+                                     aliases=("model_name",), path="model", names=("tiny",))
     dtype: str = option("auto", "weights dtype (auto: bf16 on CUDA, fp32 on CPU)", choices=list(DTYPES))
     use_peft: bool = option(False, "train a LoRA adapter (TRL ModelConfig)")
     lora_r: int = option(16, "LoRA rank")
@@ -59,9 +61,6 @@ class RLConfig(TrainConfig):
         super().check_cli(parser)
         from .data import BUILTIN
 
-        if self.model_name_or_path != "tiny" and not pathlib.Path(self.model_name_or_path).is_dir():
-            parser.error(f"--model_name_or_path {self.model_name_or_path!r}: no such folder (expected a local "
-                         f"Hugging Face causal LM; nothing is downloaded)")
         if self.dataset_name not in BUILTIN and not pathlib.Path(self.dataset_name).exists():
             parser.error(f"--dataset_name {self.dataset_name!r}: no such file or folder (expected a JSON/JSONL "
                          f"file, a datasets folder, or one of {BUILTIN})")
@@ -76,13 +75,13 @@ def load_policy_model(cfg: RLConfig, device):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        adapter.enable_activation_checkpointing(lm, use_reentrant=False)
         lm.config.use_cache = False
     if cfg.use_peft:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                           target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"))
+        lm = adapter.wrap_peft(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                              target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"))
     return tok, lm
 
 
