@@ -1,0 +1,517 @@
+"""The steps the planner runs: one optimizer step of each trainer family, written once, run
+on fake tensors to plan and on real tensors (small shapes) to validate the plan.
+
+A :class:`Workload` names the model, the trainer family and the shapes. ``impl`` picks how
+the step computes its token losses:
+
+- ``latentfast``: the project's way -- the decoder's last hidden states go into the fused
+  lm_head ops (``fused_linear_cross_entropy`` / ``fused_linear_grpo_loss`` /
+  ``fused_linear_dpo_loss`` / ``fused_linear_distill_loss`` / ``lm_head_logps``), which never
+  build the (B, T, V) logits; the rollout's static KV cache stays in the decode engine's pool
+  when the one-token step is compiled (the default on CUDA).
+- ``recipe``: the peers' way -- full logits from the HF forward, HF's ``ForCausalLMLoss``
+  for cross-entropy, TRL's ``selective_log_softmax`` for GRPO/DPO log-probs (the recipe's
+  HRPO also runs its extra no-grad forward: two-pass), full teacher logits for distillation.
+
+What a step holds, by family (B = sequences per micro-batch):
+  sft       fwd + bwd of B x T with cross-entropy (pretrain / SFT / LoRA / reasoning distill)
+  grpo      rollout (no grad: static KV cache B x (P + C), prefill), reference log-probs (no grad,
+            beta > 0), then per micro-batch fwd + bwd of the GRPO loss on B x (P + C); every
+            micro-batch's rollout is kept until training (the loop's ``batches``). ``hrpo`` adds the
+            thinking modules (3 D x D) and the stored thinking states (B x C x D)
+  ppo       grpo's rollout + a trainable critic (a second model with a value head and its own AdamW),
+            a frozen old actor and reference, a reward model
+  dpo       2B sequences (chosen + rejected), a frozen reference copy (LoRA: adapters off)
+  distill   a frozen teacher's no-grad forward, then the student's CE + KL
+  kv        frozen teacher(s): K/V of the paired layers kept; the student's CE + K/V MSE through
+            per-layer projections (multi-teacher: every teacher's K/V at once)
+  codi      the CoT teacher pass (CE, with grad) and the latent student pass (question + latents +
+            answer) on the same LoRA model, plus the latent projection
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+FAMILIES = ("sft", "grpo", "hrpo", "ppo", "dpo", "distill", "kv", "codi")
+IMPLS = ("latentfast", "recipe")
+REWARD_MODEL = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                    num_attention_heads=16, num_key_value_heads=8, vocab_size=92544, rms_norm_eps=1e-5,
+                    max_position_embeddings=32768, tie_word_embeddings=False)  # internlm2-1_8b-reward's shapes
+
+
+@dataclass
+class Workload:
+    """One trainer step's shapes and switches (the planner's input)."""
+
+    model: str = "Qwen2.5-1.5B-Instruct"
+    family: str = "hrpo"
+    impl: str = "latentfast"
+    micro_batch: int = 8  # sequences per micro-batch (completions for RL, pairs x 2 for DPO)
+    grad_accum: int = 1
+    prompt_len: int = 512  # RL: prompt tokens; others: 0 (seq_len is completion_len)
+    completion_len: int = 512  # RL: new tokens; others: sequence length
+    lora_rank: int = 0
+    grad_ckpt: bool = False
+    bf16: bool = True  # bf16 autocast; LoRA bases in bf16, full fine-tuning keeps fp32 master weights
+    beta: float = 0.0  # > 0: reference log-probs (RL)
+    teachers: list[str] = field(default_factory=list)  # distill / kv: teacher models
+    reward_model: bool = False  # a frozen reward model scores the rollouts (MiniMind RL)
+    chunk_rows: int = 0  # rows per fused lm_head chunk (0 = the op's per-device default)
+    num_latent: int = 6  # codi
+    keep_rollout_cache: bool | None = None  # None: latentfast on CUDA keeps the compiled engine's cache
+    max_micro_measured: int = 2  # micro-batches actually run (the rest repeat the same peak)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"--trainer: expected one of {FAMILIES}, got {self.family!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl: expected one of {IMPLS}, got {self.impl!r}")
+        for name in ("micro_batch", "grad_accum", "completion_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}: expected an integer >= 1, got {getattr(self, name)!r}")
+        if self.prompt_len < 0 or self.lora_rank < 0:
+            raise ValueError("--prompt_len and --lora_rank must be >= 0")
+        if self.family in ("distill", "kv") and not self.teachers:
+            raise ValueError(f"--teachers: the {self.family} family needs at least one teacher model")
+
+    def replace(self, **kw) -> "Workload":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def rl(self) -> bool:
+        return self.family in ("grpo", "hrpo", "ppo")
+
+
+# ----------------------------------------------------------------------------- models
+def _parts(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model, base.lm_head
+
+
+def build_lm(name, dtype, trainable=True):
+    from transformers import AutoModelForCausalLM
+
+    from .models import hf_config
+
+    cfg = hf_config(name)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if hasattr(m.config, "use_cache"):
+        m.config.use_cache = False
+    m.requires_grad_(trainable)
+    return m
+
+
+def add_lora(model, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    targets = sorted(names & {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
+
+
+class ThinkingModules(nn.Module):
+    """HRPO's additions at their sizes: the projection and the two residual gates (D x D each)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.projection = nn.Linear(d, d, bias=False)
+        self.gate_r = nn.Linear(d, d, bias=False)
+        self.gate_i = nn.Linear(d, d, bias=False)
+
+    def forward(self, embeds, states):
+        s = nn.functional.normalize(self.projection(states), dim=-1)
+        a = torch.sigmoid(self.gate_r(embeds))
+        return a * embeds + (1 - a) * torch.tanh(self.gate_i(s)) * s
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    extra: nn.Module | None  # trainable modules beside the model (HRPO, KV projections, CODI prj)
+    frozen: list  # teachers / reference / reward models
+    critic: nn.Module | None
+    optimizers: list
+    cfg: object
+
+
+def build(w: Workload, fake_mode=None) -> Built:
+    """The step's models and optimizers: real CPU tensors, or with ``fake_mode`` built on the meta
+    device and turned into fake tensors of that mode before the optimizers see them."""
+    if fake_mode is None:
+        return _build(w, lambda m: m)
+    from .fake import fakeify
+
+    memo: dict = {}
+    with torch.device("meta"):
+        return _build(w, lambda m: fakeify(m, fake_mode, "cpu", memo), fake_mode)
+
+
+def _build(w: Workload, finish, mode=None) -> Built:
+    full_dtype = torch.float32 if w.lora_rank == 0 or not w.bf16 else torch.bfloat16
+    model = build_lm(w.model, full_dtype)
+    cfg = model.config
+    if w.lora_rank > 0:
+        model = add_lora(model, w.lora_rank)
+    if w.grad_ckpt:
+        _parts(model)[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}) \
+            if hasattr(_parts(model)[0], "gradient_checkpointing_enable") else None
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    frozen_dtype = torch.bfloat16 if w.bf16 else torch.float32
+    frozen, extra, critic = [], None, None
+    d = cfg.hidden_size
+    if w.family == "hrpo":
+        extra = ThinkingModules(d)
+    if w.family in ("distill", "kv"):
+        frozen += [build_lm(t, frozen_dtype, trainable=False) for t in w.teachers]
+    if w.family == "kv":
+        from .models import hf_config
+
+        extra = nn.ModuleList()
+        for t in w.teachers:
+            tc = hf_config(t)
+            extra.append(nn.ModuleList(nn.Linear(_kv_width(cfg), _kv_width(tc), bias=False)
+                                       for _ in range(min(cfg.num_hidden_layers, tc.num_hidden_layers))))
+    if w.family == "codi":
+        extra = nn.Sequential(nn.Linear(d, 2048), nn.GELU(), nn.Linear(2048, d), nn.LayerNorm(d))
+    needs_ref = (w.family in ("dpo", "ppo") or (w.rl and w.beta > 0)) and w.lora_rank == 0
+    if needs_ref:  # a frozen copy (LoRA: the same model with adapters off)
+        frozen.append(build_lm(w.model, frozen_dtype, trainable=False))
+    if w.family == "ppo":
+        frozen.append(build_lm(w.model, frozen_dtype, trainable=False))  # old actor
+        critic = build_lm(w.model, full_dtype)
+        critic.value_head = nn.Linear(d, 1, dtype=full_dtype)
+    if w.reward_model:
+        frozen.append(build_lm(dict(REWARD_MODEL), frozen_dtype, trainable=False))
+    model = finish(model)
+    extra = None if extra is None else finish(extra)
+    frozen = [finish(m) for m in frozen]
+    critic = None if critic is None else finish(critic)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if extra is not None:
+        trainable += list(extra.parameters())
+    with (mode if mode is not None else contextlib.nullcontext()), torch.device("cpu"):
+        opts = [torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.99))]
+        if critic is not None:
+            opts.append(torch.optim.AdamW(critic.parameters(), lr=1e-5))
+    return Built(model, extra, frozen, critic, opts, cfg)
+
+
+def init_optimizer_state(b: Built):
+    """AdamW's states exist from the second step on: one zero-gradient step creates them."""
+    for opt in b.optimizers:
+        for g in opt.param_groups:
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _kv_width(cfg):
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+# ----------------------------------------------------------------------------- token losses
+def _amp(w: Workload):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if w.bf16 else contextlib.nullcontext()
+
+
+def _ids(V, *shape):
+    return torch.randint(0, V, shape)
+
+
+def _ce(w, model, hidden, labels):
+    from latentfast.ops.cross_entropy import fused_linear_cross_entropy
+
+    _, head = _parts(model)
+    return fused_linear_cross_entropy(hidden, head.weight, labels, chunk_size=w.chunk_rows or None)
+
+
+def _trl_logps(logits, ids):
+    from trl.trainer.utils import selective_log_softmax
+
+    return selective_log_softmax(logits, ids)
+
+
+def _no_grad_logps(w, model, ids, P):
+    """Reference / old log-probs of the completion tokens (no grad)."""
+    dec, head = _parts(model)
+    with torch.no_grad():
+        if w.impl == "latentfast":
+            from latentfast.ops.lm_head_engine import lm_head_logps
+
+            h = dec(input_ids=ids).last_hidden_state[:, P - 1:-1] if P else dec(input_ids=ids).last_hidden_state
+            return lm_head_logps(h, head.weight, ids[:, -h.shape[1]:], chunk_size=None)[0]
+        logits = model(input_ids=ids).logits
+        logits = logits[:, P - 1:-1] if P else logits
+        return _trl_logps(logits, ids[:, -logits.shape[1]:])
+
+
+# ----------------------------------------------------------------------------- the step
+class StepRunner:
+    """Runs ``w``'s step on ``b`` (real or fake tensors alike); ``phase(name)`` marks phases."""
+
+    def __init__(self, w: Workload, b: Built, phase=None, device_type: str = "cuda"):
+        self.w, self.b = w, b
+        self.phase = phase or (lambda name: contextlib.nullcontext())
+        self.V = b.cfg.vocab_size
+        self.keep_cache = (w.keep_rollout_cache if w.keep_rollout_cache is not None
+                           else (w.impl == "latentfast" and device_type == "cuda"))
+
+    def run(self):
+        w = self.w
+        held = self.rollouts() if w.rl else [None] * w.grad_accum
+        n = min(w.grad_accum, w.max_micro_measured)
+        with self.phase("train"):
+            for m in range(n):
+                loss = self.loss(held[m] if held else None)
+                (loss / w.grad_accum).backward()
+                del loss
+        with self.phase("optimizer"):
+            for opt in self.b.optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return held
+
+    # --- RL: rollouts, rewards, reference log-probs of every micro-batch (no grad)
+    def rollouts(self):
+        w, b = self.w, self.b
+        dec, head = _parts(b.model)
+        P, C, B = w.prompt_len, w.completion_len, w.micro_batch
+        held, cache = [], None
+        with self.phase("rollout"), torch.no_grad():
+            from .models import kv_bytes_per_token
+
+            # the engine's static cache: K and V of every layer, bf16, one per rollout shape
+            cache = torch.empty(B, P + C, kv_bytes_per_token(b.cfg, 2) // 2, dtype=torch.bfloat16)
+            for m in range(w.grad_accum):
+                if m:  # every micro-batch's rollout outputs are kept; their computation repeats the first's
+                    held.append({k: v.clone() for k, v in held[0].items()})
+                    continue
+                with _amp(w):
+                    prompt = _ids(self.V, B, max(P, 1))
+                    h = dec(input_ids=prompt).last_hidden_state[:, -1]
+                    head(h).float().softmax(-1)  # the first sampling step
+                    del h
+                    ids = torch.cat([prompt, _ids(self.V, B, C)], 1)
+                    item = {"ids": ids, "mask": torch.ones(B, C, dtype=torch.long), "adv": torch.randn(B)}
+                    if w.family == "hrpo":
+                        item["states"] = torch.randn(B, C, b.cfg.hidden_size, dtype=torch.bfloat16)
+                    if w.reward_model:
+                        rm = b.frozen[-1]
+                        rm.model(input_ids=_ids(rm.config.vocab_size, B, P + C)).last_hidden_state[:, -1].sum()
+                    if w.beta > 0 or w.family == "ppo":
+                        ctx = b.model.disable_adapter() if w.lora_rank else contextlib.nullcontext()
+                        ref_model = b.model if w.lora_rank else b.frozen[0]
+                        with ctx:
+                            item["ref"] = _no_grad_logps(w, ref_model, ids, P)
+                    if w.family == "ppo":
+                        item["old"] = _no_grad_logps(w, b.frozen[1], ids, P)
+                held.append(item)
+            if self.keep_cache:
+                self.cache = cache
+            del cache
+        return held
+
+    def loss(self, item):
+        return getattr(self, "_" + ("grpo" if self.w.family in ("hrpo", "ppo") else self.w.family))(item)
+
+    def _sft(self, _):
+        w, b = self.w, self.b
+        B, T = w.micro_batch, w.completion_len
+        ids = _ids(self.V, B, T)
+        with _amp(w):
+            if w.impl == "latentfast":
+                out = _parts(b.model)[0](input_ids=ids)
+                loss = _ce(w, b.model, out.last_hidden_state, ids)
+            else:
+                out = b.model(input_ids=ids, labels=ids)
+                loss = out.loss
+            aux = getattr(out, "aux_loss", None)
+            return loss + aux if aux is not None else loss
+
+    def _grpo(self, item):
+        w, b = self.w, self.b
+        P, C = w.prompt_len, w.completion_len
+        dec, head = _parts(b.model)
+        ids, mask, adv = item["ids"], item["mask"], item["adv"]
+        comp = ids[:, P:]
+        with _amp(w):
+            kw = {}
+            if w.family == "hrpo":
+                embed = dec.get_input_embeddings()
+                e = embed(ids)
+                if w.impl == "recipe":  # the recipe's extra no-grad forward recomputes the hidden states
+                    with torch.no_grad():
+                        states = dec(inputs_embeds=e.detach()).last_hidden_state[:, P:]
+                else:
+                    states = item["states"]
+                mixed = b.extra(e[:, P:], states.to(e.dtype))
+                kw["inputs_embeds"] = torch.cat([e[:, :P], mixed.to(e.dtype)], 1)
+            else:
+                kw["input_ids"] = ids
+            if w.impl == "latentfast":
+                from latentfast.ops.grpo_loss import fused_linear_grpo_loss
+
+                h = dec(**kw).last_hidden_state[:, P - 1:-1] if P else dec(**kw).last_hidden_state
+                loss, _ = fused_linear_grpo_loss(h, head.weight, comp, mask, adv, ref_per_token_logps=item.get("ref"),
+                                                 beta=w.beta, loss_type="grpo", chunk_size=w.chunk_rows or None)
+            else:
+                out = b.model(**kw)
+                logits = out.logits[:, P - 1:-1] if P else out.logits
+                logps = _trl_logps(logits, comp)
+                ratio = torch.exp(logps - logps.detach())
+                per_tok = -ratio * adv[:, None]
+                if item.get("ref") is not None:
+                    d = item["ref"] - logps
+                    per_tok = per_tok + w.beta * (torch.exp(d) - d - 1)
+                loss = ((per_tok * mask).sum(1) / mask.sum(1)).mean()
+        if w.family == "ppo":  # the critic: values on the last position, MSE to the rewards
+            with _amp(w):
+                hc = b.critic.model(input_ids=ids).last_hidden_state
+                v = b.critic.value_head(hc[:, -1]).squeeze(-1)
+                loss = loss + 0.5 * ((v.float() - adv) ** 2).mean()
+        return loss
+
+    def _dpo(self, _):
+        w, b = self.w, self.b
+        B2, T = 2 * max(1, w.micro_batch // 2), w.completion_len
+        ids = _ids(self.V, B2, T)
+        dec, head = _parts(b.model)
+        ref_model = b.model if w.lora_rank else b.frozen[0]
+        ctx = b.model.disable_adapter() if w.lora_rank else contextlib.nullcontext()
+        with _amp(w):
+            if w.impl == "latentfast":
+                from latentfast.ops.preference import fused_linear_dpo_loss
+
+                with torch.no_grad(), ctx:
+                    rh = _parts(ref_model)[0](input_ids=ids).last_hidden_state
+                h = dec(input_ids=ids).last_hidden_state
+                loss, _ = fused_linear_dpo_loss(h[:, :-1], head.weight, ids[:, 1:], ref_input=rh[:, :-1],
+                                                chunk_size=w.chunk_rows or None)
+                return loss
+            with torch.no_grad(), ctx:
+                ref = _trl_logps(ref_model(input_ids=ids).logits[:, :-1], ids[:, 1:]).sum(1)
+            lp = _trl_logps(b.model(input_ids=ids).logits[:, :-1], ids[:, 1:]).sum(1)
+            d = (lp - ref).view(2, -1)
+            return -nn.functional.logsigmoid(0.1 * (d[0] - d[1])).mean()
+
+    def _distill(self, _):
+        w, b = self.w, self.b
+        B, T = w.micro_batch, w.completion_len
+        ids = _ids(self.V, B, T)
+        teacher = b.frozen[0]
+        dec, head = _parts(b.model)
+        with _amp(w):
+            if w.impl == "latentfast":
+                from latentfast.ops.distill import fused_linear_distill_loss
+
+                with torch.no_grad():
+                    th = teacher.model(input_ids=ids).last_hidden_state
+                h = dec(input_ids=ids).last_hidden_state
+                loss, _, _ = fused_linear_distill_loss(h.flatten(0, 1), head.weight, th.flatten(0, 1),
+                                                       teacher.lm_head.weight, ids.flatten(),
+                                                       chunk_size=w.chunk_rows or None)
+                return loss
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids).logits[..., :self.V].float()
+            out = b.model(input_ids=ids, labels=ids)
+            s = out.logits.float()
+            kd = nn.functional.kl_div(torch.log_softmax(s / 1.5, -1).flatten(0, 1),
+                                      torch.softmax(t_logits / 1.5, -1).flatten(0, 1), reduction="batchmean")
+            return 0.5 * out.loss + 0.5 * 2.25 * kd
+
+    def _kv(self, _):
+        w, b = self.w, self.b
+        B, T = w.micro_batch, w.completion_len
+        ids = _ids(self.V, B, T)
+        t_kv = []
+        with torch.no_grad(), _amp(w):
+            for teacher, projs in zip(b.frozen, b.extra):
+                out = teacher.model(input_ids=ids, use_cache=True)
+                cache = out.past_key_values
+                t_kv.append([(cache.layers[i].keys.detach().clone(), cache.layers[i].values.detach().clone())
+                             for i in range(len(projs))])
+                del out, cache
+        dec, head = _parts(b.model)
+        with _amp(w):
+            out = dec(input_ids=ids, use_cache=True)
+            if w.impl == "latentfast":
+                loss = _ce(w, b.model, out.last_hidden_state, ids)
+            else:
+                logits = head(out.last_hidden_state).float()
+                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            s_cache = out.past_key_values
+            for kvs, projs in zip(t_kv, b.extra):
+                for i, ((tk, tv), proj) in enumerate(zip(kvs, projs)):
+                    sk, sv = s_cache.layers[i].keys, s_cache.layers[i].values
+                    for s_t, t_t in ((sk, tk), (sv, tv)):
+                        s2 = proj(s_t.transpose(1, 2).flatten(2))
+                        loss = loss + ((s2.float() - t_t.transpose(1, 2).flatten(2).float()) ** 2).mean()
+        return loss
+
+    def _codi(self, _):
+        w, b = self.w, self.b
+        B, T = w.micro_batch, w.completion_len  # T: the CoT teacher sequence; the student's is shorter
+        dec, head = _parts(b.model)
+        ids = _ids(self.V, B, T)
+        q = max(1, T // 2)
+        with _amp(w):
+            t_out = dec(input_ids=ids, output_hidden_states=True)
+            if w.impl == "latentfast":
+                loss = _ce(w, b.model, t_out.last_hidden_state, ids)
+            else:
+                loss = nn.functional.cross_entropy(head(t_out.last_hidden_state).float()[:, :-1].flatten(0, 1),
+                                                   ids[:, 1:].flatten())
+            embed = dec.get_input_embeddings()
+            e = embed(ids[:, :q])
+            out = dec(inputs_embeds=e, use_cache=True, output_hidden_states=True)
+            cache, h = out.past_key_values, out.last_hidden_state[:, -1:]
+            for _ in range(w.num_latent):  # latent steps: the projected last hidden state is the next input
+                out = dec(inputs_embeds=b.extra(h).to(e.dtype), past_key_values=cache, use_cache=True)
+                cache, h = out.past_key_values, out.last_hidden_state
+            a = ids[:, -8:]
+            out = dec(inputs_embeds=embed(a), past_key_values=cache, use_cache=True, output_hidden_states=True)
+            if w.impl == "latentfast":
+                loss = loss + _ce(w, b.model, out.last_hidden_state, a)
+            else:
+                loss = loss + nn.functional.cross_entropy(head(out.last_hidden_state).float()[:, :-1].flatten(0, 1),
+                                                          a[:, 1:].flatten())
+            for hs, ht in zip(out.hidden_states, t_out.hidden_states):  # CODI's distillation at the answer
+                loss = loss + (hs[:, 0].float() - ht[:, -8].detach().float()).abs().mean()
+        return loss
+
+
+@contextlib.contextmanager
+def balanced_moe():
+    """MiniMind's MoE dispatch with every expert given an equal share of the (token, slot)
+    pairs: its real split sizes are read on the host (``bincount().tolist()``), unknowable on
+    fake tensors; a balanced router (what the auxiliary loss aims at) is the planned case."""
+    from latentfast.models.minimind import moe
+
+    orig = moe.sorted_dispatch
+
+    def dispatch(x, topk_idx, topk_weight, experts):
+        N, H = x.shape
+        k, E = topk_idx.shape[1], len(experts)
+        base, rem = divmod(N * k, E)
+        counts = [base + (i < rem) for i in range(E)]
+        order = topk_idx.reshape(-1).argsort(stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        grouped = moe._GatherSlots.apply(x, order, inverse, k).split(counts)
+        weights = moe._Permute.apply(topk_weight.reshape(-1), order, inverse).split(counts)
+        outs = [expert(xe, row_scale=we) for expert, xe, we in zip(experts, grouped, weights) if xe.shape[0]]
+        return moe._Permute.apply(torch.cat(outs), inverse, order).view(N, k, H).sum(dim=1)
+
+    moe.sorted_dispatch = dispatch
+    try:
+        yield
+    finally:
+        moe.sorted_dispatch = orig

@@ -1,0 +1,64 @@
+"""Checking the planner against a real step on this CPU (small shapes).
+
+``measured_peak(w)`` runs the same step (``latentfast.plan.steps``) on real CPU tensors under
+``torch.profiler`` with ``profile_memory=True``: every allocation and free of the CPU
+allocator is an event; their running sum from the (second) step's start, plus the bytes alive before
+it (weights, optimizer state), is the measured tensor-allocation peak. ``predicted_peak(w)``
+is the fake step's (chunk sizes chosen as on CPU, so both run the same way).
+"""
+from __future__ import annotations
+
+import torch
+
+from .planner import measure
+from .steps import StepRunner, Workload, build, init_optimizer_state
+
+
+def _live_bytes(b) -> int:
+    seen, total = set(), 0
+    mods = [b.model] + ([b.extra] if b.extra is not None else []) + b.frozen + ([b.critic] if b.critic else [])
+    tensors = [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
+    tensors += [v for o in b.optimizers for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
+    for t in tensors:
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return total
+
+
+def measured_peak(w: Workload, seed: int = 0) -> int:
+    torch.manual_seed(seed)
+    b = build(w)
+    init_optimizer_state(b)
+    StepRunner(w, b, device_type="cpu").run()  # warm-up: one-time allocations (kernel caches) stay out
+    base = _live_bytes(b)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        StepRunner(w, b, device_type="cpu").run()
+    live = peak = 0
+    for _, size in sorted(_allocations(prof)):
+        live += size
+        peak = max(peak, live)
+    return base + peak
+
+
+def _allocations(prof) -> list:
+    """(time ns, +bytes / -bytes) of every allocator event the profiler recorded."""
+    from torch._C._profiler import _EventType
+
+    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.typed[0] == _EventType.Allocation:
+            out.append((node.start_time_ns, node.typed[1].alloc_size))
+        stack.extend(node.children)
+    return out
+
+
+def predicted_peak(w: Workload) -> int:
+    tracker = measure(w, "cpu", fake=True)[0]
+    return max(int(s["Total"]) for s in tracker.phase_peaks.values())
+
+
+def predicted_flops(w: Workload) -> dict:
+    return measure(w, "cpu", fake=True)[2]

@@ -1,0 +1,106 @@
+"""latentfast-plan: the fake-tensor step's peak against the same step measured on this CPU,
+its FLOPs against the analytic count, the named configs against their published sizes, the
+command line."""
+import json
+
+import pytest
+import torch
+
+from latentfast.plan import devices as D
+from latentfast.plan.cli import main as plan_main
+from latentfast.plan.models import NAMED, hf_config
+from latentfast.plan.planner import measure, plan
+from latentfast.plan.steps import Workload
+from latentfast.plan.validate import measured_peak, predicted_peak
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def native_cpu(monkeypatch):
+    """The fused ops' native CPU path, as a CPU user runs them (the Triton interpreter copies)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+SMALL = dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "config.json"
+    path.write_text(json.dumps(SMALL))
+    return str(path)
+
+
+CASES = [
+    ("sft", {}),
+    ("sft", {"impl": "recipe"}),
+    ("grpo", {"beta": 0.04, "lora_rank": 4}),
+    ("hrpo", {}),
+    ("dpo", {}),
+    ("kv", {"teachers": ["SELF"]}),
+    ("ppo", {}),
+]
+
+
+@pytest.mark.parametrize("family,kw", CASES, ids=[f"{f}-{'-'.join(map(str, k.values())) or 'lf'}" for f, k in CASES])
+def test_predicted_peak_within_10_percent_of_measured(small, family, kw):
+    kw = {k: ([small] if v == ["SELF"] else v) for k, v in kw.items()}
+    w = Workload(small, family, micro_batch=4, grad_accum=2, prompt_len=32, completion_len=48, bf16=False, **kw)
+    measured, predicted = measured_peak(w), predicted_peak(w)
+    assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+
+
+def test_flops_match_the_analytic_count(small):
+    """Short sequences (attention negligible): 6 x tokens x (matmul parameters + lm_head), the
+    lm_head's three GEMMs coming from the fused op the tracker counts explicitly."""
+    B, T = 4, 16
+    w = Workload(small, "sft", micro_batch=B, completion_len=T, bf16=False)
+    flops = measure(w, "cpu", fake=True)[2]["train"]
+    c = SMALL
+    hd = c["hidden_size"] // c["num_attention_heads"]
+    per_layer = (2 * c["hidden_size"] ** 2 + 2 * c["hidden_size"] * c["num_key_value_heads"] * hd
+                 + 3 * c["hidden_size"] * c["intermediate_size"])
+    linear = 6 * B * T * (c["num_hidden_layers"] * per_layer + c["hidden_size"] * c["vocab_size"])
+    attention = 3 * 4 * B * T * T * c["hidden_size"] * c["num_hidden_layers"]
+    assert linear <= flops <= linear + attention * 1.5, (flops, linear, attention)
+
+
+@pytest.mark.parametrize("name,published", [("Qwen2.5-0.5B", 494e6), ("Qwen2.5-1.5B", 1.54e9),
+                                            ("Llama-3.2-1B", 1.24e9), ("gemma-3-270m", 268e6),
+                                            ("Qwen2.5-7B", 7.62e9)])
+def test_named_configs_have_their_published_sizes(name, published):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(hf_config(name))
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n / published - 1) < 0.02, n
+    assert "minimind-640x12-moe" in NAMED and hf_config("minimind-640x12-moe").use_moe
+
+
+def test_latentfast_needs_less_than_the_recipe_and_options_when_it_does_not_fit(small):
+    w = Workload(small, "grpo", micro_batch=8, prompt_len=32, completion_len=64, beta=0.04)
+    dev = D.get_device("4090", memory_gb=0.005)
+    lf = plan(w, dev, options=True)
+    rc = plan(w.replace(impl="recipe"), dev, options=False)
+    assert lf.peak_bytes < rc.peak_bytes
+    assert not lf.fits and lf.options
+    labels = [o[0] for o in lf.options]
+    assert any("checkpointing" in x for x in labels) and any("FSDP over 8" in x for x in labels)
+    ckpt = next(o for o in lf.options if "checkpointing" in o[0])
+    assert 0 < ckpt[1] < lf.needed_bytes  # recomputation lowers the peak
+    assert lf.step_s > 0 and lf.breakdown["rollout KV cache"] == 8 * 96 * 2 * 2 * 2 * 16 * 2
+
+
+def test_cli_prints_a_plan_and_rejects_bad_input(small, capsys):
+    assert plan_main(["--model", small, "--trainer", "sft", "--micro_batch", "2", "--completion_len", "16",
+                      "--device", "a100-40", "--no-options"]) == 0
+    out = capsys.readouterr().out
+    assert "A100 40 GB" in out and "FITS" in out and "roofline step time" in out
+    with pytest.raises(SystemExit) as e:
+        plan_main(["--model", "no-such-model"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        plan_main(["--model", small, "--trainer", "kv_distill"])  # no --teachers
+    assert e.value.code == 2
