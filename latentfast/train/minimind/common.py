@@ -43,7 +43,7 @@ from latentfast.models.minimind.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, 
 from latentfast.ops.cross_entropy import fused_linear_cross_entropy
 from latentfast.runtime import dist
 
-from ..common import SampleStream
+from ..common import SampleStream, console_entry
 from ..config import check, option, path_error
 from ..loop import TrainConfig, Trainer
 
@@ -347,6 +347,9 @@ def warmup_lm(cfg: MiniMindArgs, hidden_size: int, num_layers: int, steps: int =
 
 
 # ---------------------------------------------------------------------------- command line
+cli_of = console_entry  # a stage's console script: the trainers' one entry-point wrapper
+
+
 def is_demo(cfg: MiniMindArgs) -> bool:
     """No ``--data_path`` typed and MiniMind's default file absent, or ``--data_path demo``."""
     return cfg.data_path == DEMO or ("data_path" not in cfg.explicit and not pathlib.Path(cfg.data_path).is_file())
@@ -376,13 +379,6 @@ def stage_main(trainer_cls, doc: str):
         return run_stage(trainer_cls, trainer_cls.config_class.parse(argv, doc))
 
     return main
-
-
-def cli_of(main):
-    def cli() -> int:
-        main()
-        return 0
-    return cli
 
 
 __all__ = ["DEMO", "DEMO_PRESET", "LMLoss", "MiniMindArgs", "MiniMindTrainer", "cli_of", "is_demo", "load_weights",
