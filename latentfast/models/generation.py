@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from latentfast.generation import Rollout, ThinkingPolicy, decode, eos_token_ids
+from latentfast.generation import Rollout, ThinkingPolicy, eos_token_ids
+from latentfast.generation import generate as decode_with
 
 __all__ = ["Rollout", "eos_token_ids", "generate"]
 
@@ -19,7 +20,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, *, eos_token_i
              pad_token_id: int, marker_ids: list[int], temperature: float = 0.5, top_p: float = 1.0, top_k: int = 0,
              do_sample: bool = True, generator=None, sync_ranks: bool = True, check_every: int = 8,
              compile: bool | None = None) -> Rollout:
-    """Sample (or greedy-decode) completions from a ``HybridThinkingLM``.
+    """Sample (or greedy-decode) completions from a ``HybridThinkingLM``: the one decode engine,
+    ``latentfast.generation.generate``, with HRPO's ``ThinkingPolicy``.
 
     ``eos_token_id``: one id or several (chat models end turns with e.g. both
     ``<|im_end|>`` and ``<|endoftext|>``; see ``eos_token_ids``).
@@ -32,9 +34,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, *, eos_token_i
     so sharded (FSDP) forwards stay collective; pass False when only this rank calls.
     ``compile``: see ``latentfast.generation.generate``.
     """
-    policy = ThinkingPolicy(marker_ids, eos_token_id, pad_token_id, do_sample=do_sample, temperature=temperature,
-                            top_k=top_k, top_p=top_p)
-    ro = decode(model, prompt_ids, prompt_mask, max_new_tokens, policy, generator=generator, sync_ranks=sync_ranks,
-                check_every=check_every, compile=compile)
-    ro.prompt_ids, ro.prompt_mask = prompt_ids, prompt_mask.long()
-    return ro
+    return decode_with(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id=eos_token_id,
+                       pad_token_id=pad_token_id, generator=generator, sync_ranks=sync_ranks, check_every=check_every,
+                       compile=compile, policy=ThinkingPolicy(marker_ids, eos_token_id, pad_token_id,
+                                                              do_sample=do_sample, temperature=temperature,
+                                                              top_k=top_k, top_p=top_p))
