@@ -101,6 +101,11 @@ def test_flipped_bytes_are_found_and_named(tmp_path, full, name):
         toy(tmp_path / "x", dropout=0.3, resume_from_checkpoint=str(part / "checkpoint-6")).fit()
     with pytest.raises(files.CorruptFileError, match=name):
         checkpoint.load(str(part / "checkpoint-6"), toy(tmp_path / "y").build_model())
+    from toy_trainer import ToyConfig
+
+    with pytest.raises(SystemExit) as e:  # at the command line: exit 2 at argument parsing
+        ToyConfig.parse(["--resume_from_checkpoint", str(part / "checkpoint-6")])
+    assert e.value.code == 2
     torch.manual_seed(5)
     # the run folder: the corrupt one is skipped, named; steps 5 and 6 are redone exactly
     _resume_exactly(full, part)

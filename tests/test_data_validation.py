@@ -92,3 +92,10 @@ def test_minimind_cli_reports_bad_data_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"p\.jsonl:2: field 'text'"):
         Pretrain(cfg).fit()
     assert not list((tmp_path / "checkpoints").rglob("*.safetensors"))
+
+
+def test_default_line_limit_stops_a_huge_line(tmp_path):
+    f = tmp_path / "big.jsonl"
+    f.write_text(json.dumps({"text": "x" * (jsonl.MAX_LINE_BYTES + 10)}) + "\n")  # 4 MiB + : the 31 MB line's kind
+    with pytest.raises(ValueError, match=rf"big\.jsonl:1: line longer than {jsonl.MAX_LINE_BYTES} bytes"):
+        read_jsonl(f, "text")

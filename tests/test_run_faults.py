@@ -70,6 +70,22 @@ def test_minimind_resume_names_minimind_flags(tmp_path):
     assert "--projection" not in str(e.value)
 
 
+def test_command_line_resume_mismatch_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from latentfast.train.minimind import pretrain
+
+    argv = ["pretrain", "--data_path", "demo", "--hidden_size", "32", "--num_hidden_layers", "1", "--max_seq_len",
+            "48", "--batch_size", "4", "--accumulation_steps", "1", "--log_interval", "0", "--save_interval", "0",
+            "--max_steps", "1", "--dtype", "float32", "--device", "cpu", "--save_dir", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert pretrain.cli() == 0
+    monkeypatch.setattr(sys, "argv", argv + ["--from_resume", "1", "--seed", "3", "--max_steps", "2"])
+    with pytest.raises(SystemExit) as e:
+        pretrain.cli()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("pretrain: error: --resume_from_checkpoint") and \
+        "--seed: checkpoint 42, now 3" in err
+
+
 # ----------------------------------------------------------------------------- one run per folder
 def _rows(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

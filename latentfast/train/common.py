@@ -14,19 +14,31 @@ import json
 import math
 import pathlib
 import random
+import sys
 
 import torch
 
 from latentfast.data import load_gsm8k
 from latentfast.data.rows import DATA_NAMES
+from latentfast.files import CorruptFileError
+from latentfast.runtime.checkpoint import verify
 from latentfast.runtime.guard import NonFiniteGuard
+from latentfast.runtime.runlock import RunLockedError
+
+from .resume import ResumeConfigError
 
 
 def console_entry(main):
     """Console-script entry point for ``main``: main() returns its results dict for callers
-    and tests, which sys.exit would print and turn into exit status 1."""
+    and tests, which sys.exit would print and turn into exit status 1. A run the user must
+    fix (a resume whose flags differ, a folder another run holds, a corrupt checkpoint or
+    weight file) is one ``error:`` line and exit status 2, like a bad flag."""
     def cli() -> int:
-        main()
+        try:
+            main()
+        except (ResumeConfigError, RunLockedError, CorruptFileError) as e:
+            sys.stderr.write(f"{pathlib.Path(sys.argv[0]).name}: error: {e}\n")
+            raise SystemExit(2) from None
         return 0
     return cli
 
@@ -57,6 +69,10 @@ def check_resume_arg(parser: argparse.ArgumentParser, spec, flag: str = "--resum
     if missing:
         parser.error(f"{flag} {spec!r} is not a latentfast checkpoint: it has no {' or '.join(missing)} "
                      f"(expected a checkpoint-<step> directory written by a latentfast trainer)")
+    try:
+        verify(path)  # sizes and blake2b against its manifest
+    except CorruptFileError as e:
+        parser.error(f"{flag} {spec!r}: {e}")
 
 
 class SampleStream:
