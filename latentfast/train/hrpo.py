@@ -38,7 +38,7 @@ from latentfast.models.local import load_causal_lm
 from latentfast.runtime import dist
 
 from .common import SampleStream, check_data_arg, console_entry
-from .config import option
+from .config import check, demo_preset, option
 from .loop import TrainConfig, Trainer
 from .rl.advantages import trl_group_zscore
 from .rl.objectives import GRPO_LOSS_TYPES, GRPOLoss
@@ -46,12 +46,15 @@ from .sft import warm_up
 
 DEMO_MODEL = "tiny"
 # Small-model presets for the embedded demo (only for arguments not given explicitly).
-DEMO_PRESET = dict(lr=5e-4, lora_rank=16, lr_residual_gate=5e-4, lr_residual_Lambda=1e-3, lr_thinking_projection=5e-4,
+# the no-argument demo: <= 5 min on a 2-core CPU at one thread (README: measured time and numbers)
+DEMO_PRESET = dict(lr=1e-3, lora_rank=16, lr_residual_gate=5e-4, lr_residual_Lambda=1e-3, lr_thinking_projection=1e-3,
                    beta=0.005, group_size=8, per_device_train_batch_size=64, gradient_accumulation_steps=1,
-                   temperature=1.0, max_prompt_length=96, max_completion_length=28, max_steps=400, warmup_ratio=0.05,
-                   max_grad_norm=1.0, train_data="synthetic", eval_data="synthetic", eval_size=256, eval_steps=100,
-                   sft_steps=250, save_steps=100,
+                   temperature=1.0, max_prompt_length=96, max_completion_length=28, max_steps=70, warmup_ratio=0.05,
+                   max_grad_norm=1.0, train_data="synthetic", eval_data="synthetic", eval_size=128, eval_steps=0,
+                   sft_steps=200, save_steps=100, logging_steps=10,
                    system_prompt="")  # the tiny tokenizer's chat template, without the 132-token system turn
+# --full: the longer run (the demo of earlier versions)
+DEMO_FULL = dict(lr=5e-4, lr_thinking_projection=5e-4, max_steps=400, eval_size=256, eval_steps=100, sft_steps=250)
 LOSS_TYPES = GRPO_LOSS_TYPES  # every GRPO-family type of the fused engine (luspo: --importance_sampling_level sequence)
 
 
@@ -118,10 +121,13 @@ class HRPOConfig(TrainConfig):
 
     @classmethod
     def preset(cls, typed):
-        return DEMO_PRESET if typed.get("model_name", DEMO_MODEL) == DEMO_MODEL else {}
+        if typed.get("model_name", DEMO_MODEL) != DEMO_MODEL:
+            return {}
+        return demo_preset(DEMO_PRESET, DEMO_FULL, typed.get("full"))
 
     def __post_init__(self):
         super().__post_init__()
+        check(self.demo or not self.full, "full", "the embedded demo (no --model_name)", self.model_name)
         if self.group_size < 1:
             raise ValueError(f"--group_size must be >= 1, got {self.group_size}")
         self.objective()  # the loss type's options, checked in the one place (rl.objectives.GRPOLoss)

@@ -115,6 +115,7 @@ class TrainConfig(Config):
     wandb_project: str | None = option(None, "also log to this Weights & Biases project")
     ddp_timeout: int = option(600, "seconds a collective waits for the other ranks before the job fails naming it "
                                    "(torchrun; HF's default is 1800)")
+    full: bool = option(False, "demos only: the longer, more convincing run instead of the <= 5 min one")
 
     def check_cli(self, parser):
         super().check_cli(parser)

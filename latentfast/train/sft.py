@@ -25,12 +25,13 @@ from latentfast.hf import adapter
 from latentfast.models.local import load_causal_lm
 
 from .common import SampleStream, check_data_arg, console_entry
-from .config import option
+from .config import demo_preset, option
 from .loop import TrainConfig, Trainer
 
 DEMO = "tiny"
 DEMO_PRESET = dict(lr=3e-3, per_device_train_batch_size=32, max_steps=200, warmup_ratio=0.05, save_steps=0,
                    logging_steps=50, train_data="synthetic", eval_data="synthetic", max_length=128, max_new_tokens=32)
+DEMO_FULL = dict(max_steps=600, eval_size=256)  # --full: the longer run
 
 
 @dataclass
@@ -47,6 +48,8 @@ class SFTConfig(TrainConfig):
 
     def check_cli(self, parser):
         super().check_cli(parser)
+        if self.full and self.model_name != DEMO:
+            parser.error("--full: only for the embedded demo (no --model_name)")
         check_data_arg(parser, "--train_data", self.train_data)
         check_data_arg(parser, "--eval_data", self.eval_data, allowed=("none",))
 
@@ -132,7 +135,7 @@ def warm_up(parent, lm, tok, rows, *, steps: int, lr: float, output_dir, name: s
 def main(argv=None):
     cfg = SFTConfig.parse(argv, __doc__)
     if cfg.model_name == DEMO:
-        cfg = cfg.with_preset(DEMO_PRESET)
+        cfg = cfg.with_preset(demo_preset(DEMO_PRESET, DEMO_FULL, cfg.full))
     res = SFT(cfg).fit()
     if res["final"]:
         print(f"[sft] eval CE {res['final']['eval_ce']:.3f}, accuracy {res['final']['eval_accuracy']:.3f}; "

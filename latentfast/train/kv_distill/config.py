@@ -95,8 +95,8 @@ class KVDistillConfig(TrainConfig, KVLossConfig, MultiTeacherConfig):
                                   "each teacher alone, static, per_task, confidence, learned); write table + plot")
     teacher_sft_steps: int = option(0, "demo: CE warm-up of the tiny teacher", min=0)
     teacher_sft_lr: float = option(3e-3, "learning rate of the teacher warm-up")
-    full: bool = option(False, "demo: the longer run (--multi_teacher_demo: 2.5x the student steps, 240 held-out "
-                               "rows; bench/results/multi_teacher_cpu.md)")
+    full: bool = option(False, "demo: the longer run (2.5x the student steps; --multi_teacher_demo: 240 held-out "
+                               "rows, bench/results/multi_teacher_cpu.md)")
 
     @property
     def demo(self) -> bool:

@@ -23,6 +23,7 @@ DEMO_TEACHER = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6,
 DEMO_PRESET = dict(lr=2e-3, batch_size=32, max_steps=120, warmup_ratio=0.05, attention_weighted_kv_warmup=40,
                    dataset_name="synthetic", subset_size=4000, eval_size=64, max_length=128, logging_steps=20,
                    save_steps=0, teacher_sft_steps=200, max_new_tokens=32, use_attention_weighted_kv=True)
+FULL_PRESET = dict(teacher_sft_steps=400, max_steps=300, eval_size=128)  # --full: the longer single-teacher run
 # two tiny teachers of other shapes than the student (128 wide, 4 blocks, 4/2 heads) and than each other
 DEMO_TEACHERS = {
     "eq": dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
@@ -44,7 +45,7 @@ def preset(cfg):
     if cfg.multi_teacher_demo:
         return cfg.with_preset({**MT_DEMO_PRESET, **(MT_FULL_PRESET if cfg.full else {})})
     if cfg.demo:
-        return cfg.with_preset(DEMO_PRESET)
+        return cfg.with_preset({**DEMO_PRESET, **(FULL_PRESET if cfg.full else {})})
     return cfg
 
 
@@ -52,7 +53,7 @@ def banner(cfg) -> str | None:
     """The line a demo prints first: its presets."""
     if not (cfg.multi_teacher_demo or cfg.demo):
         return None
-    which = {**MT_DEMO_PRESET, **MT_FULL_PRESET} if cfg.multi_teacher_demo else DEMO_PRESET
+    which = {**MT_DEMO_PRESET, **MT_FULL_PRESET} if cfg.multi_teacher_demo else {**DEMO_PRESET, **FULL_PRESET}
     return (("multi-teacher demo" if cfg.multi_teacher_demo else "embedded demo") + "; presets: " +
             json.dumps({k: getattr(cfg, k) for k in which}))
 

@@ -44,7 +44,7 @@ from latentfast.ops.cross_entropy import fused_linear_cross_entropy
 from latentfast.runtime import dist
 
 from ..common import SampleStream, console_entry
-from ..config import check, option, path_error
+from ..config import check, demo_preset, option, path_error
 from ..loop import TrainConfig, Trainer
 
 DEMO = "demo"
@@ -175,6 +175,7 @@ class MiniMindTrainer(Trainer):
     config_class = MiniMindArgs
     data_kind = "pretrain"
     demo_preset: dict = {}
+    demo_full: dict = {}  # --full: the longer demo run (updates demo_preset)
     wandb_name = "Pretrain"
 
     def __init__(self, cfg: MiniMindArgs, demo: bool = False, rows=None, save_weights: bool = True):
@@ -364,7 +365,9 @@ def run_stage(trainer_cls, cfg: MiniMindArgs):
         if cfg.data_path != DEMO:
             print(f"{tag} no {cfg.data_path}: running the embedded demo (small model, the shipped GSM8K "
                   f"sample); pass --data_path to train on MiniMind data", flush=True)
-        cfg = cfg.with_preset({**DEMO_PRESET, **trainer_cls.demo_preset})
+        cfg = cfg.with_preset({**DEMO_PRESET, **demo_preset(trainer_cls.demo_preset, trainer_cls.demo_full, cfg.full)})
+    elif cfg.full:
+        trainer_cls.config_class.build_parser().error("--full: only for the demo (no --data_path)")
     else:
         for flag, name, path in trainer_cls.required_weights(cfg):
             if not path.is_file():  # before anything is built or a folder made, as an argparse error

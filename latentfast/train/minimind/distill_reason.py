@@ -44,6 +44,7 @@ class DistillReason(MiniMindTrainer):
     data_kind = "reason"
     wandb_name = "Reasoning"
     demo_preset = dict(from_weight="full_sft", lr=2e-3, max_steps=40)
+    demo_full = dict(max_steps=200)
 
     def setup(self):
         super().setup()

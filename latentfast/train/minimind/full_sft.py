@@ -37,6 +37,7 @@ class FullSFT(MiniMindTrainer):
     data_kind = "sft"
     wandb_name = "Full-SFT"
     demo_preset = dict(lr=2e-3, max_steps=40)
+    demo_full = dict(max_steps=200)
 
 
 main = stage_main(FullSFT, __doc__)

@@ -138,6 +138,7 @@ class PPO(RLTrainer):
     demo_preset = dict(per_device_train_batch_size=16, max_gen_len=64, max_seq_len=160, lr=2e-4,
                        critic_learning_rate=1e-3, max_steps=40, logging_steps=5, reasoning=1, rule_rewards="answer",
                        ppo_mode="gae", mini_batch_size=16, ppo_update_iters=1, value_head_init="mean_reward")
+    demo_full = dict(max_steps=80, logging_steps=10)
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)

@@ -25,6 +25,7 @@ class Pretrain(MiniMindTrainer):
     data_kind = "pretrain"
     wandb_name = "Pretrain"
     demo_preset = dict(lr=2e-3, max_steps=60)
+    demo_full = dict(max_steps=300)
 
 
 main = stage_main(Pretrain, __doc__)
