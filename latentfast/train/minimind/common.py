@@ -113,6 +113,26 @@ class MiniMindArgs(TrainConfig):
         return checkpoint_name(self.save_weight, self.hidden_size, bool(self.use_moe)).stem
 
 
+def script_defaults(**defaults):
+    """Class decorator of a stage's flags: the base class's flags with the defaults of MiniMind's
+    ``trainer/train_<stage>.py``, written as MiniMind spells them (``epochs``, ``batch_size``,
+    ``learning_rate``, ``accumulation_steps``, ...); the class body adds the stage's own flags.
+    Makes the class a dataclass (help and aliases stay the base field's)."""
+    def wrap(cls):
+        base = next(b for b in cls.__mro__[1:] if dataclasses.is_dataclass(b))
+        types, alias = {f.name: f.type for f in dataclasses.fields(base)}, base.aliases()
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        for flag, value in defaults.items():
+            name = alias.get(flag, flag)
+            if name not in types:
+                raise TypeError(f"{cls.__name__}: {flag!r} is not a flag of {base.__name__}")
+            own.setdefault(name, types[name])
+            setattr(cls, name, value)
+        cls.__annotations__ = own
+        return dataclass(cls)
+    return wrap
+
+
 # ---------------------------------------------------------------------------- model and weights
 def model_config(cfg: MiniMindArgs, hidden_size: int | None = None, num_layers: int | None = None) -> MiniMindConfig:
     return MiniMindConfig(hidden_size=hidden_size or cfg.hidden_size,
@@ -385,4 +405,4 @@ def stage_main(trainer_cls, doc: str):
 
 
 __all__ = ["DEMO", "DEMO_PRESET", "LMLoss", "MiniMindArgs", "MiniMindTrainer", "cli_of", "is_demo", "load_weights",
-           "missing_weight_error", "model_config", "run_stage", "stage_main", "warmup_lm", "weight_path"]
+           "missing_weight_error", "model_config", "run_stage", "script_defaults", "stage_main", "warmup_lm", "weight_path"]

@@ -14,27 +14,21 @@ is not reproduced. Default ``--from_weight dpo`` as MiniMind (the demo starts fr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from latentfast.data import minimind as mmdata
 
 from ..config import option
-from .common import MiniMindArgs, MiniMindTrainer, cli_of, stage_main
+from .common import MiniMindArgs, MiniMindTrainer, cli_of, script_defaults, stage_main
 
 
-@dataclass
+@script_defaults(save_weight="reason", batch_size=8, learning_rate=1e-6, accumulation_steps=1, save_interval=100,
+                 max_seq_len=720, data_path="../dataset/r1_mix_1024.jsonl", from_weight="dpo",
+                 wandb_project="MiniMind-Reasoning")
+
+
 class DistillReasonArgs(MiniMindArgs):
     """MiniMind reasoning distillation (train_distill_reason.py defaults)."""
 
-    save_weight: str = "reason"
-    per_device_train_batch_size: int = 8
-    lr: float = 1e-6
-    gradient_accumulation_steps: int = 1
-    save_steps: int = 100
-    max_seq_len: int = 720
-    data_path: str = "../dataset/r1_mix_1024.jsonl"
-    from_weight: str = "dpo"
-    wandb_project: str | None = "MiniMind-Reasoning"
     tag_weight: float = option(10.0, "loss weight of the reasoning tags' tokens (MiniMind: 10)")
 
 

@@ -16,7 +16,6 @@ student is the trained model: ``{save_dir}/full_dist_{student_hidden_size}{_moe}
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,21 +23,16 @@ from torch import nn
 from latentfast.ops.distill import fused_linear_distill_loss
 
 from ..config import check, option
-from .common import MiniMindArgs, MiniMindTrainer, cli_of, stage_main, weight_path
+from .common import MiniMindArgs, MiniMindTrainer, cli_of, script_defaults, stage_main, weight_path
 
 
-@dataclass
+@script_defaults(save_weight="full_dist", epochs=6.0, batch_size=32, learning_rate=5e-6, accumulation_steps=1,
+                 save_interval=100, data_path="../dataset/sft_mini_512.jsonl", wandb_project="MiniMind-Distillation")
+
+
 class DistillationArgs(MiniMindArgs):
     """MiniMind distillation (train_distillation.py defaults)."""
 
-    save_weight: str = "full_dist"
-    num_train_epochs: float = 6.0
-    per_device_train_batch_size: int = 32
-    lr: float = 5e-6
-    gradient_accumulation_steps: int = 1
-    save_steps: int = 100
-    data_path: str = "../dataset/sft_mini_512.jsonl"
-    wandb_project: str | None = "MiniMind-Distillation"
     hidden_size: int = option(512, "student width", aliases=("student_hidden_size",))
     num_hidden_layers: int = option(8, "student blocks", aliases=("student_num_layers",))
     from_weight: str = option("full_sft", "student weights {save_dir}/{name}_{student_hidden_size}{_moe}.pth",

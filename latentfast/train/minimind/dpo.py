@@ -14,7 +14,6 @@ short answers being favoured). ``loss = -logsigmoid(beta ((pi_c - pi_r) - (ref_c
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,27 +24,20 @@ from latentfast.hf.adapter import unwrap
 from latentfast.ops.preference import fused_linear_dpo_loss
 
 from ..config import option
-from .common import DEMO, MiniMindArgs, MiniMindTrainer, cli_of, stage_main
+from .common import DEMO, MiniMindArgs, MiniMindTrainer, cli_of, script_defaults, stage_main
 
 
-@dataclass
+@script_defaults(save_weight="dpo", epochs=1.0, batch_size=4, learning_rate=4e-8, accumulation_steps=1,
+                 log_interval=100, save_interval=100, max_seq_len=1024, data_path="../dataset/dpo.jsonl",
+                 from_weight="full_sft", wandb_project="MiniMind-DPO")
+
+
 class DPOArgs(MiniMindArgs):
     """MiniMind DPO (train_dpo.py defaults)."""
 
-    save_weight: str = "dpo"
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 4
-    lr: float = 4e-8
-    gradient_accumulation_steps: int = 1
-    logging_steps: int = 100
-    save_steps: int = 100
-    max_seq_len: int = 1024
-    data_path: str = "../dataset/dpo.jsonl"
-    from_weight: str = "full_sft"
     beta: float = option(0.1, "DPO temperature")
     dpo_logp: str = option("mean", "sequence score: mean token log-prob (MiniMind) or sum (TRL)",
                            choices=("mean", "sum"))
-    wandb_project: str | None = "MiniMind-DPO"
 
 
 class Hidden(nn.Module):

@@ -12,23 +12,17 @@ Loads ``{save_dir}/{from_weight}_{hidden_size}{_moe}.pth`` (default ``pretrain``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-from .common import MiniMindArgs, MiniMindTrainer, cli_of, stage_main
+from .common import MiniMindArgs, MiniMindTrainer, cli_of, script_defaults, stage_main
 
 
-@dataclass
+@script_defaults(save_weight="full_sft", epochs=2.0, batch_size=16, learning_rate=1e-6, accumulation_steps=1,
+                 data_path="../dataset/sft_mini_512.jsonl", from_weight="pretrain",
+                 wandb_project="MiniMind-Full-SFT")
+
+
 class FullSFTArgs(MiniMindArgs):
     """MiniMind full SFT (train_full_sft.py defaults)."""
-
-    save_weight: str = "full_sft"
-    num_train_epochs: float = 2.0
-    per_device_train_batch_size: int = 16
-    lr: float = 1e-6
-    gradient_accumulation_steps: int = 1
-    data_path: str = "../dataset/sft_mini_512.jsonl"
-    from_weight: str = "pretrain"
-    wandb_project: str | None = "MiniMind-Full-SFT"
 
 
 class FullSFT(MiniMindTrainer):

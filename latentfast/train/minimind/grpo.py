@@ -18,25 +18,22 @@ token mean per response (through EOS), then the mean over responses; every GRPO-
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 from latentfast.ops.grpo_loss import LOSS_TYPES, fused_linear_grpo_loss
 from latentfast.train.advantages import group_advantages
 
 from ..config import check, option
-from .common import cli_of, stage_main
+from .common import cli_of, script_defaults, stage_main
 from .rl import RLArgs, RLTrainer
 
 
-@dataclass
+@script_defaults(save_weight="grpo", wandb_project="MiniMind-GRPO")
 class GRPOArgs(RLArgs):
-    save_weight: str = "grpo"
     num_generations: int = option(8, "samples per prompt (1: zero advantages, see spo)")
     beta: float = option(0.02, "k3 KL coefficient to the reference")
     loss_type: str = option("grpo", "policy term and normalisation", choices=LOSS_TYPES)
     epsilon: float = option(0.2, "lower clip (the clipped loss types)")
     epsilon_high: float | None = option(None, "upper clip (default: --epsilon; cispo: its ratio cap, MiniMind 5.0)")
-    wandb_project: str | None = "MiniMind-GRPO"
 
     def __post_init__(self):
         super().__post_init__()

@@ -15,7 +15,6 @@ LoRA (``hf.adapter.add_lora``, alpha = rank: MiniMind's unscaled ``B(A(x))``).
 from __future__ import annotations
 
 import pathlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,27 +24,21 @@ from latentfast.hf.adapter import add_lora, unwrap
 from latentfast.models.minimind.pth import read_pth
 
 from ..config import check, option
-from .common import DEMO, LMLoss, MiniMindArgs, MiniMindTrainer, cli_of, stage_main
+from .common import DEMO, LMLoss, MiniMindArgs, MiniMindTrainer, cli_of, script_defaults, stage_main
 
 DEMO_ROWS = 16
 
 
-@dataclass
+@script_defaults(save_dir="../out/lora", epochs=50.0, batch_size=32, learning_rate=1e-4, accumulation_steps=1,
+                 log_interval=10, save_interval=1, data_path="../dataset/lora_identity.jsonl",
+                 from_weight="full_sft", wandb_project="MiniMind-LoRA")
+
+
 class LoRAArgs(MiniMindArgs):
     """MiniMind LoRA (train_lora.py defaults)."""
 
-    save_dir: str = "../out/lora"
     lora_name: str = option("lora_identity", "LoRA weights file {save_dir}/{lora_name}_{hidden_size}.pth")
     lora_rank: int = option(8, "LoRA rank (MiniMind: 8)")
-    num_train_epochs: float = 50.0
-    per_device_train_batch_size: int = 32
-    lr: float = 1e-4
-    gradient_accumulation_steps: int = 1
-    logging_steps: int = 10
-    save_steps: int = 1
-    data_path: str = "../dataset/lora_identity.jsonl"
-    from_weight: str = "full_sft"
-    wandb_project: str | None = "MiniMind-LoRA"
 
     def __post_init__(self):
         super().__post_init__()

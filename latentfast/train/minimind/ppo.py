@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +50,12 @@ from latentfast.runtime import dist
 from latentfast.train.advantages import gae, last_token_rewards, whiten
 
 from ..config import check, option
-from .common import cli_of, stage_main
+from .common import cli_of, script_defaults, stage_main
 from .rl import RLArgs, RLTrainer, completion_hidden, decode_prompt_completion
 
 
-@dataclass
+@script_defaults(save_weight="ppo_actor", wandb_project="MiniMind-PPO")
 class PPOArgs(RLArgs):
-    save_weight: str = "ppo_actor"
     critic_learning_rate: float = option(8e-8, "critic learning rate")
     clip_epsilon: float = option(0.1, "ratio clip")
     vf_coef: float = option(0.5, "value-loss coefficient")
@@ -74,7 +72,6 @@ class PPOArgs(RLArgs):
     value_head_init: str = option("random", "random: nn.Linear's init (MiniMind); mean_reward: weight 0 and bias the "
                                             "first rollout's mean reward, so the first advantages are R - mean(R)",
                                   choices=("random", "mean_reward"))
-    wandb_project: str | None = "MiniMind-PPO"
 
     def __post_init__(self):
         super().__post_init__()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import pathlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,7 +38,7 @@ from latentfast.ops.lm_head_engine import lm_head_logps
 from latentfast.train.common import SampleStream
 
 from ..config import check, option, path_error
-from .common import DEMO, MiniMindArgs, MiniMindTrainer, is_demo, run_stage, weight_path
+from .common import DEMO, MiniMindArgs, MiniMindTrainer, is_demo, run_stage, script_defaults, weight_path
 from .distill_reason import DistillReason
 from .full_sft import FullSFT
 
@@ -58,19 +57,15 @@ def answer_reward(responses: list[str], answers: list) -> list[float]:
     return out
 
 
-@dataclass
+@script_defaults(save_weight="grpo", epochs=1.0, batch_size=2, learning_rate=8e-8, accumulation_steps=1,
+                 log_interval=1, save_interval=10, data_path="../dataset/rlaif-mini.jsonl",
+                 wandb_project="MiniMind-GRPO")
+
+
 class RLArgs(MiniMindArgs):
     """Flags shared by MiniMind's ppo / grpo / spo (train_grpo.py defaults at a8455ca)."""
 
-    save_weight: str = "grpo"
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 2
-    lr: float = 8e-8
-    gradient_accumulation_steps: int = 1
-    logging_steps: int = 1
-    save_steps: int = 10
     max_seq_len: int = option(66, "prompt tokens kept (the last ones)")
-    data_path: str = "../dataset/rlaif-mini.jsonl"
     from_weight: str | None = option(None, "policy and reference weights (default: 'reason' with --reasoning 1, "
                                            "else 'full_sft')")
     max_gen_len: int = option(1536, "new tokens per rollout")
@@ -83,7 +78,6 @@ class RLArgs(MiniMindArgs):
     top_p: float = option(1.0, "rollout nucleus sampling (1: off, MiniMind's generate default)")
     lr_scheduler_type: str = option("minimind_rl", "MiniMind's RL schedule: cosine from lr to lr/10 "
                                                    "(CosineAnnealingLR, eta_min = lr / 10)")
-    wandb_project: str | None = "MiniMind-GRPO"
 
     def __post_init__(self):
         if self.from_weight is None:

@@ -16,28 +16,23 @@ Loss: ``-lp A + beta k3`` token mean per response, then the mean (``GRPOObjectiv
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from latentfast.ops.grpo_loss import fused_linear_grpo_loss
 from latentfast.train.advantages import ValueTracker
 
 from ..config import option
-from .common import cli_of, stage_main
+from .common import cli_of, script_defaults, stage_main
 from .rl import RLArgs, RLTrainer
 
 
-@dataclass
+@script_defaults(save_weight="spo", learning_rate=1e-7, accumulation_steps=4, wandb_project="MiniMind-SPO")
 class SPOArgs(RLArgs):
-    save_weight: str = "spo"
-    lr: float = 1e-7
-    gradient_accumulation_steps: int = 4
     beta: float = option(0.02, "k3 KL coefficient to the reference")
     rho_mode: str = option("kl", "value-tracker decay: 'kl' (adaptive) or 'constant'", choices=("kl", "constant"))
     rho_const: float = option(0.9, "decay with rho_mode constant, and on the first step")
     D_half: float = option(0.06, "the |mean log-prob change| that halves the decay")
     clip_lower: float = option(0.5, "lower bound of rho")
     clip_upper: float = option(0.96, "upper bound of rho")
-    wandb_project: str | None = "MiniMind-SPO"
 
 
 class SPO(RLTrainer):
