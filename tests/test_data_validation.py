@@ -99,3 +99,13 @@ def test_default_line_limit_stops_a_huge_line(tmp_path):
     f.write_text(json.dumps({"text": "x" * (jsonl.MAX_LINE_BYTES + 10)}) + "\n")  # 4 MiB + : the 31 MB line's kind
     with pytest.raises(ValueError, match=rf"big\.jsonl:1: line longer than {jsonl.MAX_LINE_BYTES} bytes"):
         read_jsonl(f, "text")
+
+
+def test_hrpo_task_jsonl_with_bad_bytes_names_the_line(tmp_path):
+    from latentfast.data.tasks import get_task
+
+    f = tmp_path / "mmlu.jsonl"
+    good = json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}).encode()
+    f.write_bytes(good + b"\n" + good[:-2] + b"\xff\"}\n")
+    with pytest.raises(ValueError, match=r"mmlu\.jsonl:2: not UTF-8 text"):
+        get_task("mmlu").load(str(f))

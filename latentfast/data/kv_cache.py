@@ -24,6 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from latentfast.files import write_json
+
 VERSION = 1
 
 
@@ -73,7 +75,7 @@ class KVCacheWriter:
     def close(self) -> None:
         self._flush()
         index = {"meta": self.meta, "num_shards": self._shard, "rows": {str(r): s for r, s in self.rows.items()}}
-        (self.dir / "index.json").write_text(json.dumps(index, indent=1))
+        write_json(self.dir / "index.json", index, indent=1)  # atomic: a killed run leaves no half index
 
 
 class KVCacheReader:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from latentfast import files
 from latentfast.data.rows import load_rows
 from latentfast.eval import adaptive
 from latentfast.hf import adapter
@@ -239,7 +240,7 @@ class CODI(Trainer):
         if self.rank == 0:
             keep = {"model_name_or_path": c.model_name, **{k: getattr(c, k) for k in (
                 "num_latent", "prj_dim", "use_prj", "lora_rank", "lora_alpha", "remove_eos")}}
-            (self.out / "codi_config.json").write_text(json.dumps(keep, indent=1))
+            files.write_json(self.out / "codi_config.json", keep, indent=1)  # atomic (read back by evaluation)
         if c.demo and c.sft_steps and not c.resume_from_checkpoint:  # the tiny model starts random
             warm_up(c, model.codi, self.tok, codi_data.from_rows(load_rows(c.train_data, None, c.seed + 1)),
                     steps=c.sft_steps, lr=c.sft_lr, output_dir=self.out / "sft_warmup", name="explicit CoT warm-up",

@@ -13,6 +13,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..jsonl import iter_jsonl
 from ..rewards import extract_from_response, marker_format_reward, match_reward
 
 
@@ -81,16 +82,12 @@ def read_records(path: str, split: str | None = None) -> list[dict]:
 
 
 def _read_file(p: pathlib.Path) -> list[dict]:
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{i + 1}: not a JSON line ({e})") from e
-        return rows
+    if p.suffix == ".jsonl":  # the one JSONL reader: UTF-8, JSON and line-length errors name the line
+        return [row for _, row in iter_jsonl(p)]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text (byte {e.start + 1}); re-encode the file as UTF-8") from None
     obj = json.loads(text)
     if isinstance(obj, dict):
         obj = obj.get("data", obj.get("rows", [obj]))  # a MATH problem file is one object
