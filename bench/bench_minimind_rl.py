@@ -191,7 +191,8 @@ def run_ours(a) -> dict:
 
 # ---------------------------------------------------------------------------- driver
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--side", choices=("ours", "trl"))
     p.add_argument("--algo", choices=("dpo", "grpo"))
     p.add_argument("--trl_python", default=sys.executable, help="a Python with trl installed (and latentfast)")

@@ -199,7 +199,8 @@ def run_ours(a) -> dict:
 
 # ---------------------------------------------------------------------------- driver
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--side", choices=("ours", "trl"))
     p.add_argument("--algo", choices=("dpo", "grpo"), nargs="+", default=["grpo", "dpo"])
     p.add_argument("--model", default=None, help="gemma-3-270m folder (default: convert / reuse the cache)")

@@ -75,7 +75,8 @@ def child(impl: str, bt: int, H: int, V: int, reps: int) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--bt", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--vocab", type=int, default=151936)

@@ -17,7 +17,8 @@ from latentfast.reference.thinking_residual import thinking_residual as eager
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--N", type=int, default=8192)
     p.add_argument("--D", type=int, default=1536)
     p.add_argument("--out", default=None, help="also write the tables to DIR/profile_thinking_residual.txt")

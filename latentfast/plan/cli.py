@@ -70,11 +70,12 @@ class PlanConfig(Config):
     def check_cli(self, parser):
         from .models import config_dict
 
-        for name in [self.model, *self.teachers]:
+        for flag, name in [("--model", self.model), *(("--teachers", t) for t in self.teachers)]:
             try:
                 config_dict(name)
-            except (ValueError, OSError) as e:
-                parser.error(str(e))
+            except (ValueError, OSError) as e:  # config_dict's message names --model: name the flag given
+                msg = str(e)
+                parser.error(flag + msg[len("--model"):] if msg.startswith("--model") else f"{flag}: {msg}")
 
     def workload(self) -> Workload:
         fam = TRAINERS[self.trainer]

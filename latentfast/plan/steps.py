@@ -107,11 +107,13 @@ def build_lm(name, dtype, trainable=True):
 
 
 def add_lora(model, rank: int):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from latentfast.hf.adapter import wrap_peft  # get_peft_model without PEFT's transformers FutureWarning
 
     names = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, nn.Linear)}
     targets = sorted(names & {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
+    return wrap_peft(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
 
 
 class ThinkingModules(nn.Module):
@@ -157,11 +159,13 @@ def _build(w: Workload, finish, mode=None) -> Built:
     cfg = model.config
     if w.lora_rank > 0:
         model = add_lora(model, w.lora_rank)
-    if w.grad_ckpt:
-        _parts(model)[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}) \
-            if hasattr(_parts(model)[0], "gradient_checkpointing_enable") else None
+    if w.grad_ckpt:  # transformers' current name (gradient_checkpointing_enable is deprecated)
+        from latentfast.hf.adapter import enable_activation_checkpointing
+
+        if hasattr(_parts(model)[0], "gradient_checkpointing_enable"):
+            enable_activation_checkpointing(_parts(model)[0], use_reentrant=False)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(base, use_reentrant=False)
     frozen_dtype = torch.bfloat16 if w.bf16 else torch.float32
     frozen, extra, critic = [], None, None
     d = cfg.hidden_size
