@@ -135,21 +135,14 @@ def save_with_sidecar(path, write) -> pathlib.Path:
     try:
         write(tmp)
         new = describe(tmp)
-        old = _sidecar_hashes(path) if path.is_file() else []
-        write_json(sidecar(path), {"blake2b": [new["blake2b"], *old[:1]], "size": None})
+        old = [file_hash(path)] if path.is_file() else []  # what is on disk (an earlier save may have been cut)
+        write_json(sidecar(path), {"blake2b": [new["blake2b"], *old], "size": None})
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     write_json(sidecar(path), {"blake2b": [new["blake2b"]], "size": new["size"]})
     return path
-
-
-def _sidecar_hashes(path) -> list:
-    try:
-        return list(json.loads(sidecar(path).read_text())["blake2b"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
 
 
 def verify_sidecar(path) -> bool:
