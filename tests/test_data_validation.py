@@ -109,3 +109,14 @@ def test_hrpo_task_jsonl_with_bad_bytes_names_the_line(tmp_path):
     f.write_bytes(good + b"\n" + good[:-2] + b"\xff\"}\n")
     with pytest.raises(ValueError, match=r"mmlu\.jsonl:2: not UTF-8 text"):
         get_task("mmlu").load(str(f))
+
+
+def test_hrpo_nan_question_is_an_argument_error_naming_the_row(tmp_path, capsys):
+    from latentfast.train import hrpo
+
+    f = _write(tmp_path / "train.jsonl", ['{"question": "q", "answer": "1"}', '{"question": NaN, "answer": "2"}'])
+    with pytest.raises(SystemExit) as e:
+        hrpo.main(["--train_data", str(f), "--output_dir", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert "train.jsonl:2: field 'question' must be a string, got the number nan" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
