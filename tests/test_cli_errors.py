@@ -289,7 +289,7 @@ def test_no_parser_abbreviates_flags(capsys):
 # --help that imports torch / transformers / triton takes 9-18 s on a loaded 2-core machine (torch alone ~1.8 s
 # of CPU); these scripts still build their parser from configs that live beside torch code (see the issue 25
 # report: the configs need torch-free modules, and the packages' __init__ files lazy imports)
-HEAVY_HELP = {"latentfast-hrpo", "latentfast-codi", "latentfast-kv-distill", "latentfast-sft", "latentfast-hrpo-eval",
+HEAVY_HELP = {"latentfast-hrpo", "latentfast-codi", "latentfast-kv-distill", "latentfast-sft",
               "latentfast-kv-cache", "latentfast-grpo", "latentfast-dpo", "latentfast-rloo", "latentfast-plan"}
 
 

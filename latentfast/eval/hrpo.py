@@ -25,30 +25,37 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import pathlib
 
-import torch
-from tqdm.auto import tqdm
-
+# torch-free at import (torch, models, runtime are imported where used): --help answers in a blink
 from latentfast.cli import check_path, cli_parser, finite_float, positive_int
-from latentfast.data import build_tokenizer
 from latentfast.data.prompts import encode_prompts, prepare_tokenizer
 from latentfast.data.rewards import marker_format_reward
 from latentfast.data.tasks import BUILTIN, TASKS, get_task, load_task_rows
-from latentfast.models import HybridConfig, HybridThinkingLM, build_tiny_causal_lm, eos_token_ids
-from latentfast.models.local import from_local
-from latentfast.runtime import checkpoint, dist
-from latentfast.runtime.device import amp_context
 
 
 # ----------------------------------------------------------------------------- evaluation
 def _dist():
+    import torch
+
     d = torch.distributed
     return d if d.is_available() and d.is_initialized() and d.get_world_size() > 1 else None
 
 
-@torch.no_grad()
+def _no_grad(fn):
+    """``torch.no_grad()`` as a decorator, torch imported at the call."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_no_grad
 def evaluate(model, tok, task, rows, *, max_prompt_length: int, max_new_tokens: int, batch_size: int = 64,
              greedy: bool = True, temperature: float = 0.5, top_p: float = 1.0, system_prompt: str | None = None,
              chat_template: bool | None = None, amp=contextlib.nullcontext, gathered=contextlib.nullcontext,
@@ -58,6 +65,11 @@ def evaluate(model, tok, task, rows, *, max_prompt_length: int, max_new_tokens: 
 
     ``model`` is a ``HybridThinkingLM``; ``gathered`` a context for each generation call (the
     trainer's FSDP gather); ``temperature`` also shapes the soft thinking state when greedy."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from latentfast.models import eos_token_ids
+
     task = get_task(task)
     d = _dist()
     rank, world = (d.get_rank(), d.get_world_size()) if d else (0, 1)
@@ -149,6 +161,8 @@ def hrpo_spec(args, base_model: str | None) -> dict:
 
 def resolve_checkpoint(path: str) -> pathlib.Path:
     """A ``checkpoint-<step>`` folder, or a run folder (its latest checkpoint)."""
+    from latentfast.runtime import checkpoint
+
     p = pathlib.Path(path)
     if (p / "trainer_state.json").exists():
         return p
@@ -161,6 +175,12 @@ def resolve_checkpoint(path: str) -> pathlib.Path:
 
 def load_checkpoint(path: str, device, model_name: str | None = None, bf16: bool | None = None):
     """(tokenizer, HybridThinkingLM with the checkpoint's weights, spec)."""
+    import torch
+
+    from latentfast.data import build_tokenizer
+    from latentfast.models import HybridConfig, HybridThinkingLM, build_tiny_causal_lm
+    from latentfast.models.local import from_local
+    from latentfast.runtime import checkpoint
 
     ckpt = resolve_checkpoint(path)
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -252,8 +272,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-
     args = parse_args(argv)
+    import torch
+
+    from latentfast.runtime import dist
+    from latentfast.runtime.device import amp_context
+
     device, rank, world = dist.setup(args.device)
     tok, model, spec = load_checkpoint(args.checkpoint_path, device, args.model_name, args.bf16)
     ckpt = resolve_checkpoint(args.checkpoint_path)
