@@ -151,6 +151,7 @@ CASES = [
     ("latentfast-kv-cache", "latentfast.train.kv_distill.cache", ["--teachers", "t.yaml"], "--model_name"),
     ("latentfast-kv-cache", "latentfast.train.kv_distill.cache", ["--teachers", "t.yaml"], "--dataset_name"),
     ("latentfast-diagnose", "latentfast.diagnose", [], "--model_name"),
+    ("latentfast-plan", "latentfast.plan.cli", [], "--model"),
     ("latentfast-diagnose", "latentfast.diagnose", [], "--teacher_model"),
     ("latentfast-diagnose", "latentfast.diagnose", [], "--data"),
     *[("latentfast-minimind", stage, [], "--data_path") for stage in MM_STAGES],

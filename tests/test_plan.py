@@ -104,3 +104,28 @@ def test_cli_prints_a_plan_and_rejects_bad_input(small, capsys):
     with pytest.raises(SystemExit) as e:
         plan_main(["--model", small, "--trainer", "kv_distill"])  # no --teachers
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("module,argv,family", [
+    ("latentfast.train.hrpo", ["--max_prompt_length", "16", "--max_completion_length", "16",
+                               "--per_device_train_batch_size", "4", "--group_size", "4"], "hrpo"),
+    ("latentfast.train.rl.dpo", ["--max_length", "32", "--per_device_train_batch_size", "2"], "dpo"),
+    ("latentfast.train.kv_distill.cli", ["--max_length", "32", "--per_device_train_batch_size", "2"], "kv"),
+    ("latentfast.train.minimind.cli", ["grpo", "--hidden_size", "64", "--num_hidden_layers", "2", "--use_moe", "1",
+                                       "--max_seq_len", "16", "--max_gen_len", "16", "--batch_size", "1",
+                                       "--num_generations", "2"], "grpo"),
+])
+def test_plan_flag_on_a_trainer_prints_the_plan_and_exits(module, argv, family, capsys):
+    """``--plan`` answers for exactly the flags given, without loading data or weights
+    (MiniMind's default data and reward-model paths do not exist here)."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    argv = argv[:1] + ["--plan"] + argv[1:] if module.endswith("minimind.cli") else ["--plan"] + argv
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"plan: {family} (latentfast)") and "RTX 4090" in out and "peak memory" in out
+    if family == "grpo":  # 1 prompt x 2 generations, 16 + 16 tokens, a reward model
+        assert "2 seqs x (16 + 16) tokens" in out and "frozen models" in out

@@ -65,6 +65,16 @@ def config_dict(name: str) -> dict:
     return dict(NAMED[key])
 
 
+def label(model) -> str:
+    """A model's name for the plan's first line (a config dict: its type and shape)."""
+    if isinstance(model, str):
+        return model
+    if model.get("_label"):
+        return model["_label"]
+    moe = " MoE" if model.get("use_moe") else ""
+    return f"{model.get('model_type')} {model.get('hidden_size')}x{model.get('num_hidden_layers')}{moe} (config)"
+
+
 def hf_config(name_or_dict):
     """A transformers config object (MiniMind's is registered by ``latentfast.models.minimind``)."""
     import latentfast.models.minimind  # noqa: F401  (registers model_type "minimind")
@@ -76,6 +86,8 @@ def hf_config(name_or_dict):
         d["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
                             for i in range(d["num_hidden_layers"])]
     d.pop("architectures", None)
+    d.pop("_label", None)
+    d.pop("transformers_version", None)
     d.pop("torch_dtype", None)
     d.pop("dtype", None)
     return AutoConfig.for_model(model_type, **d)

@@ -193,10 +193,12 @@ def format_plan(p: Plan) -> str:
     g = lambda b: f"{gib(b):7.2f} GiB"  # noqa: E731
     shape = (f"{w.micro_batch} seqs x ({w.prompt_len} + {w.completion_len}) tokens" if w.rl
              else f"{w.micro_batch} seqs x {w.completion_len} tokens")
-    lines = [f"plan: {w.family} ({w.impl}) on {w.model}: {shape}, accumulation {w.grad_accum}, "
+    from .models import label
+
+    lines = [f"plan: {w.family} ({w.impl}) on {label(w.model)}: {shape}, accumulation {w.grad_accum}, "
              f"LoRA {'r' + str(w.lora_rank) if w.lora_rank else 'off (full)'}, grad checkpointing "
              f"{'on' if w.grad_ckpt else 'off'}, bf16 {'on' if w.bf16 else 'off'}"
-             + (f", beta {w.beta}" if w.rl else "") + (f", teachers {w.teachers}" if w.teachers else ""),
+             + (f", beta {w.beta}" if w.rl else "") + (f", teachers {[label(t) for t in w.teachers]}" if w.teachers else ""),
              f"  parameters {p.params / 1e6:.1f} M, trained {p.trainable / 1e6:.2f} M "
              f"(fake step: built {p.build_s:.1f} s, ran {p.run_s:.1f} s on this CPU; nothing allocated)",
              f"  peak memory (phase '{p.peak_phase}'), by category:"]

@@ -116,6 +116,34 @@ class TrainConfig(Config):
     ddp_timeout: int = option(600, "seconds a collective waits for the other ranks before the job fails naming it "
                                    "(torchrun; HF's default is 1800)")
     full: bool = option(False, "demos only: the longer, more convincing run instead of the <= 5 min one")
+    plan: bool = option(False, "print the memory / step-time plan of these flags on --plan_device (fake tensors: "
+                               "nothing loaded, no GPU needed) and exit")
+    plan_device: str = option("4090", "GPU the plan is for: 4090, a100-40, a100-80, h100, h200")
+    plan_device_memory: float | None = option(None, "GiB; overrides --plan_device's memory")
+
+    @classmethod
+    def parse(cls, argv=None, description=None):
+        """``Config.parse``; with ``--plan``: the plan (``latentfast.plan.hook``), then exit."""
+        import sys
+
+        args = sys.argv[1:] if argv is None else list(argv)
+        if not any(a == "--plan" or a.startswith("--plan=") for a in args):
+            return super().parse(args, description)
+        own = "check_cli" in cls.__dict__
+        orig = cls.check_cli
+        cls.check_cli = lambda self, parser: None  # a plan reads no files: their checks are skipped
+        try:
+            cfg = super().parse(args, description)
+        finally:
+            if own:
+                cls.check_cli = orig
+            else:
+                del cls.check_cli
+        if cfg.plan:
+            from latentfast.plan.hook import plan_and_exit
+
+            plan_and_exit(cfg)
+        return cfg
 
     def check_cli(self, parser):
         super().check_cli(parser)
