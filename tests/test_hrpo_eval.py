@@ -103,3 +103,16 @@ def test_two_ranks_give_the_single_process_result(demo_run, tmp_path, two_ranks)
         assert r0[k] == r1[k] == pytest.approx(final[f"eval_{k}"], abs=1e-6), k
     gens = (tmp_path / "eval_gsm8k_generations.jsonl").read_text().splitlines()
     assert [json.loads(g)["index"] for g in gens] == list(range(8))  # both ranks' rows, in order
+
+
+@pytest.mark.parametrize("flag", ["--data", "--dataset_root", "--subset_path", "--model_name"])
+def test_path_flags_fail_like_a_cli(demo_run, tmp_path, capsys, flag):
+    """Each path flag is checked before the checkpoint is loaded: exit 2 naming it, nothing written."""
+    out, _ = demo_run
+    before = sorted(p.name for p in (out / "checkpoint-2").iterdir())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        hrpo_eval.main(["--checkpoint_path", str(out / "checkpoint-2"), flag, str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and flag in err and "expected" in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / "checkpoint-2").iterdir()) == before
