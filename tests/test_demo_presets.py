@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from latentfast.train import codi, hrpo, sft
+from latentfast.train import codi, demos, hrpo, sft
 from latentfast.train.kv_distill import demo as kv_demo
 from latentfast.train.minimind import common as mm_common
 from latentfast.train.minimind.cli import STAGES
@@ -24,8 +24,8 @@ def _values(cfg, preset):
 
 
 @pytest.mark.parametrize("parse, short, full", [
-    (hrpo.parse_args, hrpo.DEMO_PRESET, hrpo.DEMO_FULL),
-    (codi.parse_args, codi.DEMO_PRESET, codi.DEMO_FULL),
+    (hrpo.parse_args, demos.HRPO, demos.HRPO_FULL),
+    (codi.parse_args, demos.CODI, demos.CODI_FULL),
     (kv_cli.parse_args, kv_demo.DEMO_PRESET, kv_demo.FULL_PRESET),
     (lambda a: kv_cli.parse_args(["--multi_teacher_demo", *a]), kv_demo.MT_DEMO_PRESET, kv_demo.MT_FULL_PRESET),
 ])
@@ -45,8 +45,8 @@ def test_sft_full(monkeypatch):
     monkeypatch.setattr(sft, "SFT", lambda cfg: seen.append(cfg) or type("T", (), {"fit": lambda s: {"final": None}})())
     sft.main([])
     sft.main(["--full"])
-    assert seen[0].max_steps == sft.DEMO_PRESET["max_steps"]
-    assert _values(seen[1], sft.DEMO_FULL) == sft.DEMO_FULL and seen[1].max_steps > seen[0].max_steps
+    assert seen[0].max_steps == demos.SFT["max_steps"]
+    assert _values(seen[1], demos.SFT_FULL) == demos.SFT_FULL and seen[1].max_steps > seen[0].max_steps
 
 
 @pytest.mark.parametrize("argv", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentfast.train import hrpo
+from latentfast.train import demos, hrpo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,7 +81,7 @@ def test_group_advantages():
 
 def test_demo_presets_only_fill_unset_args(tmp_path):
     args = hrpo.parse_args(["--lr", "1e-5"])
-    assert args.demo and args.lr == 1e-5 and args.group_size == hrpo.DEMO_PRESET["group_size"]
+    assert args.demo and args.lr == 1e-5 and args.group_size == demos.HRPO["group_size"]
     real = hrpo.parse_args(["--model_name", str(tmp_path)])  # a model folder (the parser checks it exists)
     assert not real.demo and real.lr == 5e-6 and real.lora_rank == 32 and real.beta == 0.005
     assert real.residual_r_min == 0.99 and real.temperature == 0.5 and real.group_size == 4

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from latentfast.runtime.guard import NonFiniteTrainingError
-from latentfast.train import sft
+from latentfast.train import demos, sft
 from latentfast.train.common import SampleStream
 from latentfast.train.config import option
 from latentfast.train.loop import TrainConfig, Trainer
@@ -153,9 +153,9 @@ def test_config_cli_aliases_presets_and_validation(capsys):
     cfg = sft.SFTConfig.parse(["--learning_rate", "1e-3", "--batch_size", "4", "--no-save_model"])
     assert cfg.lr == 1e-3 and cfg.learning_rate == 1e-3 and cfg.per_device_train_batch_size == 4
     assert not cfg.save_model and cfg.explicit == {"lr", "per_device_train_batch_size", "save_model"}
-    demo = cfg.with_preset(sft.DEMO_PRESET)
+    demo = cfg.with_preset(demos.SFT)
     assert demo.lr == 1e-3 and demo.per_device_train_batch_size == 4  # typed: kept
-    assert demo.max_steps == sft.DEMO_PRESET["max_steps"]  # not typed: the preset's
+    assert demo.max_steps == demos.SFT["max_steps"]  # not typed: the preset's
     assert sft.SFTConfig.from_dict(demo.to_dict()) == demo
     with pytest.raises(SystemExit):
         sft.SFTConfig.parse(["--gradient_accumulation_steps", "0"])

@@ -34,6 +34,7 @@ import pathlib
 import random
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -45,29 +46,22 @@ from latentfast.models.codi import CODIModel, collate, encode_example, load_weig
 from latentfast.models.local import load_causal_lm
 from latentfast.nn.codi import LOSS_TYPES
 
-from . import codi_data
+from . import codi_data, demos
 from .common import SampleStream, check_data_arg, console_entry
-from .config import check, demo_preset, option
+from .config import check, option
+from .demos import DEMO_MODEL, EmbeddedDemo
 from .loop import TrainConfig, Trainer
 from .sft import warm_up
 
-DEMO = "tiny"
-# the no-argument demo: <= 5 min on a 2-core CPU at one thread (README: measured time and numbers)
-DEMO_PRESET = dict(learning_rate=1e-3, per_device_train_batch_size=32, max_steps=100, warmup_ratio=0.05,
-                   prj_dim=256, num_latent=3, sft_steps=200, hybrid_samples=512, eval_size=64, save_steps=0,
-                   logging_steps=10, max_new_tokens=40, train_data="synthetic", eval_data="synthetic",
-                   distill_loss_factor=1.0, remove_eos=True)
-# --full: the longer run
-DEMO_FULL = dict(max_steps=200, hybrid_samples=1024, eval_size=100, logging_steps=25)
 
 
 @dataclass
-class CODIConfig(TrainConfig):
+class CODIConfig(EmbeddedDemo, TrainConfig):
     """CODI hybrid explicit/latent training: the recipe's flags (phase2_train_compatible.py) and
     the original CODI's (zhenyi4/codi train.py), their meanings and defaults."""
 
-    model_name: str = option(DEMO, "local HF model path; 'tiny' = embedded demo", aliases=("model_name_or_path",),
-                             path="model", names=(DEMO,))
+    model_name: str = option(DEMO_MODEL, "local HF model path; 'tiny' = embedded demo", aliases=("model_name_or_path",),
+                             path="model", names=(DEMO_MODEL,))
     hybrid_data_path: str | None = option(None, "phase-1 JSON (latentfast.train.codi_data); default: --train_data",
                                           path="file")
     output_dir: str = option("runs/codi", "where checkpoints, metrics.jsonl, codi_config.json and eval.md go")
@@ -115,17 +109,10 @@ class CODIConfig(TrainConfig):
     sft_lr: float = option(3e-3, "learning rate of the warm-up")
     hybrid_samples: int = option(0, "demo: phase-1 samples generated in-process", min=0)
 
-    @property
-    def demo(self) -> bool:
-        return self.model_name == DEMO
-
-    @classmethod
-    def preset(cls, typed):
-        return demo_preset(DEMO_PRESET, DEMO_FULL, typed.get("full")) if typed.get("model_name", DEMO) == DEMO else {}
+    presets: ClassVar[tuple[dict, dict]] = (demos.CODI, demos.CODI_FULL)
 
     def __post_init__(self):
-        super().__post_init__()
-        check(self.demo or not self.full, "full", "the embedded demo (no --model_name)", self.model_name)
+        super().__post_init__()  # (EmbeddedDemo: --full only in the demo)
         if self.hybrid_cot_only_ratio is None:  # the original trains the student on every sample
             self.hybrid_cot_only_ratio = 0.0 if self.data_name else 0.2
         if self.use_lora is not None:  # the original's switch; --lora_r / --lora_rank give the rank
@@ -218,7 +205,7 @@ class CODI(Trainer):
         c, dev = self.cfg, self.device
         self.t_start = time.time()
         if c.demo and self.rank == 0:
-            print("[codi] embedded demo; presets: " + json.dumps({k: getattr(c, k) for k in DEMO_PRESET}), flush=True)
+            print("[codi] " + c.banner(), flush=True)
         # fp32 master weights under bf16 autocast (as HF Trainer's --bf16); a frozen LoRA base may stay bf16
         use_bf16 = c.bf16 if c.bf16 is not None else dev.type == "cuda"
         dtype = torch.bfloat16 if (c.lora_rank and use_bf16) else torch.float32

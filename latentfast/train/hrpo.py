@@ -20,11 +20,11 @@ log-probs are ``HRPO.batches``, the GRPO loss is ``HybridThinkingLM.forward``.
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -37,29 +37,20 @@ from latentfast.models import HybridConfig, HybridThinkingLM, eos_token_ids, gen
 from latentfast.models.local import load_causal_lm
 from latentfast.runtime import dist
 
+from . import demos
 from .common import SampleStream, check_data_arg, console_entry
-from .config import check, demo_preset, option
+from .config import option
+from .demos import DEMO_MODEL, EmbeddedDemo
 from .loop import TrainConfig, Trainer
 from .rl.advantages import trl_group_zscore
 from .rl.objectives import GRPO_LOSS_TYPES, GRPOLoss
 from .sft import warm_up
 
-DEMO_MODEL = "tiny"
-# Small-model presets for the embedded demo (only for arguments not given explicitly).
-# the no-argument demo: <= 5 min on a 2-core CPU at one thread (README: measured time and numbers)
-DEMO_PRESET = dict(lr=1e-3, lora_rank=16, lr_residual_gate=5e-4, lr_residual_Lambda=1e-3, lr_thinking_projection=1e-3,
-                   beta=0.005, group_size=8, per_device_train_batch_size=64, gradient_accumulation_steps=1,
-                   temperature=1.0, max_prompt_length=96, max_completion_length=28, max_steps=70, warmup_ratio=0.05,
-                   max_grad_norm=1.0, train_data="synthetic", eval_data="synthetic", eval_size=128, eval_steps=0,
-                   sft_steps=200, save_steps=100, logging_steps=10,
-                   system_prompt="")  # the tiny tokenizer's chat template, without the 132-token system turn
-# --full: the longer run (the demo of earlier versions)
-DEMO_FULL = dict(lr=5e-4, lr_thinking_projection=5e-4, max_steps=400, eval_size=256, eval_steps=100, sft_steps=250)
 LOSS_TYPES = GRPO_LOSS_TYPES  # every GRPO-family type of the fused engine (luspo: --importance_sampling_level sequence)
 
 
 @dataclass
-class HRPOConfig(TrainConfig):
+class HRPOConfig(EmbeddedDemo, TrainConfig):
     """HRPO: GRPO on hybrid latent reasoning; the recipe's arguments (hrpo_gsm8k.py) and defaults."""
 
     model_name: str = option(DEMO_MODEL, "local HF model path; 'tiny' = embedded demo",
@@ -115,19 +106,10 @@ class HRPOConfig(TrainConfig):
     gradient_checkpointing: bool = option(False, "recompute decoder-layer activations in backward (less memory, "
                                                  "~1/3 more compute)")
 
-    @property
-    def demo(self) -> bool:
-        return self.model_name == DEMO_MODEL
-
-    @classmethod
-    def preset(cls, typed):
-        if typed.get("model_name", DEMO_MODEL) != DEMO_MODEL:
-            return {}
-        return demo_preset(DEMO_PRESET, DEMO_FULL, typed.get("full"))
+    presets: ClassVar[tuple[dict, dict]] = (demos.HRPO, demos.HRPO_FULL)
 
     def __post_init__(self):
-        super().__post_init__()
-        check(self.demo or not self.full, "full", "the embedded demo (no --model_name)", self.model_name)
+        super().__post_init__()  # (EmbeddedDemo: --full only in the demo)
         if self.group_size < 1:
             raise ValueError(f"--group_size must be >= 1, got {self.group_size}")
         self.objective()  # the loss type's options, checked in the one place (rl.objectives.GRPOLoss)
@@ -270,8 +252,7 @@ class HRPO(Trainer):
         if c.demo and dev.type == "cpu":
             torch.set_num_threads(1)  # tiny shapes: more intra-op threads only contend (much slower on a busy box)
         if c.demo and self.rank == 0:
-            print("[hrpo] embedded demo; presets: " + json.dumps({k: getattr(c, k) for k in DEMO_PRESET}),
-                  flush=True)
+            print("[hrpo] " + c.banner(), flush=True)
         self.tok, self.lm, warmed = load_model(c, dev)
         prompting.prepare_tokenizer(self.tok)
         self.task = get_task(c.task)

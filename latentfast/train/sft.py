@@ -25,19 +25,17 @@ from latentfast.hf import adapter
 from latentfast.models.local import load_causal_lm
 
 from .common import SampleStream, check_data_arg, console_entry
+from . import demos
 from .config import demo_preset, option
+from .demos import DEMO_MODEL
 from .loop import TrainConfig, Trainer
 
-DEMO = "tiny"
-DEMO_PRESET = dict(lr=3e-3, per_device_train_batch_size=32, max_steps=200, warmup_ratio=0.05, save_steps=0,
-                   logging_steps=50, train_data="synthetic", eval_data="synthetic", max_length=128, max_new_tokens=32)
-DEMO_FULL = dict(max_steps=600, eval_size=256)  # --full: the longer run
 
 
 @dataclass
 class SFTConfig(TrainConfig):
-    model_name: str = option(DEMO, "local HF model path; 'tiny' = embedded demo", aliases=("model_name_or_path",),
-                             path="model", names=(DEMO,))
+    model_name: str = option(DEMO_MODEL, "local HF model path; 'tiny' = embedded demo", aliases=("model_name_or_path",),
+                             path="model", names=(DEMO_MODEL,))
     train_data: str = option("gsm8k", "JSONL path, 'gsm8k' (shipped sample) or 'synthetic'")
     eval_data: str = option("gsm8k_test", "JSONL path, 'gsm8k_test' sample, 'synthetic' or 'none'")
     eval_size: int = option(64, "held-out rows (answer CE and greedy accuracy)", min=0)
@@ -48,7 +46,7 @@ class SFTConfig(TrainConfig):
 
     def check_cli(self, parser):
         super().check_cli(parser)
-        if self.full and self.model_name != DEMO:
+        if self.full and self.model_name != DEMO_MODEL:
             parser.error("--full: only for the embedded demo (no --model_name)")
         check_data_arg(parser, "--train_data", self.train_data)
         check_data_arg(parser, "--eval_data", self.eval_data, allowed=("none",))
@@ -134,8 +132,8 @@ def warm_up(parent, lm, tok, rows, *, steps: int, lr: float, output_dir, name: s
 
 def main(argv=None):
     cfg = SFTConfig.parse(argv, __doc__)
-    if cfg.model_name == DEMO:
-        cfg = cfg.with_preset(demo_preset(DEMO_PRESET, DEMO_FULL, cfg.full))
+    if cfg.model_name == DEMO_MODEL:
+        cfg = cfg.with_preset(demo_preset(demos.SFT, demos.SFT_FULL, cfg.full))
     res = SFT(cfg).fit()
     if res["final"]:
         print(f"[sft] eval CE {res['final']['eval_ce']:.3f}, accuracy {res['final']['eval_accuracy']:.3f}; "
