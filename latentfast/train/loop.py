@@ -66,7 +66,6 @@ import json
 import pathlib
 import random
 import time
-from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -79,92 +78,8 @@ from latentfast.runtime.guard import NonFiniteGuard
 from latentfast.runtime.runlock import RunLock
 
 from . import resume
-from .common import JsonlLogger, check_resume_arg, no_sync_unless, optimizer_step, warmup_schedule
-from .config import Config, check, option
-
-SCHEDULES = ("cosine", "linear", "constant", "minimind", "minimind_rl")
-
-
-@dataclass
-class TrainConfig(Config):
-    """The loop's options; every trainer's config extends this one (and may change defaults)."""
-
-    output_dir: str = option("runs/train", "where checkpoints, metrics.jsonl and the config go")
-    seed: int = option(42, "seed of weights init, data order and sampling")
-    device: str | None = option(None, "cpu / cuda (default: cuda when available)")
-    bf16: bool | None = option(None, "bf16 autocast (default: on for CUDA)")
-    fsdp: bool = option(False, "shard with PyTorch FSDP2 (under torchrun)")
-    lr: float = option(5e-5, "peak learning rate", aliases=("learning_rate",))
-    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", min=0.0)
-    warmup_ratio: float = option(0.03, "share of the steps with a linear learning-rate warm-up")
-    lr_scheduler_type: str = option("cosine", "schedule after the warm-up", choices=SCHEDULES)
-    max_grad_norm: float = option(1.0, "gradient clipping norm")
-    num_train_epochs: float = option(1.0, "epochs over the training data", aliases=("epochs",), min=0.0)
-    max_steps: int = option(-1, "> 0 overrides --num_train_epochs", min=-1)
-    per_device_train_batch_size: int = option(8, "examples per device per micro-batch", aliases=("batch_size",))
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
-    logging_steps: int = option(10, "console line every N steps (0: none)")
-    save_steps: int = option(500, "checkpoint every N steps (0: only at the end)")
-    eval_steps: int = option(0, "evaluate every N steps (0: only at the end)")
-    resume_from_checkpoint: str | None = option(None, "checkpoint dir, or 'latest' in --output_dir (the newest "
-                                                      "intact one)")
-    save_total_limit: int | None = option(None, "keep only the newest N checkpoints (default: all)")
-    allow_config_change: list[str] = option([], "on resume, flags that may differ from the checkpoint's run "
-                                                "(model shape, tokenizer, data, batch size, seed, ...)")
-    max_nonfinite_steps: int = option(10, "stop after this many consecutive non-finite steps")
-    wandb_project: str | None = option(None, "also log to this Weights & Biases project")
-    ddp_timeout: int = option(600, "seconds a collective waits for the other ranks before the job fails naming it "
-                                   "(torchrun; HF's default is 1800)")
-    full: bool = option(False, "demos only: the longer, more convincing run instead of the <= 5 min one")
-    plan: bool = option(False, "print the memory / step-time plan of these flags on --plan_device (fake tensors: "
-                               "nothing loaded, no GPU needed) and exit")
-    plan_device: str = option("4090", "GPU the plan is for: 4090, a100-40, a100-80, h100, h200")
-    plan_device_memory: float | None = option(None, "GiB; overrides --plan_device's memory")
-
-    @classmethod
-    def parse(cls, argv=None, description=None):
-        """``Config.parse``; with ``--plan``: the plan (``latentfast.plan.hook``), then exit."""
-        import sys
-
-        args = sys.argv[1:] if argv is None else list(argv)
-        if not any(a == "--plan" or a.startswith("--plan=") for a in args):
-            return super().parse(args, description)
-        own = "check_cli" in cls.__dict__
-        orig = cls.check_cli
-        cls.check_cli = lambda self, parser: None  # a plan reads no files: their checks are skipped
-        try:
-            cfg = super().parse(args, description)
-        finally:
-            if own:
-                cls.check_cli = orig
-            else:
-                del cls.check_cli
-        if cfg.plan:
-            from latentfast.plan.hook import plan_and_exit
-
-            plan_and_exit(cfg)
-        return cfg
-
-    def check_cli(self, parser):
-        super().check_cli(parser)
-        check_resume_arg(parser, self.resume_from_checkpoint)
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_nonfinite_steps",
-                     "ddp_timeout"):
-            check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
-        unknown = sorted(resume.allowed_names(self, self.allow_config_change) - {f.name for f in fields(self)})
-        check(not unknown, "allow_config_change", "flags of this trainer", unknown)
-        check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
-              "an integer >= 1 (or leave it unset to keep every checkpoint)", self.save_total_limit)
-        for name in ("logging_steps", "save_steps", "eval_steps"):
-            check(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
-        check(0.0 <= self.warmup_ratio <= 1.0, "warmup_ratio", "a number in [0, 1]", self.warmup_ratio)
-        check(self.lr >= 0, "lr", "a learning rate >= 0", self.lr)
-        check(self.max_grad_norm > 0, "max_grad_norm", "a norm > 0", self.max_grad_norm)
-        check(self.lr_scheduler_type in SCHEDULES, "lr_scheduler_type", f"one of {SCHEDULES}",
-              self.lr_scheduler_type)
+from .common import JsonlLogger, no_sync_unless, optimizer_step, warmup_schedule
+from .config import TrainConfig  # noqa: F401  (defined with the other configs, torch-free: --help stays fast)
 
 
 def decay_groups(named_params, weight_decay: float, **extra) -> list[dict]:
