@@ -40,10 +40,17 @@ CASES = [
     ("dpo", {}),
     ("kv", {"teachers": ["SELF"]}),
     ("ppo", {}),
+    ("distill", {"teachers": ["SELF"]}),
+    pytest.param("codi", {"lora_rank": 4}, marks=pytest.mark.slow),  # its real step: ~30 s here
 ]
 
 
-@pytest.mark.parametrize("family,kw", CASES, ids=[f"{f}-{'-'.join(map(str, k.values())) or 'lf'}" for f, k in CASES])
+def _case_id(c):
+    f, k = c.values[:2] if hasattr(c, "values") else c
+    return f"{f}-{'-'.join(str(v) for v in k.values() if v != ['SELF']) or 'lf'}"
+
+
+@pytest.mark.parametrize("family,kw", CASES, ids=[_case_id(c) for c in CASES])
 def test_predicted_peak_within_10_percent_of_measured(small, family, kw):
     kw = {k: ([small] if v == ["SELF"] else v) for k, v in kw.items()}
     w = Workload(small, family, micro_batch=4, grad_accum=2, prompt_len=32, completion_len=48, bf16=False, **kw)

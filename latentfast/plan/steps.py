@@ -439,7 +439,7 @@ class StepRunner:
         with torch.no_grad(), _amp(w):
             for teacher, projs in zip(b.frozen, b.extra):
                 out = teacher.model(input_ids=ids, use_cache=True)
-                cache = out.past_key_values
+                cache = out.cache
                 t_kv.append([(cache.layers[i].keys.detach().clone(), cache.layers[i].values.detach().clone())
                              for i in range(len(projs))])
                 del out, cache
@@ -451,7 +451,7 @@ class StepRunner:
             else:
                 logits = head(out.last_hidden_state).float()
                 loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-            s_cache = out.past_key_values
+            s_cache = out.cache
             for kvs, projs in zip(t_kv, b.extra):
                 for i, ((tk, tv), proj) in enumerate(zip(kvs, projs)):
                     sk, sv = s_cache.layers[i].keys, s_cache.layers[i].values
@@ -476,12 +476,12 @@ class StepRunner:
             embed = dec.get_input_embeddings()
             e = embed(ids[:, :q])
             out = dec(inputs_embeds=e, use_cache=True, output_hidden_states=True)
-            cache, h = out.past_key_values, out.last_hidden_state[:, -1:]
+            cache, h = out.cache, out.last_hidden_state[:, -1:]
             for _ in range(w.num_latent):  # latent steps: the projected last hidden state is the next input
-                out = dec(inputs_embeds=b.extra(h).to(e.dtype), past_key_values=cache, use_cache=True)
-                cache, h = out.past_key_values, out.last_hidden_state
+                out = dec(inputs_embeds=b.extra(h).to(e.dtype), cache=cache, use_cache=True)
+                cache, h = out.cache, out.last_hidden_state
             a = ids[:, -8:]
-            out = dec(inputs_embeds=embed(a), past_key_values=cache, use_cache=True, output_hidden_states=True)
+            out = dec(inputs_embeds=embed(a), cache=cache, use_cache=True, output_hidden_states=True)
             if w.impl == "latentfast":
                 loss = loss + _ce(w, b.model, out.last_hidden_state, a)
             else:
