@@ -62,7 +62,7 @@ setup(
             "latentfast-grpo=latentfast.train.rl.grpo:cli",
             "latentfast-dpo=latentfast.train.rl.dpo:cli",
             "latentfast-rloo=latentfast.train.rl.rloo:cli",
-            "latentfast-plan=latentfast.plan.cli:cli",
+            "latentfast-plan=latentfast.train.plan_cli:cli",
         ]
     },
 )

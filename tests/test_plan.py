@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latentfast.plan import devices as D
-from latentfast.plan.cli import main as plan_main
+from latentfast.train.plan_cli import main as plan_main
 from latentfast.plan.models import NAMED, hf_config
 from latentfast.plan.planner import measure, plan
 from latentfast.plan.steps import Workload

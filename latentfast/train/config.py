@@ -316,7 +316,7 @@ class TrainConfig(Config):
 
     @classmethod
     def parse(cls, argv=None, description=None):
-        """``Config.parse``; with ``--plan``: the plan (``latentfast.plan.hook``), then exit."""
+        """``Config.parse``; with ``--plan``: the plan (``latentfast.train.plan``), then exit."""
         import sys
 
         args = sys.argv[1:] if argv is None else list(argv)
@@ -333,7 +333,7 @@ class TrainConfig(Config):
             else:
                 del cls.check_cli
         if cfg.plan:
-            from latentfast.plan.hook import plan_and_exit
+            from .plan import plan_and_exit  # --plan only: the planner loads when asked for
 
             plan_and_exit(cfg)
         return cfg

@@ -5,7 +5,7 @@
 """
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration import MiniMindConfig, minimind_intermediate_size
+from .configuration import MiniMindConfig, minimind_intermediate_size, model_config
 from .modeling import MiniMindForCausalLM, MiniMindModel
 from .pth import checkpoint_name, load_pth, save_pth
 from .tokenizer import TOKENIZERS, load_tokenizer
@@ -15,4 +15,4 @@ AutoModel.register(MiniMindConfig, MiniMindModel, exist_ok=True)
 AutoModelForCausalLM.register(MiniMindConfig, MiniMindForCausalLM, exist_ok=True)
 
 __all__ = ["MiniMindConfig", "MiniMindForCausalLM", "MiniMindModel", "minimind_intermediate_size", "load_pth",
-           "save_pth", "checkpoint_name", "load_tokenizer", "TOKENIZERS"]
+           "save_pth", "checkpoint_name", "load_tokenizer", "TOKENIZERS", "model_config"]

@@ -123,3 +123,12 @@ class MiniMindConfig(PretrainedConfig):
     @property
     def yarn_parameters(self) -> dict | None:
         return dict(YARN_PARAMETERS) if self.inference_rope_scaling else None
+
+
+def model_config(flags, hidden_size: int | None = None, num_layers: int | None = None) -> MiniMindConfig:
+    """The model MiniMind's trainer flags describe (``hidden_size``, ``num_hidden_layers``,
+    ``use_moe``, the attention gates), or the given size: the trainers and the planner build it."""
+    return MiniMindConfig(hidden_size=hidden_size or flags.hidden_size,
+                          num_hidden_layers=num_layers or flags.num_hidden_layers, use_moe=bool(flags.use_moe),
+                          headwise_attn_output_gate=bool(flags.headwise_attn_output_gate),
+                          elementwise_attn_output_gate=bool(flags.elementwise_attn_output_gate))

@@ -38,7 +38,7 @@ from torch import nn
 from latentfast.data import minimind as mmdata
 from latentfast.files import CorruptFileError
 from latentfast.hf.adapter import unwrap
-from latentfast.models.minimind import MiniMindConfig, MiniMindForCausalLM, checkpoint_name, load_pth, save_pth
+from latentfast.models.minimind import MiniMindForCausalLM, checkpoint_name, load_pth, model_config, save_pth
 from latentfast.models.minimind.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, load_tokenizer
 from latentfast.ops.cross_entropy import fused_linear_cross_entropy
 from latentfast.runtime import dist
@@ -134,13 +134,6 @@ def script_defaults(**defaults):
 
 
 # ---------------------------------------------------------------------------- model and weights
-def model_config(cfg: MiniMindArgs, hidden_size: int | None = None, num_layers: int | None = None) -> MiniMindConfig:
-    return MiniMindConfig(hidden_size=hidden_size or cfg.hidden_size,
-                          num_hidden_layers=num_layers or cfg.num_hidden_layers, use_moe=bool(cfg.use_moe),
-                          headwise_attn_output_gate=bool(cfg.headwise_attn_output_gate),
-                          elementwise_attn_output_gate=bool(cfg.elementwise_attn_output_gate))
-
-
 def weight_path(name: str, weight_dir, hidden_size: int, use_moe) -> pathlib.Path:
     """``{weight_dir}/{name}_{hidden_size}{_moe}.pth``, or ``name`` itself when it is a ``.pth`` path."""
     if name.endswith(".pth"):

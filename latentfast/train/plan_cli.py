@@ -15,11 +15,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from latentfast.train.config import Config, check, option
+from latentfast.plan import devices as D
+from latentfast.plan.planner import format_plan, plan
+from latentfast.plan.steps import FAMILIES, IMPLS, Workload
 
-from . import devices as D
-from .planner import format_plan, plan
-from .steps import FAMILIES, IMPLS, Workload
+from .config import Config, check, option
 
 # trainer names users type -> planner family
 TRAINERS = {"hrpo": "hrpo", "grpo": "grpo", "spo": "grpo", "ppo": "ppo", "dpo": "dpo", "codi": "codi",
@@ -68,7 +68,7 @@ class PlanConfig(Config):
                   self.teachers)
 
     def check_cli(self, parser):
-        from .models import config_dict
+        from latentfast.plan.models import config_dict
 
         for flag, name in [("--model", self.model), *(("--teachers", t) for t in self.teachers)]:
             try:
@@ -109,7 +109,7 @@ def _fit(p) -> str:
 def main(argv=None) -> int:
     cfg = PlanConfig.parse(argv, __doc__)
     if cfg.tables:
-        from .tables import main as tables
+        from latentfast.plan.tables import main as tables
 
         return tables()
     try:

@@ -1,6 +1,6 @@
 """``--plan`` on every trainer: the parsed config -> the planner's workload, printed, exit 0.
 
-``TrainConfig.parse`` (``latentfast.train.loop``) calls :func:`plan_and_exit` when ``--plan``
+``Config.parse`` (``latentfast.train.config``) calls :func:`plan_and_exit` when ``--plan``
 is given: nothing is loaded (no weights, no data, no tokenizer; the file checks of the
 command line are skipped), the step that these flags describe runs on fake tensors.
 ``--plan_device`` / ``--plan_device_memory`` pick the GPU.
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from . import devices as D
-from .steps import Workload
+from latentfast.plan import devices as D
+from latentfast.plan.steps import Workload
 
 CODI_SEQ = 256  # CODI has no fixed length: GSM8K CoT sequences of the recipe's data run ~100-250 tokens
 
@@ -25,7 +25,7 @@ def _model(name: str):
 
 
 def _minimind(cfg, hidden=None, layers=None) -> dict:
-    from latentfast.train.minimind.common import model_config
+    from latentfast.models.minimind import model_config
 
     return model_config(cfg, hidden, layers).to_dict()
 
@@ -66,7 +66,7 @@ def workload_from_config(cfg) -> tuple[Workload, list[str]]:
         teachers = [cfg.teacher_model]
         if cfg.teachers:
             try:
-                from latentfast.train.kv_distill.spec import load_teachers
+                from .kv_distill.spec import load_teachers
 
                 teachers = [t.model for t in load_teachers(cfg.teachers).teachers]
             except Exception as e:  # noqa: BLE001 (the plan still answers for the single teacher)
@@ -105,7 +105,7 @@ def _minimind_workload(cfg, kind, common, notes) -> Workload:
 
 
 def plan_and_exit(cfg, out=print):
-    from .planner import format_plan, plan
+    from latentfast.plan.planner import format_plan, plan
 
     try:
         w, notes = workload_from_config(cfg)
