@@ -37,6 +37,7 @@ CASES = [
     ("sft", {"impl": "recipe"}),
     ("grpo", {"beta": 0.04, "lora_rank": 4}),
     ("hrpo", {}),
+    ("hrpo", {"lora_rank": 4, "grad_ckpt": True}),  # FlopCounterMode's hooks once kept recomputed tensors alive
     ("dpo", {}),
     ("kv", {"teachers": ["SELF"]}),
     ("ppo", {}),

@@ -3,7 +3,7 @@
 ``latentfast-plan`` and every trainer's ``--plan`` (``latentfast.train.plan_cli``, ``train.plan``:
 the trainers' flags -> a workload) build the model from
 its config on fake tensors, run one real step of the trainer's kind (``steps``), measure it with
-PyTorch's own tools (``fake``: MemTracker, FlopCounterMode) and set it against a GPU's
+PyTorch's own tools (``fake``: MemTracker, flop_counter's formulas) and set it against a GPU's
 spec-sheet memory, FLOP/s and bandwidth (``devices``). ``validate`` checks the prediction
 against a real step on this CPU.
 """

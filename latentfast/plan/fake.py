@@ -3,7 +3,7 @@
 ``measure(step_fn)`` runs a step under ``FakeTensorMode`` (shapes, dtypes and strides are
 real; no storage is allocated) inside ``torch.distributed._tools.mem_tracker.MemTracker``
 (bytes live per category: parameters, buffers, gradients, activations, temporaries,
-optimizer state) and ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs per aten op).
+optimizer state), counting FLOPs per aten op with ``torch.utils.flop_counter``'s formulas.
 
 Two things the aten-level trackers cannot see are added here, at the moment they happen:
 - the fused lm_head ops (``latentfast::lm_head_*``) are opaque custom ops whose fake impls
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import flop_registry as _FLOP_REGISTRY
 
 CHUNK_KEY = "lm_head chunk"
 
@@ -94,7 +94,7 @@ class _Tracker(MemTracker):
         self.device_type = device_type
         self.phase = "step"
         self.phase_peaks: dict[str, dict] = {}
-        self.extra_flops = 0.0
+        self.flops: dict[str, float] = {}
         self._seen = weakref.WeakSet()
 
     def _consider(self, extra: int = 0):
@@ -140,15 +140,25 @@ class _Tracker(MemTracker):
             # a value read on the host (the ops' token-id range checks: ``int(ids.min())``) is
             # unknowable on fake tensors: 1 (passes those checks; AdamW reads its step count)
             return False if args[0].dtype == torch.bool else 1
+        work = 0
         if str(func).startswith("latentfast."):
             work, flops = lm_head_workspace(func, args, self.device_type)
+            self._count(flops)
             if work:
                 self._consider(work)  # the op's inputs are live while it runs
-                self.extra_flops += flops
-                out = super().__torch_dispatch__(func, types, args, kwargs)
-                self._consider(work)  # outputs and workspace together at the op's end
-                return out
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if work:
+            self._consider(work)  # outputs and workspace together at the op's end
+        counter = _FLOP_REGISTRY.get(func._overloadpacket)
+        if counter is not None:
+            self._count(counter(*args, **(kwargs or {}), out_val=out))
+        return out
+
+    def _count(self, flops: float) -> None:
+        """FLOPs per phase with torch's own formulas (``torch.utils.flop_counter``'s registry);
+        not ``FlopCounterMode`` itself: its module hooks keep activation-checkpointing's
+        recomputed tensors alive through the backward (the planned peak rose, not fell)."""
+        self.flops[self.phase] = self.flops.get(self.phase, 0.0) + flops
 
     @contextlib.contextmanager
     def in_phase(self, name: str):
@@ -201,10 +211,6 @@ def categories(snap: dict) -> dict[str, int]:
     return {str(getattr(k, "value", k)): int(v) for k, v in snap.items() if v}
 
 
-def flop_counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False)
-
-
 def gib(b: float) -> float:
     return b / (1 << 30)
 
@@ -213,5 +219,5 @@ def nbytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-__all__ = ["_Tracker", "fake_mode", "fakeify", "categories", "flop_counter", "lm_head_workspace", "gib", "nbytes", "CHUNK_KEY",
+__all__ = ["_Tracker", "fake_mode", "fakeify", "categories", "lm_head_workspace", "gib", "nbytes", "CHUNK_KEY",
            "math"]

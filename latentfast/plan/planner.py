@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import devices as D
-from .fake import CHUNK_KEY, _Tracker, categories, fake_mode, flop_counter, gib, nbytes
+from .fake import CHUNK_KEY, _Tracker, categories, fake_mode, gib, nbytes
 from .models import kv_bytes_per_token
 from .steps import Built, StepRunner, Workload, balanced_moe, build, init_optimizer_state
 
@@ -49,15 +49,8 @@ class Plan:
         return self.device.usable_bytes - self.needed_bytes
 
 
-def _runner_phase(tracker, fc_per_phase):
-    @contextlib.contextmanager
-    def phase(name):
-        fc = flop_counter()
-        with tracker.in_phase(name), fc:
-            before = tracker.extra_flops
-            yield
-        fc_per_phase[name] = fc_per_phase.get(name, 0.0) + fc.get_total_flops() + tracker.extra_flops - before
-    return phase
+def _runner_phase(tracker):
+    return tracker.in_phase
 
 
 def measure(w: Workload, device_type: str = "cuda", fake: bool = True):
@@ -71,9 +64,9 @@ def measure(w: Workload, device_type: str = "cuda", fake: bool = True):
         tracker = _Tracker(device_type)
         mods = [b.model] + ([b.extra] if b.extra is not None else []) + b.frozen + ([b.critic] if b.critic else [])
         tracker.track_external(*mods, *b.optimizers)
-        flops: dict = {}
         with tracker:
-            StepRunner(w, b, _runner_phase(tracker, flops), device_type).run()
+            StepRunner(w, b, _runner_phase(tracker), device_type).run()
+        flops = tracker.flops
     return tracker, b, flops, t1 - t0, time.perf_counter() - t1
 
 
