@@ -60,7 +60,7 @@ def test_full_outside_the_demo_is_an_argparse_error(parse, argv, capsys):
 
 
 def test_minimind_full(monkeypatch, tmp_path):
-    """Every stage: ``--full`` takes its ``demo_full`` over its ``demo_preset``; with a data file it is an error."""
+    """Every stage: ``--full`` takes its STAGE_DEMOS row's full preset over its short one; with a data file it is an error."""
     monkeypatch.chdir(tmp_path)
     seen = []
     for name in STAGES:
@@ -71,7 +71,8 @@ def test_minimind_full(monkeypatch, tmp_path):
         main([])
         main(["--full"])
         short, long = seen[-2:]
-        assert long.full and _values(long, trainer_cls.demo_full) == trainer_cls.demo_full, name
+        full = mm_common.STAGE_DEMOS[trainer_cls.stage][1]
+        assert long.full and _values(long, full) == full, name
         assert long.max_steps >= short.max_steps, name
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "x"}\n')

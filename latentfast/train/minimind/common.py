@@ -52,6 +52,29 @@ DEMO = "demo"
 DEMO_PRESET = dict(save_dir="out", hidden_size=64, num_hidden_layers=2, max_seq_len=256, batch_size=8,
                    accumulation_steps=1, log_interval=20, save_interval=0, max_steps=60, dtype="float32",
                    device="cpu", use_moe=0, data_path=DEMO)
+# each stage's embedded demo over DEMO_PRESET: (the no-argument run, what --full changes); README: times and
+# numbers. The stages hold only their algorithm.
+STAGE_DEMOS = {
+    "pretrain": (dict(lr=2e-3, max_steps=60), dict(max_steps=300)),
+    "full_sft": (dict(lr=2e-3, max_steps=40), dict(max_steps=200)),
+    "lora": (dict(save_dir="out/lora", lr=1e-2, max_steps=40), dict(max_steps=200)),
+    "distill_reason": (dict(from_weight="full_sft", lr=2e-3, max_steps=40), dict(max_steps=200)),
+    "distillation": (dict(hidden_size=32, num_hidden_layers=1, from_weight="none", teacher_hidden_size=64,
+                          teacher_num_layers=2, from_teacher_weight="full_sft", lr=3e-3, max_steps=40),
+                     dict(max_steps=200)),
+    "dpo": (dict(per_device_train_batch_size=8, lr=5e-4, max_steps=40, logging_steps=5, max_seq_len=256, beta=0.1),
+            dict(max_steps=120)),
+    "ppo": (dict(per_device_train_batch_size=16, max_gen_len=64, max_seq_len=160, lr=2e-4, critic_learning_rate=1e-3,
+                 max_steps=40, logging_steps=5, reasoning=1, rule_rewards="answer", ppo_mode="gae",
+                 mini_batch_size=16, ppo_update_iters=1, value_head_init="mean_reward"),
+            dict(max_steps=80, logging_steps=10)),
+    "grpo": (dict(per_device_train_batch_size=2, num_generations=8, max_gen_len=64, max_seq_len=160, lr=1e-3,
+                  max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer", beta=0.02),
+             dict(max_steps=90, logging_steps=10)),
+    "spo": (dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_gen_len=64, max_seq_len=160,
+                 lr=2e-4, max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer"),
+            dict(max_steps=90, logging_steps=10)),
+}
 WARMUP_STEPS = 30  # the demo's stand-in for a missing --from_weight
 
 
@@ -181,14 +204,13 @@ class LMLoss(nn.Module):
 # ---------------------------------------------------------------------------- the trainer
 class MiniMindTrainer(Trainer):
     """Base of the MiniMind stages. Subclasses set ``stage``, ``config_class``, ``data_kind``
-    (``"pretrain"`` text / ``"sft"`` / ``"reason"`` conversations), ``demo_preset`` and
-    override ``loss`` (and ``build_model`` / ``save_weights`` where they differ)."""
+    (``"pretrain"`` text / ``"sft"`` / ``"reason"`` conversations) and ``wandb_name``, and
+    override ``loss`` (and ``build_model`` / ``save_weights`` where they differ); a stage's
+    demo preset is its row of ``STAGE_DEMOS``."""
 
     stage = "pretrain"
     config_class = MiniMindArgs
     data_kind = "pretrain"
-    demo_preset: dict = {}
-    demo_full: dict = {}  # --full: the longer demo run (updates demo_preset)
     wandb_name = "Pretrain"
 
     def __init__(self, cfg: MiniMindArgs, demo: bool = False, rows=None, save_weights: bool = True):
@@ -378,7 +400,7 @@ def run_stage(trainer_cls, cfg: MiniMindArgs):
         if cfg.data_path != DEMO:
             print(f"{tag} no {cfg.data_path}: running the embedded demo (small model, the shipped GSM8K "
                   f"sample); pass --data_path to train on MiniMind data", flush=True)
-        cfg = cfg.with_preset({**DEMO_PRESET, **demo_preset(trainer_cls.demo_preset, trainer_cls.demo_full, cfg.full)})
+        cfg = cfg.with_preset({**DEMO_PRESET, **demo_preset(*STAGE_DEMOS[trainer_cls.stage], cfg.full)})
     elif cfg.full:
         trainer_cls.config_class.build_parser().error("--full: only for the demo (no --data_path)")
     else:
@@ -397,5 +419,5 @@ def stage_main(trainer_cls, doc: str):
     return main
 
 
-__all__ = ["DEMO", "DEMO_PRESET", "LMLoss", "MiniMindArgs", "MiniMindTrainer", "cli_of", "is_demo", "load_weights",
+__all__ = ["DEMO", "DEMO_PRESET", "STAGE_DEMOS", "LMLoss", "MiniMindArgs", "MiniMindTrainer", "cli_of", "is_demo", "load_weights",
            "missing_weight_error", "model_config", "run_stage", "script_defaults", "stage_main", "warmup_lm", "weight_path"]

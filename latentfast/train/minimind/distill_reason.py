@@ -37,8 +37,6 @@ class DistillReason(MiniMindTrainer):
     config_class = DistillReasonArgs
     data_kind = "reason"
     wandb_name = "Reasoning"
-    demo_preset = dict(from_weight="full_sft", lr=2e-3, max_steps=40)
-    demo_full = dict(max_steps=200)
 
     def setup(self):
         super().setup()

@@ -72,9 +72,6 @@ class Distillation(MiniMindTrainer):
     config_class = DistillationArgs
     data_kind = "sft"
     wandb_name = "Distillation"
-    demo_preset = dict(hidden_size=32, num_hidden_layers=1, from_weight="none", teacher_hidden_size=64,
-                       teacher_num_layers=2, from_teacher_weight="full_sft", lr=3e-3, max_steps=40)
-    demo_full = dict(max_steps=200)
 
     @classmethod
     def required_weights(cls, cfg):

@@ -57,9 +57,6 @@ class DPO(MiniMindTrainer):
     config_class = DPOArgs
     data_kind = "dpo"
     wandb_name = "DPO"
-    demo_preset = dict(per_device_train_batch_size=8, lr=5e-4, max_steps=40, logging_steps=5, max_seq_len=256,
-                       beta=0.1)
-    demo_full = dict(max_steps=120)
 
     def load_rows(self):
         c = self.cfg

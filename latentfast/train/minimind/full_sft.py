@@ -30,8 +30,6 @@ class FullSFT(MiniMindTrainer):
     config_class = FullSFTArgs
     data_kind = "sft"
     wandb_name = "Full-SFT"
-    demo_preset = dict(lr=2e-3, max_steps=40)
-    demo_full = dict(max_steps=200)
 
 
 main = stage_main(FullSFT, __doc__)

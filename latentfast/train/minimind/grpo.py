@@ -46,9 +46,6 @@ class GRPO(RLTrainer):
     stage = "grpo"
     config_class = GRPOArgs
     wandb_name = "GRPO"
-    demo_preset = dict(per_device_train_batch_size=2, num_generations=8, max_gen_len=64, max_seq_len=160, lr=1e-3,
-                       max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer", beta=0.02)
-    demo_full = dict(max_steps=90, logging_steps=10)
 
     def setup(self):
         super().setup()

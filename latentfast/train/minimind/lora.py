@@ -99,8 +99,6 @@ class LoRA(MiniMindTrainer):
     config_class = LoRAArgs
     data_kind = "sft"
     wandb_name = "LoRA"
-    demo_preset = dict(save_dir="out/lora", lr=1e-2, max_steps=40)
-    demo_full = dict(max_steps=200)
 
     @classmethod
     def weight_dir_of(cls, cfg):

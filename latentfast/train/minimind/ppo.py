@@ -132,10 +132,6 @@ class PPO(RLTrainer):
     save_full = True  # the frozen old actor must be in the checkpoint for an exact resume
     # the demo: MiniMind's newer token-level PPO, one update per rollout, the value head started at the
     # mean reward (measured: the note-era default stays flat at this size; the README has the numbers)
-    demo_preset = dict(per_device_train_batch_size=16, max_gen_len=64, max_seq_len=160, lr=2e-4,
-                       critic_learning_rate=1e-3, max_steps=40, logging_steps=5, reasoning=1, rule_rewards="answer",
-                       ppo_mode="gae", mini_batch_size=16, ppo_update_iters=1, value_head_init="mean_reward")
-    demo_full = dict(max_steps=80, logging_steps=10)
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)

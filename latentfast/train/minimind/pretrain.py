@@ -19,13 +19,8 @@ class PretrainArgs(MiniMindArgs):
     """MiniMind pretraining (train_pretrain.py defaults)."""
 
 
-class Pretrain(MiniMindTrainer):
-    stage = "pretrain"
+class Pretrain(MiniMindTrainer):  # MiniMindTrainer's defaults are pretraining's: stage, data kind, wandb name
     config_class = PretrainArgs
-    data_kind = "pretrain"
-    wandb_name = "Pretrain"
-    demo_preset = dict(lr=2e-3, max_steps=60)
-    demo_full = dict(max_steps=300)
 
 
 main = stage_main(Pretrain, __doc__)

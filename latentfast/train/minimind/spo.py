@@ -39,9 +39,6 @@ class SPO(RLTrainer):
     stage = "spo"
     config_class = SPOArgs
     wandb_name = "SPO"
-    demo_preset = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_gen_len=64, max_seq_len=160,
-                       lr=2e-4, max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer")
-    demo_full = dict(max_steps=90, logging_steps=10)
 
     def setup(self):
         super().setup()
