@@ -137,3 +137,16 @@ def test_plan_flag_on_a_trainer_prints_the_plan_and_exits(module, argv, family, 
     assert out.startswith(f"plan: {family} (latentfast)") and "RTX 4090" in out and "peak memory" in out
     if family == "grpo":  # 1 prompt x 2 generations, 16 + 16 tokens, a reward model
         assert "2 seqs x (16 + 16) tokens" in out and "frozen models" in out
+
+
+def test_plan_flag_on_multi_teacher_kv_distillation(small, tmp_path, capsys):
+    from latentfast.train.kv_distill.cli import main
+
+    yaml = tmp_path / "teachers.yaml"
+    yaml.write_text(f"teachers:\n  - {{name: a, model: {small}}}\n  - {{name: b, model: {small}}}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--plan", "--teachers", str(yaml), "--model_name", small, "--max_length", "32",
+              "--per_device_train_batch_size", "2", "--plan_device", "h100"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan: kv (latentfast)") and out.count(small) == 3 and "H100" in out
