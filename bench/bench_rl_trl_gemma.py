@@ -8,7 +8,8 @@ Each side runs in its own process (so peak memory is its own). Per optimizer ste
 seconds and CPU seconds (user + sys of the process: less sensitive to other jobs on a shared
 machine), the median over the steps after a warm-up step; for GRPO the rollout (generation +
 reward) apart. Memory: the process's peak RSS (``ru_maxrss``, model included) and the peak
-above the RSS just before training (a 5 ms sampler). Both sides: fp32 on the CPU, LoRA r/alpha/
+above the RSS just before training (a 5 ms sampler), the weights paged in first on both sides
+(the safetensors file is memory-mapped). Both sides: fp32 on the CPU, LoRA r/alpha/
 dropout on q/k/v/o, gradient checkpointing (TRL's default), constant learning rate, the
 few-shot arithmetic prompts (``latentfast.train.rl.data``) and the same ``accuracy`` reward
 function (TRL signature); TRL's defaults for everything else (HF ``generate``, full logits).
@@ -70,6 +71,16 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def touch(model) -> None:
+    """Page in every weight (safetensors are memory-mapped: the first forward would otherwise add
+    the whole model file to the RSS and count it as training memory)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.float().sum()
+
+
 def med(xs):
     return statistics.median(xs[1:]) if len(xs) > 1 else (xs[0] if xs else None)
 
@@ -126,6 +137,7 @@ def run_trl(a) -> dict:
         trainer = DPOTrainer(model=a.model, args=cfg, train_dataset=Dataset.from_list(rows), peft_config=peft,
                              callbacks=[Clock()])
     torch.set_num_threads(a.threads)
+    touch(trainer.model)
     with PeakRSS() as mem:
         trainer.train()
     import trl
@@ -143,7 +155,8 @@ def run_ours(a) -> dict:
 
     rollout, cpus, mem = [], [], PeakRSS()
 
-    def loaded():  # the sampler's base after the model is loaded, as on TRL's side (loaded in its constructor)
+    def loaded(model):  # the sampler's base after the model is loaded and paged in, as on TRL's side
+        touch(model)
         mem.base = mem.peak = mem.proc.memory_info().rss
 
     common = dict(model_name_or_path=a.model, use_peft=True, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
@@ -154,7 +167,7 @@ def run_ours(a) -> dict:
         class Bench(GRPO):
             def build_model(self):
                 m = super().build_model()
-                loaded()
+                loaded(m)
                 return m
 
             def batches(self, step):
@@ -175,7 +188,7 @@ def run_ours(a) -> dict:
         class Bench(DPO):
             def build_model(self):
                 m = super().build_model()
-                loaded()
+                loaded(m)
                 return m
 
             def batches(self, step):
