@@ -150,3 +150,16 @@ def test_plan_flag_on_multi_teacher_kv_distillation(small, tmp_path, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("plan: kv (latentfast)") and out.count(small) == 3 and "H100" in out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recipe_logps_without_trl_are_log_softmax_gather(dtype):
+    """The recipe's log-probs when TRL is not installed (it is not a dependency)."""
+    from latentfast.plan.steps import selective_logps
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 11, generator=g) * 4).to(dtype)
+    ids = torch.randint(0, 11, (3, 5), generator=g)
+    want = logits.float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.02, atol=0.05)
+    torch.testing.assert_close(selective_logps(logits, ids).float(), want, **tol)

@@ -238,9 +238,24 @@ def _ce(w, model, hidden, labels):
 
 
 def _trl_logps(logits, ids):
-    from trl.trainer.utils import selective_log_softmax
-
+    """TRL's ``selective_log_softmax`` when TRL is installed (it is not a dependency), else
+    ``selective_logps``: the same values and memory pattern."""
+    try:
+        from trl.trainer.utils import selective_log_softmax
+    except ImportError:
+        return selective_logps(logits, ids)
     return selective_log_softmax(logits, ids)
+
+
+def selective_logps(logits, ids):
+    """log_softmax(logits).gather(ids) the way TRL 1.16's unfused path spends memory: fp32
+    gathers the chosen logits and takes each row's logsumexp in a loop; bf16/fp16 take a
+    row-by-row log_softmax."""
+    if logits.dtype in (torch.float32, torch.float64):
+        chosen = torch.gather(logits, -1, ids.unsqueeze(-1)).squeeze(-1)
+        return chosen - torch.stack([torch.logsumexp(row, -1) for row in logits])
+    return torch.stack([torch.log_softmax(row, -1).gather(-1, i.unsqueeze(-1)).squeeze(-1)
+                        for row, i in zip(logits, ids)])
 
 
 def _no_grad_logps(w, model, ids, P):
