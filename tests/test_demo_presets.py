@@ -79,3 +79,21 @@ def test_minimind_full(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as e:
         mm_common.stage_main(_stage_class("pretrain"), "")(["--data_path", str(data), "--full"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("name", ["grpo", "dpo", "rloo"])
+def test_rl_entrypoints_without_a_model_run_a_bounded_demo(name, tmp_path):
+    """No --model_name_or_path: TRL's defaults (lr 1e-6, 3 epochs) would run for hours on the tiny
+    model, so the demo preset bounds the run; a typed flag or a real model keeps TRL's values."""
+    import importlib
+
+    mod = importlib.import_module(f"latentfast.train.rl.{name}")
+    config = next(v for k, v in vars(mod).items() if k.endswith("Config") and k.lower().startswith(name))
+    demo = config.parse([])
+    assert demo.demo and 0 < demo.max_steps <= 200 and demo.lr == 1e-6
+    assert config.parse(["--full"]).max_steps != demo.max_steps
+    assert config.parse(["--max_steps", "3"]).max_steps == 3
+    real = tmp_path / "model"
+    real.mkdir()
+    (real / "config.json").write_text("{}")
+    assert config.parse(["--model_name_or_path", str(real)]).max_steps == -1

@@ -38,26 +38,39 @@ CODI = dict(learning_rate=1e-3, per_device_train_batch_size=32, max_steps=100, w
 # --full: the longer run
 CODI_FULL = dict(max_steps=200, hybrid_samples=1024, eval_size=100, logging_steps=25)
 
+# latentfast-grpo / -rloo / -dpo with no --model_name_or_path: a random tiny Qwen2 and no warm-up.
+# Their TRL defaults (lr 1e-6, 3 epochs of the built-in set) would run for hours on it: the no-argument
+# run is bounded. DPO's margin rises on it; GRPO's reward stays near 0 (a random model never answers
+# right), so that run shows the pipeline end to end, and the learning run is
+# bench/results/grpo_gemma_learning.md (gemma-3-270m).
+GRPO = dict(max_steps=30, max_completion_length=16, logging_steps=5)
+GRPO_FULL = dict(max_steps=200)
+DPO = dict(max_steps=200, logging_steps=25)
+DPO_FULL = dict(max_steps=-1)  # TRL's 3 epochs of the built-in pairs (750 steps)
+
+
 class EmbeddedDemo:
     """Mixin of a trainer config whose ``model_name`` ``tiny`` runs the embedded demo: the
     demo's ``presets`` (short, full) fill the flags the command line did not set, at parsing;
     ``--full`` outside a demo is an error naming the flag."""
 
     presets: ClassVar[tuple[dict, dict]] = ({}, {})
+    model_field: ClassVar[str] = "model_name"  # the field whose value DEMO_MODEL means the demo
 
     @property
     def demo(self) -> bool:
-        return self.model_name == DEMO_MODEL
+        return getattr(self, self.model_field) == DEMO_MODEL
 
     @classmethod
     def preset(cls, typed):
-        if typed.get("model_name", DEMO_MODEL) != DEMO_MODEL:
+        if typed.get(cls.model_field, DEMO_MODEL) != DEMO_MODEL:
             return {}
         return demo_preset(*cls.presets, typed.get("full"))
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.demo or not self.full, "full", "the embedded demo (no --model_name)", self.model_name)
+        check(self.demo or not self.full, "full", f"the embedded demo (no --{self.model_field})",
+              getattr(self, self.model_field))
 
     def banner(self) -> str:
         """The demo's first line: its presets' values."""

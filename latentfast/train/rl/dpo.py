@@ -14,10 +14,12 @@ disabled (or a frozen copy without LoRA), per batch or once up front
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..common import SampleStream, console_entry
+from .. import demos
 from ..config import check, option
 from .data import load_dataset_rows, preference_texts
 from .objectives import DPO_LOSS_TYPES, DPOLoss, sequence_logps
@@ -37,6 +39,7 @@ class DPOConfig(RLConfig):
     precompute_ref_log_probs: bool = option(False, "reference log-probs of the whole data set once, up front")
     dataset_name: str = "arithmetic_pairs"
     output_dir: str = "runs/dpo"
+    presets: ClassVar[tuple[dict, dict]] = (demos.DPO, demos.DPO_FULL)
 
     def __post_init__(self):
         super().__post_init__()

@@ -19,12 +19,14 @@ from __future__ import annotations
 import pathlib
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from latentfast.ops.lm_head_engine import lm_head_logps
 
 from ..common import SampleStream, console_entry
+from .. import demos
 from ..config import check, option
 from . import advantages as adv_mod
 from . import rewards as rw
@@ -62,6 +64,7 @@ class GRPOConfig(RLConfig):
     reward_weights: list[float] | None = option(None, "weights of --reward_funcs (default: all 1)")
     logging_steps: int = 10
     output_dir: str = "runs/grpo"
+    presets: ClassVar[tuple[dict, dict]] = (demos.GRPO, demos.GRPO_FULL)
 
     def __post_init__(self):
         super().__post_init__()

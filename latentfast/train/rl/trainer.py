@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from latentfast.hf import adapter
 
 from ..config import check, option
+from ..demos import EmbeddedDemo
 from ..loop import TrainConfig, Trainer
 from .policy import CausalLMPolicy
 
@@ -31,8 +33,11 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 
 @dataclass
-class RLConfig(TrainConfig):
-    """Shared by the RL entrypoints: the model (TRL ModelConfig), the data, HF Trainer defaults."""
+class RLConfig(EmbeddedDemo, TrainConfig):
+    """Shared by the RL entrypoints: the model (TRL ModelConfig), the data, HF Trainer defaults.
+    With no --model_name_or_path ('tiny') a bounded demo preset fills the untyped flags."""
+
+    model_field: ClassVar[str] = "model_name_or_path"
 
     model_name_or_path: str = option("tiny", "local HF causal LM folder ('tiny': a small random Qwen2, for tests)",
                                      aliases=("model_name",), path="model", names=("tiny",))
