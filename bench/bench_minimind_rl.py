@@ -22,39 +22,11 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
+from measure import PeakRSS  # (bench/ is the script's folder: first on sys.path)
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-class PeakRSS:
-    """Peak resident memory of this process while active, above the RSS at start (MB)."""
-
-    def __init__(self):
-        import psutil
-
-        self.proc, self.peak, self.base, self._on = psutil.Process(), 0, 0, False
-
-    def __enter__(self):
-        self.base = self.peak = self.proc.memory_info().rss
-        self._on = True
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while self._on:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._on = False
-        self._t.join()
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.base) / 2 ** 20
 
 
 def model_config(a):

@@ -12,6 +12,7 @@ import gc
 import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -152,3 +153,33 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class PeakRSS:
+    """Peak resident memory of this process while active, above the RSS at start (MB): a 5 ms
+    psutil poll, for whole-step comparisons run each side in its own process."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.peak, self.base, self._on = psutil.Process(), 0, 0, False
+
+    def __enter__(self):
+        self.base = self.peak = self.proc.memory_info().rss
+        self._on = True
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while self._on:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._on = False
+        self._t.join()
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2 ** 20
