@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from measure import PeakRSS  # (bench/ is the script's folder: first on sys.path)
+from measure import PeakRSS, record_time  # (bench/ is the script's folder: first on sys.path)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -89,15 +89,7 @@ def run_trl(a) -> dict:
                          top_p=1.0, shuffle_dataset=False)
         trainer = GRPOTrainer(model=model, reward_funcs=[format_tag_reward], args=cfg, train_dataset=ds,
                               processing_class=tok, callbacks=[Clock()])
-        inner = trainer._generate_and_score_completions
-
-        def timed(*x, **k):
-            t0 = time.perf_counter()
-            out = inner(*x, **k)
-            rollout.append(time.perf_counter() - t0)
-            return out
-
-        trainer._generate_and_score_completions = timed
+        record_time(trainer, "_generate_and_score_completions", rollout)  # TRL's rollout + scoring
     else:
         from trl import DPOConfig, DPOTrainer
 

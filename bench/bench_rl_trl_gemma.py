@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from measure import PeakRSS  # (bench/ is the script's folder: first on sys.path)
+from measure import PeakRSS, record_time  # (bench/ is the script's folder: first on sys.path)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -92,15 +92,7 @@ def run_trl(a) -> dict:
                          max_completion_length=a.gen_len, beta=a.beta, temperature=1.0, shuffle_dataset=False)
         trainer = GRPOTrainer(model=a.model, reward_funcs=[accuracy], args=cfg, train_dataset=ds,
                               peft_config=peft, callbacks=[Clock()])
-        inner = trainer._generate_and_score_completions
-
-        def timed(*x, **k):
-            t0 = time.perf_counter()
-            out = inner(*x, **k)
-            rollout.append(time.perf_counter() - t0)
-            return out
-
-        trainer._generate_and_score_completions = timed
+        record_time(trainer, "_generate_and_score_completions", rollout)  # TRL's rollout + scoring
     else:
         from trl import DPOConfig, DPOTrainer
 

@@ -183,3 +183,17 @@ class PeakRSS:
     @property
     def mb(self) -> float:
         return (self.peak - self.base) / 2 ** 20
+
+
+def record_time(obj, name: str, into: list) -> None:
+    """Wrap the method ``obj.<name>`` so that each call's wall seconds are appended to ``into``
+    (a peer's phase, e.g. TRL's rollout, timed without changing its code)."""
+    inner = getattr(obj, name)
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = inner(*args, **kwargs)
+        into.append(time.perf_counter() - t0)
+        return out
+
+    setattr(obj, name, timed)
