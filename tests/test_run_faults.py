@@ -134,6 +134,37 @@ def test_lock_released_after_a_crash_and_reentrant_in_process(tmp_path):
     assert not (tmp_path / "a" / LOCK).exists()
 
 
+class BadSetup(Toy):
+    def setup(self):
+        raise ValueError("malformed data")
+
+
+def test_a_run_that_fails_in_setup_leaves_no_folder_it_made(tmp_path):
+    with pytest.raises(ValueError, match="malformed data"):
+        BadSetup(ToyConfig(output_dir=str(tmp_path / "new" / "run"), max_steps=1, device="cpu")).fit()
+    assert list(tmp_path.iterdir()) == []  # both levels it created are gone
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError):
+        BadSetup(ToyConfig(output_dir=str(tmp_path / "kept"), max_steps=1, device="cpu")).fit()
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]  # an existing folder stays
+
+
+def test_malformed_data_found_at_load_is_one_error_line_exit_2_and_no_folder(tmp_path, monkeypatch, capsys):
+    from latentfast.train.minimind import cli
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "broken"\n')
+    monkeypatch.setattr(sys, "argv", ["latentfast-minimind", "pretrain", "--data_path", str(bad),
+                                      "--save_dir", str(tmp_path / "out"), "--hidden_size", "64",
+                                      "--num_hidden_layers", "1", "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        cli.cli()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("latentfast-minimind: error: ") and f"{bad}:2: not valid JSON" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
 # ----------------------------------------------------------------------------- distributed
 class Hang(Toy):
     def batches(self, step):

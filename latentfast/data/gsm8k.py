@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pathlib
 
-from .jsonl import check_text, iter_jsonl
+from .jsonl import DataFileError, check_text, iter_jsonl
 from .prompts import PROMPT_TEMPLATE, format_prompt  # noqa: F401  (re-exported: the plain prompt)
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -28,15 +28,15 @@ def load_jsonl(path: str, limit: int | None = None) -> list[dict]:
     rows = []
     for n, row in iter_jsonl(path):
         if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-            raise ValueError(f"{path}:{n}: each line needs 'question' and 'answer' fields")
+            raise DataFileError(f"{path}:{n}: each line needs 'question' and 'answer' fields")
         q = check_text(path, n, "question", row["question"])
         if not q.strip():
-            raise ValueError(f"{path}:{n}: field 'question' is empty")
+            raise DataFileError(f"{path}:{n}: field 'question' is empty")
         rows.append({**row, "question": q, "answer": check_text(path, n, "answer", row["answer"], numbers=True)})
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
-        raise ValueError(f"{path}: no rows (an empty JSONL file; expected one JSON object per line)")
+        raise DataFileError(f"{path}: no rows (an empty JSONL file; expected one JSON object per line)")
     return rows
 
 

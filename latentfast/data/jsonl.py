@@ -14,25 +14,30 @@ from collections.abc import Iterator
 MAX_LINE_BYTES = 4 * 2**20
 
 
+class DataFileError(ValueError):
+    """A data file the user gave is unreadable or malformed: the message names the file (and
+    line / field). Entry points report it as one ``error:`` line, exit 2, like a bad flag."""
+
+
 def iter_jsonl(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, object]]:
     with open(path, "rb") as f:
         n = 0
         while raw := f.readline(max_line_bytes + 1):
             n += 1
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                raise ValueError(f"{path}:{n}: line longer than {max_line_bytes} bytes (the limit per JSONL row); "
+                raise DataFileError(f"{path}:{n}: line longer than {max_line_bytes} bytes (the limit per JSONL row); "
                                  f"split the text into several rows")
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+                raise DataFileError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
                                  f"of the line); re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 yield n, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise DataFileError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
 
 
 def _kind(v) -> str:
@@ -51,19 +56,19 @@ def check_text(path, n: int, field: str, value, numbers: bool = False) -> str:
         return value
     if numbers and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return str(value)
-    raise ValueError(f"{path}:{n}: field {field!r} must be a string, got {_kind(value)}")
+    raise DataFileError(f"{path}:{n}: field {field!r} must be a string, got {_kind(value)}")
 
 
 def check_messages(path, n: int, field: str, value) -> list:
     """A non-empty list of ``{"role": str, "content": str}`` (content may be null on a turn
     that carries ``tool_calls``)."""
     if not (isinstance(value, list) and value):
-        raise ValueError(f"{path}:{n}: field {field!r} must be a non-empty list of {{'role', 'content'}} objects, "
+        raise DataFileError(f"{path}:{n}: field {field!r} must be a non-empty list of {{'role', 'content'}} objects, "
                          f"got {_kind(value) if not isinstance(value, list) else 'an empty list'}")
     for i, turn in enumerate(value):
         where = f"{field}[{i}]"
         if not (isinstance(turn, dict) and "role" in turn and "content" in turn):
-            raise ValueError(f"{path}:{n}: {where} must be a {{'role', 'content'}} object")
+            raise DataFileError(f"{path}:{n}: {where} must be a {{'role', 'content'}} object")
         check_text(path, n, f"{where}.role", turn["role"])
         if not (turn["content"] is None and turn.get("tool_calls")):
             check_text(path, n, f"{where}.content", turn["content"])

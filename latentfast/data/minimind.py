@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from .jsonl import check_messages, check_text, iter_jsonl
+from .jsonl import DataFileError, check_messages, check_text, iter_jsonl
 
 THINK_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -39,7 +39,7 @@ def read_jsonl(path: str | pathlib.Path, field: str, limit: int | None = None) -
     out, empty = [], []
     for n, row in iter_jsonl(path):
         if not isinstance(row, dict) or field not in row:
-            raise ValueError(f"{path}:{n}: each line needs a {field!r} field (MiniMind's format)")
+            raise DataFileError(f"{path}:{n}: each line needs a {field!r} field (MiniMind's format)")
         value = row[field]
         if field == "conversations":
             check_messages(path, n, field, value)
@@ -53,10 +53,10 @@ def read_jsonl(path: str | pathlib.Path, field: str, limit: int | None = None) -
         if limit is not None and len(out) >= limit:
             break
     if not out:
-        raise ValueError(f"{path}: no rows (expected one JSON object per line)")
+        raise DataFileError(f"{path}: no rows (expected one JSON object per line)")
     what = "'text'" if field != "conversations" else "assistant 'content'"
     if len(empty) == len(out):
-        raise ValueError(f"{path}: every {what} is empty ({len(out)} rows): nothing to train on")
+        raise DataFileError(f"{path}: every {what} is empty ({len(out)} rows): nothing to train on")
     if empty:
         warnings.warn(f"{path}: {len(empty)} of {len(out)} rows have an empty {what} (lines "
                       f"{', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''}): they add no loss",

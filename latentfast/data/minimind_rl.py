@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import minimind as mm
+from .jsonl import DataFileError
 
 
 def read_dpo(path, limit: int | None = None) -> list[dict]:
@@ -24,12 +25,12 @@ def read_dpo(path, limit: int | None = None) -> list[dict]:
     rows = []
     for n, row in iter_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("chosen"), list) or not isinstance(row.get("rejected"), list):
-            raise ValueError(f"{path}:{n}: each line needs 'chosen' and 'rejected' message lists (MiniMind's DPO format)")
+            raise DataFileError(f"{path}:{n}: each line needs 'chosen' and 'rejected' message lists (MiniMind's DPO format)")
         rows.append({k: check_messages(path, n, k, row[k]) for k in ("chosen", "rejected")})
         if limit and len(rows) >= limit:
             break
     if not rows:
-        raise ValueError(f"{path}: no preference pairs")
+        raise DataFileError(f"{path}: no preference pairs")
     return rows
 
 

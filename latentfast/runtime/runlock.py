@@ -3,7 +3,9 @@
 A second run in the same folder fails at once naming the holder; a lock left by a process
 that is gone (same host, dead pid) is taken over with a warning. A lock from another host
 cannot be checked: the error says which file to delete. The same process may re-enter
-(a trainer that runs a nested fit in its own folder).
+(a trainer that runs a nested fit in its own folder). Folders the lock created are removed
+again on release when the run left them empty (a run that failed in its set-up, e.g. on a
+malformed data file, leaves no empty output folder behind).
 """
 from __future__ import annotations
 
@@ -39,13 +41,16 @@ class RunLock:
         self.path = pathlib.Path(folder) / LOCK
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.owned = False
+        self.created: list[pathlib.Path] = []  # folders acquire() made, deepest first
 
     def _mine(self) -> dict:
         return {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
                 "start": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent.absolute()
+        self.created = [d for d in (folder, *folder.parents) if not d.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             tmp = files.tmp_name(self.path)
             tmp.write_text(json.dumps(self._mine()))
@@ -87,7 +92,13 @@ class RunLock:
     def release(self) -> None:
         if self.owned and (self.holder() or {}).get("run_id") == self.run_id:
             self.path.unlink(missing_ok=True)
+            for d in self.created:  # only while empty: rmdir never deletes a file
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
         self.owned = False
+        self.created = []
 
 
 __all__ = ["LOCK", "RunLock", "RunLockedError"]

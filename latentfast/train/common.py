@@ -19,6 +19,7 @@ import sys
 import torch
 
 from latentfast.data import load_gsm8k
+from latentfast.data.jsonl import DataFileError
 from latentfast.data.rows import DATA_NAMES
 from latentfast.files import CorruptFileError
 from latentfast.runtime.checkpoint import verify
@@ -32,11 +33,12 @@ def console_entry(main):
     """Console-script entry point for ``main``: main() returns its results dict for callers
     and tests, which sys.exit would print and turn into exit status 1. A run the user must
     fix (a resume whose flags differ, a folder another run holds, a corrupt checkpoint or
-    weight file) is one ``error:`` line and exit status 2, like a bad flag."""
+    weight file, a malformed data file found while loading it) is one ``error:`` line and
+    exit status 2, like a bad flag."""
     def cli() -> int:
         try:
             main()
-        except (ResumeConfigError, RunLockedError, CorruptFileError) as e:
+        except (ResumeConfigError, RunLockedError, CorruptFileError, DataFileError) as e:
             sys.stderr.write(f"{pathlib.Path(sys.argv[0]).name}: error: {e}\n")
             raise SystemExit(2) from None
         return 0

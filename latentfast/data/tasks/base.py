@@ -13,7 +13,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..jsonl import iter_jsonl
+from ..jsonl import DataFileError, iter_jsonl
 from ..rewards import extract_from_response, marker_format_reward, match_reward
 
 
@@ -45,12 +45,12 @@ class Task:
             try:
                 rows.append(self.to_row(r))
             except (KeyError, TypeError, ValueError, IndexError) as e:
-                raise ValueError(f"{path}: row {i}: not a {self.name} row ({type(e).__name__}: {e}); "
+                raise DataFileError(f"{path}: row {i}: not a {self.name} row ({type(e).__name__}: {e}); "
                                  f"expected {self.doc}") from e
             if limit is not None and len(rows) >= limit:
                 break
         if not rows:
-            raise ValueError(f"{path}: no {self.name} rows found (split {split!r}); expected {self.doc}")
+            raise DataFileError(f"{path}: no {self.name} rows found (split {split!r}); expected {self.doc}")
         return rows
 
     def predictions(self, completions: list[str]) -> list[str]:
@@ -87,12 +87,15 @@ def _read_file(p: pathlib.Path) -> list[dict]:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not UTF-8 text (byte {e.start + 1}); re-encode the file as UTF-8") from None
-    obj = json.loads(text)
+        raise DataFileError(f"{p}: not UTF-8 text (byte {e.start + 1}); re-encode the file as UTF-8") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFileError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(obj, dict):
         obj = obj.get("data", obj.get("rows", [obj]))  # a MATH problem file is one object
     if not isinstance(obj, list):
-        raise ValueError(f"{p}: expected a JSON list of rows")
+        raise DataFileError(f"{p}: expected a JSON list of rows")
     return obj
 
 
@@ -105,6 +108,6 @@ def _read_hf_dataset(p: pathlib.Path, split: str | None):
     ds = datasets.load_from_disk(str(p))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"{p}: split {split!r} not in {list(ds)}")
+            raise DataFileError(f"{p}: split {split!r} not in {list(ds)}")
         ds = ds[split]
     return list(ds)

@@ -34,8 +34,8 @@ def main(argv=None):
 
 
 def cli() -> int:
-    main()
-    return 0
+    from ..common import console_entry  # after --help (torch-free): the trainers' one error handling
+    return console_entry(main)()
 
 
 if __name__ == "__main__":
