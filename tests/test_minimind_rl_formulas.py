@@ -1,5 +1,5 @@
 """MiniMind's RL formulas (../shared/notes/minimind.md, PPO / GRPO / SPO) against the fused
-lm_head engine and latentfast.train.advantages. Each reference below is written the way
+lm_head engine and latentfast.train.rl.advantages. Each reference below is written the way
 MiniMind's trainers write it, on full logits."""
 import math
 import warnings
@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from latentfast.ops.grpo_loss import fused_linear_grpo_loss
 from latentfast.ops.ppo_loss import fused_linear_ppo_sequence_loss
-from latentfast.train.advantages import ValueTracker, gae, group_advantages, last_token_rewards, whiten
+from latentfast.train.rl.advantages import SPOTracker as ValueTracker
+from latentfast.train.rl.advantages import gae, last_token_rewards, whiten
+from latentfast.train.rl.advantages import minimind_group_batch_zscore as group_advantages
 
 B, T, H, V = 6, 7, 16, 37
 

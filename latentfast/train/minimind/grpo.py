@@ -6,7 +6,7 @@ advantages, the k3 KL to the frozen reference, through the fused lm_head (no log
         --reward_model_path internlm2-1_8b-reward --trust_remote_code 1 --num_generations 1 \\
         --max_gen_len 128 --reasoning 0
 
-Advantages (``train.advantages.group_advantages``): ``clamp((r - mean_g) / (std_g + 1e-4), -10, 10)``
+Advantages (``train.rl.advantages.minimind_group_batch_zscore``): ``clamp((r - mean_g) / (std_g + 1e-4), -10, 10)``
 then a batch z-score. ``--num_generations 1`` (the note's command) has no group spread:
 MiniMind's note-era code turns it into NaN; here the advantages are 0 with a warning (only
 the KL term trains) -- use ``spo`` for one sample per prompt. The loss is
@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 
 from latentfast.ops.grpo_loss import LOSS_TYPES, fused_linear_grpo_loss
-from latentfast.train.advantages import group_advantages
+from latentfast.train.rl.advantages import minimind_group_batch_zscore
 
 from ..config import check, option
 from .common import cli_of, script_defaults, stage_main
@@ -56,7 +56,7 @@ class GRPO(RLTrainer):
                           stacklevel=1)
 
     def advantages(self, b):  # the one-generation warning is said once, in setup
-        return {"advantages": group_advantages(b["rewards"], self.num_generations, warn=False)}
+        return {"advantages": minimind_group_batch_zscore(b["rewards"], self.num_generations, warn=False)}
 
     def loss(self, b):
         c = self.cfg

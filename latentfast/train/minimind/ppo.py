@@ -47,7 +47,7 @@ from latentfast.ops.grpo_loss import fused_linear_grpo_loss
 from latentfast.ops.lm_head_engine import lm_head_logps
 from latentfast.ops.ppo_loss import fused_linear_ppo_sequence_loss
 from latentfast.runtime import dist
-from latentfast.train.advantages import gae, last_token_rewards, whiten
+from latentfast.train.rl.advantages import gae, last_token_rewards, whiten
 
 from ..config import check, option
 from .common import cli_of, script_defaults, stage_main

@@ -4,7 +4,7 @@ baseline, through the fused lm_head (no logits).
     latentfast-minimind spo                           # demo: tiny MiniMind, GSM8K prompts, rule rewards
     torchrun --nproc_per_node 2 -m latentfast.train.minimind.spo --reward_model_path internlm2-1_8b-reward ...
 
-The baseline is ``train.advantages.ValueTracker`` (MiniMind's ``AutoAdaptiveValueTracker``, one
+The baseline is ``train.rl.advantages.SPOTracker`` (MiniMind's ``AutoAdaptiveValueTracker``, one
 Beta(alpha, beta) over rewards mapped to [0, 1]): ``A = clamp(r - baseline, -5, 5)``, not
 normalised in the batch; after each optimizer step ``rho = clip(2^(-|m_old - m| / D_half),
 clip_lower, clip_upper)`` from the step's mean response log-prob ``m`` and
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from latentfast.ops.grpo_loss import fused_linear_grpo_loss
-from latentfast.train.advantages import ValueTracker
+from latentfast.train.rl.advantages import SPOTracker
 
 from ..config import option
 from .common import cli_of, script_defaults, stage_main
@@ -43,7 +43,7 @@ class SPO(RLTrainer):
     def setup(self):
         super().setup()
         c = self.cfg
-        self.tracker = ValueTracker(c.rho_mode, c.rho_const, c.D_half, c.clip_lower, c.clip_upper)
+        self.tracker = SPOTracker(c.rho_mode, c.rho_const, c.D_half, c.clip_lower, c.clip_upper)
 
     def advantages(self, b):
         return {"advantages": self.tracker.advantages(b["rewards"]), "baseline": self.tracker.baseline()}
