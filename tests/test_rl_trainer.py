@@ -201,6 +201,31 @@ def test_grpo_cli_conversational_prompts(tiny_dir, tmp_path, extra):
     assert res["total"] == 2
 
 
+def test_grpo_resume_inside_a_generation_round_trains_on_the_saved_round(tiny_dir, tmp_path):
+    """num_iterations=2: step 2 replays step 1's round. A run resumed from checkpoint-1 must take
+    that round (completions, advantages, old log-probs) from the checkpoint, not roll out anew."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from latentfast.train.rl.grpo import main
+
+    data = _rows(tmp_path / "p.jsonl", [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(8)])
+    args = ["--model_name_or_path", tiny_dir, "--dataset_name", data, "--num_generations", "4",
+            "--reward_funcs", "tests.test_rl_trainer:digit_reward", "--per_device_train_batch_size", "8",
+            "--max_completion_length", "8", "--max_steps", "2", "--num_iterations", "2", "--learning_rate", "1e-3", "--use_peft", "--lora_r", "4",
+            "--save_steps", "1", "--logging_steps", "0"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    main([*args, "--output_dir", str(whole)])
+    part.mkdir()
+    shutil.copytree(whole / "checkpoint-1", part / "checkpoint-1")
+    main([*args, "--output_dir", str(part), "--resume_from_checkpoint", "latest"])
+    a, b = (load_file(str(d / "checkpoint-2" / "model.safetensors")) for d in (whole, part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (whole / "checkpoint-1" / "rank_state_0.safetensors").is_file()
+    assert _metrics(part)[-1]["ratio_mean"] == pytest.approx(_metrics(whole)[-1]["ratio_mean"], abs=1e-6) != 1.0
+
+
 def test_rloo_cli(tiny_dir, tmp_path):
     from latentfast.train.rl.rloo import main
 

@@ -43,6 +43,9 @@ Hooks (called in this order; ``self.cfg`` is the config):
     log_line(row) -> str         the console line every --logging_steps (default: loss and lr)
     progress(row) -> dict        the tqdm bar's postfix
     state_dict() / load_state_dict(d)   the trainer's own resumable state (JSON-able), in trainer_state.json
+    rank_state() -> (tensors, meta) | None / load_rank_state(tensors, meta)
+                                 this rank's resumable tensors (e.g. GRPO's generation buffer, made before
+                                 and used after a checkpoint), in rank_state_<rank>.safetensors (meta: JSON)
     init_wandb() -> module|None  rank 0, after resume: the wandb to log to (default: --wandb_project set)
     checkpoint_extra() -> dict   more JSON-able entries for trainer_state.json's ``extra`` (e.g. what an
                                  evaluation entrypoint needs to rebuild the model)
@@ -68,6 +71,8 @@ import random
 import time
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -191,6 +196,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def rank_state(self):
+        return None
+
+    def load_rank_state(self, tensors: dict, meta: dict) -> None:
+        raise NotImplementedError(f"{type(self).__name__} saved a rank_state but cannot load one")
 
     def checkpoint_extra(self) -> dict:
         return {}
@@ -382,6 +393,11 @@ class Trainer:
             torch.distributed.barrier()  # rank 0 made the folder
         ckpt.mkdir(parents=True, exist_ok=True)
         files.write_json(ckpt / f"rng_state_{self.rank}.json", rng_state())
+        state = self.rank_state()
+        if state is not None:  # before seal: the manifest covers it
+            tensors, meta = state
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                      str(ckpt / f"rank_state_{self.rank}.safetensors"), metadata={"meta": json.dumps(meta)})
         if distributed:
             torch.distributed.barrier()  # every rank's RNG state is on disk
         if self.rank == 0:
@@ -430,6 +446,12 @@ class Trainer:
         rng = pathlib.Path(path) / f"rng_state_{self.rank}.json"
         if rng.exists():
             set_rng_state(json.loads(rng.read_text()))
+        rs = pathlib.Path(path) / f"rank_state_{self.rank}.safetensors"
+        if rs.exists():
+            with safe_open(str(rs), "pt", device="cpu") as f:
+                tensors = {k: f.get_tensor(k).to(self.device) for k in f.keys()}
+                meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            self.load_rank_state(tensors, meta)
         note = "" if same_groups else " (optimizer groups changed: fresh optimizer state)"
         self.print(f"resumed from {path} at step {state['step']}{note}")
         self._resumed = (state["step"], pathlib.Path(path).resolve())

@@ -136,6 +136,22 @@ class GRPO(RLTrainer):
     def load_state_dict(self, state):
         self.round = int(state.get("round", 0))
 
+    # the rest of a generation round outlives a checkpoint (steps_per_generation > accumulation or
+    # num_iterations > 1): its completions, advantages and old log-probs are saved with it, so a
+    # resumed run trains on exactly what the uninterrupted one would
+    def rank_state(self):
+        if not self.buffer:
+            return None
+        tensors = {f"{i}/{k}": v.clone() for i, mb in enumerate(self.buffer)
+                   for k, v in mb.items() if torch.is_tensor(v)}
+        return tensors, {"stats": [mb["stats"] for mb in self.buffer]}
+
+    def load_rank_state(self, tensors, meta):
+        self.buffer = [{"stats": st} for st in meta["stats"]]
+        for key, v in tensors.items():
+            i, k = key.split("/", 1)
+            self.buffer[int(i)][k] = v
+
     # ---------------------------------------------------------------- hooks
     def rollout(self, rows: list[dict], round_: int) -> dict:
         c, G, dev = self.cfg, self.cfg.num_generations, self.device
