@@ -51,7 +51,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "latentfast-hrpo=latentfast.train.hrpo:cli",
+            "latentfast-hrpo=latentfast.train.hrpo_config:cli",
             "latentfast-codi=latentfast.train.codi:cli",
             "latentfast-kv-distill=latentfast.train.kv_distill.cli:cli",
             "latentfast-sft=latentfast.train.sft:cli",

@@ -14,35 +14,18 @@ import json
 import math
 import pathlib
 import random
-import sys
 
 import torch
 
 from latentfast.data import load_gsm8k
-from latentfast.data.jsonl import DataFileError
 from latentfast.data.rows import DATA_NAMES
 from latentfast.files import CorruptFileError
 from latentfast.runtime.checkpoint import verify
 from latentfast.runtime.guard import NonFiniteGuard
-from latentfast.runtime.runlock import RunLockedError
 
-from .resume import ResumeConfigError
+from . import entry
 
-
-def console_entry(main):
-    """Console-script entry point for ``main``: main() returns its results dict for callers
-    and tests, which sys.exit would print and turn into exit status 1. A run the user must
-    fix (a resume whose flags differ, a folder another run holds, a corrupt checkpoint or
-    weight file, a malformed data file found while loading it) is one ``error:`` line and
-    exit status 2, like a bad flag."""
-    def cli() -> int:
-        try:
-            main()
-        except (ResumeConfigError, RunLockedError, CorruptFileError, DataFileError) as e:
-            sys.stderr.write(f"{pathlib.Path(sys.argv[0]).name}: error: {e}\n")
-            raise SystemExit(2) from None
-        return 0
-    return cli
+console_entry = entry.console_entry  # (torch-free, in entry.py: the trainers import it from here too)
 
 
 def check_data_arg(parser: argparse.ArgumentParser, flag: str, spec, allowed=()) -> None:

@@ -35,11 +35,11 @@ from typing import Optional
 
 import torch
 
+from latentfast.choices import GRPO_LOSS_TYPES as LOSS_TYPES  # torch-free: the CLIs' choices
+from latentfast.choices import TOKEN_NORMALISED
 from latentfast.ops.lm_head_engine import Objective, Rows, register_objective
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "spo")
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the PPO-clipped policy term
-TOKEN_NORMALISED = ("dapo", "cispo", "vespo")  # / the global token count
 METRICS = ("kl", "entropy", "ratio_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region")
 
 

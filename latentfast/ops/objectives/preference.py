@@ -27,10 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from latentfast.choices import DPO_LOSS_TYPES, check_dpo_options  # noqa: F401  (torch-free: the CLIs' choices)
 from latentfast.ops.lm_head_engine import Objective, Rows, register_objective
-
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
-                  "apo_down", "discopop")
 
 
 def dpo_pair_losses(ratio_c, ratio_r, *, loss_type: str, beta: float, label_smoothing: float = 0.0,
@@ -64,17 +62,6 @@ def dpo_pair_losses(ratio_c, ratio_r, *, loss_type: str, beta: float, label_smoo
         mod = torch.sigmoid(d / discopop_tau)
         return -F.logsigmoid(d) * (1 - mod) + torch.exp(-d) * mod
     raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-
-
-def check_dpo_options(loss_type: str, beta: float, label_smoothing: float):
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    if loss_type == "exo_pair" and label_smoothing <= 0.0:
-        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair' (the EXO paper recommends 1e-3)")
-    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for loss_type='robust', got {label_smoothing}")
-    if loss_type in ("ipo", "sppo_hard") and beta == 0:
-        raise ValueError(f"beta must be nonzero for loss_type={loss_type!r}")
 
 
 class PairedObjective(Objective):

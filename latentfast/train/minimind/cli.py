@@ -34,7 +34,7 @@ def main(argv=None):
 
 
 def cli() -> int:
-    from ..common import console_entry  # after --help (torch-free): the trainers' one error handling
+    from ..entry import console_entry  # (torch-free: --help stays light) the trainers' one error handling
     return console_entry(main)()
 
 

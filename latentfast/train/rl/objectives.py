@@ -6,19 +6,14 @@
 
 Both call the fused lm_head engine (``latentfast.ops``): no (B, T, V) logits. Options carry
 TRL's names (GRPOConfig / DPOConfig); the checks run when the config is built, so a bad
-combination is an argument error before any model loads.
+combination is an argument error before any model loads. torch and the fused ops load at the
+first call: building (= validating) a loss needs neither, so parsing stays torch-free.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from latentfast.ops.grpo_loss import fused_linear_grpo_loss
-from latentfast.ops.objectives.grpo import LOSS_TYPES as GRPO_LOSS_TYPES
-from latentfast.ops.objectives.grpo import TOKEN_NORMALISED
-from latentfast.ops.objectives.preference import DPO_LOSS_TYPES, check_dpo_options
-from latentfast.ops.preference import fused_linear_dpo_loss
+from latentfast.choices import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, TOKEN_NORMALISED, check_dpo_options
 
 from ..config import check
 
@@ -65,6 +60,8 @@ class GRPOLoss:
         return self.loss_type in TOKEN_NORMALISED
 
     def __call__(self, hidden, weight, bias, ids, mask, advantages, *, ref=None, old=None, num_items_in_batch=None):
+        from latentfast.ops.grpo_loss import fused_linear_grpo_loss
+
         eps_high = self.epsilon_high if self.epsilon_high is not None else self.epsilon
         loss, m = fused_linear_grpo_loss(
             hidden, weight, ids, mask, advantages, bias, ref_per_token_logps=ref if self.beta else None,
@@ -98,6 +95,8 @@ class DPOLoss:
 
     def __call__(self, hidden, weight, bias, target, ref_chosen=None, ref_rejected=None):
         """``hidden`` (2B, T, H) chosen rows then rejected rows; ``target`` -100 outside the responses."""
+        from latentfast.ops.preference import fused_linear_dpo_loss
+
         loss, aux = fused_linear_dpo_loss(
             hidden, weight, target, bias, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
             use_ref_model=ref_chosen is not None, beta=self.beta, loss_type=self.loss_type,
@@ -110,7 +109,7 @@ class DPOLoss:
                       "logps/rejected": aux[1].mean(), "nll_loss": aux[4]}
 
 
-def sequence_logps(hidden, weight, bias, ids, mask) -> torch.Tensor:
+def sequence_logps(hidden, weight, bias, ids, mask):
     """(B,) summed response log-probs (no grad) through the engine's stats sweep."""
     from latentfast.ops.lm_head_engine import lm_head_logps
 

@@ -1,0 +1,24 @@
+"""The values a command-line option offers, and the checks of their combinations, torch-free:
+the trainers' configs read them here, so ``--help`` and argument errors never import torch.
+Each is defined once, here; the modules that implement them import it from here.
+"""
+from __future__ import annotations
+
+# GRPO family of the fused loss engine (``latentfast.ops.objectives.grpo``)
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "spo")
+TOKEN_NORMALISED = ("dapo", "cispo", "vespo")  # / the global token count
+
+# DPO family (``latentfast.ops.objectives.preference``; TRL DPOConfig's names)
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
+                  "apo_down", "discopop")
+
+
+def check_dpo_options(loss_type: str, beta: float, label_smoothing: float):
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "exo_pair" and label_smoothing <= 0.0:
+        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair' (the EXO paper recommends 1e-3)")
+    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for loss_type='robust', got {label_smoothing}")
+    if loss_type in ("ipo", "sppo_hard") and beta == 0:
+        raise ValueError(f"beta must be nonzero for loss_type={loss_type!r}")
