@@ -9,6 +9,9 @@
 * ``write_sidecar`` / ``verify_sidecar``: the same for a single file (``x.pth`` ->
   ``x.pth.blake2b``); the sidecar may list the previous hash too, so a kill between the two
   renames leaves a pair that still verifies.
+* ``atomic_folder(path)`` / ``save_pretrained(path, *objs)``: a folder written whole under a
+  temporary sibling name, then swapped in (a model export killed half-way leaves the previous
+  export, never a folder a loader would half-read).
 * ``clean_stale_tmp(folder)``: temporaries left by killed writes (ours and safetensors').
 * ``assert_finite(named_tensors, where)``: refuse to write a non-finite weight (after the cast).
 
@@ -16,11 +19,13 @@ Used by ``runtime/checkpoint.py`` and the MiniMind ``.pth`` exports; nothing her
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pathlib
 import re
+import shutil
 
 import torch
 
@@ -28,6 +33,7 @@ MANIFEST = "manifest.json"
 SIDECAR_SUFFIX = ".blake2b"
 TMP_TAG = ".tmp-"  # our temporaries: .<name>.tmp-<pid>
 _STALE = re.compile(r"^(\..+\.tmp-\d+|\.tmp[A-Za-z0-9]{6}|.+\.pth\.tmp)$")  # ours, safetensors', pth's old name
+_STALE_DIR = re.compile(r"^\..+\.(tmp|old)-\d+$")  # atomic_folder's
 
 
 class CorruptFileError(RuntimeError):
@@ -53,6 +59,34 @@ def atomic_write(path, write) -> pathlib.Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield a temporary sibling folder to fill; on success it replaces ``path`` (the previous
+    folder is moved aside first and deleted last), on any error it is deleted."""
+    path = pathlib.Path(path)
+    tmp = tmp_name(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained(path, *objs) -> pathlib.Path:
+    """``obj.save_pretrained`` of each (model, tokenizer, ...) into ``path``, atomically."""
+    with atomic_folder(path) as tmp:
+        for obj in objs:
+            obj.save_pretrained(str(tmp))
+    return pathlib.Path(path)
 
 
 def write_text(path, text: str) -> pathlib.Path:
@@ -171,6 +205,9 @@ def clean_stale_tmp(folder) -> list[str]:
         for p in folder.iterdir():
             if p.is_file() and _STALE.match(p.name):
                 p.unlink(missing_ok=True)
+                gone.append(p.name)
+            elif p.is_dir() and _STALE_DIR.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
                 gone.append(p.name)
     return gone
 

@@ -151,3 +151,32 @@ def test_checkpoint_from_before_manifests_loads_after_a_structural_check(tmp_pat
     (part / "checkpoint-6" / "trainer_state.json").write_text("")  # the 0-byte state of a killed write
     with pytest.raises(files.CorruptFileError, match=r"checkpoint-6/trainer_state\.json: unreadable"):
         checkpoint.verify(part / "checkpoint-6")
+
+
+class _Export:
+    """A save_pretrained that writes two files, or dies after the first (a kill or a full disk)."""
+
+    def __init__(self, tag, fail=False):
+        self.tag, self.fail = tag, fail
+
+    def save_pretrained(self, folder):
+        pathlib.Path(folder, "config.json").write_text(self.tag)
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        pathlib.Path(folder, "model.safetensors").write_text(self.tag)
+
+
+def test_a_model_export_is_whole_or_the_previous_one(tmp_path):
+    out = tmp_path / "final"
+    files.save_pretrained(out, _Export("first"))
+    with pytest.raises(OSError, match="No space"):
+        files.save_pretrained(out, _Export("second", fail=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temporary left behind
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"config.json": "first", "model.safetensors": "first"}
+    files.save_pretrained(out, _Export("third"), _Export("third"))
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"config.json": "third", "model.safetensors": "third"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    (tmp_path / f".final{files.TMP_TAG}12345").mkdir()  # a killed export's temporary folder
+    (tmp_path / f".final{files.TMP_TAG}12345" / "config.json").write_text("half")
+    assert files.clean_stale_tmp(tmp_path) == [f".final{files.TMP_TAG}12345"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

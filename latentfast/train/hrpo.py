@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from latentfast import files
 from latentfast.data import get_reward_funcs, make_arithmetic
 from latentfast.data import prompts as prompting
 from latentfast.data.qa import encode_answers
@@ -143,7 +144,7 @@ class HRPO(Trainer):
                     output_dir=self.out / "sft_warmup", encode=warmup_encoder(c),
                     warmup_ratio=min(1.0, 20 / c.sft_steps), max_length=c.max_prompt_length + c.max_completion_length)
             if self.rank == 0 and c.demo:
-                self.lm.save_pretrained(str(self.out / "base_model"))  # resume needs the warmed-up base
+                files.save_pretrained(self.out / "base_model", self.lm)  # resume needs the warmed-up base
         self.train_rows = load_task_rows(self.task, c.train_data, "train", None, c.seed, c.dataset_root)
         self.eval_rows = [] if not c.eval_size else \
             load_task_rows(self.task, c.eval_data, "test", c.eval_size, c.seed + 10_000, c.dataset_root)  # 0 = none

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from latentfast import files
 from latentfast.data.qa import encode_answers
 from latentfast.data.rows import load_rows
 from latentfast.eval.answers import answer_ce, answer_metrics
@@ -112,8 +113,7 @@ class SFT(Trainer):
 
     def on_train_end(self, result):
         if self.cfg.save_model and self.rank == 0:
-            self.lm.save_pretrained(str(self.out / "model"))
-            self.tok.save_pretrained(str(self.out / "model"))
+            files.save_pretrained(self.out / "model", self.lm, self.tok)
         return result
 
 

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 
 from latentfast.eval.answers import answer_metrics
+from latentfast import files
 from latentfast.hf import adapter
 
 from ..common import SampleStream
@@ -84,8 +85,7 @@ class KVDistill(Trainer):
 
     def on_train_end(self, result):
         if self.rank == 0:
-            self.student.save_pretrained(str(self.out / "student"))
-            self.tok.save_pretrained(str(self.out / "student"))
+            files.save_pretrained(self.out / "student", self.student, self.tok)
         self.distiller.capture.remove()
         return result
 

@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import torch
 
+from latentfast import files
 from latentfast.hf import adapter
 
 from ..config import check, option
@@ -116,8 +117,7 @@ class RLTrainer(Trainer):
 
     def on_train_end(self, result):
         if self.rank == 0:  # the trained model (or adapter) as HF files, as TRL's save_model
-            self.policy.lm.save_pretrained(str(self.out / "final"))
-            self.tok.save_pretrained(str(self.out / "final"))
+            files.save_pretrained(self.out / "final", self.policy.lm, self.tok)
         return result
 
 
