@@ -54,7 +54,7 @@ setup(
             "latentfast-hrpo=latentfast.train.hrpo_config:cli",
             "latentfast-codi=latentfast.train.codi:cli",
             "latentfast-kv-distill=latentfast.train.kv_distill.cli:cli",
-            "latentfast-sft=latentfast.train.sft:cli",
+            "latentfast-sft=latentfast.train.sft_config:cli",
             "latentfast-minimind=latentfast.train.minimind.cli:cli",
             "latentfast-hrpo-eval=latentfast.eval.hrpo:cli",
             "latentfast-kv-cache=latentfast.train.kv_distill.cache:cli",

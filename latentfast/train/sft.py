@@ -1,9 +1,6 @@
-"""Supervised fine-tuning: cross-entropy on the answer tokens of question/answer rows.
-
-    latentfast-sft                                   # embedded demo: tiny model, synthetic arithmetic
-    python -m latentfast.train.sft --model_name /models/Qwen2.5-0.5B --train_data gsm8k_train.jsonl \\
-        --lr 1e-5 --per_device_train_batch_size 8 --num_train_epochs 1
-    torchrun --nproc_per_node 8 -m latentfast.train.sft ...
+"""Supervised fine-tuning: the trainer (``SFT``) and the demos' warm-up (``warm_up``). Its command
+line, flags and defaults are ``sft_config.py`` (``latentfast-sft``; torch-free, so ``--help``
+answers at once); ``python -m latentfast.train.sft`` runs the same ``main``.
 
 The whole trainer is the hooks of ``latentfast.train.loop``. The loss is token-weighted
 over the step (each micro-batch's mean CE weighs by its share of the step's answer
@@ -12,8 +9,6 @@ distillation use ``SFT`` as their warm-up (``SFT(cfg, lm=..., tok=...).fit()``, 
 ``warm_up(...)``), each with its own prompt format through ``encode``.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,32 +20,9 @@ from latentfast.eval.answers import answer_ce, answer_metrics
 from latentfast.hf import adapter
 from latentfast.models.local import load_causal_lm
 
-from .common import SampleStream, check_data_arg, console_entry
-from . import demos
-from .config import demo_preset, option
-from .demos import DEMO_MODEL
-from .loop import TrainConfig, Trainer
-
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    model_name: str = option(DEMO_MODEL, "local HF model path; 'tiny' = embedded demo", aliases=("model_name_or_path",),
-                             path="model", names=(DEMO_MODEL,))
-    train_data: str = option("gsm8k", "JSONL path, 'gsm8k' (shipped sample) or 'synthetic'")
-    eval_data: str = option("gsm8k_test", "JSONL path, 'gsm8k_test' sample, 'synthetic' or 'none'")
-    eval_size: int = option(64, "held-out rows (answer CE and greedy accuracy)", min=0)
-    max_length: int = option(512, "prompt + answer tokens kept", min=2)
-    max_new_tokens: int = option(256, "greedy decoding length at evaluation", min=1)
-    output_dir: str = option("runs/sft", "where checkpoints, metrics.jsonl and the model go")
-    save_model: bool = option(True, "save_pretrained the model (and tokenizer) into output_dir/model at the end")
-
-    def check_cli(self, parser):
-        super().check_cli(parser)
-        if self.full and self.model_name != DEMO_MODEL:
-            parser.error("--full: only for the embedded demo (no --model_name)")
-        check_data_arg(parser, "--train_data", self.train_data)
-        check_data_arg(parser, "--eval_data", self.eval_data, allowed=("none",))
+from .common import SampleStream
+from .loop import Trainer
+from .sft_config import SFTConfig, cli, main
 
 
 class AnswerCE(nn.Module):
@@ -130,10 +102,8 @@ def warm_up(parent, lm, tok, rows, *, steps: int, lr: float, output_dir, name: s
     return trainer.fit()
 
 
-def main(argv=None):
-    cfg = SFTConfig.parse(argv, __doc__)
-    if cfg.model_name == DEMO_MODEL:
-        cfg = cfg.with_preset(demo_preset(demos.SFT, demos.SFT_FULL, cfg.full))
+def run(cfg: SFTConfig) -> dict:
+    """``latentfast-sft``'s run of a parsed config (``sft_config.main``)."""
     res = SFT(cfg).fit()
     if res["final"]:
         print(f"[sft] eval CE {res['final']['eval_ce']:.3f}, accuracy {res['final']['eval_accuracy']:.3f}; "
@@ -141,7 +111,7 @@ def main(argv=None):
     return res
 
 
-cli = console_entry(main)
+__all__ = ["AnswerCE", "SFT", "SFTConfig", "cli", "main", "run", "warm_up"]  # (SFTConfig, main, cli: sft_config's)
 
 
 if __name__ == "__main__":
