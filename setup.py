@@ -52,7 +52,7 @@ setup(
     entry_points={
         "console_scripts": [
             "latentfast-hrpo=latentfast.train.hrpo_config:cli",
-            "latentfast-codi=latentfast.train.codi:cli",
+            "latentfast-codi=latentfast.train.codi_config:cli",
             "latentfast-kv-distill=latentfast.train.kv_distill.cli:cli",
             "latentfast-sft=latentfast.train.sft_config:cli",
             "latentfast-minimind=latentfast.train.minimind.cli:cli",

@@ -12,6 +12,16 @@ TOKEN_NORMALISED = ("dapo", "cispo", "vespo")  # / the global token count
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
                   "apo_down", "discopop")
 
+# CODI's distillation loss (``latentfast.nn.codi``) and the original CODI's datasets, read from local files
+# (``latentfast.train.codi_data.from_original``)
+CODI_DISTILL_LOSS_TYPES = ("smooth_l1", "l2", "l1")
+CODI_DATA_NAMES = {
+    "icot": "zen-E/GSM8k-Aug rows: question, cot ('<<a*b=c>> <<...>>'), answer",
+    "icot-full": "zen-E/GSM8k-Aug-NL rows: question, cot (sentences), answer",
+    "commonsense": "zen-E/CommonsenseQA-GPT4omini rows: question, cot, answer",
+    "gsm8k": "GSM8K rows: question, answer ('... #### N')",
+}
+
 
 def check_dpo_options(loss_type: str, beta: float, label_smoothing: float):
     if loss_type not in DPO_LOSS_TYPES:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentfast.choices import CODI_DISTILL_LOSS_TYPES as LOSS_TYPES  # torch-free: the CLI's choices
 from latentfast.nn.layer_pairs import layer_pairs
 
-LOSS_TYPES = ("smooth_l1", "l2", "l1")
 _LOSS = {"smooth_l1": F.smooth_l1_loss, "l2": F.mse_loss, "l1": F.l1_loss}
 _STD_POWER = {"smooth_l1": 1, "l2": 2, "l1": 1}  # the original divides an l2 loss by the std twice
 

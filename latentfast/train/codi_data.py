@@ -28,6 +28,7 @@ import random
 import torch
 from tqdm.auto import tqdm
 
+from latentfast.choices import CODI_DATA_NAMES
 from latentfast.cli import check_path, cli_parser, finite_float, positive_int
 from latentfast.data import ANSWER_MARKER
 from latentfast.data.rows import load_rows
@@ -109,12 +110,7 @@ def load_hybrid(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------- original CODI data
 # The original CODI (zhenyi4/codi, train.py) reads these from the HF hub; here they are local
 # files the user downloaded (JSON / JSONL with the hub's fields).
-DATA_NAMES = {
-    "icot": "zen-E/GSM8k-Aug rows: question, cot ('<<a*b=c>> <<...>>'), answer",
-    "icot-full": "zen-E/GSM8k-Aug-NL rows: question, cot (sentences), answer",
-    "commonsense": "zen-E/CommonsenseQA-GPT4omini rows: question, cot, answer",
-    "gsm8k": "GSM8K rows: question, answer ('... #### N')",
-}
+DATA_NAMES = CODI_DATA_NAMES  # (defined in latentfast.choices: latentfast-codi --help lists them)
 
 
 def from_original(rows: list[dict], data_name: str, tok, max_token_num: int = 1000,
