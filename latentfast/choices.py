@@ -4,6 +4,9 @@ Each is defined once, here; the modules that implement them import it from here.
 """
 from __future__ import annotations
 
+# weights dtype of a loaded model (the RL trainers' --dtype, teachers.yaml's dtype)
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
 # GRPO family of the fused loss engine (``latentfast.ops.objectives.grpo``)
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "spo")
 TOKEN_NORMALISED = ("dapo", "cispo", "vespo")  # / the global token count
@@ -21,6 +24,12 @@ CODI_DATA_NAMES = {
     "commonsense": "zen-E/CommonsenseQA-GPT4omini rows: question, cot, answer",
     "gsm8k": "GSM8K rows: question, answer ('... #### N')",
 }
+
+# multi-teacher KV distillation (``latentfast.nn.teacher_weighting``, ``latentfast.nn.kv_adapter``)
+TEACHER_WEIGHTING_RULES = ("static", "per_task", "confidence", "entropy", "min_ce", "learned")
+ROUTER_REGULARIZERS = ("load_balance", "entropy", "none")
+ROUTER_SIGNALS = ("kv", "answer_nll", "tag")
+KV_ADAPTERS = ("identity", "linear", "mlp")
 
 
 def check_dpo_options(loss_type: str, beta: float, label_smoothing: float):

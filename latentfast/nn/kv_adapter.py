@@ -20,10 +20,10 @@ from typing import Sequence
 
 from torch import nn
 
+from latentfast.choices import KV_ADAPTERS as ADAPTERS  # torch-free: teachers.yaml's choices
 from latentfast.nn.kv_loss import KVProjection
 from latentfast.nn.layer_pairs import layer_pairs
 
-ADAPTERS = ("identity", "linear", "mlp")
 
 
 def kv_shape(config) -> tuple[int, int]:

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-RULES = ("static", "per_task", "confidence", "entropy", "min_ce", "learned")
-REGULARIZERS = ("load_balance", "entropy", "none")
-ROUTER_SIGNALS = ("kv", "answer_nll", "tag")
+from latentfast.choices import ROUTER_REGULARIZERS as REGULARIZERS  # torch-free: the CLI's choices
+from latentfast.choices import ROUTER_SIGNALS
+from latentfast.choices import TEACHER_WEIGHTING_RULES as RULES
 
 
 def _check_stat(name: str, x: torch.Tensor) -> torch.Tensor:

@@ -19,22 +19,10 @@ import pathlib
 import time
 from types import SimpleNamespace
 
-import torch
-from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer
-
 from latentfast.cli import check_path, cli_parser, finite_float, positive_int
-from latentfast.data import build_tokenizer
-from latentfast.data.kv_cache import KVCacheWriter
-from latentfast.data.rows import load_rows
-from latentfast.models.local import from_local
-from latentfast.models.tiny import tiny_config
-from latentfast.runtime.device import amp_context
 
-from ..common import check_data_arg, console_entry
-from .data import encode
+from ..entry import console_entry
 from .spec import COMPRESSIONS, TeachersConfigError, load_teachers, teacher_paths_error
-from .teachers import Compression, load_teachers_from_config
 
 
 def build_parser():
@@ -64,6 +52,11 @@ def build_parser():
 
 
 def _student_config(args):
+    from transformers import AutoConfig
+
+    from latentfast.models.local import from_local
+    from latentfast.models.tiny import tiny_config
+
     if args.student_layers is not None:
         return SimpleNamespace(num_hidden_layers=args.student_layers)
     if args.model_name == "tiny":
@@ -74,6 +67,8 @@ def _student_config(args):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..common import check_data_arg  # (imports torch: after parsing, never for --help)
+
     check_data_arg(parser, "--dataset_name", args.dataset_name)
     check_path(parser, "--model_name", args.model_name, "model", ("tiny",))
     if not 0.0 <= args.kv_lambda <= 1.0:
@@ -93,6 +88,20 @@ def main(argv=None):
         parser.error(f"{args.teachers} has no teacher with source offline:<dir>; name one with --teacher")
     if args.output_dir and len(names) != 1:
         parser.error("--output_dir needs exactly one --teacher")
+    # the arguments are checked: the teachers' side loads now (--help and argument errors stay light)
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from latentfast.data import build_tokenizer
+    from latentfast.data.kv_cache import KVCacheWriter
+    from latentfast.data.rows import load_rows
+    from latentfast.models.local import from_local
+    from latentfast.runtime.device import amp_context
+
+    from .data import encode
+    from .teachers import Compression, load_teachers_from_config
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = amp_context(device, args.bf16)
     if args.model_name == "tiny":

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from latentfast.nn.teacher_weighting import REGULARIZERS, ROUTER_SIGNALS, RULES
+from latentfast.choices import ROUTER_REGULARIZERS as REGULARIZERS
+from latentfast.choices import ROUTER_SIGNALS
+from latentfast.choices import TEACHER_WEIGHTING_RULES as RULES
 
-from ..common import check_data_arg
-from ..config import Config, check, option
-from ..loop import TrainConfig
+from ..config import Config, TrainConfig, check, option
 from .spec import COMPRESSIONS, TeachersConfigError, load_teachers, teacher_paths_error
 
 DEMO = "tiny"  # --model_name / --teacher_model: the embedded demo's models (latentfast.train.kv_distill.demo)
@@ -104,5 +104,7 @@ class KVDistillConfig(TrainConfig, KVLossConfig, MultiTeacherConfig):
 
     def check_cli(self, parser):
         super().check_cli(parser)
+        from ..common import check_data_arg  # (imports torch: after parsing, never for --help)
+
         check_data_arg(parser, "--dataset_name", self.dataset_name)
         check_data_arg(parser, "--eval_data", self.eval_data)

@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from latentfast.data.rows import load_rows
-from latentfast.models.local import load_causal_lm
 
-from ..sft import warm_up
 from .config import DEMO
 from .spec import TeachersConfig, TeacherSpec
-from .teachers import Teacher, compression_of, online_teacher, single_teacher
+
+if TYPE_CHECKING:
+    from .teachers import Teacher
+
+# the presets are read at parsing (torch-free); the teachers' code loads with the demo's teachers
 
 # the demo teacher: wider/deeper than the tiny student, other KV-head count (exercises the KV adapter)
 DEMO_TEACHER = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=3,
@@ -66,6 +69,11 @@ def held_out(rows: list[dict], eval_rows: list[dict]) -> list[dict]:
 
 def demo_teacher(cfg, tok, student_config, device) -> tuple[list[Teacher], TeachersConfig]:
     """``--teacher_model tiny``: a small teacher, warmed up (SFT on the loop) on ``--dataset_name``."""
+    from latentfast.models.local import load_causal_lm
+
+    from ..sft import warm_up
+    from .teachers import compression_of, online_teacher, single_teacher
+
     tcfg = single_teacher(DEMO)
     _, model = load_causal_lm(DEMO, device, seed=cfg.seed + 1, **DEMO_TEACHER)
     if cfg.teacher_sft_steps:  # it starts random: a short SFT run gives it something to teach
@@ -79,6 +87,11 @@ def demo_teacher(cfg, tok, student_config, device) -> tuple[list[Teacher], Teach
 def demo_teachers(cfg, tok, student_config, rows, device) -> tuple[list[Teacher], TeachersConfig]:
     """``--multi_teacher_demo``: two tiny teachers, each warmed up (SFT on the loop) on one
     reasoning mode of ``rows``."""
+    from latentfast.models.local import load_causal_lm
+
+    from ..sft import warm_up
+    from .teachers import compression_of, online_teacher
+
     specs, teachers = [], []
     for i, (mode, shape) in enumerate(DEMO_TEACHERS.items()):
         spec = TeacherSpec(model=f"{DEMO}:{mode}", name=mode, mode=mode, kv_adapter="linear" if i == 0 else "mlp")

@@ -26,13 +26,13 @@ import dataclasses
 import pathlib
 from dataclasses import dataclass, field
 
-import torch
 import yaml
 
+from latentfast.choices import DTYPE_NAMES
+from latentfast.choices import KV_ADAPTERS as ADAPTERS
 from latentfast.cli import path_error
-from latentfast.nn.kv_adapter import ADAPTERS
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = DTYPE_NAMES
 COMPRESSIONS = ("none", "rkv")
 _TOP_KEYS = ("teachers", "per_task")
 
@@ -62,6 +62,8 @@ class TeacherSpec:
         return ((self.mode,) if self.mode else ()) + tuple(self.tasks)
 
     def torch_dtype(self, device):
+        import torch  # (only when a teacher loads: the command line reads this file torch-free)
+
         if self.dtype == "auto":
             return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
