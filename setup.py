@@ -59,9 +59,9 @@ setup(
             "latentfast-hrpo-eval=latentfast.eval.hrpo:cli",
             "latentfast-kv-cache=latentfast.train.kv_distill.cache:cli",
             "latentfast-diagnose=latentfast.diagnose:main",
-            "latentfast-grpo=latentfast.train.rl.grpo:cli",
-            "latentfast-dpo=latentfast.train.rl.dpo:cli",
-            "latentfast-rloo=latentfast.train.rl.rloo:cli",
+            "latentfast-grpo=latentfast.train.rl.grpo_config:cli",
+            "latentfast-dpo=latentfast.train.rl.dpo_config:cli",
+            "latentfast-rloo=latentfast.train.rl.rloo_config:cli",
             "latentfast-plan=latentfast.train.plan_cli:cli",
         ]
     },

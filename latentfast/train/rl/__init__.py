@@ -1,14 +1,15 @@
 """``latentfast.train.rl``: one RL trainer for any Hugging Face causal LM, on the training loop.
 
-    trainer.py     RLConfig (TRL ModelConfig + HF Trainer defaults), RLTrainer (hooks rollout / score /
-                   advantages / loss), the policy model (LoRA via PEFT)
+    rl_config.py   RLConfig (TRL ModelConfig + HF Trainer defaults), torch-free like every *_config.py: the
+                   command lines parse (--help, argument errors) before their trainer loads
+    trainer.py     RLTrainer (hooks rollout / score / advantages / loss), the policy model (LoRA via PEFT)
     policy.py      the policy protocol: rollout (the decode engine), hidden states, head, reference
     advantages.py  every estimator, named for whose it is (trl_group_zscore, minimind_group_batch_zscore,
                    rloo_baseline, gae, SPOTracker)
     objectives.py  GRPOLoss / DPOLoss: the one place a loss type's options are validated
     data.py        TRL dataset formats (prompt-only, preference; standard or conversational), built-in sets
     rewards.py     module:function reward functions (TRL's signature), reward-model folders, 'accuracy'
-    grpo.py        latentfast-grpo (TRL GRPOConfig's flags)
-    dpo.py         latentfast-dpo (TRL DPOConfig's flags)
-    rloo.py        latentfast-rloo: a new algorithm in one small file (the example to copy)
+    grpo.py        GRPO; grpo_config.py: latentfast-grpo (TRL GRPOConfig's flags)
+    dpo.py         DPO; dpo_config.py: latentfast-dpo (TRL DPOConfig's flags)
+    rloo.py        RLOO; rloo_config.py: latentfast-rloo: a new algorithm in two small files (the example to copy)
 """

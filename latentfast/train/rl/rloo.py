@@ -1,6 +1,6 @@
-"""RLOO (REINFORCE leave-one-out, TRL ``RLOOTrainer``) as a configuration of the GRPO trainer.
-
-    latentfast-rloo --model_name_or_path <folder> --dataset_name arithmetic --use_peft --num_generations 4
+"""RLOO (REINFORCE leave-one-out, TRL ``RLOOTrainer``) as a configuration of the GRPO trainer: the
+trainer. Its command line and TRL RLOOConfig's defaults are ``rloo_config.py`` (``latentfast-rloo``;
+torch-free, so ``--help`` answers at once).
 
 What differs from GRPO, after TRL 1.16: the advantage is the reward minus the mean of the
 other ``num_generations - 1`` samples of its prompt (``advantages.rloo_baseline``), optionally
@@ -11,32 +11,14 @@ PPO's clipped term on the *sequence* log-prob ratio, averaged over sequences
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from latentfast.ops.lm_head_engine import lm_head_logps
 from latentfast.ops.ppo_loss import fused_linear_ppo_sequence_loss
 
-from ..common import console_entry
-from ..config import check, option
 from .advantages import rloo_baseline
-from .grpo import GRPO, GRPOConfig, main as grpo_main
-
-
-@dataclass
-class RLOOConfig(GRPOConfig):
-    """TRL RLOOConfig's defaults where they differ from GRPOConfig's."""
-
-    num_generations: int = 2
-    beta: float = 0.05
-    normalize_advantages: bool = option(False, "z-score the advantages over the batch")
-    output_dir: str = "runs/rloo"
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.epsilon_high in (None, self.epsilon), "epsilon_high", "unset or equal to --epsilon (RLOO's clip "
-              "is symmetric here)", self.epsilon_high)
+from .grpo import GRPO
+from .rloo_config import RLOOConfig, cli, main
 
 
 class RLOO(GRPO):
@@ -77,11 +59,7 @@ class RLOO(GRPO):
         return loss + aux, {**mb["stats"], "ratio_mean": m["ratio_mean"], "clip_ratio": m["clip_frac"]}
 
 
-def main(argv=None):
-    return grpo_main(argv, trainer=RLOO, config=RLOOConfig, doc=__doc__)
-
-
-cli = console_entry(main)
+__all__ = ["RLOO", "RLOOConfig", "cli", "main"]  # (the config and its command line: rloo_config's)
 
 if __name__ == "__main__":
     cli()
