@@ -130,8 +130,8 @@ def test_ppo_value_head_init_mean_reward(tmp_path, mode):
     seen = []
 
     class Spy(ppo.PPO):
-        def score(self, msgs, responses, answers):  # spread rewards (the tiny random model earns none)
-            return torch.linspace(0.5, 2.0, len(responses))
+        def score(self, b):  # spread rewards (the tiny random model earns none)
+            return torch.linspace(0.5, 2.0, len(b["completion_ids"]))
 
         def advantages(self, b):
             out = super().advantages(b)

@@ -9,29 +9,24 @@ Rows ``{"chosen": [msgs], "rejected": [msgs]}``; the loss is on the assistant sp
 ``sum`` is TRL's / the paper's. The mean removes DPO's pull towards longer responses but
 adds a bias of its own: a response's score no longer grows with its length, so among
 responses that share a prefix the shorter one often wins (MiniMind issue #659 reports
-short answers being favoured). ``loss = -logsigmoid(beta ((pi_c - pi_r) - (ref_c - ref_r))).mean() + aux``.
+short answers being favoured). ``loss = -logsigmoid(beta ((pi_c - pi_r) - (ref_c - ref_r))).mean() + aux``:
+``train.rl``'s ``DPOLoss`` (``average_log_prob`` for ``mean``) on the policy's and the frozen
+reference's hidden states, each through its own lm_head.
 """
 from __future__ import annotations
 
-import copy
-
-import torch
-from torch import nn
-
 from latentfast.data import minimind as mmdata
 from latentfast.data import minimind_rl as rldata
-from latentfast.hf.adapter import unwrap
-from latentfast.ops.preference import fused_linear_dpo_loss
+from latentfast.train.rl.objectives import DPOLoss
 
 from ..config import option
-from .common import DEMO, MiniMindArgs, MiniMindTrainer, cli_of, script_defaults, stage_main
+from .common import DEMO, MiniMindArgs, cli_of, script_defaults, stage_main
+from .rl import MiniMindPolicyTrainer
 
 
 @script_defaults(save_weight="dpo", epochs=1.0, batch_size=4, learning_rate=4e-8, accumulation_steps=1,
                  log_interval=100, save_interval=100, max_seq_len=1024, data_path="../dataset/dpo.jsonl",
                  from_weight="full_sft", wandb_project="MiniMind-DPO")
-
-
 class DPOArgs(MiniMindArgs):
     """MiniMind DPO (train_dpo.py defaults)."""
 
@@ -39,20 +34,15 @@ class DPOArgs(MiniMindArgs):
     dpo_logp: str = option("mean", "sequence score: mean token log-prob (MiniMind) or sum (TRL)",
                            choices=("mean", "sum"))
 
+    def __post_init__(self):
+        super().__post_init__()
+        self.objective()
 
-class Hidden(nn.Module):
-    """The module DDP wraps: decoder hidden states (after the final norm) and the MoE aux loss."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, X):
-        out = unwrap(self.lm).model(input_ids=X)
-        return out.last_hidden_state, out.aux_loss
+    def objective(self) -> DPOLoss:
+        return DPOLoss(beta=self.beta, average_log_prob=self.dpo_logp == "mean")
 
 
-class DPO(MiniMindTrainer):
+class DPO(MiniMindPolicyTrainer):
     stage = "dpo"
     config_class = DPOArgs
     data_kind = "dpo"
@@ -62,30 +52,28 @@ class DPO(MiniMindTrainer):
         c = self.cfg
         return rldata.gsm8k_dpo_pairs("train") if c.data_path == DEMO else rldata.read_dpo(c.data_path)
 
+    def setup(self):
+        super().setup()
+        self.loss_fn = self.cfg.objective()
+
     def encode(self, items):
         b = rldata.encode_dpo(self.tok, items, self.cfg.max_seq_len)
         if not self.cfg.use_moe:  # as the SFT stages: cut columns change no loss (the MoE aux counts them)
             b = mmdata.trim_padding(b)
-        return {k: v.to(self.device) for k, v in b.items()}
-
-    def build_model(self):
-        self.lm = self.init_lm(self.cfg.from_weight)
-        self.ref = copy.deepcopy(self.lm).eval().requires_grad_(False)
-        return Hidden(self.lm)
+        b = {k: v.to(self.device) for k, v in b.items()}
+        b["input_ids"] = b["X"]  # whole sequences: the policy returns every position's hidden states
+        return b
 
     def loss(self, b):
-        c = self.cfg
-        mean = c.dpo_logp == "mean"
-        with torch.no_grad():
-            ref_h = unwrap(self.ref).model(input_ids=b["X"]).last_hidden_state
-        h, aux = self.model(b["X"])
+        ref_h = self.reference_hidden(b)
+        h, aux = self.model(b)
         target = b["Y"].masked_fill(b["loss_mask"] == 0, -100)
-        loss, (pc, pr, _, _, _, rc, rr) = fused_linear_dpo_loss(  # the reference's log-probs from its own head
-            h, unwrap(self.lm).lm_head.weight, target, ref_input=ref_h, ref_weight=unwrap(self.ref).lm_head.weight,
-            beta=c.beta, average_log_prob=mean)
-        return loss + aux, {"dpo": loss.detach(), "aux": aux.detach(), "reward_margin": (rc - rr).mean(),
-                            "reward_accuracy": (rc > rr).float().mean(), "chosen_logp": pc.mean(),
-                            "rejected_logp": pr.mean()}
+        W, bias = self.policy.head()
+        ref_w, ref_b = self.policy.reference_head()
+        loss, m = self.loss_fn(h, W, bias, target, ref_hidden=ref_h, ref_weight=ref_w, ref_bias=ref_b)
+        return loss + aux, {"dpo": loss.detach(), "aux": aux.detach(), "reward_margin": m["rewards/margins"],
+                            "reward_accuracy": m["rewards/accuracies"], "chosen_logp": m["logps/chosen"],
+                            "rejected_logp": m["logps/rejected"]}
 
     def log_line(self, row):
         return (f"step {row['step']}/{self.total} loss:{row['loss']:.4f} margin:{row.get('reward_margin', 0):.4f} "

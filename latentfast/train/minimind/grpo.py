@@ -10,7 +10,8 @@ Advantages (``train.rl.advantages.minimind_group_batch_zscore``): ``clamp((r - m
 then a batch z-score. ``--num_generations 1`` (the note's command) has no group spread:
 MiniMind's note-era code turns it into NaN; here the advantages are 0 with a warning (only
 the KL term trains) -- use ``spo`` for one sample per prompt. The loss is
-``GRPOObjective(loss_type)``: ``grpo`` (default) is MiniMind's ``-(exp(lp - lp.detach()) A - beta k3)``,
+``train.rl``'s ``GRPOLoss(loss_type)`` (the one place its options are checked, when the flags
+are parsed): ``grpo`` (default) is MiniMind's ``-(exp(lp - lp.detach()) A - beta k3)``,
 token mean per response (through EOS), then the mean over responses; every GRPO-family
 ``--loss_type`` of the engine is accepted (``cispo`` as MiniMind's newer code, with
 ``--epsilon_high``). One update per rollout, as MiniMind: the ratio is 1 (on-policy).
@@ -19,19 +20,19 @@ from __future__ import annotations
 
 import warnings
 
-from latentfast.ops.grpo_loss import LOSS_TYPES, fused_linear_grpo_loss
 from latentfast.train.rl.advantages import minimind_group_batch_zscore
+from latentfast.train.rl.objectives import GRPO_LOSS_TYPES, GRPOLoss
 
 from ..config import check, option
 from .common import cli_of, script_defaults, stage_main
-from .rl import RLArgs, RLTrainer
+from .rl import MiniMindRL, RLArgs
 
 
 @script_defaults(save_weight="grpo", wandb_project="MiniMind-GRPO")
 class GRPOArgs(RLArgs):
     num_generations: int = option(8, "samples per prompt (1: zero advantages, see spo)")
     beta: float = option(0.02, "k3 KL coefficient to the reference")
-    loss_type: str = option("grpo", "policy term and normalisation", choices=LOSS_TYPES)
+    loss_type: str = option("grpo", "policy term and normalisation", choices=GRPO_LOSS_TYPES)
     epsilon: float = option(0.2, "lower clip (the clipped loss types)")
     epsilon_high: float | None = option(None, "upper clip (default: --epsilon; cispo: its ratio cap, MiniMind 5.0)")
 
@@ -40,9 +41,14 @@ class GRPOArgs(RLArgs):
         check(self.num_generations >= 1, "num_generations", "an integer >= 1", self.num_generations)
         if self.epsilon_high is None:
             self.epsilon_high = 5.0 if self.loss_type == "cispo" else self.epsilon
+        self.objective()  # the loss type's options are checked here, by the objective
+
+    def objective(self) -> GRPOLoss:
+        return GRPOLoss(loss_type=self.loss_type, beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
+                        max_completion_length=self.max_gen_len)
 
 
-class GRPO(RLTrainer):
+class GRPO(MiniMindRL):
     stage = "grpo"
     config_class = GRPOArgs
     wandb_name = "GRPO"
@@ -50,6 +56,7 @@ class GRPO(RLTrainer):
     def setup(self):
         super().setup()
         self.num_generations = self.cfg.num_generations
+        self.loss_fn = self.cfg.objective()
         if self.num_generations == 1:
             warnings.warn("--num_generations 1: GRPO's group advantages are 0, only the KL term trains "
                           "(MiniMind's note-era code gives NaN here); the spo stage is made for one sample per prompt",
@@ -59,13 +66,11 @@ class GRPO(RLTrainer):
         return {"advantages": minimind_group_batch_zscore(b["rewards"], self.num_generations, warn=False)}
 
     def loss(self, b):
-        c = self.cfg
         h, aux = self.policy_hidden(b)
-        loss, m = fused_linear_grpo_loss(h, self.module.head, b["completion_ids"], b["completion_mask"],
-                                         b["advantages"], ref_per_token_logps=b["ref_logps"], beta=c.beta,
-                                         epsilon_low=c.epsilon, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
-                                         max_completion_length=c.max_gen_len)
-        return loss + aux, {"kl": m.kl, "aux": aux.detach(), **self.reward_metrics(b)}
+        W, bias = self.policy.head()
+        loss, m = self.loss_fn(h, W, bias, b["completion_ids"], b["completion_mask"], b["advantages"],
+                               ref=b["ref_logps"])
+        return loss + aux, {"kl": m["kl"], "aux": aux.detach(), **self.reward_metrics(b)}
 
 
 main = stage_main(GRPO, __doc__)

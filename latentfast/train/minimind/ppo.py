@@ -42,16 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentfast.hf.adapter import unwrap
-from latentfast.ops.grpo_loss import fused_linear_grpo_loss
+from latentfast.hf.adapter import run_decoder, unwrap
 from latentfast.ops.lm_head_engine import lm_head_logps
 from latentfast.ops.ppo_loss import fused_linear_ppo_sequence_loss
 from latentfast.runtime import dist
 from latentfast.train.rl.advantages import gae, last_token_rewards, whiten
+from latentfast.train.rl.objectives import GRPOLoss
 
 from ..config import check, option
 from .common import cli_of, script_defaults, stage_main
-from .rl import RLArgs, RLTrainer, completion_hidden, decode_prompt_completion
+from .rl import MiniMindRL, RLArgs, completion_hidden
 
 
 @script_defaults(save_weight="ppo_actor", wandb_project="MiniMind-PPO")
@@ -79,6 +79,19 @@ class PPOArgs(RLArgs):
         check(self.ppo_update_iters >= 1, "ppo_update_iters", "an integer >= 1", self.ppo_update_iters)
         check(self.mini_batch_size >= 1, "mini_batch_size", "an integer >= 1", self.mini_batch_size)
         check(0 < self.clip_epsilon < 1, "clip_epsilon", "a number in (0, 1)", self.clip_epsilon)
+        self.objective()
+
+    def objective(self) -> GRPOLoss:
+        """--ppo_mode gae's token-level clipped loss + k3 KL (bnpo: the token mean over the minibatch)."""
+        return GRPOLoss(loss_type="bnpo", beta=self.kl_coef, epsilon=self.clip_epsilon, epsilon_high=self.clip_epsilon)
+
+
+def decode_prompt_completion(transformer, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """One call of ``transformer`` (a decoder: embeddings, blocks, final norm) over prompt +
+    completion, positions from the joined mask; its HF output (``last_hidden_state`` (B, P + C, H))."""
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    return run_decoder(None, transformer.get_input_embeddings()(ids), mask, transformer=transformer)
 
 
 class Critic(nn.Module):
@@ -105,13 +118,10 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.lm, self.critic, self.old = lm, critic, old
 
-    @property
-    def head(self) -> torch.Tensor:
-        return unwrap(self.lm).lm_head.weight
-
-    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        h, aux = completion_hidden(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask)
-        return h, aux, self.critic(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    def forward(self, b: dict):
+        x = b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"]
+        h, aux = completion_hidden(self.lm, *x)
+        return h, aux, self.critic(*x)
 
 
 def last_index_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -125,7 +135,7 @@ def token_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values[:, :-1] * mask
 
 
-class PPO(RLTrainer):
+class PPO(MiniMindRL):
     stage = "ppo"
     config_class = PPOArgs
     wandb_name = "PPO"
@@ -136,6 +146,7 @@ class PPO(RLTrainer):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.rollouts, self._plan, self._exp, self._stop, self._head_ready = 0, [], None, False, False
+        self.loss_fn = self.cfg.objective()
 
     # ---------------------------------------------------------------- models
     def policy_module(self):
@@ -204,8 +215,7 @@ class PPO(RLTrainer):
         c = self.cfg
         if not self._plan or self._stop:
             rows = self.micro_items(self.stream, self.rollouts, 0, c.per_device_train_batch_size)
-            b = self.rollout(rows, self.rollouts, 0)
-            b.update(self.advantages(b))
+            b = self.experience(rows, self.rollouts * 64)
             self._exp, self._stop = b, False
             g = torch.Generator().manual_seed(c.seed + self.rollouts)
             B = b["rewards"].numel()
@@ -218,21 +228,19 @@ class PPO(RLTrainer):
     # ---------------------------------------------------------------- loss
     def loss(self, b):
         c = self.cfg
-        h, aux, values = self.model(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
+        h, aux, values = self.model(b)
+        W, bias = self.policy.head()
         mask = b["completion_mask"].float()
         if c.ppo_mode == "sequence":
-            pg, m = fused_linear_ppo_sequence_loss(h, self.module.head, b["completion_ids"], b["completion_mask"],
-                                                   b["advantages"], old_logps=b["old_logps"],
+            pg, m = fused_linear_ppo_sequence_loss(h, W, b["completion_ids"], b["completion_mask"], b["advantages"],
+                                                   bias, old_logps=b["old_logps"],
                                                    ref_logps=(b["ref_logps"] * mask).sum(1),
                                                    clip_epsilon=c.clip_epsilon, kl_coef=c.kl_coef)
             value_loss = F.mse_loss(last_index_values(values, mask), b["rewards"])
             met = {"policy_loss": m["policy_loss"], "kl_ref": m["kl_ref"], "clip_frac": m["clip_frac"]}
         else:
-            pg, m, lp = fused_linear_grpo_loss(h, self.module.head, b["completion_ids"], b["completion_mask"],
-                                               b["advantages"], old_per_token_logps=b["old_logps"],
-                                               ref_per_token_logps=b["ref_logps"], beta=c.kl_coef,
-                                               epsilon_low=c.clip_epsilon, epsilon_high=c.clip_epsilon,
-                                               loss_type="bnpo", return_logps=True)
+            pg, m, lp = self.loss_fn(h, W, bias, b["completion_ids"], b["completion_mask"], b["advantages"],
+                                     ref=b["ref_logps"], old=b["old_logps"], return_logps=True)
             n = mask.sum().clamp(min=1.0)
             approx_kl = dist.all_mean({"k": float((0.5 * (lp - b["old_logps"]) ** 2 * mask).sum() / n)},
                                       self.device)["k"]
@@ -242,7 +250,7 @@ class PPO(RLTrainer):
             clipped = torch.clamp(values, b["old_values"] - c.cliprange_value, b["old_values"] + c.cliprange_value)
             value_loss = 0.5 * (torch.max((values - b["returns"]) ** 2, (clipped - b["returns"]) ** 2)
                                 * mask).sum() / n
-            met = {"approx_kl": approx_kl, "kl_ref": m.kl, "clip_frac": m.clip_ratio_region}
+            met = {"approx_kl": approx_kl, "kl_ref": m["kl"], "clip_frac": m["clip_ratio_region"]}
         loss = pg + c.vf_coef * value_loss + aux
         if self._stop and c.ppo_mode == "gae":
             loss = loss * 0.0

@@ -1,11 +1,12 @@
-"""What MiniMind's RL stages (``ppo``, ``grpo``, ``spo``) share: prompts, rollouts, rewards,
-the frozen reference and the fused per-token log-probs.
+"""MiniMind's RL stages (``dpo``, ``ppo``, ``grpo``, ``spo``) as configurations of ``train.rl``'s
+``RLTrainer``: the MiniMind model is a ``CausalLMPolicy`` (``MiniMindPolicyTrainer``); the
+rollout stages share prompts, rollouts and rewards here (``MiniMindRL``).
 
-Each optimizer step, per micro-batch (``batches``), in MiniMind's order:
+Each optimizer step, per micro-batch (``batches`` -> ``RLTrainer.experience``), in MiniMind's order:
 
     prompts     RLAIF rows -> the chat turns before the placeholder answer, rendered with the
                 generation prompt, the last ``--max_seq_len`` tokens kept, left-padded
-    rollout     ``latentfast.generation.generate`` (static cache, one fixed-shape step;
+    rollout     ``policy.rollout``: the decode engine (static cache, one fixed-shape step;
                 ``--max_gen_len``, ``--temperature`` 0.8, ``--top_p``); the generator is seeded by
                 (seed, step, rank), so a resumed run draws the same samples
     rewards     scored *first* (reward model and rules), before any policy/reference forward:
@@ -22,7 +23,6 @@ rewards; the reward model's score clipped to +-3 (with reasoning 0.4 full + 0.6 
 """
 from __future__ import annotations
 
-import copy
 import pathlib
 
 import torch
@@ -32,12 +32,10 @@ from latentfast.data import minimind_rl as rldata
 from latentfast.data.minimind import write_jsonl
 from latentfast.data.reward_model import RewardModel, answer_span, minimind_rewards
 from latentfast.data.rewards import normalize_number
-from latentfast.generation import eos_token_ids, generate
-from latentfast.hf.adapter import decoder, run_decoder, unwrap
-from latentfast.ops.lm_head_engine import lm_head_logps
-from latentfast.train.common import SampleStream
 
 from ..config import check, option, path_error
+from ..rl.policy import CausalLMPolicy, Sampling, completion_hidden
+from ..rl.trainer import RLTrainer
 from .common import DEMO, MiniMindArgs, MiniMindTrainer, is_demo, run_stage, script_defaults, weight_path
 from .distill_reason import DistillReason
 from .full_sft import FullSFT
@@ -102,50 +100,34 @@ class RLArgs(MiniMindArgs):
         return [] if self.rule_rewards in ("", "none") else self.rule_rewards.split(",")
 
 
-class CompletionHidden(nn.Module):
-    """The module DDP wraps: the decoder over prompt + completion (positions from the mask)
-    and the hidden states at the positions that predict each completion token, (B, C, H),
-    with the MoE aux loss. ``head`` is the lm_head weight (tied to the embeddings)."""
+class MiniMindPolicyTrainer(MiniMindTrainer, RLTrainer):
+    """A MiniMind stage on ``train.rl``'s ``RLTrainer``: the policy is the ``--from_weight``
+    MiniMind model as a ``CausalLMPolicy`` (the frozen copy of the start weights is the
+    reference); MiniMind's flags, weight files, checkpoints and logging stay ``MiniMindTrainer``'s."""
 
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
+    def make_policy(self) -> CausalLMPolicy:
+        return CausalLMPolicy(self.init_lm(self.cfg.from_weight), self.tok, reference="copy")
 
-    @property
-    def head(self) -> torch.Tensor:
-        return unwrap(self.lm).lm_head.weight
+    def build_model(self):
+        self.policy = self.make_policy()
+        self.lm, self.ref = self.policy.lm, self.policy._ref.lm
+        return self.policy_module()
 
-    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        return completion_hidden(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask)
-
-
-def decode_prompt_completion(transformer, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """One call of ``transformer`` (a decoder: embeddings, blocks, final norm) over prompt +
-    completion, positions from the joined mask; its HF output (``last_hidden_state`` (B, P + C, H))."""
-    ids = torch.cat([prompt_ids, completion_ids], 1)
-    mask = torch.cat([prompt_mask, completion_mask], 1)
-    return run_decoder(None, transformer.get_input_embeddings()(ids), mask, transformer=transformer)
+    def policy_module(self) -> nn.Module:
+        return self.policy.module
 
 
-def completion_hidden(lm, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """The hidden states that predict each completion token (B, C, H) and the MoE aux loss."""
-    out = decode_prompt_completion(decoder(lm), prompt_ids, prompt_mask, completion_ids, completion_mask)
-    P = prompt_ids.shape[1]
-    h = out.last_hidden_state[:, P - 1:-1]
-    aux = getattr(out, "aux_loss", None)
-    return h, (aux if aux is not None else h.new_zeros(()))
-
-
-class RLTrainer(MiniMindTrainer):
-    """Base of ppo / grpo / spo: ``batches`` does prompts -> rollout -> rewards -> reference
-    log-probs -> ``advantages(micro)``; subclasses write ``advantages`` and ``loss``."""
+class MiniMindRL(MiniMindPolicyTrainer):
+    """Base of ppo / grpo / spo: each micro-batch is ``experience`` (``RLTrainer``'s hooks in
+    order: ``rollout`` -> ``score`` -> reference log-probs -> ``advantages``); subclasses write
+    ``advantages`` and ``loss``."""
 
     config_class = RLArgs
     data_kind = "rlaif"
     num_generations = 1  # samples per prompt (grpo: --num_generations)
     demo_reward_model = True
 
-    # ---------------------------------------------------------------- data, reward model, reference
+    # ---------------------------------------------------------------- data, reward model
     def load_rows(self):
         c = self.cfg
         if c.data_path == DEMO:
@@ -210,64 +192,47 @@ class RLTrainer(MiniMindTrainer):
             save_weight=c.from_weight, max_steps=WARMUP_SFT_STEPS, data_path=data, max_seq_len=256,
             device=str(self.device), dtype=c.dtype, save_interval=0, **extra))
 
-    def build_model(self):
-        c = self.cfg
-        self.lm = self.init_lm(c.from_weight)
-        self.ref = copy.deepcopy(self.lm).eval().requires_grad_(False)  # frozen reference = the start weights
-        self.eos = eos_token_ids(self.tok, unwrap(self.lm))
-        return self.policy_module()
-
-    def policy_module(self) -> nn.Module:
-        return CompletionHidden(self.lm)
-
-    # ---------------------------------------------------------------- one micro-batch of experience
-    @torch.no_grad()
-    def rollout(self, rows: list[dict], step: int, m: int) -> dict:
+    # ---------------------------------------------------------------- RLTrainer's hooks
+    def rollout(self, rows: list[dict], round_: int) -> dict:
+        """Prompts -> ``num_generations`` sampled completions each (the decode engine through the
+        policy); the generator is seeded by (seed, round, rank), so a resumed run draws the same."""
         c, G = self.cfg, self.num_generations
         msgs = [rldata.rlaif_messages(r["conversations"]) for r in rows]
         ids, mask = rldata.encode_prompts(self.tok, [rldata.rlaif_prompt(self.tok, x) for x in msgs], c.max_seq_len,
                                           self.device)
         ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
-        gen = torch.Generator(device=self.device).manual_seed(c.seed * 1_000_003 + (step * 64 + m) * self.world
-                                                              + self.rank)
-        lm = unwrap(self.lm)
-        was_training = lm.training
-        lm.eval()
-        ro = generate(lm, ids, mask, c.max_gen_len, eos_token_id=self.eos, pad_token_id=self.tok.pad_token_id,
-                      do_sample=True, temperature=c.temperature, top_p=c.top_p, generator=gen)
-        lm.train(was_training)
-        cids, cmask = ro.completion_ids, ro.completion_mask
-        responses = self.tok.batch_decode(cids.masked_fill(cmask == 0, self.tok.pad_token_id),
-                                          skip_special_tokens=True)
-        rewards = self.score(msgs, responses, [r.get("answer") for r in rows]).to(self.device)  # before any forward
-        b = dict(prompt_ids=ids, prompt_mask=mask, completion_ids=cids, completion_mask=cmask, rewards=rewards,
-                 response_len=cmask.sum(1).float())
-        with self.amp():
-            h, _ = completion_hidden(self.ref, ids, mask, cids, cmask)
-            b["ref_logps"] = lm_head_logps(h, unwrap(self.ref).lm_head.weight, cids, mask=cmask)[0]
-        return b
+        gen = torch.Generator(device=self.device).manual_seed(c.seed * 1_000_003 + round_ * self.world + self.rank)
+        ro = self.policy.rollout(ids, mask, Sampling(c.max_gen_len, c.temperature, c.top_p), generator=gen)
+        cmask = ro.completion_mask
+        return dict(prompt_ids=ids, prompt_mask=mask, completion_ids=ro.completion_ids, completion_mask=cmask,
+                    response_len=cmask.sum(1).float(), messages=msgs, answers=[r.get("answer") for r in rows])
 
-    def score(self, msgs, responses, answers) -> torch.Tensor:
+    def score(self, b: dict) -> torch.Tensor:
+        """MiniMind's rewards (reward model, format/tag rules with --reasoning 1) + --rule_rewards."""
         c, G = self.cfg, self.num_generations
-        r = minimind_rewards(msgs, responses, self.reward_model, reasoning=bool(c.reasoning), num_generations=G)
+        cids = b["completion_ids"].masked_fill(b["completion_mask"] == 0, self.tok.pad_token_id)
+        responses = self.tok.batch_decode(cids, skip_special_tokens=True)
+        r = minimind_rewards(b["messages"], responses, self.reward_model, reasoning=bool(c.reasoning),
+                             num_generations=G)
         if "answer" in c.rules:
-            r = r + torch.tensor(answer_reward(responses, [a for a in answers for _ in range(G)]))
-        return r
+            r = r + torch.tensor(answer_reward(responses, [a for a in b["answers"] for _ in range(G)]))
+        return r.to(self.device)
+
+    def experience(self, rows: list, round_: int) -> dict:
+        b = super().experience(rows, round_)
+        del b["messages"], b["answers"]  # the micro-batch holds tensors only
+        return b
 
     def batches(self, step):
         B = self.cfg.per_device_train_batch_size
-        out = []
-        for m in range(self.cfg.gradient_accumulation_steps):
-            b = self.rollout(self.micro_items(self.stream, step, m, B), step, m)
-            b.update(self.advantages(b))
-            out.append(b)
-        return out
+        return [self.experience(self.micro_items(self.stream, step, m, B), step * 64 + m)
+                for m in range(self.cfg.gradient_accumulation_steps)]
 
-    def advantages(self, b: dict) -> dict:
+    def advantages(self, b: dict):
         raise NotImplementedError
 
     def policy_hidden(self, b):
-        return self.model(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
+        return self.model(b)
 
     def reward_metrics(self, b) -> dict:
         return {"reward": b["rewards"].mean(), "response_len": b["response_len"].mean()}
@@ -294,4 +259,4 @@ def tiny_reward_model(path: pathlib.Path, tok) -> pathlib.Path:
     return path
 
 
-__all__ = ["RLArgs", "RLTrainer", "CompletionHidden", "completion_hidden", "decode_prompt_completion", "answer_reward", "tiny_reward_model"]
+__all__ = ["MiniMindPolicyTrainer", "MiniMindRL", "RLArgs", "answer_reward", "completion_hidden", "tiny_reward_model"]

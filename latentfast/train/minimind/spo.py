@@ -11,18 +11,18 @@ clip_lower, clip_upper)`` from the step's mean response log-prob ``m`` and
 ``alpha <- rho alpha + mean((r + 3) / 6)``, ``beta <- rho beta + 1 - mean(...)``. Under DDP the
 step's means are averaged over ranks first, so every rank holds the same tracker (MiniMind
 keeps one per rank). Its state is saved with checkpoints and restored by ``--from_resume 1``.
-Loss: ``-lp A + beta k3`` token mean per response, then the mean (``GRPOObjective("spo")``).
+Loss: ``-lp A + beta k3`` token mean per response, then the mean (``train.rl``'s ``GRPOLoss("spo")``).
 """
 from __future__ import annotations
 
 import math
 
-from latentfast.ops.grpo_loss import fused_linear_grpo_loss
 from latentfast.train.rl.advantages import SPOTracker
+from latentfast.train.rl.objectives import GRPOLoss
 
 from ..config import option
 from .common import cli_of, script_defaults, stage_main
-from .rl import RLArgs, RLTrainer
+from .rl import MiniMindRL, RLArgs
 
 
 @script_defaults(save_weight="spo", learning_rate=1e-7, accumulation_steps=4, wandb_project="MiniMind-SPO")
@@ -34,8 +34,15 @@ class SPOArgs(RLArgs):
     clip_lower: float = option(0.5, "lower bound of rho")
     clip_upper: float = option(0.96, "upper bound of rho")
 
+    def __post_init__(self):
+        super().__post_init__()
+        self.objective()
 
-class SPO(RLTrainer):
+    def objective(self) -> GRPOLoss:
+        return GRPOLoss(loss_type="spo", beta=self.beta)
+
+
+class SPO(MiniMindRL):
     stage = "spo"
     config_class = SPOArgs
     wandb_name = "SPO"
@@ -44,17 +51,18 @@ class SPO(RLTrainer):
         super().setup()
         c = self.cfg
         self.tracker = SPOTracker(c.rho_mode, c.rho_const, c.D_half, c.clip_lower, c.clip_upper)
+        self.loss_fn = c.objective()
 
     def advantages(self, b):
         return {"advantages": self.tracker.advantages(b["rewards"]), "baseline": self.tracker.baseline()}
 
     def loss(self, b):
         h, aux = self.policy_hidden(b)
-        loss, m, lp = fused_linear_grpo_loss(h, self.module.head, b["completion_ids"], b["completion_mask"],
-                                             b["advantages"], ref_per_token_logps=b["ref_logps"], beta=self.cfg.beta,
-                                             loss_type="spo", return_logps=True)
+        W, bias = self.policy.head()
+        loss, m, lp = self.loss_fn(h, W, bias, b["completion_ids"], b["completion_mask"], b["advantages"],
+                                   ref=b["ref_logps"], return_logps=True)
         mask = b["completion_mask"].float()
-        return loss + aux, {"kl": m.kl, "aux": aux.detach(), "baseline": b["baseline"],
+        return loss + aux, {"kl": m["kl"], "aux": aux.detach(), "baseline": b["baseline"],
                             "logp_mean": (lp * mask).sum() / mask.sum().clamp(min=1.0),
                             "reward_norm": self.tracker.normalise(b["rewards"]).mean(),
                             **self.reward_metrics(b)}

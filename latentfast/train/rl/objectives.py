@@ -59,11 +59,13 @@ class GRPOLoss:
         """The loss divides by the step's completion tokens (micro-batch losses add up)."""
         return self.loss_type in TOKEN_NORMALISED
 
-    def __call__(self, hidden, weight, bias, ids, mask, advantages, *, ref=None, old=None, num_items_in_batch=None):
+    def __call__(self, hidden, weight, bias, ids, mask, advantages, *, ref=None, old=None, num_items_in_batch=None,
+                 return_logps: bool = False):
+        """``(loss, metrics)``; with ``return_logps`` also the policy's (B, C) per-token log-probs."""
         from latentfast.ops.grpo_loss import fused_linear_grpo_loss
 
         eps_high = self.epsilon_high if self.epsilon_high is not None else self.epsilon
-        loss, m = fused_linear_grpo_loss(
+        out = fused_linear_grpo_loss(
             hidden, weight, ids, mask, advantages, bias, ref_per_token_logps=ref if self.beta else None,
             old_per_token_logps=old, beta=self.beta, epsilon_low=self.epsilon, epsilon_high=eps_high,
             loss_type=self.loss_type, max_completion_length=self.max_completion_length,
@@ -71,8 +73,9 @@ class GRPOLoss:
             delta=self.delta, use_bias_correction_kl=self.use_bias_correction_kl,
             top_entropy_quantile=self.top_entropy_quantile, num_items_in_batch=num_items_in_batch,
             sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
-            off_policy_mask_threshold=self.off_policy_mask_threshold, entropy_coef=self.entropy_coef)
-        return loss, dict(m._asdict())
+            off_policy_mask_threshold=self.off_policy_mask_threshold, entropy_coef=self.entropy_coef,
+            return_logps=return_logps)
+        return (out[0], dict(out[1]._asdict()), *out[2:])
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class DPOLoss:
     label_smoothing: float = 0.0
     rpo_alpha: float | None = None
     discopop_tau: float = 0.05
+    average_log_prob: bool = False  # a response's score: mean token log-prob (MiniMind) instead of the sum
 
     def __post_init__(self):
         check(self.loss_type in DPO_LOSS_TYPES, "loss_type", f"one of {DPO_LOSS_TYPES}", self.loss_type)
@@ -93,13 +97,16 @@ class DPOLoss:
         except ValueError as e:
             raise ValueError(f"--loss_type {self.loss_type}: {e}") from None
 
-    def __call__(self, hidden, weight, bias, target, ref_chosen=None, ref_rejected=None):
-        """``hidden`` (2B, T, H) chosen rows then rejected rows; ``target`` -100 outside the responses."""
+    def __call__(self, hidden, weight, bias, target, ref_chosen=None, ref_rejected=None, *, ref_hidden=None,
+                 ref_weight=None, ref_bias=None):
+        """``hidden`` (2B, T, H) chosen rows then rejected rows; ``target`` -100 outside the responses.
+        The reference: its log-probs (``ref_chosen``/``ref_rejected``), or its hidden states and head."""
         from latentfast.ops.preference import fused_linear_dpo_loss
 
         loss, aux = fused_linear_dpo_loss(
-            hidden, weight, target, bias, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
-            use_ref_model=ref_chosen is not None, beta=self.beta, loss_type=self.loss_type,
+            hidden, weight, target, bias, ref_hidden, ref_weight, ref_bias, ref_chosen_logps=ref_chosen,
+            ref_rejected_logps=ref_rejected, use_ref_model=ref_chosen is not None or ref_hidden is not None,
+            average_log_prob=self.average_log_prob, beta=self.beta, loss_type=self.loss_type,
             label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
             compute_nll_loss=self.rpo_alpha is not None,
             alpha=self.rpo_alpha if self.rpo_alpha is not None else 1.0)

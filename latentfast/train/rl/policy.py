@@ -5,13 +5,14 @@ causal LM (plain or PEFT-wrapped).
     policy.module                                        nn.Module the loop wraps (DDP/FSDP) and trains;
                                                          its forward(batch) -> (hidden (B, C, H), aux)
     policy.head() -> (weight, bias)                      the lm_head for the fused losses (no logits)
+    policy.reference_head() -> (weight, bias)            the reference's lm_head (a frozen copy has its own)
     policy.reference() -> context | None                 where ``module`` computes the reference: the base
                                                          with the LoRA adapter disabled (no second copy, as
                                                          TRL), a frozen copy without LoRA, None for beta = 0
 
 ``hidden`` returns the final hidden states at the positions that *predict* each completion
 token, so ``fused_linear_*_loss(hidden, *head(), completion_ids, ...)`` never builds the
-(B, C, V) logits.
+(B, C, V) logits; a batch with ``input_ids`` gets every position's hidden states (B, T, H).
 """
 from __future__ import annotations
 
@@ -59,6 +60,11 @@ class CompletionHidden(nn.Module):
         self.lm = lm
 
     def forward(self, batch: dict):
+        if "input_ids" in batch:  # whole sequences (losses on spans inside them, e.g. multi-turn DPO)
+            out = decoder(self.lm)(input_ids=batch["input_ids"])
+            aux = getattr(out, "aux_loss", None)
+            h = out.last_hidden_state
+            return h, (aux if aux is not None else h.new_zeros(()))
         return completion_hidden(self.lm, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
                                  batch["completion_mask"])
 
@@ -94,6 +100,12 @@ class CausalLMPolicy:
 
     def head(self):
         return lm_head_weight(self.lm), lm_head_bias(self.lm)
+
+    def reference_head(self):
+        """The reference's lm_head: the frozen copy's own (the policy's head moves when it trains), else ``head()``."""
+        if self.ref_kind == "copy":
+            return lm_head_weight(self._ref.lm), lm_head_bias(self._ref.lm)
+        return self.head()
 
     def reference(self):
         """``with policy.reference() as ref: h, _ = ref(batch)`` (no grad); None: no reference."""

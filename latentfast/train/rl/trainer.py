@@ -21,6 +21,7 @@ import torch
 from latentfast import files
 from latentfast.choices import DTYPE_NAMES
 from latentfast.hf import adapter
+from latentfast.ops.lm_head_engine import lm_head_logps
 
 from ..loop import Trainer
 from .policy import CausalLMPolicy
@@ -56,12 +57,16 @@ class RLTrainer(Trainer):
     def needs_reference(self) -> bool:
         return True
 
-    def build_model(self):
+    def make_policy(self):
+        """The policy this run trains (a family with its own weights, e.g. MiniMind, overrides this)."""
         self.tok, lm = load_policy_model(self.cfg, self.device)
         ref = None
         if self.needs_reference():
             ref = "adapter" if self.cfg.use_peft else "copy"
-        self.policy = CausalLMPolicy(lm, self.tok, reference=ref)
+        return CausalLMPolicy(lm, self.tok, reference=ref)
+
+    def build_model(self):
+        self.policy = self.make_policy()
         return self.policy.module
 
     def reference_hidden(self, batch: dict):
@@ -71,6 +76,29 @@ class RLTrainer(Trainer):
             return None
         with ctx as ref, self.amp():
             return ref(batch)[0]
+
+    def reference_logps(self, batch: dict, temperature: float = 1.0):
+        """(B, C) per-token reference log-probs through the reference's own head (no grad), or None."""
+        ctx = self.policy.reference()
+        if ctx is None:
+            return None
+        with ctx as ref, self.amp():
+            W, bias = self.policy.reference_head()
+            return lm_head_logps(ref(batch)[0], W, batch["completion_ids"], bias, temperature,
+                                 batch["completion_mask"])[0]
+
+    def experience(self, rows: list, round_: int) -> dict:
+        """One batch of experience in the hooks' order: ``rollout``, ``score`` (before any training
+        forward, so a reward model's activations are gone first), the reference's per-token
+        log-probs (``ref_logps``, when ``needs_reference``), then ``advantages`` (a tensor, or a
+        dict of extra fields such as PPO's returns)."""
+        b = self.rollout(rows, round_)
+        b["rewards"] = self.score(b)
+        if self.needs_reference():
+            b["ref_logps"] = self.reference_logps(b)
+        a = self.advantages(b)
+        b.update(a if isinstance(a, dict) else {"advantages": a})
+        return b
 
     def on_train_end(self, result):
         if self.rank == 0:  # the trained model (or adapter) as HF files, as TRL's save_model
