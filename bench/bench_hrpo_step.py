@@ -24,10 +24,11 @@ from measure import compare
 
 from latentfast.data import build_tokenizer
 from latentfast.models import HybridConfig, HybridThinkingLM, build_tiny_causal_lm, generate
-from latentfast.models.grpo import grpo_loss
 from latentfast.reference.grpo_loss import grpo_loss as eager_grpo_loss
+from latentfast.train.rl.objectives import GRPOLoss
 
 LOSS = dict(beta=0.005, loss_type="grpo")
+FUSED = GRPOLoss(**LOSS)  # HRPO's objective (latentfast-hrpo's defaults)
 
 
 def _model(device, size, lora_rank, dtype):
@@ -65,9 +66,9 @@ def _train_step(m, batch, adv, ref, mode, amp):
             loss, _ = eager_grpo_loss(hidden, m.lm_head_weight(), batch["completion_ids"], batch["completion_mask"],
                                       adv, ref_per_token_logps=ref, **LOSS)
         else:
-            hidden, _ = m.completion_hidden(batch, mode)
-            loss, _ = grpo_loss(hidden, m.lm_head_weight(), batch["completion_ids"], batch["completion_mask"], adv,
-                                ref_per_token_logps=ref, **LOSS)
+            hidden, _ = m(batch, recompute=mode)
+            loss, _ = FUSED(hidden, m.lm_head_weight(), m.lm_head_bias(), batch["completion_ids"],
+                            batch["completion_mask"], adv, ref=ref)
     loss.backward()
     for p in m.parameters():
         p.grad = None

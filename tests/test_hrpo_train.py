@@ -79,6 +79,53 @@ def test_group_advantages():
     assert torch.all(adv[4:] == 0)  # no signal in a uniform group
 
 
+@pytest.mark.parametrize("loss_type", hrpo.LOSS_TYPES)
+def test_hrpo_objective_is_the_loss_the_model_used_to_compute(loss_type):
+    """The loss left the model: HRPOConfig's objective on HybridThinkingLM's hidden states equals, bit for
+    bit (values and gradients), the fused op as HybridThinkingLM.forward called it with the recipe's options."""
+    from latentfast.data import build_tokenizer, format_prompt, make_arithmetic
+    from latentfast.generation import generate
+    from latentfast.models import HybridThinkingLM, build_tiny_causal_lm
+    from latentfast.ops.grpo_loss import fused_linear_grpo_loss
+
+    level = ["--importance_sampling_level", "sequence"] if loss_type == "luspo" else []
+    c = hrpo.parse_args(["--loss_type", loss_type, "--max_completion_length", "12", "--beta", "0.04"] + level)
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    m = HybridThinkingLM(build_tiny_causal_lm(tok)).add_lora(4)
+    enc = tok([format_prompt(r["question"]) for r in make_arithmetic(4, seed=1)], return_tensors="pt", padding=True)
+    ro = generate(m, enc.input_ids, enc.attention_mask, 12, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, marker_ids=[tok.answer_marker_id], do_sample=True, temperature=1.0,
+                  generator=torch.Generator().manual_seed(0))
+    b = ro.as_batch()
+    with m.reference():
+        ref = m.per_token_logps(b) - 0.1
+    old = m.per_token_logps(b) + 0.05 * torch.randn(b["completion_ids"].shape)
+    adv, n = torch.randn(4), int(b["completion_mask"].sum())
+
+    def run(new):
+        m.zero_grad(set_to_none=True)
+        if new:
+            hidden, aux = m(b)
+            loss, _ = c.objective()(hidden, m.lm_head_weight(), m.lm_head_bias(), b["completion_ids"],
+                                    b["completion_mask"], adv, ref=ref, old=old, num_items_in_batch=n)
+            loss = loss + aux
+        else:
+            hidden, _ = m.completion_hidden(b)
+            loss, _ = fused_linear_grpo_loss(
+                hidden, m.lm_head_weight(), b["completion_ids"], b["completion_mask"], adv, m.lm_head_bias(), ref,
+                old, beta=c.beta, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
+                importance_sampling_level=c.importance_sampling_level, max_completion_length=c.max_completion_length,
+                temperature=1.0, num_items_in_batch=n)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+    (l_new, g_new), (l_old, g_old) = run(True), run(False)
+    assert torch.equal(l_new, l_old) and g_new.keys() == g_old.keys() and g_new
+    for k in g_new:
+        assert torch.equal(g_new[k], g_old[k]), k
+
+
 def test_demo_presets_only_fill_unset_args(tmp_path):
     args = hrpo.parse_args(["--lr", "1e-5"])
     assert args.demo and args.lr == 1e-5 and args.group_size == demos.HRPO["group_size"]

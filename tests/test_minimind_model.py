@@ -301,6 +301,7 @@ def test_hybrid_thinking_lm_over_minimind():
     reproduces the greedy rollout, and the GRPO loss backpropagates into LoRA + HRPO modules."""
     from latentfast.data import build_tokenizer, format_prompt, make_arithmetic
     from latentfast.models import HybridThinkingLM, generate
+    from latentfast.train.rl.objectives import GRPOLoss
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -318,8 +319,10 @@ def test_hybrid_thinking_lm_over_minimind():
     assert int(ro.thinking_mask.sum()) > 0
     assert torch.equal((hidden @ m.lm_head_weight().T).argmax(-1)[keep], batch["completion_ids"][keep])
     m.train()
-    loss, _ = m(batch, torch.randn(3))
-    loss.backward()
+    hidden, aux = m(batch)
+    loss, _ = GRPOLoss(loss_type="grpo")(hidden, m.lm_head_weight(), m.lm_head_bias(), batch["completion_ids"],
+                                         batch["completion_mask"], torch.randn(3))
+    (loss + aux).backward()
     names = {n for n, p in m.named_parameters() if p.grad is not None}
     assert any("lora_" in n for n in names) and any("thinking" in n for n in names)
 

@@ -4,6 +4,7 @@ import torch
 
 from latentfast.data import build_tokenizer, format_prompt, make_arithmetic
 from latentfast.models import HRPO_MODULES, HybridConfig, HybridThinkingLM, build_tiny_causal_lm, generate
+from latentfast.train.rl.objectives import GRPOLoss
 
 TOK = build_tokenizer()
 
@@ -26,10 +27,18 @@ def _rollout(m, n=4, greedy=False, max_new=20):
                     do_sample=not greedy, generator=g)
 
 
+def _grpo(m, batch, adv, ref=None, old=None, recompute="stored", beta=0.0):
+    """HRPO's loss: the model's completion hidden states into the GRPO objective (the recipe's type)."""
+    hidden, aux = m(batch, recompute=recompute)
+    loss, metrics = GRPOLoss(loss_type="grpo", beta=beta)(hidden, m.lm_head_weight(), m.lm_head_bias(),
+                                                         batch["completion_ids"], batch["completion_mask"], adv,
+                                                         ref=ref, old=old)
+    return loss + aux, metrics
+
+
 def _loss_and_grads(m, batch, adv, recompute, ref=None, old=None):
     m.zero_grad(set_to_none=True)
-    loss, metrics = m(batch, adv, ref_per_token_logps=ref, old_per_token_logps=old, recompute=recompute,
-                      loss_kwargs=dict(beta=0.04 if ref is not None else 0.0))
+    loss, metrics = _grpo(m, batch, adv, ref, old, recompute=recompute, beta=0.04 if ref is not None else 0.0)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
@@ -86,7 +95,7 @@ def test_no_thinking_positions_still_give_thinking_modules_a_gradient():
     b = _rollout(m).as_batch()
     b["thinking_mask"] = torch.zeros_like(b["thinking_mask"])
     b["thinking_hidden"] = b["thinking_hidden"][:0]
-    loss, _ = m(b, torch.randn(4))
+    loss, _ = _grpo(m, b, torch.randn(4))
     loss.backward()
     trainable = [(n, p) for n, p in m.thinking.named_parameters() if p.requires_grad]
     assert trainable
@@ -97,7 +106,7 @@ def test_no_thinking_positions_still_give_thinking_modules_a_gradient():
 def test_two_pass_clean_is_the_recipe_verbatim_and_runs():
     m = _model()
     b = _rollout(m).as_batch()
-    loss, _ = m(b, torch.randn(4), recompute="two_pass_clean")
+    loss, _ = _grpo(m, b, torch.randn(4), recompute="two_pass_clean")
     loss.backward()
     assert m.thinking.projection.weight.grad is not None
 
@@ -129,7 +138,7 @@ def test_thinking_state_variants(cfg):
     hidden, _ = m.completion_hidden(b)
     keep = b["completion_mask"].bool()
     assert torch.equal((hidden @ m.lm_head_weight().T).argmax(-1)[keep], b["completion_ids"][keep])
-    loss, _ = m(b, torch.randn(4))
+    loss, _ = _grpo(m, b, torch.randn(4))
     loss.backward()
     grads = [p.grad for n, p in m.named_parameters() if "thinking_projection" in n and p.grad is not None]
     if cfg.thinking_state == "soft_embedding":
@@ -154,7 +163,7 @@ def test_wraps_llama_without_peft():
                       num_attention_heads=4, num_key_value_heads=2)
     m = HybridThinkingLM(LlamaForCausalLM(cfg))
     b = _rollout(m).as_batch()
-    loss, _ = m(b, torch.randn(4))
+    loss, _ = _grpo(m, b, torch.randn(4))
     loss.backward()
     assert m.thinking.projection.weight.grad.norm() > 0
 
@@ -177,7 +186,7 @@ def test_cuda_parity_fp32_and_bf16_autocast_step():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ro = generate(m, enc.input_ids, enc.attention_mask, 20, eos_token_id=TOK.eos_token_id,
                       pad_token_id=TOK.pad_token_id, marker_ids=[TOK.answer_marker_id], temperature=1.0)
-        loss, _ = m(ro.as_batch(), adv)
+        loss, _ = _grpo(m, ro.as_batch(), adv)
     loss.backward()
     assert torch.isfinite(loss) and m.thinking.projection.weight.grad.norm() > 0
 
@@ -263,11 +272,11 @@ def test_activation_checkpointing_same_loss_and_grads_less_saved_memory():
     batch = _rollout(m).as_batch()
     adv = torch.randn(4)
     m.train()
-    _, plain_saved = saved_activation_bytes(lambda: m(batch, adv)[0])
+    _, plain_saved = saved_activation_bytes(lambda: _grpo(m, batch, adv)[0])
     l1, g1 = _loss_and_grads(m, batch, adv, "stored")
     m.enable_activation_checkpointing()
     m.train()
-    _, ckpt_saved = saved_activation_bytes(lambda: m(batch, adv)[0])
+    _, ckpt_saved = saved_activation_bytes(lambda: _grpo(m, batch, adv)[0])
     l2, g2 = _loss_and_grads(m, batch, adv, "stored")
     torch.testing.assert_close(l1, l2)
     assert g1.keys() == g2.keys() and len(g1) > 0

@@ -10,7 +10,9 @@ Training forward (``recompute="stored"``, the default)::
     embeds = embed(ids)
     embeds[thinking] = thinking_residual(embeds[thinking], stored_hidden)   # fused, with grad
     hidden = transformer(inputs_embeds=embeds)                              # final hidden states
-    loss = fused_linear_grpo(hidden, lm_head.weight, ...)                   # no logits tensor
+
+``forward`` stops there: the loss is the RL trainer's objective
+(``latentfast.train.rl.objectives.GRPOLoss``) on ``hidden`` and the lm_head, no logits tensor.
 
 ``stored_hidden`` (N_think x D) is the last hidden state the rollout already computed
 at each thinking position, so the projection, normalisation and gates are recomputed
@@ -32,8 +34,9 @@ from latentfast.nn import ThinkingResidual
 from latentfast.ops import thinking_residual
 from latentfast.reference.thinking_residual import normalize_thinking_state
 
+from latentfast.ops.lm_head_engine import lm_head_logps
+
 from .generation import generate
-from .grpo import grpo_loss, per_token_logps
 from .local import from_local
 
 # PEFT modules_to_save, exactly as in the recipe (hrpo_gsm8k.py).
@@ -112,7 +115,8 @@ class ThinkingModules(nn.Module):
 
 
 class HybridThinkingLM(nn.Module):
-    """A causal LM plus HRPO's thinking modules; ``forward`` is the GRPO training loss.
+    """A causal LM plus HRPO's thinking modules; ``forward`` gives the hidden states that
+    predict the completion tokens (the RL trainer's policy protocol, ``train/rl/policy.py``).
 
     ``lm`` may be a plain ``PreTrainedModel`` or a ``PeftModel`` around one (LoRA layers
     are injected in place, so the same base transformer object is used either way).
@@ -231,23 +235,20 @@ class HybridThinkingLM(nn.Module):
         hidden = self.final_hidden(embeds, mask)
         return hidden[:, P - 1:-1], a
 
-    def forward(self, batch: dict, advantages: torch.Tensor, ref_per_token_logps=None, old_per_token_logps=None,
-                recompute: str = "stored", loss_kwargs: dict | None = None):
-        """GRPO loss on a rollout batch (see ``generation.Rollout.as_batch``); returns
-        ``(loss, metrics)`` with metrics a dict of detached scalars."""
+    def forward(self, batch: dict, recompute: str = "stored"):
+        """``(hidden, aux)`` for a rollout batch (``generation.Rollout.as_batch``): the final
+        hidden states predicting each completion token (B x C x D) and a 0-dim term to add to
+        the loss. ``aux`` is 0; when no position was mixed it is 0 x the thinking modules'
+        parameters, so they still get a (zero) gradient, as DDP expects of every one."""
         hidden, a = self.completion_hidden(batch, recompute)
-        loss, metrics = grpo_loss(hidden, self.lm_head_weight(), batch["completion_ids"], batch["completion_mask"],
-                                  advantages, bias=self.lm_head_bias(), ref_per_token_logps=ref_per_token_logps,
-                                  old_per_token_logps=old_per_token_logps, **(loss_kwargs or {}))
-        if a is not None:
-            metrics["embeds_ratio"] = a.detach().float().mean()
-        else:  # nothing mixed: keep the thinking modules in the graph (DDP expects every grad)
-            loss = adapter.keep_in_graph(loss, self.thinking.parameters())
-        return loss, metrics
+        aux = hidden.new_zeros((), dtype=torch.float32)
+        if a is None:
+            aux = adapter.keep_in_graph(aux, self.thinking.parameters())
+        return hidden, aux
 
     @torch.no_grad()
     def per_token_logps(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """Log-probs of the completion tokens (B x C, 0 at padding), no logits tensor."""
         hidden, _ = self.completion_hidden(batch, "stored")
-        return per_token_logps(hidden, self.lm_head_weight(), batch["completion_ids"], self.lm_head_bias(),
-                               temperature, batch["completion_mask"])
+        return lm_head_logps(hidden, self.lm_head_weight(), batch["completion_ids"], self.lm_head_bias(),
+                             temperature, batch["completion_mask"])[0]

@@ -2,7 +2,7 @@
 line, flags and defaults (the recipe's) are ``hrpo_config.py`` (``latentfast-hrpo``; torch-free, so
 ``--help`` answers at once); ``python -m latentfast.train.hrpo`` runs the same ``main``.
 The training loop is ``latentfast.train.loop``: rollouts, rewards, advantages and reference
-log-probs are ``HRPO.batches``, the GRPO loss is ``HybridThinkingLM.forward``.
+log-probs are ``HRPO.batches``, the loss ``rl.objectives.GRPOLoss`` on ``HybridThinkingLM``'s hidden states.
 """
 from __future__ import annotations
 
@@ -157,6 +157,7 @@ class HRPO(Trainer):
         demo_base = c.demo and (warmed or c.sft_steps > 0)  # the demo's warmed-up base, saved in output_dir
         self.spec = hrpo_eval.hrpo_spec(c, str((self.out / "base_model").resolve()) if demo_base else c.model_name)
         self.gen = torch.Generator(device=dev)
+        self.loss_fn = c.objective()
         self.evals = []
 
     def build_model(self):
@@ -226,26 +227,27 @@ class HRPO(Trainer):
             stats["reward_std"].append(rewards.std().item())
         self.t_roll = time.perf_counter() - t0
         self.n_tokens = sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b, _, _ in micro)
-        loss_kw = dict(beta=c.beta, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
-                       importance_sampling_level=c.importance_sampling_level,
-                       max_completion_length=c.max_completion_length)
-        if c.objective().token_normalised:  # dapo / cispo / vespo, the op's convention: completion tokens of the whole step, all ranks and
+        num_items = None
+        if self.loss_fn.token_normalised:  # dapo / cispo / vespo, the op's convention: completion tokens of the whole step, all ranks and
             # micro-batches (it divides by world itself; micro-batch losses then add up to one token-mean)
             t = torch.tensor(sum(int(b["completion_mask"].sum()) for b, _, _ in micro), device=dev, dtype=torch.int64)
             if self.world > 1:
                 torch.distributed.all_reduce(t)
-            loss_kw["num_items_in_batch"] = int(t.item())
+            num_items = int(t.item())
         step_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}  # the step's rollout means
         self.t_train0 = time.perf_counter()
-        return [(batch, adv, ref, loss_kw, step_stats) for batch, adv, ref in micro]
+        return [(batch, adv, ref, num_items, step_stats) for batch, adv, ref in micro]
 
     def micro_weights(self, micro):  # dapo / cispo / vespo: the micro-batch losses are parts of one token-mean
-        return [1.0] * len(micro) if self.cfg.objective().token_normalised else [1.0 / len(micro)] * len(micro)
+        return [1.0] * len(micro) if self.loss_fn.token_normalised else [1.0 / len(micro)] * len(micro)
 
     def loss(self, mb):
-        batch, adv, ref, loss_kw, step_stats = mb
-        loss, met = self.model(batch, adv, ref_per_token_logps=ref, recompute=self.cfg.recompute, loss_kwargs=loss_kw)
-        return loss, {**step_stats, **met}  # (every micro-batch carries the step's rollout means)
+        batch, adv, ref, num_items, step_stats = mb
+        hidden, aux = self.model(batch, recompute=self.cfg.recompute)
+        loss, met = self.loss_fn(hidden, self.module.lm_head_weight(), self.module.lm_head_bias(),
+                                 batch["completion_ids"], batch["completion_mask"], adv, ref=ref,
+                                 num_items_in_batch=num_items)
+        return loss + aux, {**step_stats, **met}  # (every micro-batch carries the step's rollout means)
 
     def proj_weight(self):
         return projection_weight(self.module)  # after wrapping: FSDP2 replaces parameters
