@@ -31,6 +31,8 @@ ROUTER_REGULARIZERS = ("load_balance", "entropy", "none")
 ROUTER_SIGNALS = ("kv", "answer_nll", "tag")
 KV_ADAPTERS = ("identity", "linear", "mlp")
 
+# latentfast-plan --impl (``latentfast.plan.steps``): the fused lm_head losses, or the peers' full-logits step
+PLAN_IMPLS = ("latentfast", "recipe")
 
 def check_dpo_options(loss_type: str, beta: float, label_smoothing: float):
     if loss_type not in DPO_LOSS_TYPES:

@@ -7,8 +7,19 @@ PyTorch's own tools (``fake``: MemTracker, flop_counter's formulas) and set it a
 spec-sheet memory, FLOP/s and bandwidth (``devices``). ``validate`` checks the prediction
 against a real step on this CPU.
 """
+import importlib
+
 from .devices import DEVICES, Device, get_device
-from .planner import Plan, format_plan, plan
-from .steps import Workload
+
+# the planner and the steps import torch: loaded on first use, so latentfast-plan --help (which reads the
+# device names from devices.py) stays torch-free
+_LAZY = {"Plan": "planner", "format_plan": "planner", "plan": "planner", "Workload": "steps"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["DEVICES", "Device", "get_device", "Plan", "format_plan", "plan", "Workload"]

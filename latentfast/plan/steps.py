@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from latentfast.choices import PLAN_IMPLS
+
 FAMILIES = ("sft", "grpo", "hrpo", "ppo", "dpo", "distill", "kv", "codi")
-IMPLS = ("latentfast", "recipe")
+IMPLS = PLAN_IMPLS  # (latentfast.choices: latentfast-plan --help lists them torch-free)
 REWARD_MODEL = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
                     num_attention_heads=16, num_key_value_heads=8, vocab_size=92544, rms_norm_eps=1e-5,
                     max_position_embeddings=32768, tie_word_embeddings=False)  # internlm2-1_8b-reward's shapes

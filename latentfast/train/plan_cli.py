@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from latentfast.choices import PLAN_IMPLS
 from latentfast.plan import devices as D
-from latentfast.plan.planner import format_plan, plan
-from latentfast.plan.steps import FAMILIES, IMPLS, Workload
 
 from .config import Config, check, option
+
+if TYPE_CHECKING:
+    from latentfast.plan.steps import Workload
+# the planner (fake tensors: torch) loads after parsing, so --help and argument errors stay light
 
 # trainer names users type -> planner family
 TRAINERS = {"hrpo": "hrpo", "grpo": "grpo", "spo": "grpo", "ppo": "ppo", "dpo": "dpo", "codi": "codi",
@@ -36,7 +40,7 @@ class PlanConfig(Config):
                         aliases=("model_name", "model_name_or_path"))
     trainer: str = option("hrpo", "trainer", choices=sorted(TRAINERS))
     impl: str = option("latentfast", "latentfast = fused lm_head losses; recipe = the peers' full-logits step",
-                       choices=list(IMPLS))
+                       choices=list(PLAN_IMPLS))
     micro_batch: int = option(8, "sequences per micro-batch (RL: completions; DPO: chosen + rejected)",
                               aliases=("per_device_train_batch_size", "batch_size"))
     grad_accum: int = option(1, "micro-batches per optimizer step", aliases=("gradient_accumulation_steps",))
@@ -78,6 +82,8 @@ class PlanConfig(Config):
                 parser.error(flag + msg[len("--model"):] if msg.startswith("--model") else f"{flag}: {msg}")
 
     def workload(self) -> Workload:
+        from latentfast.plan.steps import Workload
+
         fam = TRAINERS[self.trainer]
         return Workload(self.model, fam, self.impl, self.micro_batch, self.grad_accum,
                         self.prompt_len if fam in ("grpo", "hrpo", "ppo") else 0, self.completion_len,
@@ -86,6 +92,8 @@ class PlanConfig(Config):
 
 
 def run_plan(w: Workload, device: D.Device, options: bool = True, compare: bool = False, out=print):
+    from latentfast.plan.planner import format_plan, plan
+
     p = plan(w, device, options=options)
     out(format_plan(p))
     if compare:
