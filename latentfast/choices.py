@@ -34,6 +34,12 @@ KV_ADAPTERS = ("identity", "linear", "mlp")
 # latentfast-plan --impl (``latentfast.plan.steps``): the fused lm_head losses, or the peers' full-logits step
 PLAN_IMPLS = ("latentfast", "recipe")
 
+# the MiniMind tokenizers shipped with the package (``latentfast.models.minimind.tokenizer``): version -> folder;
+# "minimind-2510" is the note-era tokenizer (MiniMind a8455ca), the default
+MINIMIND_TOKENIZERS = {"minimind-2510": "minimind-2510", "minimind-3": "minimind-3"}
+MINIMIND_DEFAULT_TOKENIZER = "minimind-2510"
+
+
 def check_dpo_options(loss_type: str, beta: float, label_smoothing: float):
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")

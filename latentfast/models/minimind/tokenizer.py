@@ -4,10 +4,12 @@ from __future__ import annotations
 import functools
 import pathlib
 
+from latentfast.choices import MINIMIND_DEFAULT_TOKENIZER, MINIMIND_TOKENIZERS
+
 TOKENIZER_DIR = pathlib.Path(__file__).with_name("tokenizer")
-# version -> folder; "minimind-2510" is the note-era tokenizer (MiniMind a8455ca), the default.
-TOKENIZERS = {"minimind-2510": "minimind-2510", "minimind-3": "minimind-3"}
-DEFAULT_TOKENIZER = "minimind-2510"
+# version -> folder (defined in latentfast.choices: latentfast-minimind --help lists them torch-free)
+TOKENIZERS = MINIMIND_TOKENIZERS
+DEFAULT_TOKENIZER = MINIMIND_DEFAULT_TOKENIZER
 
 
 def tokenizer_path(version: str = DEFAULT_TOKENIZER) -> pathlib.Path:

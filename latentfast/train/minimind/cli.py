@@ -1,8 +1,10 @@
 """``latentfast-minimind <stage> [MiniMind flags]``: one entry point for the MiniMind stages."""
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
+import pathlib
 import sys
 
 # stage -> module under latentfast.train.minimind (later stages add themselves here)
@@ -18,6 +20,12 @@ def available() -> list[str]:
     return out
 
 
+def stage_doc(module: str) -> str | None:
+    """A stage module's docstring (its --help text), read from its source: importing it loads torch."""
+    source = pathlib.Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8")
+    return ast.get_docstring(ast.parse(source), clean=False)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     names = available()
@@ -29,8 +37,13 @@ def main(argv=None):
             sys.exit(0)
         sys.stderr.write((f"unknown stage {argv[0]!r}\n" if argv else "") + usage)
         sys.exit(2)
-    mod = importlib.import_module(f"latentfast.train.minimind.{STAGES[argv[0]]}")
-    return mod.main(argv[1:])
+    from .args import STAGE_ARGS
+
+    name = f"latentfast.train.minimind.{STAGES[argv[0]]}"
+    if argv[0] not in STAGE_ARGS:  # (a stage whose flags still live beside its trainer)
+        return importlib.import_module(name).main(argv[1:])
+    cfg = STAGE_ARGS[argv[0]].parse(argv[1:], stage_doc(name))  # --help, argument errors: before torch loads
+    return importlib.import_module(name).main(cfg=cfg)
 
 
 def cli() -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,121 +38,16 @@ from latentfast.data import minimind as mmdata
 from latentfast.files import CorruptFileError
 from latentfast.hf.adapter import unwrap
 from latentfast.models.minimind import MiniMindForCausalLM, checkpoint_name, load_pth, model_config, save_pth
-from latentfast.models.minimind.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, load_tokenizer
+from latentfast.models.minimind.tokenizer import load_tokenizer
 from latentfast.ops.cross_entropy import fused_linear_cross_entropy
 from latentfast.runtime import dist
 
 from ..common import SampleStream, console_entry
-from ..config import check, demo_preset, option, path_error
-from ..loop import TrainConfig, Trainer
+from ..config import demo_preset
+from ..loop import Trainer
+from .args import DEMO, DEMO_PRESET, STAGE_DEMOS, MiniMindArgs, is_demo, script_defaults
 
-DEMO = "demo"
-# every stage's demo: a small MiniMind on the GSM8K sample, CPU-sized (stages add their own values)
-DEMO_PRESET = dict(save_dir="out", hidden_size=64, num_hidden_layers=2, max_seq_len=256, batch_size=8,
-                   accumulation_steps=1, log_interval=20, save_interval=0, max_steps=60, dtype="float32",
-                   device="cpu", use_moe=0, data_path=DEMO)
-# each stage's embedded demo over DEMO_PRESET: (the no-argument run, what --full changes); README: times and
-# numbers. The stages hold only their algorithm.
-STAGE_DEMOS = {
-    "pretrain": (dict(lr=2e-3, max_steps=60), dict(max_steps=300)),
-    "full_sft": (dict(lr=2e-3, max_steps=40), dict(max_steps=200)),
-    "lora": (dict(save_dir="out/lora", lr=1e-2, max_steps=40), dict(max_steps=200)),
-    "distill_reason": (dict(from_weight="full_sft", lr=2e-3, max_steps=40), dict(max_steps=200)),
-    "distillation": (dict(hidden_size=32, num_hidden_layers=1, from_weight="none", teacher_hidden_size=64,
-                          teacher_num_layers=2, from_teacher_weight="full_sft", lr=3e-3, max_steps=40),
-                     dict(max_steps=200)),
-    "dpo": (dict(per_device_train_batch_size=8, lr=5e-4, max_steps=40, logging_steps=5, max_seq_len=256, beta=0.1),
-            dict(max_steps=120)),
-    "ppo": (dict(per_device_train_batch_size=16, max_gen_len=64, max_seq_len=160, lr=2e-4, critic_learning_rate=1e-3,
-                 max_steps=40, logging_steps=5, reasoning=1, rule_rewards="answer", ppo_mode="gae",
-                 mini_batch_size=16, ppo_update_iters=1, value_head_init="mean_reward"),
-            dict(max_steps=80, logging_steps=10)),
-    "grpo": (dict(per_device_train_batch_size=2, num_generations=8, max_gen_len=64, max_seq_len=160, lr=1e-3,
-                  max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer", beta=0.02),
-             dict(max_steps=90, logging_steps=10)),
-    "spo": (dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_gen_len=64, max_seq_len=160,
-                 lr=2e-4, max_steps=30, logging_steps=5, reasoning=1, rule_rewards="answer"),
-            dict(max_steps=90, logging_steps=10)),
-}
 WARMUP_STEPS = 30  # the demo's stand-in for a missing --from_weight
-
-
-@dataclass
-class MiniMindArgs(TrainConfig):
-    """MiniMind's trainer flags (defaults: train_pretrain.py at a8455ca); stages override defaults."""
-
-    save_dir: str = option("../out", "where the .pth weights go: {save_dir}/{save_weight}_{hidden_size}{_moe}.pth")
-    save_weight: str = option("pretrain", "prefix of the saved weight file")
-    num_train_epochs: float = option(1.0, "epochs over the data", aliases=("epochs",), min=0.0)
-    per_device_train_batch_size: int = option(32, "examples per device per micro-batch", aliases=("batch_size",))
-    lr: float = option(5e-4, "peak learning rate", aliases=("learning_rate",))
-    device: str | None = option(None, "cuda:0 / cpu (default: cuda when available)")
-    dtype: str = option("bfloat16", "autocast dtype on CUDA (CPU runs fp32, as MiniMind)",
-                        choices=("bfloat16", "float16", "float32"))
-    num_workers: int = option(8, "accepted for MiniMind's command lines (batches are tokenised in-process)", min=0)
-    gradient_accumulation_steps: int = option(8, "micro-batches per optimizer step", aliases=("accumulation_steps",))
-    max_grad_norm: float = option(1.0, "gradient clipping norm", aliases=("grad_clip",))
-    logging_steps: int = option(100, "console line every N optimizer steps", aliases=("log_interval",))
-    save_steps: int = option(1000, "weights + resumable checkpoint every N steps (0: at the end only)",
-                             aliases=("save_interval",))
-    hidden_size: int = option(512, "model width")
-    num_hidden_layers: int = option(8, "decoder blocks")
-    max_seq_len: int = option(340, "tokens per example (truncate / pad)")
-    use_moe: int = option(0, "1: MoE blocks (4 routed experts, top-2, 1 shared)", choices=(0, 1))
-    headwise_attn_output_gate: int = option(0, "1: sigmoid output gate per attention head", choices=(0, 1))
-    elementwise_attn_output_gate: int = option(0, "1: sigmoid output gate per attention element", choices=(0, 1))
-    data_path: str = option("../dataset/pretrain_hq.jsonl", "MiniMind JSONL ('demo': the GSM8K sample)")
-    from_weight: str = option("none", "start from {save_dir}/{from_weight}_{hidden_size}{_moe}.pth ('none': random)")
-    from_resume: int = option(0, "1: resume the latest checkpoint of this run exactly", choices=(0, 1))
-    use_wandb: bool = option(False, "also log to wandb (offline without WANDB_API_KEY; skipped if not installed)")
-    wandb_project: str | None = option("MiniMind-Pretrain", "wandb project (with --use_wandb)")
-    tokenizer: str = option(DEFAULT_TOKENIZER, "shipped MiniMind tokenizer", choices=tuple(TOKENIZERS))
-    output_dir: str | None = option(None, "resumable checkpoints + metrics.jsonl "
-                                          "(default {save_dir}/../checkpoints/{save_weight}_{hidden_size}{_moe})")
-    weight_decay: float = option(0.01, "AdamW weight decay on every parameter (torch's default, as MiniMind)")
-    warmup_ratio: float = option(0.0, "linear warm-up share (MiniMind: none)")
-    lr_scheduler_type: str = option("minimind", "schedule (MiniMind's: lr*(0.1+0.45*(1+cos(pi*t/T))))")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.hidden_size > 0 and self.num_hidden_layers > 0, "hidden_size", "positive sizes",
-              (self.hidden_size, self.num_hidden_layers))
-        check(self.max_seq_len >= 2, "max_seq_len", "an integer >= 2", self.max_seq_len)
-        check(not (self.headwise_attn_output_gate and self.elementwise_attn_output_gate),
-              "headwise_attn_output_gate", "at most one of the two attention gates", "both set")
-
-    def check_cli(self, parser):
-        """A ``--data_path`` given (or MiniMind's default, when present) must be a file; the
-        weight files are checked by ``stage_main`` (their names depend on the stage)."""
-        super().check_cli(parser)
-        if not is_demo(self):
-            msg = path_error("--data_path", self.data_path, "file", (DEMO,), "a MiniMind JSONL file")
-            if msg:
-                parser.error(msg)
-
-    @property
-    def stem(self) -> str:
-        return checkpoint_name(self.save_weight, self.hidden_size, bool(self.use_moe)).stem
-
-
-def script_defaults(**defaults):
-    """Class decorator of a stage's flags: the base class's flags with the defaults of MiniMind's
-    ``trainer/train_<stage>.py``, written as MiniMind spells them (``epochs``, ``batch_size``,
-    ``learning_rate``, ``accumulation_steps``, ...); the class body adds the stage's own flags.
-    Makes the class a dataclass (help and aliases stay the base field's)."""
-    def wrap(cls):
-        base = next(b for b in cls.__mro__[1:] if dataclasses.is_dataclass(b))
-        types, alias = {f.name: f.type for f in dataclasses.fields(base)}, base.aliases()
-        own = dict(cls.__dict__.get("__annotations__", {}))
-        for flag, value in defaults.items():
-            name = alias.get(flag, flag)
-            if name not in types:
-                raise TypeError(f"{cls.__name__}: {flag!r} is not a flag of {base.__name__}")
-            own.setdefault(name, types[name])
-            setattr(cls, name, value)
-        cls.__annotations__ = own
-        return dataclass(cls)
-    return wrap
 
 
 # ---------------------------------------------------------------------------- model and weights
@@ -386,11 +280,6 @@ def warmup_lm(cfg: MiniMindArgs, hidden_size: int, num_layers: int, steps: int =
 cli_of = console_entry  # a stage's console script: the trainers' one entry-point wrapper
 
 
-def is_demo(cfg: MiniMindArgs) -> bool:
-    """No ``--data_path`` typed and MiniMind's default file absent, or ``--data_path demo``."""
-    return cfg.data_path == DEMO or ("data_path" not in cfg.explicit and not pathlib.Path(cfg.data_path).is_file())
-
-
 def run_stage(trainer_cls, cfg: MiniMindArgs):
     """Run a stage from its config: the demo preset when it is a demo, a missing
     ``--from_weight`` reported before any work, then ``fit``."""
@@ -413,8 +302,8 @@ def run_stage(trainer_cls, cfg: MiniMindArgs):
 def stage_main(trainer_cls, doc: str):
     """``main(argv)`` of a stage: parse MiniMind's flags, then ``run_stage``."""
 
-    def main(argv=None):
-        return run_stage(trainer_cls, trainer_cls.config_class.parse(argv, doc))
+    def main(argv=None, *, cfg=None):  # cfg: already parsed (latentfast-minimind parses before this module loads)
+        return run_stage(trainer_cls, cfg if cfg is not None else trainer_cls.config_class.parse(argv, doc))
 
     return main
 

@@ -14,22 +14,10 @@ is not reproduced. Default ``--from_weight dpo`` as MiniMind (the demo starts fr
 """
 from __future__ import annotations
 
-
 from latentfast.data import minimind as mmdata
 
-from ..config import option
-from .common import MiniMindArgs, MiniMindTrainer, cli_of, script_defaults, stage_main
-
-
-@script_defaults(save_weight="reason", batch_size=8, learning_rate=1e-6, accumulation_steps=1, save_interval=100,
-                 max_seq_len=720, data_path="../dataset/r1_mix_1024.jsonl", from_weight="dpo",
-                 wandb_project="MiniMind-Reasoning")
-
-
-class DistillReasonArgs(MiniMindArgs):
-    """MiniMind reasoning distillation (train_distill_reason.py defaults)."""
-
-    tag_weight: float = option(10.0, "loss weight of the reasoning tags' tokens (MiniMind: 10)")
+from .args import DistillReasonArgs
+from .common import MiniMindTrainer, cli_of, stage_main
 
 
 class DistillReason(MiniMindTrainer):

@@ -16,37 +16,13 @@ student is the trained model: ``{save_dir}/full_dist_{student_hidden_size}{_moe}
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
 from latentfast.ops.distill import fused_linear_distill_loss
 
-from ..config import check, option
-from .common import MiniMindArgs, MiniMindTrainer, cli_of, script_defaults, stage_main, weight_path
-
-
-@script_defaults(save_weight="full_dist", epochs=6.0, batch_size=32, learning_rate=5e-6, accumulation_steps=1,
-                 save_interval=100, data_path="../dataset/sft_mini_512.jsonl", wandb_project="MiniMind-Distillation")
-
-
-class DistillationArgs(MiniMindArgs):
-    """MiniMind distillation (train_distillation.py defaults)."""
-
-    hidden_size: int = option(512, "student width", aliases=("student_hidden_size",))
-    num_hidden_layers: int = option(8, "student blocks", aliases=("student_num_layers",))
-    from_weight: str = option("full_sft", "student weights {save_dir}/{name}_{student_hidden_size}{_moe}.pth",
-                              aliases=("from_student_weight",))
-    teacher_hidden_size: int = option(768, "teacher width")
-    teacher_num_layers: int = option(16, "teacher blocks")
-    from_teacher_weight: str = option("full_sft", "teacher weights {save_dir}/{name}_{teacher_hidden_size}{_moe}.pth")
-    alpha: float = option(0.5, "weight of the CE (1 - alpha: the T^2-scaled KL)")
-    temperature: float = option(1.5, "softmax temperature of the KL")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(0.0 <= self.alpha <= 1.0, "alpha", "a number in [0, 1]", self.alpha)
-        check(self.temperature > 0, "temperature", "a temperature > 0", self.temperature)
+from .args import DistillationArgs
+from .common import MiniMindTrainer, cli_of, stage_main, weight_path
 
 
 class DistillLoss(nn.Module):

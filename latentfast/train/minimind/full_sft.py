@@ -12,17 +12,8 @@ Loads ``{save_dir}/{from_weight}_{hidden_size}{_moe}.pth`` (default ``pretrain``
 """
 from __future__ import annotations
 
-
-from .common import MiniMindArgs, MiniMindTrainer, cli_of, script_defaults, stage_main
-
-
-@script_defaults(save_weight="full_sft", epochs=2.0, batch_size=16, learning_rate=1e-6, accumulation_steps=1,
-                 data_path="../dataset/sft_mini_512.jsonl", from_weight="pretrain",
-                 wandb_project="MiniMind-Full-SFT")
-
-
-class FullSFTArgs(MiniMindArgs):
-    """MiniMind full SFT (train_full_sft.py defaults)."""
+from .args import FullSFTArgs
+from .common import MiniMindTrainer, cli_of, stage_main
 
 
 class FullSFT(MiniMindTrainer):

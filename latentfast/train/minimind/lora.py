@@ -23,30 +23,10 @@ from latentfast import files
 from latentfast.hf.adapter import add_lora, unwrap
 from latentfast.models.minimind.pth import read_pth
 
-from ..config import check, option
-from .common import DEMO, LMLoss, MiniMindArgs, MiniMindTrainer, cli_of, script_defaults, stage_main
+from .args import LoRAArgs
+from .common import DEMO, LMLoss, MiniMindTrainer, cli_of, stage_main
 
 DEMO_ROWS = 16
-
-
-@script_defaults(save_dir="../out/lora", epochs=50.0, batch_size=32, learning_rate=1e-4, accumulation_steps=1,
-                 log_interval=10, save_interval=1, data_path="../dataset/lora_identity.jsonl",
-                 from_weight="full_sft", wandb_project="MiniMind-LoRA")
-
-
-class LoRAArgs(MiniMindArgs):
-    """MiniMind LoRA (train_lora.py defaults)."""
-
-    lora_name: str = option("lora_identity", "LoRA weights file {save_dir}/{lora_name}_{hidden_size}.pth")
-    lora_rank: int = option(8, "LoRA rank (MiniMind: 8)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.lora_rank > 0, "lora_rank", "an integer > 0", self.lora_rank)
-
-    @property
-    def stem(self) -> str:
-        return f"{self.lora_name}_{self.hidden_size}"
 
 
 def square_linears(model: nn.Module) -> list[str]:

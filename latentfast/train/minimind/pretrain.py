@@ -9,14 +9,8 @@ Writes ``{save_dir}/pretrain_{hidden_size}{_moe}.pth``; flags and defaults are M
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .common import MiniMindArgs, MiniMindTrainer, cli_of, stage_main
-
-
-@dataclass
-class PretrainArgs(MiniMindArgs):
-    """MiniMind pretraining (train_pretrain.py defaults)."""
+from .args import PretrainArgs
+from .common import MiniMindTrainer, cli_of, stage_main
 
 
 class Pretrain(MiniMindTrainer):  # MiniMindTrainer's defaults are pretraining's: stage, data kind, wandb name
