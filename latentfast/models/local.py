@@ -3,6 +3,8 @@ downloaded at run time): ``from_local`` (any ``from_pretrained`` class) and
 ``load_causal_lm`` (a tokenizer and causal LM by name, ``tiny`` built in code)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -27,10 +29,28 @@ def from_local(cls, name, **kwargs):
                       f"run time): {e}") from e
 
 
+_SUBSTITUTE = None  # set by ``substitute``: the planner builds models from configs on fake tensors
+
+
+@contextlib.contextmanager
+def substitute(loader):
+    """Within: ``load_causal_lm(...)`` is ``loader(...)`` (same arguments, same result). The
+    planner (``latentfast.plan``) runs a trainer's own step this way with models built from a
+    config alone on fake tensors; nothing else changes in the trainer."""
+    global _SUBSTITUTE
+    old, _SUBSTITUTE = _SUBSTITUTE, loader
+    try:
+        yield
+    finally:
+        _SUBSTITUTE = old
+
+
 def load_causal_lm(name: str, device, dtype=None, seed: int = 0, size: str = "tiny", **overrides):
     """(tokenizer, model). ``name='tiny'`` builds the project tokenizer and a small Qwen2
     from a config (``size`` / ``overrides``, random weights, no download); anything
     else is a local Hugging Face model path."""
+    if _SUBSTITUTE is not None:
+        return _SUBSTITUTE(name, device, dtype=dtype, seed=seed, size=size, **overrides)
     if name == "tiny":
         tok = build_tokenizer()
         lm = build_tiny_causal_lm(tok, size=size, seed=seed, **overrides).to(device)
@@ -43,4 +63,4 @@ def load_causal_lm(name: str, device, dtype=None, seed: int = 0, size: str = "ti
     return tok, from_local(AutoModelForCausalLM, name, dtype=dtype).to(device)
 
 
-__all__ = ["from_local", "load_causal_lm"]
+__all__ = ["from_local", "load_causal_lm", "substitute"]

@@ -31,25 +31,35 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import flop_registry as _FLOP_REGISTRY
+from torch.utils.weak import WeakIdKeyDictionary
 
 CHUNK_KEY = "lm_head chunk"
+_UNKNOWN = object()
+_KNOWN_NUMEL = 1 << 22  # values kept for tensors up to this size (token ids and masks of a step)
 
 
 def _elt(t) -> int:
     return t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-def lm_head_workspace(func, args, device_type: str) -> tuple[int, float]:
-    """(bytes, FLOPs) a fused lm_head op allocates / computes inside, from its arguments."""
+def lm_head_workspace(func, args, device_type: str, count=None) -> tuple[int, float]:
+    """(bytes, FLOPs) a fused lm_head op allocates / computes inside, from its arguments.
+    ``count(mask)``: the rows a token mask selects when its value is known (else None: all)."""
     from latentfast.ops.lm_head_engine import chunk_rows_default
+
+    def rows_of(mask, default):
+        n = count(mask) if (count is not None and mask is not None) else None
+        return default if n is None else n
 
     name = str(func)
     dev = torch.device(device_type)
     if "lm_head_objective" in name:
         x, weight, mask, chunk_rows = args[0], args[1], args[4], args[10]
         need = sum(bool(a) for a in args[11:13])
-        n = mask.numel()  # (fake: every row counts; padding is dropped in the real op)
+        n = rows_of(mask, mask.numel())  # the real op drops the masked-out rows
         V, H = weight.shape
         rows = chunk_rows if chunk_rows > 0 else chunk_rows_default(dev, V, _elt(x))
         if args[9] > 0 and chunk_rows <= 0:  # softcap -> torch path, 1/8 of the rows
@@ -61,13 +71,13 @@ def lm_head_workspace(func, args, device_type: str) -> tuple[int, float]:
         return work, 2.0 * n * H * V * (1 + need)
     if "lm_head_logp_entropy" in name:
         x, weight, chunk_rows = args[0], args[1], args[6]
-        n = x.numel() // x.shape[-1]
+        n = rows_of(args[4], x.numel() // x.shape[-1])
         V, H = weight.shape
         rows = chunk_rows if chunk_rows > 0 else chunk_rows_default(dev, V, _elt(x))
         return min(rows, n) * V * _elt(x) + n * H * _elt(x), 2.0 * n * H * V
     if "lm_head_distill" in name:
         xs, ws, xt, wt, chunk_rows = args[0], args[1], args[3], args[4], args[9]
-        n = xs.shape[0]
+        n = rows_of(args[7], xs.shape[0])
         V, Vt = ws.shape[0], wt.shape[0]
         rows = chunk_rows if chunk_rows > 0 else max(16, chunk_rows_default(dev, max(V, Vt), 4) // 16)
         r = min(rows, n)
@@ -96,6 +106,7 @@ class _Tracker(MemTracker):
         self.phase_peaks: dict[str, dict] = {}
         self.flops: dict[str, float] = {}
         self._seen = weakref.WeakSet()
+        self._known = WeakIdKeyDictionary()
 
     def _consider(self, extra: int = 0):
         for dev, snap in self._curr_mem_snap.items():
@@ -135,14 +146,113 @@ class _Tracker(MemTracker):
     def _post_bw_hook(self, module, args) -> None:
         pass
 
+    # --- values: the data's integer tensors (token ids, masks, labels) are known. A fake tensor
+    # made from host data, or by an op whose tensor inputs are all known, keeps its real value
+    # beside it (small integer / bool tensors only), so what the step reads on the host and the
+    # shapes of boolean selections are exact; anything computed from the model is unknown.
+    def _value(self, a):
+        if isinstance(a, FakeTensor):
+            return self._known.get(a, _UNKNOWN)
+        return a  # host data (real tensors lifted into the fake mode), numbers, ...
+
+    def _values(self, args, kwargs):
+        flat, spec = tree_flatten((args, kwargs))
+        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+        vals = [self._value(x) for x in flat]
+        if any(v is _UNKNOWN for v in vals):
+            return None
+        return tensors, tree_unflatten(vals, spec)
+
+    def _remember(self, func, args, kwargs, out):
+        got = self._values(args, kwargs)
+        fakes = [x for x in tree_flatten(out)[0] if isinstance(x, FakeTensor)]
+        small = all(x.numel() <= _KNOWN_NUMEL for x in fakes)
+        factory = got is not None and not got[0]  # random / empty floats: nothing worth knowing
+        if got is None or not fakes or not small or (factory and any(x.is_floating_point() for x in fakes)):
+            for x in self._mutated(func, args):  # written from unknown values
+                self._known.pop(x, None)
+            return
+        rargs, rkwargs = got[1]
+        with _disable_current_modes():
+            real = func(*rargs, **rkwargs)
+        for f, r in zip(tree_flatten(out)[0], tree_flatten(real)[0]):
+            if isinstance(f, FakeTensor) and isinstance(r, torch.Tensor):
+                self._known[f] = r
+
+    @staticmethod
+    def _mutated(func, args):
+        out = []
+        for a, arg in zip(func._schema.arguments, args):
+            if a.alias_info is not None and a.alias_info.is_write and isinstance(arg, FakeTensor):
+                out.append(arg)
+        return out
+
+    def _count_nonzero(self, mask):
+        v = self._known.get(mask) if isinstance(mask, FakeTensor) else None
+        if v is None:
+            return None
+        with _disable_current_modes():
+            return int(v.count_nonzero())
+
+    def _nonzero(self, mask):
+        """``nonzero`` of a fake boolean mask: exact when its value is known, else all true --
+        the planned worst case, every row a mask can select is selected."""
+        v = self._known.get(mask)
+        if v is not None:
+            with _disable_current_modes():
+                v = v.nonzero()
+        n = v.shape[0] if v is not None else mask.numel()
+        out = super().__torch_dispatch__(torch.ops.aten.zeros.default, (), ([n, mask.dim()],),
+                                         {"dtype": torch.long, "device": mask.device})
+        if v is not None:
+            self._known[out] = v
+        return out
+
+    def _bool_indices(self, indices):
+        out = []
+        for ix in indices:
+            if isinstance(ix, FakeTensor) and ix.dtype == torch.bool:
+                nz = self._nonzero(ix)
+                parts = nz.unbind(1)
+                if nz in self._known:
+                    with _disable_current_modes():
+                        reals = self._known[nz].unbind(1)
+                    for p, r in zip(parts, reals):
+                        self._known[p] = r
+                out.extend(parts)
+            else:
+                out.append(ix)
+        return out
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
-            # a value read on the host (the ops' token-id range checks: ``int(ids.min())``) is
-            # unknowable on fake tensors: 1 (passes those checks; AdamW reads its step count)
+        aten = torch.ops.aten
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            v = self._known.get(args[0])
+            if v is not None:
+                with _disable_current_modes():
+                    return v.item()
+            # a value read on the host from the model (the ops' token-id range checks on sampled
+            # ids, AdamW's step count) is unknowable: 1; a boolean False (a rollout's "all rows
+            # done?" -> it runs to its full length)
             return False if args[0].dtype == torch.bool else 1
+        if func is aten.nonzero.default and isinstance(args[0], FakeTensor):
+            return self._nonzero(args[0])
+        if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default) \
+                and any(isinstance(i, FakeTensor) and i.dtype == torch.bool for i in args[1] if i is not None):
+            args = (args[0], self._bool_indices(args[1]), *args[2:])
+        if func is aten.masked_select.default and isinstance(args[1], FakeTensor):
+            x, mask = torch.broadcast_tensors(args[0], args[1])
+            idx = self._bool_indices([mask])
+            return self.__torch_dispatch__(aten.index.Tensor, types, (x, idx))
+        out = self._dispatch(func, types, args, kwargs)
+        self._remember(func, args, kwargs, out)
+        return out
+
+    def _dispatch(self, func, types, args, kwargs):
         work = 0
         if str(func).startswith("latentfast."):
-            work, flops = lm_head_workspace(func, args, self.device_type)
+            work, flops = lm_head_workspace(func, args, self.device_type, self._count_nonzero)
             self._count(flops)
             if work:
                 self._consider(work)  # the op's inputs are live while it runs
@@ -171,15 +281,38 @@ class _Tracker(MemTracker):
 
 @contextlib.contextmanager
 def fake_mode():
-    """FakeTensorMode, with ``module.to(dtype)`` overwriting parameters instead of swapping
-    them (PEFT moves its adapters with ``.to``; swapping fake parameters fails)."""
-    old = torch.__future__.get_overwrite_module_params_on_conversion()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    """FakeTensorMode, with ``module.to(...)`` / ``.float()`` / ... working on fake parameters:
+    torch's ``Module._apply`` swaps a fake parameter in place (``swap_tensors``), which fails for
+    every fake tensor here ("has weakref associated with it"). Within, a conversion that changes
+    nothing keeps the parameter, one that does puts a new parameter in its place (one per shared
+    parameter: tied weights stay tied) -- what the trainers' ``.to(device)`` / PEFT's ``.to(dtype)``
+    mean at build time."""
+    orig = nn.Module._apply
+
+    def _apply(self, fn, recurse=True, memo=None):
+        memo = {} if memo is None else memo
+        if recurse:
+            for m in self.children():
+                _apply(m, fn, memo=memo)
+        with torch.no_grad():
+            for key, p in self._parameters.items():
+                if p is None:
+                    continue
+                if id(p) not in memo:
+                    q = fn(p)
+                    memo[id(p)] = (p, p if q is p else nn.Parameter(q, requires_grad=p.requires_grad))
+                self._parameters[key] = memo[id(p)][1]
+            for key, b in self._buffers.items():
+                if b is not None:
+                    self._buffers[key] = fn(b)
+        return self
+
+    nn.Module._apply = _apply
     try:
         with FakeTensorMode(allow_non_fake_inputs=False) as mode:
             yield mode
     finally:
-        torch.__future__.set_overwrite_module_params_on_conversion(old)
+        nn.Module._apply = orig
 
 
 def fakeify(module, mode, device: str = "cpu", memo: dict | None = None):
@@ -188,20 +321,23 @@ def fakeify(module, mode, device: str = "cpu", memo: dict | None = None):
     fast and lets PEFT's ``.to`` calls run on ordinary meta tensors."""
     memo = {} if memo is None else memo
     dev = torch.device(device)
-    conv = mode.fake_tensor_converter
+
+    def fake(t):  # a fresh fake tensor of the mode (not the converter's: its weak memo blocks
+        with mode:  # ``module.to``'s parameter swap)
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=dev)
+
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is None:
                 continue
             if id(p) not in memo:
-                t = conv.from_meta_and_device(mode, p.data if p.is_meta else p.data.to("meta"), dev)
-                memo[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad)
+                memo[id(p)] = nn.Parameter(fake(p), requires_grad=p.requires_grad)
             sub._parameters[name] = memo[id(p)]
         for name, bf in list(sub._buffers.items()):
             if bf is None:
                 continue
             if id(bf) not in memo:
-                memo[id(bf)] = conv.from_meta_and_device(mode, bf if bf.is_meta else bf.to("meta"), dev)
+                memo[id(bf)] = fake(bf)
             sub._buffers[name] = memo[id(bf)]
     return module
 

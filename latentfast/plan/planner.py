@@ -4,6 +4,8 @@ not fit, the changes that would make it fit, each with its own predicted peak.""
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -12,7 +14,9 @@ import torch
 from . import devices as D
 from .fake import CHUNK_KEY, _Tracker, categories, fake_mode, gib, nbytes
 from .models import kv_bytes_per_token
+from . import harness as H
 from .steps import Built, StepRunner, Workload, balanced_moe, build, init_optimizer_state
+from .trainers import Unsupported, has_trainer, trainer_for
 
 PHASES = ("rollout", "train", "optimizer")
 
@@ -54,7 +58,11 @@ def _runner_phase(tracker):
 
 
 def measure(w: Workload, device_type: str = "cuda", fake: bool = True):
-    """Build and run ``w``'s step; returns (tracker, built, flops per phase, build s, run s)."""
+    """Build and run ``w``'s step; returns (tracker, built, flops per phase, build s, run s).
+    The trainer's own step (``harness``) where the trainer has moved over (``trainers``);
+    else the step of ``steps`` (the peers' way, and trainers not moved yet)."""
+    if has_trainer(w):
+        return measure_trainer(w, device_type, fake)
     ctx = fake_mode() if fake else contextlib.nullcontext()
     t0 = time.perf_counter()
     with ctx as mode, (balanced_moe() if fake else contextlib.nullcontext()):
@@ -68,6 +76,30 @@ def measure(w: Workload, device_type: str = "cuda", fake: bool = True):
             StepRunner(w, b, _runner_phase(tracker), device_type).run()
         flops = tracker.flops
     return tracker, b, flops, t1 - t0, time.perf_counter() - t1
+
+
+def measure_trainer(w: Workload, device_type: str = "cuda", fake: bool = True):
+    """``measure`` of the trainer's own step: set up, built and run through its hooks."""
+    workdir = tempfile.mkdtemp(prefix="latentfast-plan-")
+    try:
+        t0 = time.perf_counter()
+        with (fake_mode() if fake else contextlib.nullcontext()) as mode, \
+                (balanced_moe() if fake else contextlib.nullcontext()):
+            trainer, bf16 = trainer_for(w, workdir)
+            H.prepare(trainer, mode, bf16, workdir)
+            main, others = H.modules(trainer)
+            opts = [trainer.optimizer, *H.extra_optimizers(trainer)]
+            with (mode if mode is not None else contextlib.nullcontext()):
+                H.init_optimizer_state(opts)
+            b = Built(main, None, others, None, opts, H.main_config(trainer))
+            t1 = time.perf_counter()
+            tracker = _Tracker(device_type)
+            tracker.track_external(main, *others, *opts)
+            with tracker:
+                H.run_step(trainer, tracker.in_phase, "rollout" if w.rl else "data")
+        return tracker, b, tracker.flops, t1 - t0, time.perf_counter() - t1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _split(snap: dict, b: Built, w: Workload, phase: str, keep_cache: bool) -> dict:
@@ -159,7 +191,7 @@ def fit_options(p: Plan) -> list:
     tries = []
     if not w.grad_ckpt:
         tries.append(("gradient checkpointing", w.replace(grad_ckpt=True)))
-    if w.lora_rank == 0 and w.family not in ("distill", "kv"):
+    if w.lora_rank == 0 and w.family not in ("distill", "kv"):  # (a trainer without LoRA: Unsupported)
         tries.append(("LoRA r16 (base frozen in bf16)", w.replace(lora_rank=16)))
     if w.impl == "recipe":
         tries.append(("latentfast's fused lm_head losses", w.replace(impl="latentfast")))
@@ -173,6 +205,8 @@ def fit_options(p: Plan) -> list:
         try:
             q = plan(w2, p.device, options=False)
             out.append((label, q.needed_bytes, q.fits))
+        except Unsupported:  # the trainer has no such switch: not an option
+            continue
         except Exception as e:  # an option that cannot be planned is reported, not fatal
             out.append((label + f" (not planned: {type(e).__name__})", -1, False))
     for n in (2, 4, 8):

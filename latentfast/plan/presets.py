@@ -26,7 +26,7 @@ SEED_SETTINGS = [
     ("KV distill multi-teacher 0.5B <- {1.5B, 1.5B}, 8 x 512",
      Workload("Qwen2.5-0.5B", "kv", micro_batch=8, completion_len=512, teachers=["Qwen2.5-1.5B", "Qwen2.5-1.5B"])),
     ("MiniMind pretrain 640x12 MoE, 32 x 340",
-     Workload("minimind-640x12-moe", "sft", micro_batch=32, completion_len=340)),
+     Workload("minimind-640x12-moe", "sft", micro_batch=32, completion_len=340, trainer="pretrain")),
     ("MiniMind DPO 640x12 MoE, 4 pairs x 1024",
      Workload("minimind-640x12-moe", "dpo", micro_batch=8, completion_len=1024)),
     ("MiniMind GRPO 640x12 MoE, 2 x 8 gen (66+1536), RM",

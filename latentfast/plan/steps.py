@@ -67,8 +67,11 @@ class Workload:
     num_latent: int = 6  # codi
     keep_rollout_cache: bool | None = None  # None: latentfast on CUDA keeps the compiled engine's cache
     max_micro_measured: int = 2  # micro-batches actually run (the rest repeat the same peak)
+    trainer: str = ""  # the trainer whose own step runs (``plan.trainers``); "" = the family's
+    config: object = None  # that trainer's config as the user typed it (``--plan``); None: from these fields
 
     def __post_init__(self):
+        self.trainer = self.trainer or self.family
         if self.family not in FAMILIES:
             raise ValueError(f"--trainer: expected one of {FAMILIES}, got {self.family!r}")
         if self.impl not in IMPLS:
@@ -343,19 +346,14 @@ class StepRunner:
     def loss(self, item):
         return getattr(self, "_" + ("grpo" if self.w.family in ("hrpo", "ppo") else self.w.family))(item)
 
-    def _sft(self, _):
+    def _sft(self, _):  # the recipe's (HF's loss on full logits); latentfast's is the trainers' own step
         w, b = self.w, self.b
         B, T = w.micro_batch, w.completion_len
         ids = _ids(self.V, B, T)
         with _amp(w):
-            if w.impl == "latentfast":
-                out = _parts(b.model)[0](input_ids=ids)
-                loss = _ce(w, b.model, out.last_hidden_state, ids)
-            else:
-                out = b.model(input_ids=ids, labels=ids)
-                loss = out.loss
+            out = b.model(input_ids=ids, labels=ids)
             aux = getattr(out, "aux_loss", None)
-            return loss + aux if aux is not None else loss
+            return out.loss + aux if aux is not None else out.loss
 
     def _grpo(self, item):
         w, b = self.w, self.b
@@ -423,23 +421,12 @@ class StepRunner:
             d = (lp - ref).view(2, -1)
             return -nn.functional.logsigmoid(0.1 * (d[0] - d[1])).mean()
 
-    def _distill(self, _):
+    def _distill(self, _):  # the recipe's (full teacher and student logits); latentfast's: MiniMind's own step
         w, b = self.w, self.b
         B, T = w.micro_batch, w.completion_len
         ids = _ids(self.V, B, T)
         teacher = b.frozen[0]
-        dec, head = _parts(b.model)
         with _amp(w):
-            if w.impl == "latentfast":
-                from latentfast.ops.distill import fused_linear_distill_loss
-
-                with torch.no_grad():
-                    th = teacher.model(input_ids=ids).last_hidden_state
-                h = dec(input_ids=ids).last_hidden_state
-                loss, _, _ = fused_linear_distill_loss(h.flatten(0, 1), head.weight, th.flatten(0, 1),
-                                                       teacher.lm_head.weight, ids.flatten(),
-                                                       chunk_size=w.chunk_rows or None)
-                return loss
             with torch.no_grad():
                 t_logits = teacher(input_ids=ids).logits[..., :self.V].float()
             out = b.model(input_ids=ids, labels=ids)

@@ -8,10 +8,15 @@ is the fake step's (chunk sizes chosen as on CPU, so both run the same way).
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import torch
 
+from . import harness as H
 from .planner import measure
 from .steps import StepRunner, Workload, build, init_optimizer_state
+from .trainers import has_trainer, trainer_for
 
 
 def _live_bytes(b) -> int:
@@ -28,6 +33,8 @@ def _live_bytes(b) -> int:
 
 
 def measured_peak(w: Workload, seed: int = 0) -> int:
+    if has_trainer(w):
+        return measured_trainer_peak(w, seed)
     torch.manual_seed(seed)
     b = build(w)
     init_optimizer_state(b)
@@ -40,6 +47,31 @@ def measured_peak(w: Workload, seed: int = 0) -> int:
         live += size
         peak = max(peak, live)
     return base + peak
+
+
+def measured_trainer_peak(w: Workload, seed: int = 0) -> int:
+    """The trainer's own step (``harness``) on real CPU tensors, measured as above."""
+    workdir = tempfile.mkdtemp(prefix="latentfast-plan-")
+    try:
+        torch.manual_seed(seed)
+        trainer, bf16 = trainer_for(w, workdir)
+        H.prepare(trainer, None, bf16, workdir)
+        H.init_optimizer_state([trainer.optimizer, *H.extra_optimizers(trainer)])
+        H.run_step(trainer)  # warm-up: one-time allocations (kernel caches) stay out
+        base = H.live_bytes(trainer)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            H.run_step(trainer)
+        return base + _running_peak(prof)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _running_peak(prof) -> int:
+    live = peak = 0
+    for _, size in sorted(_allocations(prof)):
+        live += size
+        peak = max(peak, live)
+    return peak
 
 
 def _allocations(prof) -> list:

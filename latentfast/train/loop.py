@@ -324,23 +324,7 @@ class Trainer:
             self.step = step
             reset_peak_mem(self.device)
             t0 = time.perf_counter()
-            micro = self.batches(step)
-            if hasattr(micro, "__len__"):
-                n = len(micro)
-                weights = self.micro_weights(micro)
-            else:  # a generator: gradient_accumulation_steps lazy micro-batches, equal weights
-                n = cfg.gradient_accumulation_steps
-                weights = [1.0 / n] * n
-            self.module.train()
-            step_loss, sums = 0.0, {}
-            for m, mb in enumerate(micro):
-                with no_sync_unless(self.model, m == n - 1), self.amp(), \
-                        dist.named(f"step {step + 1}'s forward/backward (DDP / FSDP gradient collectives)"):
-                    loss, met = self.loss(mb)
-                    (loss * weights[m]).backward()
-                step_loss += float(loss.detach()) * weights[m]
-                for k, v in met.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / n
+            step_loss, sums = self.forward_backward(self.batches(step), step)
             self.before_optimizer_step()
             with dist.named(f"step {step + 1}'s non-finite check (all_reduce)"):
                 grad_norm = optimizer_step(params, self.optimizer, self.scheduler, cfg.max_grad_norm, guard=guard,
@@ -377,6 +361,29 @@ class Trainer:
         if owns_group:
             dist.cleanup()
         return result
+
+    def forward_backward(self, micro, step: int = 0) -> tuple[float, dict]:
+        """One step's forward and backward over ``micro`` (``batches(step)``): ``loss`` of each
+        micro-batch under autocast, backward at its weight. The loop's step and the planner's
+        (``latentfast.plan``, on fake tensors) are this one method. Returns the weighted loss and
+        the metrics averaged over the micro-batches."""
+        if hasattr(micro, "__len__"):
+            n = len(micro)
+            weights = self.micro_weights(micro)
+        else:  # a generator: gradient_accumulation_steps lazy micro-batches, equal weights
+            n = self.cfg.gradient_accumulation_steps
+            weights = [1.0 / n] * n
+        self.module.train()
+        step_loss, sums = 0.0, {}
+        for m, mb in enumerate(micro):
+            with no_sync_unless(self.model, m == n - 1), self.amp(), \
+                    dist.named(f"step {step + 1}'s forward/backward (DDP / FSDP gradient collectives)"):
+                loss, met = self.loss(mb)
+                (loss * weights[m]).backward()
+            step_loss += float(loss.detach()) * weights[m]
+            for k, v in met.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / n
+        return step_loss, sums
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int, guard: NonFiniteGuard) -> str | None:

@@ -74,7 +74,7 @@ def workload_from_config(cfg) -> tuple[Workload, list[str]]:
         w = Workload(_model(cfg.model_name), "kv", completion_len=cfg.max_length,
                      teachers=[_model(t) for t in teachers], **common)
     elif kind == "SFTConfig":
-        w = Workload(_model(cfg.model_name), "sft", completion_len=cfg.max_length, **common)
+        w = Workload(_model(cfg.model_name), "sft", completion_len=cfg.max_length, trainer="sft", config=cfg, **common)
     elif hasattr(cfg, "hidden_size") and hasattr(cfg, "max_seq_len"):  # MiniMind stages
         w = _minimind_workload(cfg, kind, common, notes)
     else:
@@ -82,18 +82,23 @@ def workload_from_config(cfg) -> tuple[Workload, list[str]]:
     return w, notes
 
 
+MINIMIND_STAGES = {"PretrainArgs": "pretrain", "MiniMindArgs": "pretrain", "FullSFTArgs": "full_sft",
+                   "LoRAArgs": "lora", "DistillReasonArgs": "distill_reason", "DistillationArgs": "distillation"}
+
+
 def _minimind_workload(cfg, kind, common, notes) -> Workload:
     model = _minimind(cfg)
     dtype_bf16 = getattr(cfg, "dtype", "bfloat16") == "bfloat16"
     common = {**common, "bf16": dtype_bf16}
+    own = dict(trainer=MINIMIND_STAGES[kind], config=cfg) if kind in MINIMIND_STAGES else {}
     if kind == "LoRAArgs":
-        return Workload(model, "sft", completion_len=cfg.max_seq_len, lora_rank=cfg.lora_rank, **common)
+        return Workload(model, "sft", completion_len=cfg.max_seq_len, lora_rank=cfg.lora_rank, **own, **common)
     if kind == "DPOArgs":
         return Workload(model, "dpo", completion_len=cfg.max_seq_len,
                         **{**common, "micro_batch": 2 * common["micro_batch"]})
     if kind == "DistillationArgs":
         teacher = _minimind(cfg, cfg.teacher_hidden_size, cfg.teacher_num_layers)
-        return Workload(model, "distill", completion_len=cfg.max_seq_len, teachers=[teacher], **common)
+        return Workload(model, "distill", completion_len=cfg.max_seq_len, teachers=[teacher], **own, **common)
     if kind in ("GRPOArgs", "PPOArgs", "SPOArgs", "RLArgs"):
         n = getattr(cfg, "num_generations", 1)
         fam = "ppo" if kind == "PPOArgs" else "grpo"
@@ -101,7 +106,7 @@ def _minimind_workload(cfg, kind, common, notes) -> Workload:
         return Workload(model, fam, prompt_len=cfg.max_seq_len, completion_len=cfg.max_gen_len,
                         beta=getattr(cfg, "beta", getattr(cfg, "kl_coef", 0.02)), reward_model=True,
                         **{**common, "micro_batch": common["micro_batch"] * n})
-    return Workload(model, "sft", completion_len=cfg.max_seq_len, **common)  # pretrain / full_sft / distill_reason
+    return Workload(model, "sft", completion_len=cfg.max_seq_len, **own, **common)  # pretrain / full_sft / distill_reason
 
 
 def plan_and_exit(cfg, out=print):

@@ -30,6 +30,10 @@ TRAINERS = {"hrpo": "hrpo", "grpo": "grpo", "spo": "grpo", "ppo": "ppo", "dpo": 
             "kv_distill": "kv", "multi_teacher": "kv", "kv": "kv", "sft": "sft", "pretrain": "sft",
             "full_sft": "sft", "lora": "sft", "distill_reason": "sft", "distillation": "distill", "distill": "distill"}
 
+# trainer names users type -> the trainer whose own step runs (``latentfast.plan.trainers``)
+OWN_STEP = {"sft": "sft", "pretrain": "pretrain", "full_sft": "full_sft", "lora": "lora",
+            "distill_reason": "distill_reason", "distillation": "distillation", "distill": "distillation"}
+
 
 @dataclass
 class PlanConfig(Config):
@@ -88,7 +92,7 @@ class PlanConfig(Config):
         return Workload(self.model, fam, self.impl, self.micro_batch, self.grad_accum,
                         self.prompt_len if fam in ("grpo", "hrpo", "ppo") else 0, self.completion_len,
                         self.lora_rank, self.gradient_checkpointing, self.bf16, self.beta, list(self.teachers),
-                        self.reward_model, self.chunk_rows)
+                        self.reward_model, self.chunk_rows, trainer=OWN_STEP.get(self.trainer, ""))
 
 
 def run_plan(w: Workload, device: D.Device, options: bool = True, compare: bool = False, out=print):

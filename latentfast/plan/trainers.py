@@ -1,0 +1,135 @@
+"""Which trainer runs a workload's step, and its config for planning.
+
+``trainer_for(w, workdir)`` returns the trainer object (``latentfast.train``'s own class) whose
+step the planner runs (``harness``). Its config is the one the user typed (``w.config``, from
+``--plan``) or one made from the workload's fields (``latentfast-plan``); either way the planner
+changes only what a plan cannot read or needs at its maximum:
+
+- data: a file written here whose rows fill the configured lengths (answers / texts / prompts of
+  ``max_length`` tokens or more), so every sequence of the step is as long as the flags allow;
+- weights: none are read (``load_causal_lm`` is substituted, MiniMind's ``--from_weight none``);
+- the device's choices: weights in bf16 where the trainer picks bf16 on CUDA (``--dtype auto``);
+- output: a temporary folder; evaluation off (it is not part of a training step).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+from .harness import model_key
+
+WORD = "7"  # two project-tokenizer tokens per " 7": rows of n words encode to ~2n tokens
+
+
+def _long(n_tokens: int) -> str:
+    return " ".join([WORD] * (n_tokens // 2 + 8))
+
+
+def _write(workdir, name: str, rows: list[dict]) -> str:
+    path = pathlib.Path(workdir) / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _rows_needed(w) -> int:
+    return max(8, 4 * w.micro_batch * w.grad_accum)
+
+
+class Unsupported(ValueError):
+    """The workload asks for a switch the trainer does not have (a fit option that does not apply)."""
+
+
+def _require(w, trainer: str, lora=False, ckpt=False):
+    if w.lora_rank and not lora:
+        raise Unsupported(f"--lora_rank: the {trainer} trainer has no LoRA")
+    if w.grad_ckpt and not ckpt:
+        raise Unsupported(f"--gradient_checkpointing: the {trainer} trainer has no such switch")
+    if w.chunk_rows:
+        raise Unsupported(f"--chunk_rows: the {trainer} trainer uses the fused ops' default chunk")
+
+
+# ----------------------------------------------------------------------------- SFT
+def sft(w, workdir):
+    from latentfast.train.sft import SFT, SFTConfig
+
+    _require(w, "sft")
+    cfg = (w.config or SFTConfig(model_name=model_key(w.model))).replace(
+        per_device_train_batch_size=w.micro_batch, gradient_accumulation_steps=w.grad_accum,
+        max_length=w.completion_len, bf16=w.bf16)
+    rows = [{"question": "q", "answer": _long(cfg.max_length) + " #### 7"} for _ in range(_rows_needed(w))]
+    cfg = cfg.replace(train_data=_write(workdir, "sft.jsonl", rows), eval_data="none", eval_size=0,
+                      output_dir=str(workdir), save_model=False)
+    return SFT(cfg), cfg.bf16 is not False
+
+
+# ----------------------------------------------------------------------------- MiniMind's stages
+MINIMIND_STAGES = {"pretrain": ("pretrain", "Pretrain"), "full_sft": ("full_sft", "FullSFT"),
+                   "lora": ("lora", "LoRA"), "distill_reason": ("distill_reason", "DistillReason"),
+                   "distillation": ("distillation", "Distillation")}
+
+
+def _minimind_shape(model) -> dict:
+    """MiniMind's flags for a model config (a named ``minimind-*`` config, a config.json, a dict)."""
+    from .models import config_dict
+
+    d = config_dict(model) if isinstance(model, str) else dict(model)
+    if d.get("model_type") != "minimind":
+        raise ValueError(f"--model: the MiniMind stages train MiniMind models (minimind-640x12-moe, "
+                         f"minimind-512x8, minimind-768x16 or a MiniMind config.json); got {model!r}")
+    return dict(hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
+                use_moe=int(bool(d.get("use_moe"))),
+                headwise_attn_output_gate=int(bool(d.get("headwise_attn_output_gate"))),
+                elementwise_attn_output_gate=int(bool(d.get("elementwise_attn_output_gate"))))
+
+
+def _minimind_config(w, cls):
+    lora = cls.__name__ == "LoRAArgs"
+    _require(w, "MiniMind " + cls.__name__[:-4], lora=lora)
+    kw = dict(per_device_train_batch_size=w.micro_batch, gradient_accumulation_steps=w.grad_accum,
+              max_seq_len=w.completion_len)
+    if lora:
+        kw["lora_rank"] = w.lora_rank or 8
+    if w.config is not None:  # the flags typed (``--plan``): the shape and the rest are theirs
+        return w.config.replace(**kw)
+    kw.update(_minimind_shape(w.model), dtype="bfloat16" if w.bf16 else "float32")
+    if cls.__name__ == "DistillationArgs":
+        t = _minimind_shape(w.teachers[0])
+        kw.update(teacher_hidden_size=t["hidden_size"], teacher_num_layers=t["num_hidden_layers"])
+    return cls(**kw)
+
+
+def minimind(stage):
+    def build(w, workdir):
+        import importlib
+
+        mod_name, cls_name = MINIMIND_STAGES[stage]
+        mod = importlib.import_module(f"latentfast.train.minimind.{mod_name}")
+        trainer_cls = getattr(mod, cls_name)
+        cfg = _minimind_config(w, trainer_cls.config_class)
+        n = cfg.max_seq_len + 8
+        if trainer_cls.data_kind == "pretrain":
+            rows = [{"text": _long(2 * n)} for _ in range(_rows_needed(w))]
+        else:
+            rows = [{"conversations": [{"role": "user", "content": "q"},
+                                       {"role": "assistant", "content": _long(2 * n)}]} for _ in range(_rows_needed(w))]
+        changes = dict(data_path=_write(workdir, "minimind.jsonl", rows), from_weight="none", save_dir=str(workdir),
+                       output_dir=str(workdir), use_wandb=False, from_resume=0, resume_from_checkpoint=None)
+        if hasattr(cfg, "from_teacher_weight"):
+            changes["from_teacher_weight"] = "none"
+        cfg = cfg.replace(**changes)
+        trainer = trainer_cls(cfg, demo=False, save_weights=False)
+        return trainer, trainer.cfg.bf16 is not False
+
+    return build
+
+
+# trainer name -> builder(w, workdir) -> (trainer, autocast bf16)
+BUILDERS = {"sft": sft, **{k: minimind(k) for k in MINIMIND_STAGES}, "distill": minimind("distillation")}
+
+
+def has_trainer(w) -> bool:
+    return w.impl == "latentfast" and w.trainer in BUILDERS
+
+
+def trainer_for(w, workdir):
+    return BUILDERS[w.trainer](w, workdir)
