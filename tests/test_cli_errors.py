@@ -288,9 +288,7 @@ def test_no_parser_abbreviates_flags(capsys):
 
 
 # --help that imports torch / transformers / triton takes 9-18 s on a loaded 2-core machine (torch alone ~1.8 s
-# of CPU); these scripts still build their parser from configs that live beside torch code (see the issue 25
-# report: the configs need torch-free modules, and the packages' __init__ files lazy imports)
-HEAVY_HELP = {*[f"latentfast-minimind {stage}" for stage in ("dpo", "ppo", "grpo", "spo")]}
+# of CPU): every console script (and MiniMind stage) parses with a torch-free config before its trainer loads
 HELP_CASES = [(n, ["--help"]) for n in _setup_scripts()] + [("latentfast-minimind", [s, "--help"]) for s in MM_STAGES]
 
 
@@ -298,8 +296,6 @@ HELP_CASES = [(n, ["--help"]) for n in _setup_scripts()] + [("latentfast-minimin
 def test_help_imports_no_heavy_module(name, argv):
     """--help answers without importing torch / transformers / triton (the 2 s budget), in a fresh process;
     also each MiniMind stage's (``latentfast-minimind <stage> --help``)."""
-    if " ".join([name, *argv[:-1]]) in HEAVY_HELP:
-        pytest.skip(f"{name} --help still imports torch (its config is not in a torch-free module yet)")
     module, func = _setup_scripts()[name].split(":")
     code = (f"import importlib, sys\nsys.argv = {[name, *argv]!r}\n"
             f"try:\n    getattr(importlib.import_module({module!r}), {func!r})()\n"

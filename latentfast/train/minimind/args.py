@@ -9,9 +9,10 @@ import dataclasses
 import pathlib
 from dataclasses import dataclass
 
-from latentfast.choices import MINIMIND_DEFAULT_TOKENIZER, MINIMIND_TOKENIZERS
+from latentfast.choices import GRPO_LOSS_TYPES, MINIMIND_DEFAULT_TOKENIZER, MINIMIND_TOKENIZERS
 
 from ..config import TrainConfig, check, option, path_error
+from ..rl.objectives import DPOLoss, GRPOLoss  # (torch-free: a loss is built = validated at parsing)
 
 DEMO = "demo"
 # every stage's demo: a small MiniMind on the GSM8K sample, CPU-sized (stages add their own values)
@@ -189,6 +190,140 @@ class DistillationArgs(MiniMindArgs):
         check(self.temperature > 0, "temperature", "a temperature > 0", self.temperature)
 
 
-# stage -> its flag set (the RL stages keep theirs beside their trainers: their --help still imports torch)
+# the RL stages (ppo / grpo / spo share RLArgs)
+RULES = ("answer",)  # --rule_rewards
+
+
+@script_defaults(save_weight="grpo", epochs=1.0, batch_size=2, learning_rate=8e-8, accumulation_steps=1,
+                 log_interval=1, save_interval=10, data_path="../dataset/rlaif-mini.jsonl",
+                 wandb_project="MiniMind-GRPO")
+class RLArgs(MiniMindArgs):
+    """Flags shared by MiniMind's ppo / grpo / spo (train_grpo.py defaults at a8455ca)."""
+
+    max_seq_len: int = option(66, "prompt tokens kept (the last ones)")
+    from_weight: str | None = option(None, "policy and reference weights (default: 'reason' with --reasoning 1, "
+                                           "else 'full_sft')")
+    max_gen_len: int = option(1536, "new tokens per rollout")
+    reasoning: int = option(1, "1: format/tag rewards, the 0.4 full + 0.6 answer reward-model mix, "
+                               "and --from_weight reason", choices=(0, 1))
+    reward_model_path: str = option("../../internlm2-1_8b-reward", "local HF reward model ('none': rules only)")
+    trust_remote_code: int = option(0, "1: run the reward model's own code (InternLM2's get_score)", choices=(0, 1))
+    rule_rewards: str = option("none", f"extra rule rewards, comma-separated from {RULES} ('none')")
+    temperature: float = option(0.8, "rollout sampling temperature (MiniMind: 0.8)")
+    top_p: float = option(1.0, "rollout nucleus sampling (1: off, MiniMind's generate default)")
+    lr_scheduler_type: str = option("minimind_rl", "MiniMind's RL schedule: cosine from lr to lr/10 "
+                                                   "(CosineAnnealingLR, eta_min = lr / 10)")
+
+    def __post_init__(self):
+        if self.from_weight is None:
+            self.from_weight = "reason" if self.reasoning else "full_sft"
+        super().__post_init__()
+        check(self.max_gen_len >= 1, "max_gen_len", "an integer >= 1", self.max_gen_len)
+        check(self.temperature > 0, "temperature", "a positive number", self.temperature)
+        check(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        rules = [] if self.rule_rewards in ("", "none") else self.rule_rewards.split(",")
+        check(all(r in RULES for r in rules), "rule_rewards", f"'none' or a comma list from {RULES}", self.rule_rewards)
+
+    def check_cli(self, parser):
+        super().check_cli(parser)
+        if not is_demo(self):  # the demo falls back to rule rewards (or builds a tiny reward model)
+            msg = path_error("--reward_model_path", self.reward_model_path, "dir", ("none",),
+                             "a local Hugging Face reward model folder")
+            if msg:
+                parser.error(msg)
+
+    @property
+    def rules(self) -> list[str]:
+        return [] if self.rule_rewards in ("", "none") else self.rule_rewards.split(",")
+
+
+@script_defaults(save_weight="dpo", epochs=1.0, batch_size=4, learning_rate=4e-8, accumulation_steps=1,
+                 log_interval=100, save_interval=100, max_seq_len=1024, data_path="../dataset/dpo.jsonl",
+                 from_weight="full_sft", wandb_project="MiniMind-DPO")
+class DPOArgs(MiniMindArgs):
+    """MiniMind DPO (train_dpo.py defaults)."""
+
+    beta: float = option(0.1, "DPO temperature")
+    dpo_logp: str = option("mean", "sequence score: mean token log-prob (MiniMind) or sum (TRL)",
+                           choices=("mean", "sum"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.objective()
+
+    def objective(self) -> DPOLoss:
+        return DPOLoss(beta=self.beta, average_log_prob=self.dpo_logp == "mean")
+
+
+@script_defaults(save_weight="ppo_actor", wandb_project="MiniMind-PPO")
+class PPOArgs(RLArgs):
+    critic_learning_rate: float = option(8e-8, "critic learning rate")
+    clip_epsilon: float = option(0.1, "ratio clip")
+    vf_coef: float = option(0.5, "value-loss coefficient")
+    kl_coef: float = option(0.02, "KL-to-reference coefficient")
+    update_old_actor_freq: int = option(4, "steps between old-actor refreshes (--ppo_mode sequence)")
+    ppo_mode: str = option("sequence", "sequence: MiniMind's note-era objective; gae: its newer token-level PPO",
+                           choices=("sequence", "gae"))
+    gamma: float = option(1.0, "GAE discount (--ppo_mode gae)")
+    lam: float = option(0.95, "GAE lambda (--ppo_mode gae)")
+    cliprange_value: float = option(0.2, "value clip around the rollout's values (--ppo_mode gae)")
+    ppo_update_iters: int = option(2, "epochs over each rollout (--ppo_mode gae)")
+    early_stop_kl: float = option(0.25, "skip a rollout's remaining updates above this approx KL (--ppo_mode gae)")
+    mini_batch_size: int = option(2, "responses per update (--ppo_mode gae)")
+    value_head_init: str = option("random", "random: nn.Linear's init (MiniMind); mean_reward: weight 0 and bias the "
+                                            "first rollout's mean reward, so the first advantages are R - mean(R)",
+                                  choices=("random", "mean_reward"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.update_old_actor_freq >= 1, "update_old_actor_freq", "an integer >= 1", self.update_old_actor_freq)
+        check(self.ppo_update_iters >= 1, "ppo_update_iters", "an integer >= 1", self.ppo_update_iters)
+        check(self.mini_batch_size >= 1, "mini_batch_size", "an integer >= 1", self.mini_batch_size)
+        check(0 < self.clip_epsilon < 1, "clip_epsilon", "a number in (0, 1)", self.clip_epsilon)
+        self.objective()
+
+    def objective(self) -> GRPOLoss:
+        """--ppo_mode gae's token-level clipped loss + k3 KL (bnpo: the token mean over the minibatch)."""
+        return GRPOLoss(loss_type="bnpo", beta=self.kl_coef, epsilon=self.clip_epsilon, epsilon_high=self.clip_epsilon)
+
+
+@script_defaults(save_weight="grpo", wandb_project="MiniMind-GRPO")
+class GRPOArgs(RLArgs):
+    num_generations: int = option(8, "samples per prompt (1: zero advantages, see spo)")
+    beta: float = option(0.02, "k3 KL coefficient to the reference")
+    loss_type: str = option("grpo", "policy term and normalisation", choices=GRPO_LOSS_TYPES)
+    epsilon: float = option(0.2, "lower clip (the clipped loss types)")
+    epsilon_high: float | None = option(None, "upper clip (default: --epsilon; cispo: its ratio cap, MiniMind 5.0)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.num_generations >= 1, "num_generations", "an integer >= 1", self.num_generations)
+        if self.epsilon_high is None:
+            self.epsilon_high = 5.0 if self.loss_type == "cispo" else self.epsilon
+        self.objective()  # the loss type's options are checked here, by the objective
+
+    def objective(self) -> GRPOLoss:
+        return GRPOLoss(loss_type=self.loss_type, beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
+                        max_completion_length=self.max_gen_len)
+
+
+@script_defaults(save_weight="spo", learning_rate=1e-7, accumulation_steps=4, wandb_project="MiniMind-SPO")
+class SPOArgs(RLArgs):
+    beta: float = option(0.02, "k3 KL coefficient to the reference")
+    rho_mode: str = option("kl", "value-tracker decay: 'kl' (adaptive) or 'constant'", choices=("kl", "constant"))
+    rho_const: float = option(0.9, "decay with rho_mode constant, and on the first step")
+    D_half: float = option(0.06, "the |mean log-prob change| that halves the decay")
+    clip_lower: float = option(0.5, "lower bound of rho")
+    clip_upper: float = option(0.96, "upper bound of rho")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.objective()
+
+    def objective(self) -> GRPOLoss:
+        return GRPOLoss(loss_type="spo", beta=self.beta)
+
+
+# stage -> its flag set
 STAGE_ARGS = {"pretrain": PretrainArgs, "full_sft": FullSFTArgs, "lora": LoRAArgs, "distill_reason": DistillReasonArgs,
-              "distillation": DistillationArgs}
+              "distillation": DistillationArgs, "dpo": DPOArgs, "ppo": PPOArgs, "grpo": GRPOArgs, "spo": SPOArgs}

@@ -7,7 +7,7 @@ import importlib.util
 import pathlib
 import sys
 
-# stage -> module under latentfast.train.minimind (later stages add themselves here)
+# stage -> module under latentfast.train.minimind (a new stage adds itself here, its flags to args.STAGE_ARGS)
 STAGES = {"pretrain": "pretrain", "full_sft": "full_sft", "lora": "lora", "distill_reason": "distill_reason",
           "distillation": "distillation", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo", "spo": "spo"}
 
@@ -40,8 +40,6 @@ def main(argv=None):
     from .args import STAGE_ARGS
 
     name = f"latentfast.train.minimind.{STAGES[argv[0]]}"
-    if argv[0] not in STAGE_ARGS:  # (a stage whose flags still live beside its trainer)
-        return importlib.import_module(name).main(argv[1:])
     cfg = STAGE_ARGS[argv[0]].parse(argv[1:], stage_doc(name))  # --help, argument errors: before torch loads
     return importlib.import_module(name).main(cfg=cfg)
 

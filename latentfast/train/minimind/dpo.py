@@ -17,29 +17,9 @@ from __future__ import annotations
 
 from latentfast.data import minimind as mmdata
 from latentfast.data import minimind_rl as rldata
-from latentfast.train.rl.objectives import DPOLoss
-
-from ..config import option
-from .common import DEMO, MiniMindArgs, cli_of, script_defaults, stage_main
+from .args import DPOArgs
+from .common import DEMO, cli_of, stage_main
 from .rl import MiniMindPolicyTrainer
-
-
-@script_defaults(save_weight="dpo", epochs=1.0, batch_size=4, learning_rate=4e-8, accumulation_steps=1,
-                 log_interval=100, save_interval=100, max_seq_len=1024, data_path="../dataset/dpo.jsonl",
-                 from_weight="full_sft", wandb_project="MiniMind-DPO")
-class DPOArgs(MiniMindArgs):
-    """MiniMind DPO (train_dpo.py defaults)."""
-
-    beta: float = option(0.1, "DPO temperature")
-    dpo_logp: str = option("mean", "sequence score: mean token log-prob (MiniMind) or sum (TRL)",
-                           choices=("mean", "sum"))
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.objective()
-
-    def objective(self) -> DPOLoss:
-        return DPOLoss(beta=self.beta, average_log_prob=self.dpo_logp == "mean")
 
 
 class DPO(MiniMindPolicyTrainer):

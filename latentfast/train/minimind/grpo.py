@@ -21,31 +21,9 @@ from __future__ import annotations
 import warnings
 
 from latentfast.train.rl.advantages import minimind_group_batch_zscore
-from latentfast.train.rl.objectives import GRPO_LOSS_TYPES, GRPOLoss
-
-from ..config import check, option
-from .common import cli_of, script_defaults, stage_main
-from .rl import MiniMindRL, RLArgs
-
-
-@script_defaults(save_weight="grpo", wandb_project="MiniMind-GRPO")
-class GRPOArgs(RLArgs):
-    num_generations: int = option(8, "samples per prompt (1: zero advantages, see spo)")
-    beta: float = option(0.02, "k3 KL coefficient to the reference")
-    loss_type: str = option("grpo", "policy term and normalisation", choices=GRPO_LOSS_TYPES)
-    epsilon: float = option(0.2, "lower clip (the clipped loss types)")
-    epsilon_high: float | None = option(None, "upper clip (default: --epsilon; cispo: its ratio cap, MiniMind 5.0)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.num_generations >= 1, "num_generations", "an integer >= 1", self.num_generations)
-        if self.epsilon_high is None:
-            self.epsilon_high = 5.0 if self.loss_type == "cispo" else self.epsilon
-        self.objective()  # the loss type's options are checked here, by the objective
-
-    def objective(self) -> GRPOLoss:
-        return GRPOLoss(loss_type=self.loss_type, beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
-                        max_completion_length=self.max_gen_len)
+from .args import GRPOArgs
+from .common import cli_of, stage_main
+from .rl import MiniMindRL
 
 
 class GRPO(MiniMindRL):

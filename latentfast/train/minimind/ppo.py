@@ -47,43 +47,9 @@ from latentfast.ops.lm_head_engine import lm_head_logps
 from latentfast.ops.ppo_loss import fused_linear_ppo_sequence_loss
 from latentfast.runtime import dist
 from latentfast.train.rl.advantages import gae, last_token_rewards, whiten
-from latentfast.train.rl.objectives import GRPOLoss
-
-from ..config import check, option
-from .common import cli_of, script_defaults, stage_main
-from .rl import MiniMindRL, RLArgs, completion_hidden
-
-
-@script_defaults(save_weight="ppo_actor", wandb_project="MiniMind-PPO")
-class PPOArgs(RLArgs):
-    critic_learning_rate: float = option(8e-8, "critic learning rate")
-    clip_epsilon: float = option(0.1, "ratio clip")
-    vf_coef: float = option(0.5, "value-loss coefficient")
-    kl_coef: float = option(0.02, "KL-to-reference coefficient")
-    update_old_actor_freq: int = option(4, "steps between old-actor refreshes (--ppo_mode sequence)")
-    ppo_mode: str = option("sequence", "sequence: MiniMind's note-era objective; gae: its newer token-level PPO",
-                           choices=("sequence", "gae"))
-    gamma: float = option(1.0, "GAE discount (--ppo_mode gae)")
-    lam: float = option(0.95, "GAE lambda (--ppo_mode gae)")
-    cliprange_value: float = option(0.2, "value clip around the rollout's values (--ppo_mode gae)")
-    ppo_update_iters: int = option(2, "epochs over each rollout (--ppo_mode gae)")
-    early_stop_kl: float = option(0.25, "skip a rollout's remaining updates above this approx KL (--ppo_mode gae)")
-    mini_batch_size: int = option(2, "responses per update (--ppo_mode gae)")
-    value_head_init: str = option("random", "random: nn.Linear's init (MiniMind); mean_reward: weight 0 and bias the "
-                                            "first rollout's mean reward, so the first advantages are R - mean(R)",
-                                  choices=("random", "mean_reward"))
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.update_old_actor_freq >= 1, "update_old_actor_freq", "an integer >= 1", self.update_old_actor_freq)
-        check(self.ppo_update_iters >= 1, "ppo_update_iters", "an integer >= 1", self.ppo_update_iters)
-        check(self.mini_batch_size >= 1, "mini_batch_size", "an integer >= 1", self.mini_batch_size)
-        check(0 < self.clip_epsilon < 1, "clip_epsilon", "a number in (0, 1)", self.clip_epsilon)
-        self.objective()
-
-    def objective(self) -> GRPOLoss:
-        """--ppo_mode gae's token-level clipped loss + k3 KL (bnpo: the token mean over the minibatch)."""
-        return GRPOLoss(loss_type="bnpo", beta=self.kl_coef, epsilon=self.clip_epsilon, epsilon_high=self.clip_epsilon)
+from .args import PPOArgs
+from .common import cli_of, stage_main
+from .rl import MiniMindRL, completion_hidden
 
 
 def decode_prompt_completion(transformer, prompt_ids, prompt_mask, completion_ids, completion_mask):

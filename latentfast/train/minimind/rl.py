@@ -33,14 +33,13 @@ from latentfast.data.minimind import write_jsonl
 from latentfast.data.reward_model import RewardModel, answer_span, minimind_rewards
 from latentfast.data.rewards import normalize_number
 
-from ..config import check, option, path_error
 from ..rl.policy import CausalLMPolicy, Sampling, completion_hidden
 from ..rl.trainer import RLTrainer
-from .common import DEMO, MiniMindArgs, MiniMindTrainer, is_demo, run_stage, script_defaults, weight_path
+from .args import RLArgs
+from .common import DEMO, MiniMindTrainer, run_stage, weight_path
 from .distill_reason import DistillReason
 from .full_sft import FullSFT
 
-RULES = ("answer",)
 WARMUP_SFT_STEPS = 160  # the demo's SFT warm-up when its --from_weight file is absent
 
 
@@ -53,51 +52,6 @@ def answer_reward(responses: list[str], answers: list) -> list[float]:
         pred = next((n for n in map(normalize_number, reversed(nums)) if n is not None), None)
         out.append(1.0 if a is not None and pred is not None and pred == normalize_number(str(a)) else 0.0)
     return out
-
-
-@script_defaults(save_weight="grpo", epochs=1.0, batch_size=2, learning_rate=8e-8, accumulation_steps=1,
-                 log_interval=1, save_interval=10, data_path="../dataset/rlaif-mini.jsonl",
-                 wandb_project="MiniMind-GRPO")
-
-
-class RLArgs(MiniMindArgs):
-    """Flags shared by MiniMind's ppo / grpo / spo (train_grpo.py defaults at a8455ca)."""
-
-    max_seq_len: int = option(66, "prompt tokens kept (the last ones)")
-    from_weight: str | None = option(None, "policy and reference weights (default: 'reason' with --reasoning 1, "
-                                           "else 'full_sft')")
-    max_gen_len: int = option(1536, "new tokens per rollout")
-    reasoning: int = option(1, "1: format/tag rewards, the 0.4 full + 0.6 answer reward-model mix, "
-                               "and --from_weight reason", choices=(0, 1))
-    reward_model_path: str = option("../../internlm2-1_8b-reward", "local HF reward model ('none': rules only)")
-    trust_remote_code: int = option(0, "1: run the reward model's own code (InternLM2's get_score)", choices=(0, 1))
-    rule_rewards: str = option("none", f"extra rule rewards, comma-separated from {RULES} ('none')")
-    temperature: float = option(0.8, "rollout sampling temperature (MiniMind: 0.8)")
-    top_p: float = option(1.0, "rollout nucleus sampling (1: off, MiniMind's generate default)")
-    lr_scheduler_type: str = option("minimind_rl", "MiniMind's RL schedule: cosine from lr to lr/10 "
-                                                   "(CosineAnnealingLR, eta_min = lr / 10)")
-
-    def __post_init__(self):
-        if self.from_weight is None:
-            self.from_weight = "reason" if self.reasoning else "full_sft"
-        super().__post_init__()
-        check(self.max_gen_len >= 1, "max_gen_len", "an integer >= 1", self.max_gen_len)
-        check(self.temperature > 0, "temperature", "a positive number", self.temperature)
-        check(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
-        rules = [] if self.rule_rewards in ("", "none") else self.rule_rewards.split(",")
-        check(all(r in RULES for r in rules), "rule_rewards", f"'none' or a comma list from {RULES}", self.rule_rewards)
-
-    def check_cli(self, parser):
-        super().check_cli(parser)
-        if not is_demo(self):  # the demo falls back to rule rewards (or builds a tiny reward model)
-            msg = path_error("--reward_model_path", self.reward_model_path, "dir", ("none",),
-                             "a local Hugging Face reward model folder")
-            if msg:
-                parser.error(msg)
-
-    @property
-    def rules(self) -> list[str]:
-        return [] if self.rule_rewards in ("", "none") else self.rule_rewards.split(",")
 
 
 class MiniMindPolicyTrainer(MiniMindTrainer, RLTrainer):

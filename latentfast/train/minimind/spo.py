@@ -18,28 +18,9 @@ from __future__ import annotations
 import math
 
 from latentfast.train.rl.advantages import SPOTracker
-from latentfast.train.rl.objectives import GRPOLoss
-
-from ..config import option
-from .common import cli_of, script_defaults, stage_main
-from .rl import MiniMindRL, RLArgs
-
-
-@script_defaults(save_weight="spo", learning_rate=1e-7, accumulation_steps=4, wandb_project="MiniMind-SPO")
-class SPOArgs(RLArgs):
-    beta: float = option(0.02, "k3 KL coefficient to the reference")
-    rho_mode: str = option("kl", "value-tracker decay: 'kl' (adaptive) or 'constant'", choices=("kl", "constant"))
-    rho_const: float = option(0.9, "decay with rho_mode constant, and on the first step")
-    D_half: float = option(0.06, "the |mean log-prob change| that halves the decay")
-    clip_lower: float = option(0.5, "lower bound of rho")
-    clip_upper: float = option(0.96, "upper bound of rho")
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.objective()
-
-    def objective(self) -> GRPOLoss:
-        return GRPOLoss(loss_type="spo", beta=self.beta)
+from .args import SPOArgs
+from .common import cli_of, stage_main
+from .rl import MiniMindRL
 
 
 class SPO(MiniMindRL):
