@@ -36,6 +36,7 @@ from typing import ClassVar
 from latentfast.choices import CODI_DATA_NAMES, CODI_DISTILL_LOSS_TYPES
 
 from . import demos
+from .checks import check_data_arg
 from .config import TrainConfig, check, option
 from .demos import DEMO_MODEL, EmbeddedDemo
 from .entry import console_entry
@@ -116,8 +117,6 @@ class CODIConfig(EmbeddedDemo, TrainConfig):
               f"one of {sorted(CODI_DATA_NAMES)}", self.data_name)
 
     def check_cli(self, parser):
-        from .common import check_data_arg  # (imports torch: after parsing, never for --help)
-
         if not self.data_name:  # with --data_name, codi_data.from_original checks the rows
             check_data_arg(parser, "--train_data", self.train_data)
         check_data_arg(parser, "--eval_data", self.eval_data, allowed=("none",))

@@ -35,7 +35,7 @@ from latentfast.data.rows import load_rows
 from latentfast.models.codi import encode_example, prepare_tokenizer, split_answer
 from latentfast.models.local import load_causal_lm
 from latentfast.runtime.device import amp_context
-from latentfast.train.common import check_data_arg
+from latentfast.train.checks import check_data_arg
 
 OUTPUT_NAME = "hybrid_training_data.json"
 

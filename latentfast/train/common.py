@@ -1,6 +1,6 @@
 """Small helpers shared by the trainers (flags and presets live in ``config.py``).
 
-``check_data_arg`` / ``check_resume_arg`` (path flags checked at parsing), ``SampleStream``
+``check_data_arg`` / ``check_resume_arg`` (path flags checked at parsing: ``checks.py``), ``SampleStream``
 (resumable epoch-shuffled order), ``warmup_schedule`` (linear warm-up then
 cosine/linear/constant), ``JsonlLogger`` (rank-0 metrics file) and the pieces of the loop's
 step (``no_sync_unless``, ``optimizer_step``). Rows by name are ``latentfast.data.rows``,
@@ -8,7 +8,6 @@ model loading ``latentfast.models.local``, precision and memory ``latentfast.run
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -17,47 +16,13 @@ import random
 
 import torch
 
-from latentfast.data import load_gsm8k
-from latentfast.data.rows import DATA_NAMES
-from latentfast.files import CorruptFileError
-from latentfast.runtime.checkpoint import verify
 from latentfast.runtime.guard import NonFiniteGuard
 
-from . import entry
+from . import checks, entry
 
-console_entry = entry.console_entry  # (torch-free, in entry.py: the trainers import it from here too)
-
-
-def check_data_arg(parser: argparse.ArgumentParser, flag: str, spec, allowed=()) -> None:
-    """At argument parsing: ``spec`` names a built-in data set or an existing, well-formed
-    JSONL file (every line parsed, the first bad one reported with its number)."""
-    if spec is None or spec in DATA_NAMES or spec in allowed:
-        return
-    path = pathlib.Path(spec)
-    if not path.is_file():
-        names = ", ".join(repr(n) for n in (*DATA_NAMES, *allowed))
-        parser.error(f"{flag} {spec!r}: no such file (expected a JSONL path or one of {names})")
-    try:
-        load_gsm8k(str(path))
-    except (ValueError, UnicodeDecodeError) as exc:
-        parser.error(f"{flag}: {exc}")
-
-
-def check_resume_arg(parser: argparse.ArgumentParser, spec, flag: str = "--resume_from_checkpoint") -> None:
-    """``latest`` or a directory written by ``checkpoint.save`` (has trainer_state.json)."""
-    if spec is None or spec == "latest":
-        return
-    path = pathlib.Path(spec)
-    if not path.is_dir():
-        parser.error(f"{flag} {spec!r}: no such directory (expected a checkpoint-<step> directory or 'latest')")
-    missing = [f for f in ("trainer_state.json", "model.safetensors") if not (path / f).is_file()]
-    if missing:
-        parser.error(f"{flag} {spec!r} is not a latentfast checkpoint: it has no {' or '.join(missing)} "
-                     f"(expected a checkpoint-<step> directory written by a latentfast trainer)")
-    try:
-        verify(path)  # sizes and blake2b against its manifest
-    except CorruptFileError as e:
-        parser.error(f"{flag} {spec!r}: {e}")
+# torch-free, in entry.py / checks.py (the command lines use them before torch loads); importable from here too
+console_entry = entry.console_entry
+check_data_arg, check_resume_arg = checks.check_data_arg, checks.check_resume_arg
 
 
 class SampleStream:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from latentfast.cli import PATH_KINDS, cli_parser, finite_float, path_error
 
 from . import resume
+from .checks import check_resume_arg
 
 _MISSING = dataclasses.MISSING
 
@@ -340,8 +341,6 @@ class TrainConfig(Config):
 
     def check_cli(self, parser):
         super().check_cli(parser)
-        from .common import check_resume_arg  # (imports torch: after parsing, never for --help)
-
         check_resume_arg(parser, self.resume_from_checkpoint)
 
     def __post_init__(self):

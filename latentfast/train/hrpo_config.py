@@ -29,6 +29,7 @@ from latentfast.choices import GRPO_LOSS_TYPES
 from latentfast.data.tasks import TASKS
 
 from . import demos
+from .checks import check_data_arg
 from .config import TrainConfig, option
 from .demos import DEMO_MODEL, EmbeddedDemo
 from .entry import console_entry
@@ -116,8 +117,6 @@ class HRPOConfig(EmbeddedDemo, TrainConfig):
             warnings.warn("--group_size 1: a group of one completion has no spread, so every group-normalised "
                           "advantage is 0 and only the KL term (--beta) trains; use --group_size >= 2 for GRPO",
                           UserWarning, stacklevel=4)
-        from .common import check_data_arg  # (imports torch: after parsing, never for --help)
-
         for flag, spec in (("--train_data", self.train_data), ("--eval_data", self.eval_data)):
             if self.task == "gsm8k":
                 check_data_arg(parser, flag, spec)

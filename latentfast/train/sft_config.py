@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import demos
+from .checks import check_data_arg
 from .config import TrainConfig, demo_preset, option
 from .demos import DEMO_MODEL
 from .entry import console_entry
@@ -37,8 +38,6 @@ class SFTConfig(TrainConfig):
         super().check_cli(parser)
         if self.full and self.model_name != DEMO_MODEL:
             parser.error("--full: only for the embedded demo (no --model_name)")
-        from .common import check_data_arg  # (imports torch: after parsing, never for --help)
-
         check_data_arg(parser, "--train_data", self.train_data)
         check_data_arg(parser, "--eval_data", self.eval_data, allowed=("none",))
 

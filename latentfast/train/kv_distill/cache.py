@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 from latentfast.cli import check_path, cli_parser, finite_float, positive_int
 
+from ..checks import check_data_arg
 from ..entry import console_entry
 from .spec import COMPRESSIONS, TeachersConfigError, load_teachers, teacher_paths_error
 
@@ -67,8 +68,6 @@ def _student_config(args):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..common import check_data_arg  # (imports torch: after parsing, never for --help)
-
     check_data_arg(parser, "--dataset_name", args.dataset_name)
     check_path(parser, "--model_name", args.model_name, "model", ("tiny",))
     if not 0.0 <= args.kv_lambda <= 1.0:

@@ -7,6 +7,7 @@ from latentfast.choices import ROUTER_REGULARIZERS as REGULARIZERS
 from latentfast.choices import ROUTER_SIGNALS
 from latentfast.choices import TEACHER_WEIGHTING_RULES as RULES
 
+from ..checks import check_data_arg
 from ..config import Config, TrainConfig, check, option
 from .spec import COMPRESSIONS, TeachersConfigError, load_teachers, teacher_paths_error
 
@@ -104,7 +105,5 @@ class KVDistillConfig(TrainConfig, KVLossConfig, MultiTeacherConfig):
 
     def check_cli(self, parser):
         super().check_cli(parser)
-        from ..common import check_data_arg  # (imports torch: after parsing, never for --help)
-
         check_data_arg(parser, "--dataset_name", self.dataset_name)
         check_data_arg(parser, "--eval_data", self.eval_data)
