@@ -1,8 +1,9 @@
 """HRPO: GRPO training of hybrid latent reasoning (seed notes 000/001): the trainer. Its command
 line, flags and defaults (the recipe's) are ``hrpo_config.py`` (``latentfast-hrpo``; torch-free, so
 ``--help`` answers at once); ``python -m latentfast.train.hrpo`` runs the same ``main``.
-The training loop is ``latentfast.train.loop``: rollouts, rewards, advantages and reference
-log-probs are ``HRPO.batches``, the loss ``rl.objectives.GRPOLoss`` on ``HybridThinkingLM``'s hidden states.
+HRPO is a configuration of the RL trainer (``latentfast.train.rl``): the thinking policy
+(``rl.thinking.ThinkingLMPolicy``: hybrid-thinking rollouts, ``HybridThinkingLM``'s hidden states,
+its lm_head, adapters disabled as the reference), TRL's group z-score and ``GRPOLoss``.
 """
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ from latentfast.data import prompts as prompting
 from latentfast.data.qa import encode_answers
 from latentfast.data.tasks import get_task, load_task_rows
 from latentfast.eval import hrpo as hrpo_eval
-from latentfast.models import HybridConfig, HybridThinkingLM, eos_token_ids, generate
+from latentfast.models import HybridConfig, HybridThinkingLM
 from latentfast.models.local import load_causal_lm
 from latentfast.runtime import dist
 
 from .common import SampleStream
 from .hrpo_config import LOSS_TYPES, HRPOConfig, build_parser, cli, main, parse_args
-from .loop import Trainer
 from .rl.advantages import trl_group_zscore
+from .rl.policy import Sampling
+from .rl.thinking import ThinkingLMPolicy
+from .rl.trainer import RLTrainer
 from .sft import warm_up
 
 
@@ -122,10 +125,32 @@ def projection_weight(model):
     return next((p for p in mats if p.requires_grad), mats[0])
 
 
+def rollout_stats(rolled: list[dict], task) -> dict:
+    """The step's means (over micro-batches) of each micro-batch's rollout means."""
+    stats = {k: [] for k in ("reward", "accuracy", "completion_length", "thinking_fraction", "embeds_ratio",
+                             "reward_std")}
+    for b in rolled:
+        rewards, lens = b["rewards"], b["completion_mask"].sum(1).float()
+        stats["reward"].append(rewards.mean().item())
+        stats["accuracy"].append(sum(task.accuracy(b["texts"], [r["answer"] for r in b["rows"]])) / len(b["texts"]))
+        stats["completion_length"].append(lens.mean().item())
+        stats["thinking_fraction"].append((b["thinking_mask"].sum() / lens.sum().clamp(min=1)).item())
+        if b["embeds_ratio"].numel():
+            stats["embeds_ratio"].append(b["embeds_ratio"].mean().item())
+        stats["reward_std"].append(rewards.std().item())
+    return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+
 # ----------------------------------------------------------------------------- training
-class HRPO(Trainer):
-    """HRPO on the loop. ``batches(step)``: rollouts of every micro-batch (no grad), rewards,
-    group advantages and reference log-probs; ``loss``: the fused GRPO loss of the hybrid model."""
+BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "thinking_mask", "thinking_hidden",
+              "advantages", "ref_logps")
+
+
+class HRPO(RLTrainer):
+    """HRPO on the RL trainer: the thinking policy (``rl.thinking``) and ``RLTrainer``'s hooks, per
+    micro-batch through ``experience``: ``rollout`` (hybrid thinking), ``score`` (the task's reward
+    functions), the reference's log-probs (adapters disabled), ``advantages`` (``trl_group_zscore`` per
+    group); ``loss``: ``GRPOLoss`` (``--loss_type``) on the model's completion hidden states."""
 
     name = "hrpo"
     eval_at_start = True
@@ -150,19 +175,21 @@ class HRPO(Trainer):
             load_task_rows(self.task, c.eval_data, "test", c.eval_size, c.seed + 10_000, c.dataset_root)  # 0 = none
         self.stream = SampleStream(self.train_rows, c.seed)
         self.ppm = c.per_device_train_batch_size // c.group_size  # prompts per micro-batch
-        self.hybrid = HybridConfig(thinking_state=c.thinking_state, projection=c.projection,
-                                   r_min=c.residual_r_min, r_max=c.residual_r_max)
-        self.marker_ids = self.tok.encode(self.hybrid.answer_marker, add_special_tokens=False)
         self.reward_fns = get_reward_funcs(c.reward_funcs, self.task)
         demo_base = c.demo and (warmed or c.sft_steps > 0)  # the demo's warmed-up base, saved in output_dir
         self.spec = hrpo_eval.hrpo_spec(c, str((self.out / "base_model").resolve()) if demo_base else c.model_name)
         self.gen = torch.Generator(device=dev)
+        self.sampling = Sampling(c.max_completion_length, c.temperature, c.top_p)
         self.loss_fn = c.objective()
         self.evals = []
 
-    def build_model(self):
+    def needs_reference(self):
+        return self.cfg.beta != 0.0
+
+    def make_policy(self):
         c = self.cfg
-        model = HybridThinkingLM(self.lm, self.hybrid)
+        model = HybridThinkingLM(self.lm, HybridConfig(thinking_state=c.thinking_state, projection=c.projection,
+                                                       r_min=c.residual_r_min, r_max=c.residual_r_max))
         if c.lora_rank > 0:
             model.add_lora(c.lora_rank)
         elif c.beta != 0.0:
@@ -173,10 +200,9 @@ class HRPO(Trainer):
             for n, p in model.named_parameters():
                 if "thinking_projection" in n:
                     p.requires_grad_(False)
-        self.eos_ids = eos_token_ids(self.tok, model.hf_model)
         w = projection_weight(model)
         self.w0 = None if w is None else w.detach().float().clone()  # (before FSDP2 shards it)
-        return model
+        return ThinkingLMPolicy(model, self.tok)
 
     def fsdp_layers(self, module):
         return list(module.transformer.layers)
@@ -193,61 +219,49 @@ class HRPO(Trainer):
     def items_per_step(self):
         return self.ppm * self.cfg.gradient_accumulation_steps * self.world
 
-    def batches(self, step):
-        c, model, dev = self.cfg, self.module, self.device
-        self.gen.manual_seed(c.seed * 100003 + step * 1009 + self.rank)  # resumable sampling
-        t0 = time.perf_counter()
-        micro, stats = [], {"reward": [], "accuracy": [], "completion_length": [], "thinking_fraction": [],
-                            "embeds_ratio": [], "reward_std": []}
-        model.eval()
-        for m in range(c.gradient_accumulation_steps):
-            rows = [r for r in self.micro_items(self.stream, step, m, self.ppm) for _ in range(c.group_size)]
-            ids, mask = encode_prompts(self.tok, rows, c.max_prompt_length, dev, c)
-            with torch.no_grad(), self.amp(), dist.gathered(self.model):
-                ro = generate(model, ids, mask, c.max_completion_length, eos_token_id=self.eos_ids,
-                              pad_token_id=self.tok.pad_token_id, marker_ids=self.marker_ids,
-                              temperature=c.temperature, top_p=c.top_p, generator=self.gen)
-                batch = ro.as_batch()
-                ref = None
-                if c.beta != 0.0:
-                    with model.reference():
-                        ref = model.per_token_logps(batch)
-            texts = decode_completions(self.tok, ro)
-            answers = [r["answer"] for r in rows]
-            rewards = torch.tensor([sum(v) for v in zip(*[fn(texts, answers) for fn in self.reward_fns])],
-                                   device=dev, dtype=torch.float32)
-            micro.append((batch, group_advantages(rewards, c.group_size), ref))
-            lens = ro.completion_mask.sum(1).float()
-            stats["reward"].append(rewards.mean().item())
-            stats["accuracy"].append(sum(self.task.accuracy(texts, answers)) / len(texts))
-            stats["completion_length"].append(lens.mean().item())
-            stats["thinking_fraction"].append((ro.thinking_mask.sum() / lens.sum().clamp(min=1)).item())
-            if ro.embeds_ratio.numel():
-                stats["embeds_ratio"].append(ro.embeds_ratio.mean().item())
-            stats["reward_std"].append(rewards.std().item())
-        self.t_roll = time.perf_counter() - t0
-        self.n_tokens = sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b, _, _ in micro)
-        num_items = None
-        if self.loss_fn.token_normalised:  # dapo / cispo / vespo, the op's convention: completion tokens of the whole step, all ranks and
-            # micro-batches (it divides by world itself; micro-batch losses then add up to one token-mean)
-            t = torch.tensor(sum(int(b["completion_mask"].sum()) for b, _, _ in micro), device=dev, dtype=torch.int64)
-            if self.world > 1:
-                torch.distributed.all_reduce(t)
-            num_items = int(t.item())
-        step_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}  # the step's rollout means
-        self.t_train0 = time.perf_counter()
-        return [(batch, adv, ref, num_items, step_stats) for batch, adv, ref in micro]
+    # ---------------------------------------------------------------- hooks
+    def rollout(self, rows: list[dict], step: int) -> dict:
+        """``rows`` x ``group_size`` completions: ``Rollout.as_batch()`` + ``rows`` / ``texts`` / ``embeds_ratio``."""
+        ids, mask = encode_prompts(self.tok, rows, self.cfg.max_prompt_length, self.device, self.cfg)
+        ro = self.policy.rollout(ids, mask, self.sampling, generator=self.gen)
+        return {**ro.as_batch(), "rows": rows, "texts": decode_completions(self.tok, ro), "embeds_ratio": ro.embeds_ratio}
+
+    def score(self, b: dict) -> torch.Tensor:
+        answers = [r["answer"] for r in b["rows"]]
+        return torch.tensor([sum(v) for v in zip(*[fn(b["texts"], answers) for fn in self.reward_fns])],
+                            device=self.device, dtype=torch.float32)
+
+    def advantages(self, b: dict) -> torch.Tensor:
+        return group_advantages(b["rewards"], self.cfg.group_size)
+
+    def loss(self, mb):
+        hidden, aux = self.model(mb, recompute=self.cfg.recompute)
+        W, bias = self.policy.head()
+        loss, met = self.loss_fn(hidden, W, bias, mb["completion_ids"], mb["completion_mask"], mb["advantages"],
+                                 ref=mb.get("ref_logps"), num_items_in_batch=mb.get("num_items"))
+        return loss + aux, {**mb["stats"], **met}  # (every micro-batch carries the step's rollout means)
 
     def micro_weights(self, micro):  # dapo / cispo / vespo: the micro-batch losses are parts of one token-mean
         return [1.0] * len(micro) if self.loss_fn.token_normalised else [1.0 / len(micro)] * len(micro)
 
-    def loss(self, mb):
-        batch, adv, ref, num_items, step_stats = mb
-        hidden, aux = self.model(batch, recompute=self.cfg.recompute)
-        loss, met = self.loss_fn(hidden, self.module.lm_head_weight(), self.module.lm_head_bias(),
-                                 batch["completion_ids"], batch["completion_mask"], adv, ref=ref,
-                                 num_items_in_batch=num_items)
-        return loss + aux, {**step_stats, **met}  # (every micro-batch carries the step's rollout means)
+    def batches(self, step):
+        c = self.cfg
+        self.gen.manual_seed(c.seed * 100003 + step * 1009 + self.rank)  # resumable sampling
+        t0 = time.perf_counter()
+        self.module.eval()
+        rolled = []
+        for m in range(c.gradient_accumulation_steps):
+            rows = [r for r in self.micro_items(self.stream, step, m, self.ppm) for _ in range(c.group_size)]
+            with torch.no_grad(), self.amp(), dist.gathered(self.model):
+                rolled.append(self.experience(rows, step))
+        self.t_roll = time.perf_counter() - t0
+        self.n_tokens = sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b in rolled)
+        stats = rollout_stats(rolled, self.task)
+        micro = [{**{k: b[k] for k in BATCH_KEYS if k in b}, "stats": stats} for b in rolled]
+        if self.loss_fn.token_normalised:  # the op divides by world itself: micro-batch losses add up to one mean
+            self.count_completion_tokens(micro)
+        self.t_train0 = time.perf_counter()
+        return micro
 
     def proj_weight(self):
         return projection_weight(self.module)  # after wrapping: FSDP2 replaces parameters

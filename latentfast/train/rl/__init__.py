@@ -4,6 +4,7 @@
                    command lines parse (--help, argument errors) before their trainer loads
     trainer.py     RLTrainer (hooks rollout / score / advantages / loss), the policy model (LoRA via PEFT)
     policy.py      the policy protocol: rollout (the decode engine), hidden states, head, reference
+    thinking.py    the thinking policy: HybridThinkingLM (HRPO, ``train/hrpo.py``) behind that protocol
     advantages.py  every estimator, named for whose it is (trl_group_zscore, minimind_group_batch_zscore,
                    rloo_baseline, gae, SPOTracker)
     objectives.py  GRPOLoss / DPOLoss: the one place a loss type's options are validated

@@ -160,12 +160,8 @@ class GRPO(RLTrainer):
             self.buffer.extend(self.generation_round())
         self.t_rollout = time.perf_counter() - t0  # rollout, rewards, old / reference log-probs
         micro, self.buffer = self.buffer[:n], self.buffer[n:]
-        if self.loss_fn.token_normalised:  # the step's completion tokens, every rank (TRL's num_items_in_batch)
-            t = torch.tensor(sum(int(m["completion_mask"].sum()) for m in micro), device=self.device)
-            if self.world > 1:
-                torch.distributed.all_reduce(t)
-            for m in micro:
-                m["num_items"] = int(t)
+        if self.loss_fn.token_normalised:
+            self.count_completion_tokens(micro)
         return micro
 
     def step_metrics(self, row):

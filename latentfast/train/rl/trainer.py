@@ -87,6 +87,15 @@ class RLTrainer(Trainer):
             return lm_head_logps(ref(batch)[0], W, batch["completion_ids"], bias, temperature,
                                  batch["completion_mask"])[0]
 
+    def count_completion_tokens(self, micro: list[dict]) -> None:
+        """``num_items`` of every micro-batch: the step's completion tokens over all ranks (TRL's
+        ``num_items_in_batch``), for the token-normalised losses (``GRPOLoss.token_normalised``)."""
+        t = torch.tensor(sum(int(m["completion_mask"].sum()) for m in micro), device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        for m in micro:
+            m["num_items"] = int(t)
+
     def experience(self, rows: list, round_: int) -> dict:
         """One batch of experience in the hooks' order: ``rollout``, ``score`` (before any training
         forward, so a reward model's activations are gone first), the reference's per-token
