@@ -40,6 +40,26 @@ MINIMIND_TOKENIZERS = {"minimind-2510": "minimind-2510", "minimind-3": "minimind
 MINIMIND_DEFAULT_TOKENIZER = "minimind-2510"
 
 
+def check_grpo_options(loss_type: str, *, max_completion_length=None, delta=None, importance_sampling_level="token",
+                       top_entropy_quantile: float = 1.0, sapo_temperature_pos: float = 1.0,
+                       sapo_temperature_neg: float = 1.05):
+    """The GRPO family's option checks, once: the fused op's objective, ``nn.FusedLinearGRPOLoss``
+    and ``train.rl``'s ``GRPOLoss`` (which prefixes ``--``) call this. Each message starts with
+    the offending option's name."""
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} is not supported; use one of {', '.join(GRPO_LOSS_TYPES)}")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("max_completion_length must be a positive length for loss_type 'dr_grpo'")
+    if delta is not None and delta <= 0:
+        raise ValueError(f"delta must be positive, got {delta}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    if not 0.0 < top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
+    if loss_type == "sapo" and min(sapo_temperature_pos, sapo_temperature_neg) <= 0:
+        raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be positive")
+
+
 def check_dpo_options(loss_type: str, beta: float, label_smoothing: float):
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latentfast.ops.grpo_loss import LOSS_TYPES, GRPOMetrics, fused_linear_grpo_loss, lm_head_logps
+from latentfast.choices import check_grpo_options
+from latentfast.ops.grpo_loss import GRPOMetrics, fused_linear_grpo_loss, lm_head_logps
 
 __all__ = ["FusedLinearGRPOLoss", "GRPOMetrics"]
 
@@ -63,10 +64,10 @@ class FusedLinearGRPOLoss(nn.Module):
         entropy_coef: float = 0.0,
     ):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type {loss_type!r} is not supported; use one of {', '.join(LOSS_TYPES)}")
-        if delta is not None and delta <= 0:
-            raise ValueError(f"delta must be positive, got {delta}")
+        check_grpo_options(loss_type, max_completion_length=max_completion_length, delta=delta,
+                           importance_sampling_level=importance_sampling_level,
+                           top_entropy_quantile=top_entropy_quantile, sapo_temperature_pos=sapo_temperature_pos,
+                           sapo_temperature_neg=sapo_temperature_neg)
         self.beta = beta
         self.compiled = compiled
         self.use_ref_model = use_ref_model

@@ -22,7 +22,7 @@ import torch
 from latentfast.ops._dispatch import check_same_device, check_shape, check_tensor, use_triton  # noqa: F401
 from latentfast.ops.lm_head_engine import (  # noqa: F401  (re-exported: tests, benchmarks)
     _backends, _torch_logit_grad_, _torch_logit_stats, autocast_head, check_head, lm_head_logps, objective_loss)
-from latentfast.ops.objectives.grpo import LOSS_TYPES, grpo_setup
+from latentfast.ops.objectives.grpo import LOSS_TYPES, grpo_setup  # noqa: F401  (LOSS_TYPES re-exported)
 
 _autocast, _check_head = autocast_head, check_head
 
@@ -122,8 +122,6 @@ def fused_linear_grpo_loss(
         clip_ratio_region)), metrics detached (+ the log-probs with ``return_logps``).
     """
     x, W, bias = autocast_head(_input, lin_weight, bias)
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     check_grpo_inputs(x, W, bias, selected_token_ids, attention_mask, advantages, old_per_token_logps,

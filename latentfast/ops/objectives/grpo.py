@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from latentfast.choices import GRPO_LOSS_TYPES as LOSS_TYPES  # torch-free: the CLIs' choices
-from latentfast.choices import TOKEN_NORMALISED
+from latentfast.choices import TOKEN_NORMALISED, check_grpo_options
 from latentfast.ops.lm_head_engine import Objective, Rows, register_objective
 
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the PPO-clipped policy term
@@ -120,14 +120,9 @@ class GRPOObjective(Objective):
     metric_names = METRICS
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
-            raise ValueError("max_completion_length must be provided for loss_type 'dr_grpo'")
-        if self.delta is not None and self.delta <= 0:
-            raise ValueError(f"delta must be positive, got {self.delta}")
-        if self.loss_type == "sapo" and min(self.sapo_temperature_pos, self.sapo_temperature_neg) <= 0:
-            raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be positive")
+        check_grpo_options(self.loss_type, max_completion_length=self.max_completion_length, delta=self.delta,
+                           sapo_temperature_pos=self.sapo_temperature_pos,
+                           sapo_temperature_neg=self.sapo_temperature_neg)
 
     @property
     def stats(self):
@@ -264,10 +259,8 @@ def grpo_setup(mask, advantages, ref_per_token_logps, old_per_token_logps, *, be
     unknown = set(extra) - set(GRPO_EXTRA_DEFAULTS)
     if unknown:
         raise TypeError(f"unexpected GRPO options {sorted(unknown)}")
-    if importance_sampling_level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-    if not 0.0 < top_entropy_quantile <= 1.0:
-        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
+    check_grpo_options(loss_type, max_completion_length=max_completion_length, delta=delta,
+                       importance_sampling_level=importance_sampling_level, top_entropy_quantile=top_entropy_quantile)
     opts = {**GRPO_EXTRA_DEFAULTS, **extra}
     objective = GRPOObjective(
         beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high), loss_type=loss_type,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from latentfast.choices import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, TOKEN_NORMALISED, check_dpo_options
+from latentfast.choices import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, TOKEN_NORMALISED, check_dpo_options, check_grpo_options
 
 from ..config import check
 
@@ -38,21 +38,23 @@ class GRPOLoss:
     entropy_coef: float = 0.0
 
     def __post_init__(self):
-        check(self.loss_type in GRPO_LOSS_TYPES, "loss_type", f"one of {GRPO_LOSS_TYPES}", self.loss_type)
+        try:  # the loss type's own options: the engine's one check (choices.check_grpo_options)
+            check_grpo_options(self.loss_type, max_completion_length=self.max_completion_length, delta=self.delta,
+                               importance_sampling_level=self.importance_sampling_level,
+                               top_entropy_quantile=self.top_entropy_quantile,
+                               sapo_temperature_pos=self.sapo_temperature_pos,
+                               sapo_temperature_neg=self.sapo_temperature_neg)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
+        # TRL GRPOConfig's ranges of the shared options
         check(self.beta >= 0, "beta", "a KL coefficient >= 0", self.beta)
         check(self.epsilon > 0, "epsilon", "a clip range > 0", self.epsilon)
         check(self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "a clip range > 0 (or unset)",
               self.epsilon_high)
         check(self.delta is None or self.delta > 1, "delta", "a two-sided clip bound > 1 (or unset)", self.delta)
-        check(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level",
-              "'token' or 'sequence'", self.importance_sampling_level)
         check(self.loss_type != "luspo" or self.importance_sampling_level == "sequence", "importance_sampling_level",
               "'sequence' with --loss_type luspo (TRL)", self.importance_sampling_level)
-        check(0 < self.top_entropy_quantile <= 1, "top_entropy_quantile", "a number in (0, 1]",
-              self.top_entropy_quantile)
         check(self.temperature > 0, "temperature", "a number > 0", self.temperature)
-        check(self.loss_type != "dr_grpo" or (self.max_completion_length or 0) > 0, "max_completion_length",
-              "a positive length with --loss_type dr_grpo", self.max_completion_length)
 
     @property
     def token_normalised(self) -> bool:
