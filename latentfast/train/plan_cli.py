@@ -21,9 +21,9 @@ from latentfast.plan import devices as D
 
 from .config import Config, check, option
 
+# the planner and its steps (fake tensors: torch) load after parsing: --help and argument errors stay light
 if TYPE_CHECKING:
     from latentfast.plan.steps import Workload
-# the planner (fake tensors: torch) loads after parsing, so --help and argument errors stay light
 
 # trainer names users type -> planner family
 TRAINERS = {"hrpo": "hrpo", "grpo": "grpo", "spo": "grpo", "ppo": "ppo", "dpo": "dpo", "codi": "codi",

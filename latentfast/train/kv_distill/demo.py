@@ -2,6 +2,8 @@
 
     latentfast-kv-distill                      # a tiny teacher (warmed up on synthetic arithmetic) -> a tinier student
     latentfast-kv-distill --multi_teacher_demo # two tiny teachers, each warmed up on one reasoning mode (eq / nl)
+
+The presets are read at parsing (torch-free); the teachers' code loads with the demo's teachers.
 """
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ from .spec import TeachersConfig, TeacherSpec
 
 if TYPE_CHECKING:
     from .teachers import Teacher
-
-# the presets are read at parsing (torch-free); the teachers' code loads with the demo's teachers
 
 # the demo teacher: wider/deeper than the tiny student, other KV-head count (exercises the KV adapter)
 DEMO_TEACHER = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=3,
