@@ -23,7 +23,8 @@ import torch
 from measure import compare
 
 from latentfast.data import build_tokenizer
-from latentfast.models import HybridConfig, HybridThinkingLM, build_tiny_causal_lm, generate
+from latentfast.generation import generate
+from latentfast.models import HybridConfig, HybridThinkingLM, build_tiny_causal_lm
 from latentfast.reference.grpo_loss import grpo_loss as eager_grpo_loss
 from latentfast.train.rl.objectives import GRPOLoss
 
@@ -105,7 +106,7 @@ def run(device, quick):
         gen = torch.Generator(device).manual_seed(0)  # every impl and rep decodes the same rollout
         with torch.no_grad(), amp():
             ro = generate(m, prompts, pmask, gen_C, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                          marker_ids=[tok.answer_marker_id], temperature=1.0, generator=gen)
+                          marker_ids=[tok.answer_marker_id], do_sample=True, temperature=1.0, generator=gen)
         return _train_step(m, ro.as_batch(), adv, ref[:, :ro.completion_ids.shape[1]], mode, amp)
 
     impls = {mode: (lambda mode=mode: with_rollout(mode)) for mode in ("stored", "two_pass", "recipe_logits")}

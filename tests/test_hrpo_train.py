@@ -167,7 +167,8 @@ def _early_stop_run(rank, out):
     from torch.distributed.fsdp import fully_shard
 
     from latentfast.data import build_tokenizer
-    from latentfast.models import HybridThinkingLM, build_tiny_causal_lm, generate
+    from latentfast.generation import generate
+    from latentfast.models import HybridThinkingLM, build_tiny_causal_lm
     from latentfast.runtime import dist as tdist
 
     tok = build_tokenizer()

@@ -300,7 +300,8 @@ def test_hybrid_thinking_lm_over_minimind():
     """HRPO's wrapper: rollout with the KV cache, then the stored-state training forward
     reproduces the greedy rollout, and the GRPO loss backpropagates into LoRA + HRPO modules."""
     from latentfast.data import build_tokenizer, format_prompt, make_arithmetic
-    from latentfast.models import HybridThinkingLM, generate
+    from latentfast.generation import generate
+    from latentfast.models import HybridThinkingLM
     from latentfast.train.rl.objectives import GRPOLoss
 
     tok = build_tokenizer()

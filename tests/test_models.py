@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from latentfast.data import build_tokenizer, format_prompt, make_arithmetic
-from latentfast.models import HRPO_MODULES, HybridConfig, HybridThinkingLM, build_tiny_causal_lm, generate
+from latentfast.generation import generate
+from latentfast.models import HRPO_MODULES, HybridConfig, HybridThinkingLM, build_tiny_causal_lm
 from latentfast.train.rl.objectives import GRPOLoss
 
 TOK = build_tokenizer()
@@ -175,7 +176,7 @@ def test_cuda_parity_fp32_and_bf16_autocast_step():
     rows = make_arithmetic(8, seed=1)
     enc = TOK([format_prompt(r["question"]) for r in rows], return_tensors="pt", padding=True).to("cuda")
     ro = generate(m, enc.input_ids, enc.attention_mask, 20, eos_token_id=TOK.eos_token_id,
-                  pad_token_id=TOK.pad_token_id, marker_ids=[TOK.answer_marker_id], temperature=1.0)
+                  pad_token_id=TOK.pad_token_id, marker_ids=[TOK.answer_marker_id], do_sample=True, temperature=1.0)
     b = ro.as_batch()
     adv = torch.randn(8, device="cuda")
     l1, g1 = _loss_and_grads(m, b, adv, "stored")
@@ -185,7 +186,8 @@ def test_cuda_parity_fp32_and_bf16_autocast_step():
         assert (g1[name] - g2[name]).abs().max() / g1[name].abs().max().clamp(min=1e-8) < 1e-3, name
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ro = generate(m, enc.input_ids, enc.attention_mask, 20, eos_token_id=TOK.eos_token_id,
-                      pad_token_id=TOK.pad_token_id, marker_ids=[TOK.answer_marker_id], temperature=1.0)
+                      pad_token_id=TOK.pad_token_id, marker_ids=[TOK.answer_marker_id], do_sample=True,
+                      temperature=1.0)
         loss, _ = _grpo(m, ro.as_batch(), adv)
     loss.backward()
     assert torch.isfinite(loss) and m.thinking.projection.weight.grad.norm() > 0
@@ -225,7 +227,7 @@ def test_generation_stops_on_any_of_several_eos_ids():
 def test_eos_token_ids_merges_tokenizer_and_generation_config():
     from types import SimpleNamespace
 
-    from latentfast.models import eos_token_ids
+    from latentfast.generation import eos_token_ids
 
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, TOK.eos_token_id, 9]))
     assert eos_token_ids(TOK, model) == [TOK.eos_token_id, 7, 9]
@@ -244,7 +246,7 @@ def test_rollout_is_independent_of_the_host_sync_interval(state):
     def run(every, eos, marker):
         g = torch.Generator().manual_seed(7)
         return generate(m, enc.input_ids, enc.attention_mask, 24, eos_token_id=eos, pad_token_id=TOK.pad_token_id,
-                        marker_ids=marker, temperature=1.0, generator=g, check_every=every)
+                        marker_ids=marker, do_sample=True, temperature=1.0, generator=g, check_every=every)
 
     free = run(1, TOK.eos_token_id, [TOK.answer_marker_id])
     # the tiny random model never says EOS or "####": promote tokens it does sample

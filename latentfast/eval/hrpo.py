@@ -68,7 +68,7 @@ def evaluate(model, tok, task, rows, *, max_prompt_length: int, max_new_tokens: 
     import torch
     from tqdm.auto import tqdm
 
-    from latentfast.models import eos_token_ids
+    from latentfast.generation import eos_token_ids, generate
 
     task = get_task(task)
     d = _dist()
@@ -90,9 +90,9 @@ def evaluate(model, tok, task, rows, *, max_prompt_length: int, max_new_tokens: 
         ids, mask = encode_prompts(tok, [r["question"] for r in batch], max_prompt_length, device, system_prompt,
                                    chat_template)
         with amp(), gathered():
-            ro = model.generate(ids, mask, max_new_tokens, eos_token_id=eos_ids, pad_token_id=tok.pad_token_id,
-                                marker_ids=marker_ids, temperature=temperature, top_p=top_p, do_sample=not greedy,
-                                generator=generator)
+            ro = generate(model, ids, mask, max_new_tokens, eos_token_id=eos_ids, pad_token_id=tok.pad_token_id,
+                          marker_ids=marker_ids, temperature=temperature, top_p=top_p, do_sample=not greedy,
+                          generator=generator)
         if pad:
             continue
         comp = ro.completion_ids.masked_fill(ro.completion_mask == 0, tok.pad_token_id)

@@ -1,6 +1,5 @@
 from latentfast.hf.capture import AttentionCapture, KVCapture, QKCapture
 
-from .generation import Rollout, eos_token_ids, generate
 from .hybrid import HRPO_MODULES, HybridConfig, HybridThinkingLM, ThinkingModules
 from .tiny import build_tiny_causal_lm, tiny_config
 from .codi import CODIModel

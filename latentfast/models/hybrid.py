@@ -36,7 +36,6 @@ from latentfast.reference.thinking_residual import normalize_thinking_state
 
 from latentfast.ops.lm_head_engine import lm_head_logps
 
-from .generation import generate
 from .local import from_local
 
 # PEFT modules_to_save, exactly as in the recipe (hrpo_gsm8k.py).
@@ -193,15 +192,6 @@ class HybridThinkingLM(nn.Module):
 
     def hybrid_config(self) -> dict:
         return asdict(self.cfg)
-
-    # ------------------------------------------------------------------ decoding
-    @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, **kwargs):
-        """Hybrid-thinking decoding from left-padded prompts: a ``Rollout`` (keyword arguments
-        as ``latentfast.models.generation.generate``: ``eos_token_id``, ``pad_token_id``,
-        ``marker_ids``, ``temperature``, ``top_p``, ``do_sample``, ``generator``, ...). Callers go
-        through this method, so the decode engine behind it can change."""
-        return generate(self, prompt_ids, prompt_mask, max_new_tokens, **kwargs)
 
     # ------------------------------------------------------------------ training forward
     def mixed_embeds(self, ids: torch.Tensor, think: torch.Tensor, thinking_hidden: torch.Tensor):
