@@ -171,6 +171,38 @@ def test_lora_reference_is_the_base_with_the_adapter_off(tiny_dir):
     assert sum(p.numel() for p in lm.parameters()) < 1.1 * sum(p.numel() for p in lm.get_base_model().parameters())
 
 
+def test_copy_reference_keeps_its_own_head(tiny_dir):
+    """Full fine-tuning (no LoRA): the reference's log-probs come from the frozen copy's lm_head,
+    not the policy's, which moves with training (tied to the embeddings in small models)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from latentfast.ops.lm_head_engine import lm_head_logps
+    from latentfast.train.rl.policy import CausalLMPolicy
+    from latentfast.train.rl.trainer import RLTrainer
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    start = copy.deepcopy(lm).eval()
+    pol = CausalLMPolicy(lm, AutoTokenizer.from_pretrained(tiny_dir), reference="copy")
+    with torch.no_grad():
+        pol.head()[0].add_(0.5 * torch.randn_like(pol.head()[0]))  # a trained policy head
+    batch = dict(prompt_ids=torch.tensor([[5, 6, 7]]), prompt_mask=torch.ones(1, 3, dtype=torch.long),
+                 completion_ids=torch.tensor([[8, 9]]), completion_mask=torch.ones(1, 2, dtype=torch.long))
+    trainer = RLTrainer.__new__(RLTrainer)  # only the hooks' helpers: no run
+    trainer.policy = pol
+    trainer.amp = lambda: torch.enable_grad()
+    got = trainer.reference_logps(batch)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    want = torch.log_softmax(start(input_ids=ids).logits[:, 2:-1].float(), -1).gather(-1, ids[:, 3:, None])[..., 0]
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.equal(pol.reference_head()[0], pol.head()[0])
+    with pol.reference() as ref:
+        W, b = pol.head()
+        wrong = lm_head_logps(ref(batch)[0], W, batch["completion_ids"], b, mask=batch["completion_mask"])[0]
+    assert not torch.allclose(wrong, want, atol=1e-3)  # the policy's head would have been wrong
+
+
 # ---------------------------------------------------------------- end to end
 def _rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -62,7 +62,7 @@ class DPO(RLTrainer):
     @torch.no_grad()
     def reference_logps(self, b: dict) -> torch.Tensor:
         h = self.reference_hidden(b)
-        W, bias = self.policy.head()
+        W, bias = self.policy.reference_head()  # a frozen copy's own head (the policy's moves in training)
         return sequence_logps(h, W, bias, b["completion_ids"], b["completion_mask"])
 
     def precompute(self):

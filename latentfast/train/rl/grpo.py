@@ -137,10 +137,8 @@ class GRPO(RLTrainer):
                     with self.amp():
                         h, _ = self.model(mb)
                     mb["old"] = lm_head_logps(h, W, mb["completion_ids"], bias, c.temperature, mb["completion_mask"])[0]
-                h_ref = self.reference_hidden(mb) if self.needs_reference() and self.token_reference else None
-                if h_ref is not None:
-                    mb["ref"] = lm_head_logps(h_ref, W, mb["completion_ids"], bias, c.temperature,
-                                              mb["completion_mask"])[0]
+                if self.needs_reference() and self.token_reference:  # through the reference's own head
+                    mb["ref"] = self.reference_logps(mb, c.temperature)
             micro.append(mb)
         return micro * c.num_iterations
 

@@ -26,7 +26,7 @@ class RLOO(GRPO):
     token_reference = False
 
     def sequence_logps(self, b, reference: bool) -> torch.Tensor:
-        W, bias = self.policy.head()
+        W, bias = self.policy.reference_head() if reference else self.policy.head()
         with torch.no_grad():
             if reference:
                 h = self.reference_hidden(b)
