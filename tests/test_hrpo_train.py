@@ -126,6 +126,41 @@ def test_hrpo_objective_is_the_loss_the_model_used_to_compute(loss_type):
         assert torch.equal(g_new[k], g_old[k]), k
 
 
+def test_thinking_policy_is_an_rl_policy():
+    """ThinkingLMPolicy: rollouts think until the marker (the engine with marker_ids), the module's forward
+    gives the hidden states the head turns into the rollout's greedy tokens, and the reference is the
+    adapters-disabled model (None without LoRA)."""
+    from latentfast.data import build_tokenizer, format_prompt, make_arithmetic
+    from latentfast.models import HybridThinkingLM, build_tiny_causal_lm
+    from latentfast.train.rl.policy import Sampling
+    from latentfast.train.rl.thinking import ThinkingLMPolicy
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    m = HybridThinkingLM(build_tiny_causal_lm(tok)).add_lora(4).eval()
+    policy = ThinkingLMPolicy(m, tok)
+    assert policy.marker_ids == [tok.answer_marker_id] and tok.eos_token_id in policy.eos
+    enc = tok([format_prompt(r["question"]) for r in make_arithmetic(3, seed=1)], return_tensors="pt", padding=True)
+    ro = policy.rollout(enc.input_ids, enc.attention_mask, Sampling(10, do_sample=False))
+    b = ro.as_batch()
+    assert int(ro.thinking_mask.sum()) > 0 and ro.thinking_hidden.shape[0] == int(ro.thinking_mask.sum())
+    hidden, aux = policy.module(b)
+    W, bias = policy.head()
+    keep = b["completion_mask"].bool()
+    assert torch.equal((hidden @ W.T).argmax(-1)[keep], b["completion_ids"][keep]) and float(aux) == 0.0
+    with torch.no_grad():
+        start = policy.module(b)[0]
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))  # the policy moves away from its reference
+    with policy.reference() as ref:
+        h_ref, _ = ref(b)
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(h_ref, start)  # LoRA B starts at 0 and HRPO's copies at the base's values
+    assert not torch.allclose(h_ref, policy.module(b)[0])
+    assert ThinkingLMPolicy(HybridThinkingLM(build_tiny_causal_lm(tok)), tok).reference() is None
+
+
 def test_demo_presets_only_fill_unset_args(tmp_path):
     args = hrpo.parse_args(["--lr", "1e-5"])
     assert args.demo and args.lr == 1e-5 and args.group_size == demos.HRPO["group_size"]
