@@ -64,7 +64,7 @@ class MiniMindPolicyTrainer(MiniMindTrainer, RLTrainer):
 
     def build_model(self):
         self.policy = self.make_policy()
-        self.lm, self.ref = self.policy.lm, self.policy._ref.lm
+        self.lm, self.ref = self.policy.lm, self.policy.reference_lm
         return self.policy_module()
 
     def policy_module(self) -> nn.Module:

@@ -101,6 +101,11 @@ class CausalLMPolicy:
     def head(self):
         return lm_head_weight(self.lm), lm_head_bias(self.lm)
 
+    @property
+    def reference_lm(self):
+        """The frozen copy of the starting model (``reference="copy"``), else None."""
+        return None if self._ref is None else self._ref.lm
+
     def reference_head(self):
         """The reference's lm_head: the frozen copy's own (the policy's head moves when it trains), else ``head()``."""
         if self.ref_kind == "copy":
