@@ -51,18 +51,18 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "latentfast-hrpo=latentfast.train.hrpo_config:cli",
-            "latentfast-codi=latentfast.train.codi_config:cli",
-            "latentfast-kv-distill=latentfast.train.kv_distill.cli:cli",
-            "latentfast-sft=latentfast.train.sft_config:cli",
-            "latentfast-minimind=latentfast.train.minimind.cli:cli",
+            "latentfast-hrpo=latentfast.scripts.train:hrpo",
+            "latentfast-codi=latentfast.scripts.train:codi",
+            "latentfast-kv-distill=latentfast.scripts.train:kv_distill",
+            "latentfast-sft=latentfast.scripts.train:sft",
+            "latentfast-minimind=latentfast.scripts.train:minimind",
             "latentfast-hrpo-eval=latentfast.eval.hrpo:cli",
             "latentfast-kv-cache=latentfast.train.kv_distill.cache:cli",
             "latentfast-diagnose=latentfast.diagnose:main",
-            "latentfast-grpo=latentfast.train.rl.grpo_config:cli",
-            "latentfast-dpo=latentfast.train.rl.dpo_config:cli",
-            "latentfast-rloo=latentfast.train.rl.rloo_config:cli",
-            "latentfast-plan=latentfast.train.plan_cli:cli",
+            "latentfast-grpo=latentfast.scripts.train:grpo",
+            "latentfast-dpo=latentfast.scripts.train:dpo",
+            "latentfast-rloo=latentfast.scripts.train:rloo",
+            "latentfast-plan=latentfast.scripts.plan:cli",
         ]
     },
 )

@@ -143,15 +143,15 @@ CASES = [
     *[(f"latentfast-{alg}", f"latentfast.train.rl.{alg}", [], flag) for alg in ("grpo", "dpo", "rloo")
       for flag in ("--model_name_or_path", "--model_name", "--dataset_name", "--resume_from_checkpoint")],
     *[(f"latentfast-{alg}", f"latentfast.train.rl.{alg}", [], "--reward_funcs") for alg in ("grpo", "rloo")],
-    ("latentfast-plan", "latentfast.train.plan_cli", [], "--model"),
-    ("latentfast-plan", "latentfast.train.plan_cli", ["--trainer", "kv"], "--teachers"),
+    ("latentfast-plan", "latentfast.scripts.plan", [], "--model"),
+    ("latentfast-plan", "latentfast.scripts.plan", ["--trainer", "kv"], "--teachers"),
     ("latentfast-hrpo-eval", "latentfast.eval.hrpo", [], "--checkpoint_path"),
     ("latentfast-hrpo-eval", "latentfast.eval.hrpo", ["--checkpoint_path", "."], "--checkpoint_path"),
     ("latentfast-kv-cache", "latentfast.train.kv_distill.cache", [], "--teachers"),
     ("latentfast-kv-cache", "latentfast.train.kv_distill.cache", ["--teachers", "t.yaml"], "--model_name"),
     ("latentfast-kv-cache", "latentfast.train.kv_distill.cache", ["--teachers", "t.yaml"], "--dataset_name"),
     ("latentfast-diagnose", "latentfast.diagnose", [], "--model_name"),
-    ("latentfast-plan", "latentfast.train.plan_cli", [], "--model"),
+    ("latentfast-plan", "latentfast.scripts.plan", [], "--model"),
     ("latentfast-diagnose", "latentfast.diagnose", [], "--teacher_model"),
     ("latentfast-diagnose", "latentfast.diagnose", [], "--data"),
     *[("latentfast-minimind", stage, [], "--data_path") for stage in MM_STAGES],
@@ -262,7 +262,7 @@ def _parsers():
 
     from latentfast.train.rl import dpo, grpo, rloo
 
-    from latentfast.train.plan_cli import PlanConfig
+    from latentfast.scripts.plan import PlanConfig
 
     out.update(grpo=grpo.GRPOConfig.build_parser(), dpo=dpo.DPOConfig.build_parser(),
                rloo=rloo.RLOOConfig.build_parser(), plan=PlanConfig.build_parser())

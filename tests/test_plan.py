@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latentfast.plan import devices as D
-from latentfast.train.plan_cli import main as plan_main
+from latentfast.scripts.plan import main as plan_main
 from latentfast.plan.models import NAMED, hf_config
 from latentfast.plan.planner import measure, plan
 from latentfast.plan.steps import Workload
@@ -166,22 +166,22 @@ def test_cli_prints_a_plan_and_rejects_bad_input(small, capsys):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("module,argv,family", [
-    ("latentfast.train.hrpo", ["--max_prompt_length", "16", "--max_completion_length", "16",
+@pytest.mark.parametrize("script,argv,family", [
+    ("hrpo_main", ["--max_prompt_length", "16", "--max_completion_length", "16",
                                "--per_device_train_batch_size", "4", "--group_size", "4"], "hrpo"),
-    ("latentfast.train.rl.dpo", ["--max_length", "32", "--per_device_train_batch_size", "2"], "dpo"),
-    ("latentfast.train.kv_distill.cli", ["--max_length", "32", "--per_device_train_batch_size", "2"], "kv"),
-    ("latentfast.train.minimind.cli", ["grpo", "--hidden_size", "64", "--num_hidden_layers", "2", "--use_moe", "1",
+    ("dpo_main", ["--max_length", "32", "--per_device_train_batch_size", "2"], "dpo"),
+    ("kv_distill_main", ["--max_length", "32", "--per_device_train_batch_size", "2"], "kv"),
+    ("minimind_main", ["grpo", "--hidden_size", "64", "--num_hidden_layers", "2", "--use_moe", "1",
                                        "--max_seq_len", "16", "--max_gen_len", "16", "--batch_size", "1",
                                        "--num_generations", "2"], "grpo"),
 ])
-def test_plan_flag_on_a_trainer_prints_the_plan_and_exits(module, argv, family, capsys):
+def test_plan_flag_on_a_trainer_prints_the_plan_and_exits(script, argv, family, capsys):
     """``--plan`` answers for exactly the flags given, without loading data or weights
     (MiniMind's default data and reward-model paths do not exist here)."""
-    import importlib
+    from latentfast.scripts import train as scripts
 
-    main = importlib.import_module(module).main
-    argv = argv[:1] + ["--plan"] + argv[1:] if module.endswith("minimind.cli") else ["--plan"] + argv
+    main = getattr(scripts, script)  # the console script's main (latentfast-hrpo, ...)
+    argv = argv[:1] + ["--plan"] + argv[1:] if script == "minimind_main" else ["--plan"] + argv
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0
@@ -191,8 +191,18 @@ def test_plan_flag_on_a_trainer_prints_the_plan_and_exits(module, argv, family, 
         assert "2 seqs x (16 + 16) tokens" in out and "frozen models" in out
 
 
+def test_plan_flag_reaching_a_trainer_is_an_error_not_a_training_run(tmp_path):
+    """``python -m latentfast.train.<x> --plan`` trains otherwise: it must stop, naming --plan."""
+    from latentfast.train.config import PlanFlagError
+    from latentfast.train.rl.dpo import main
+
+    with pytest.raises(PlanFlagError, match="--plan: .*console script"):
+        main(["--plan", "--max_length", "32", "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_plan_flag_on_multi_teacher_kv_distillation(small, tmp_path, capsys):
-    from latentfast.train.kv_distill.cli import main
+    from latentfast.scripts.train import kv_distill_main as main
 
     yaml = tmp_path / "teachers.yaml"
     yaml.write_text(f"teachers:\n  - {{name: a, model: {small}}}\n  - {{name: b, model: {small}}}\n")

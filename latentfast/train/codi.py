@@ -20,7 +20,8 @@ from latentfast.models.codi import CODIModel, collate, encode_example, load_weig
 from latentfast.models.local import load_causal_lm
 
 from . import codi_data
-from .codi_config import CODIConfig, build_parser, cli, main, parse_args
+from .codi_config import CODIConfig, build_parser, parse_args
+from .entry import console_entry
 from .common import SampleStream
 from .loop import Trainer
 from .sft import warm_up
@@ -183,8 +184,21 @@ class CODI(Trainer):
         return {"first": first, "last": last, "eval": self.eval_results}
 
 
-__all__ = ["CODI", "CODIConfig", "build_parser", "cli", "cot_batch", "load_samples", "main", "make_batch",
-           "parse_args"]  # (the config and its command line: re-exported from codi_config)
+def run(cfg: CODIConfig) -> dict:
+    """Train a parsed config (``latentfast-codi``: ``latentfast.scripts.train``)."""
+    return CODI(cfg).fit()
+
+
+def main(argv=None) -> dict:
+    """``python -m latentfast.train.codi`` (and torchrun): parse, train."""
+    return run(parse_args(argv))
+
+
+cli = console_entry(main)
+
+
+__all__ = ["CODI", "CODIConfig", "build_parser", "cli", "cot_batch", "load_samples", "main", "run", "make_batch",
+           "parse_args"]
 
 
 if __name__ == "__main__":

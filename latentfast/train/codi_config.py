@@ -39,7 +39,6 @@ from . import demos
 from .checks import check_data_arg
 from .config import TrainConfig, check, option
 from .demos import DEMO_MODEL, EmbeddedDemo
-from .entry import console_entry
 
 
 @dataclass
@@ -132,13 +131,3 @@ def build_parser():
 
 def parse_args(argv=None) -> CODIConfig:
     return CODIConfig.parse(argv, __doc__)
-
-
-def main(argv=None):
-    cfg = parse_args(argv)  # --help and argument errors: before torch loads
-    from .codi import CODI
-
-    return CODI(cfg).fit()
-
-
-cli = console_entry(main)

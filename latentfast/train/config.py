@@ -46,6 +46,11 @@ from .checks import check_resume_arg
 _MISSING = dataclasses.MISSING
 
 
+class PlanFlagError(ValueError):
+    """``--plan`` reached a trainer's ``fit``: only the console scripts plan (``latentfast.scripts``)."""
+
+
+
 def option(default=_MISSING, help: str = "", *, aliases: tuple = (), choices=None, cli: bool = True,
            path: str | None = None, names: tuple = (), min=None, max=None, finite: bool = True):
     """A config field: its default, help text, extra flag spellings, allowed values.
@@ -273,7 +278,7 @@ class Config:
         raise AttributeError(f"{type(self).__name__} has no field {name!r}")
 
 
-__all__ = ["Config", "ConfigError", "check", "cli_parser", "demo_preset", "finite_float", "option", "path_error"]
+__all__ = ["Config", "ConfigError", "PlanFlagError", "check", "cli_parser", "demo_preset", "finite_float", "option", "path_error"]
 
 
 SCHEDULES = ("cosine", "linear", "constant", "minimind", "minimind_rl")
@@ -311,13 +316,14 @@ class TrainConfig(Config):
                                    "(torchrun; HF's default is 1800)")
     full: bool = option(False, "demos only: the longer, more convincing run instead of the <= 5 min one")
     plan: bool = option(False, "print the memory / step-time plan of these flags on --plan_device (fake tensors: "
-                               "nothing loaded, no GPU needed) and exit")
+                               "nothing loaded, no GPU needed) and exit (the console scripts: latentfast-<x> --plan)")
     plan_device: str = option("4090", "GPU the plan is for: 4090, a100-40, a100-80, h100, h200")
     plan_device_memory: float | None = option(None, "GiB; overrides --plan_device's memory")
 
     @classmethod
     def parse(cls, argv=None, description=None):
-        """``Config.parse``; with ``--plan``: the plan (``latentfast.train.plan``), then exit."""
+        """``Config.parse``; with ``--plan`` the file checks are skipped (a plan reads no files):
+        the console script (``latentfast.scripts``) then plans instead of training."""
         import sys
 
         args = sys.argv[1:] if argv is None else list(argv)
@@ -325,19 +331,14 @@ class TrainConfig(Config):
             return super().parse(args, description)
         own = "check_cli" in cls.__dict__
         orig = cls.check_cli
-        cls.check_cli = lambda self, parser: None  # a plan reads no files: their checks are skipped
+        cls.check_cli = lambda self, parser: None
         try:
-            cfg = super().parse(args, description)
+            return super().parse(args, description)
         finally:
             if own:
                 cls.check_cli = orig
             else:
                 del cls.check_cli
-        if cfg.plan:
-            from .plan import plan_and_exit  # --plan only: the planner loads when asked for
-
-            plan_and_exit(cfg)
-        return cfg
 
     def check_cli(self, parser):
         super().check_cli(parser)

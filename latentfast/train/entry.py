@@ -15,9 +15,10 @@ def _user_errors() -> tuple:
     from latentfast.files import CorruptFileError
     from latentfast.runtime.runlock import RunLockedError
 
+    from .config import PlanFlagError
     from .resume import ResumeConfigError
 
-    return ResumeConfigError, RunLockedError, CorruptFileError, DataFileError
+    return ResumeConfigError, RunLockedError, CorruptFileError, DataFileError, PlanFlagError
 
 
 def console_entry(main):

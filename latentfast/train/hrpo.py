@@ -23,7 +23,8 @@ from latentfast.models.local import load_causal_lm
 from latentfast.runtime import dist
 
 from .common import SampleStream
-from .hrpo_config import LOSS_TYPES, HRPOConfig, build_parser, cli, main, parse_args
+from .hrpo_config import LOSS_TYPES, HRPOConfig, build_parser, parse_args
+from .entry import console_entry
 from .rl.advantages import trl_group_zscore
 from .rl.policy import Sampling
 from .rl.thinking import ThinkingLMPolicy
@@ -326,9 +327,22 @@ class HRPO(RLTrainer):
                 "trainable_checksum": checksum}
 
 
+def run(cfg: HRPOConfig) -> dict:
+    """Train a parsed config (``latentfast-hrpo``: ``latentfast.scripts.train``)."""
+    return HRPO(cfg).fit()
+
+
+def main(argv=None) -> dict:
+    """``python -m latentfast.train.hrpo`` (and torchrun): parse, train."""
+    return run(parse_args(argv))
+
+
+cli = console_entry(main)
+
+
 __all__ = ["HRPO", "HRPOConfig", "LOSS_TYPES", "build_parser", "cli", "decode_completions", "encode_prompts",
-           "group_advantages", "load_model", "main", "make_optimizer", "optimizer_groups", "parse_args",
-           "projection_weight", "warmup_encoder"]  # (the config and its command line: re-exported from hrpo_config)
+           "group_advantages", "load_model", "main", "run", "make_optimizer", "optimizer_groups", "parse_args",
+           "projection_weight", "warmup_encoder"]
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from . import demos
 from .checks import check_data_arg
 from .config import TrainConfig, option
 from .demos import DEMO_MODEL, EmbeddedDemo
-from .entry import console_entry
 from .rl.objectives import GRPOLoss
 
 LOSS_TYPES = GRPO_LOSS_TYPES  # every GRPO-family type of the fused engine (luspo: --importance_sampling_level sequence)
@@ -132,13 +131,3 @@ def build_parser():
 
 def parse_args(argv=None) -> HRPOConfig:
     return HRPOConfig.parse(argv, __doc__)
-
-
-def main(argv=None):
-    cfg = parse_args(argv)  # --help and argument errors: before torch loads
-    from .hrpo import HRPO
-
-    return HRPO(cfg).fit()
-
-
-cli = console_entry(main)

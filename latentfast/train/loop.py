@@ -84,7 +84,7 @@ from latentfast.runtime.runlock import RunLock
 
 from . import resume
 from .common import JsonlLogger, no_sync_unless, optimizer_step, warmup_schedule
-from .config import TrainConfig  # noqa: F401  (defined with the other configs, torch-free: --help stays fast)
+from .config import PlanFlagError, TrainConfig  # noqa: F401  (TrainConfig: defined with the other configs, torch-free)
 
 
 def decay_groups(named_params, weight_decay: float, **extra) -> list[dict]:
@@ -252,6 +252,10 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         cfg = self.cfg
+        if getattr(cfg, "plan", False):  # the planner runs a step on fake tensors; it never calls fit
+            raise PlanFlagError("--plan: the plan of these flags is printed by the console script "
+                                "(latentfast-<trainer> --plan ..., latentfast-minimind <stage> --plan ...) or "
+                                "latentfast-plan; python -m latentfast.train.<x> only trains")
         owns_group = not torch.distributed.is_initialized()
         self.device, self.rank, self.world = dist.setup(cfg.device, getattr(cfg, "ddp_timeout", None))
         self.out = pathlib.Path(cfg.output_dir)

@@ -22,7 +22,8 @@ from latentfast.models.local import load_causal_lm
 
 from .common import SampleStream
 from .loop import Trainer
-from .sft_config import SFTConfig, cli, main
+from .sft_config import SFTConfig, parse_args
+from .entry import console_entry
 
 
 class AnswerCE(nn.Module):
@@ -103,7 +104,7 @@ def warm_up(parent, lm, tok, rows, *, steps: int, lr: float, output_dir, name: s
 
 
 def run(cfg: SFTConfig) -> dict:
-    """``latentfast-sft``'s run of a parsed config (``sft_config.main``)."""
+    """Train a parsed config (``latentfast-sft``: ``latentfast.scripts.train``) and print its result."""
     res = SFT(cfg).fit()
     if res["final"]:
         print(f"[sft] eval CE {res['final']['eval_ce']:.3f}, accuracy {res['final']['eval_accuracy']:.3f}; "
@@ -111,7 +112,15 @@ def run(cfg: SFTConfig) -> dict:
     return res
 
 
-__all__ = ["AnswerCE", "SFT", "SFTConfig", "cli", "main", "run", "warm_up"]  # (SFTConfig, main, cli: sft_config's)
+def main(argv=None) -> dict:
+    """``python -m latentfast.train.sft`` (and torchrun): parse, train."""
+    return run(parse_args(argv))
+
+
+cli = console_entry(main)
+
+
+__all__ = ["AnswerCE", "SFT", "SFTConfig", "cli", "main", "run", "warm_up"]
 
 
 if __name__ == "__main__":

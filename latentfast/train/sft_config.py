@@ -19,7 +19,6 @@ from . import demos
 from .checks import check_data_arg
 from .config import TrainConfig, demo_preset, option
 from .demos import DEMO_MODEL
-from .entry import console_entry
 
 
 @dataclass
@@ -42,13 +41,10 @@ class SFTConfig(TrainConfig):
         check_data_arg(parser, "--eval_data", self.eval_data, allowed=("none",))
 
 
-def main(argv=None):
-    cfg = SFTConfig.parse(argv, __doc__)  # --help and argument errors: before torch loads
+def parse_args(argv=None) -> SFTConfig:
+    """The command line (``--help`` and argument errors without torch); the demo's preset when
+    there is no ``--model_name``."""
+    cfg = SFTConfig.parse(argv, __doc__)
     if cfg.model_name == DEMO_MODEL:
         cfg = cfg.with_preset(demo_preset(demos.SFT, demos.SFT_FULL, cfg.full))
-    from .sft import run
-
-    return run(cfg)
-
-
-cli = console_entry(main)
+    return cfg

@@ -39,7 +39,8 @@ def parse_args(argv=None) -> KVDistillConfig:
 
 
 def main(argv=None):
-    cfg = parse_args(argv)  # --help and argument errors: before torch loads
+    """``python -m latentfast.train.kv_distill`` (and torchrun): parse (torch-free), train."""
+    cfg = parse_args(argv)
     from .run import run
 
     return run(cfg)

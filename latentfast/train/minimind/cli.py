@@ -26,7 +26,9 @@ def stage_doc(module: str) -> str | None:
     return ast.get_docstring(ast.parse(source), clean=False)
 
 
-def main(argv=None):
+def parse(argv=None):
+    """``(stage, config)`` of ``latentfast-minimind <stage> [flags]``, without torch (``--help``,
+    an unknown stage and argument errors exit here)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     names = available()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in names:
@@ -39,9 +41,21 @@ def main(argv=None):
         sys.exit(2)
     from .args import STAGE_ARGS
 
-    name = f"latentfast.train.minimind.{STAGES[argv[0]]}"
-    cfg = STAGE_ARGS[argv[0]].parse(argv[1:], stage_doc(name))  # --help, argument errors: before torch loads
-    return importlib.import_module(name).main(cfg=cfg)
+    return argv[0], STAGE_ARGS[argv[0]].parse(argv[1:], stage_doc(_module(argv[0])))
+
+
+def run(stage: str, cfg):
+    """Train ``stage`` from its parsed config (the stage module, and torch, load here)."""
+    return importlib.import_module(_module(stage)).main(cfg=cfg)
+
+
+def _module(stage: str) -> str:
+    return f"latentfast.train.minimind.{STAGES[stage]}"
+
+
+def main(argv=None):
+    """``python -m latentfast.train.minimind.cli <stage> [flags]``: parse, train."""
+    return run(*parse(argv))
 
 
 def cli() -> int:

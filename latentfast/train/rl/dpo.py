@@ -16,7 +16,8 @@ import torch
 
 from ..common import SampleStream
 from .data import load_dataset_rows, preference_texts
-from .dpo_config import DPOConfig, cli, main
+from .dpo_config import DPOConfig, parse_args
+from ..entry import console_entry
 from .objectives import sequence_logps
 from .trainer import RLTrainer
 
@@ -104,7 +105,20 @@ class DPO(RLTrainer):
                 f"acc={row.get('rewards/accuracies', 0):.2f} lr={row['lr']:.2e} {row['step_s']:.1f}s")
 
 
-__all__ = ["DPO", "DPOConfig", "cli", "main"]  # (the config and its command line: dpo_config's)
+def run(cfg: DPOConfig) -> dict:
+    """Train a parsed config (``latentfast-dpo``: ``latentfast.scripts.train``)."""
+    return DPO(cfg).fit()
+
+
+def main(argv=None) -> dict:
+    """``python -m latentfast.train.rl.dpo`` (and torchrun): parse, train."""
+    return run(parse_args(argv))
+
+
+cli = console_entry(main)
+
+
+__all__ = ["DPO", "DPOConfig", "cli", "main", "run"]
 
 if __name__ == "__main__":
     cli()

@@ -20,7 +20,6 @@ from latentfast.choices import DPO_LOSS_TYPES
 
 from .. import demos
 from ..config import check, option
-from ..entry import console_entry
 from .objectives import DPOLoss
 from .rl_config import RLConfig
 
@@ -53,11 +52,5 @@ class DPOConfig(RLConfig):
                        rpo_alpha=self.rpo_alpha)
 
 
-def main(argv=None):
-    cfg = DPOConfig.parse(argv, __doc__)  # --help and argument errors: before torch loads
-    from .dpo import DPO
-
-    return DPO(cfg).fit()
-
-
-cli = console_entry(main)
+def parse_args(argv=None) -> DPOConfig:
+    return DPOConfig.parse(argv, __doc__)

@@ -23,7 +23,8 @@ from ..common import SampleStream
 from . import advantages as adv_mod
 from . import rewards as rw
 from .data import check_prompt_rows, load_dataset_rows, render_prompt
-from .grpo_config import GRPOConfig, cli, main
+from .grpo_config import GRPOConfig, parse_args
+from ..entry import console_entry
 from .policy import Sampling
 from .trainer import RLTrainer
 
@@ -185,7 +186,20 @@ class GRPO(RLTrainer):
         return {"reward": f"{row.get('reward', 0):.3f}", "loss": f"{row['loss']:.3f}"}
 
 
-__all__ = ["GRPO", "GRPOConfig", "cli", "main"]  # (the config and its command line: grpo_config's)
+def run(cfg: GRPOConfig) -> dict:
+    """Train a parsed config (``latentfast-grpo``: ``latentfast.scripts.train``)."""
+    return GRPO(cfg).fit()
+
+
+def main(argv=None) -> dict:
+    """``python -m latentfast.train.rl.grpo`` (and torchrun): parse, train."""
+    return run(parse_args(argv))
+
+
+cli = console_entry(main)
+
+
+__all__ = ["GRPO", "GRPOConfig", "cli", "main", "run"]
 
 if __name__ == "__main__":
     cli()

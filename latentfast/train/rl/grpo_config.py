@@ -24,7 +24,6 @@ from latentfast.choices import GRPO_LOSS_TYPES
 
 from .. import demos
 from ..config import check, option
-from ..entry import console_entry
 from .objectives import GRPOLoss
 from .rl_config import RLConfig
 
@@ -100,13 +99,5 @@ class GRPOConfig(RLConfig):
                         entropy_coef=self.entropy_coef)
 
 
-def main(argv=None, trainer=None, config=GRPOConfig, doc=__doc__):
-    """Parse (``--help`` and argument errors before torch loads), then fit ``trainer`` (default GRPO)."""
-    cfg = config.parse(argv, doc)
-    if trainer is None:
-        from .grpo import GRPO as trainer
-
-    return trainer(cfg).fit()
-
-
-cli = console_entry(main)
+def parse_args(argv=None) -> GRPOConfig:
+    return GRPOConfig.parse(argv, __doc__)

@@ -18,7 +18,8 @@ from latentfast.ops.ppo_loss import fused_linear_ppo_sequence_loss
 
 from .advantages import rloo_baseline
 from .grpo import GRPO
-from .rloo_config import RLOOConfig, cli, main
+from .rloo_config import RLOOConfig, parse_args
+from ..entry import console_entry
 
 
 class RLOO(GRPO):
@@ -59,7 +60,20 @@ class RLOO(GRPO):
         return loss + aux, {**mb["stats"], "ratio_mean": m["ratio_mean"], "clip_ratio": m["clip_frac"]}
 
 
-__all__ = ["RLOO", "RLOOConfig", "cli", "main"]  # (the config and its command line: rloo_config's)
+def run(cfg: RLOOConfig) -> dict:
+    """Train a parsed config (``latentfast-rloo``: ``latentfast.scripts.train``)."""
+    return RLOO(cfg).fit()
+
+
+def main(argv=None) -> dict:
+    """``python -m latentfast.train.rl.rloo`` (and torchrun): parse, train."""
+    return run(parse_args(argv))
+
+
+cli = console_entry(main)
+
+
+__all__ = ["RLOO", "RLOOConfig", "cli", "main", "run"]
 
 if __name__ == "__main__":
     cli()

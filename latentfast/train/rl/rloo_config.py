@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import check, option
-from ..entry import console_entry
 from .grpo_config import GRPOConfig
 
 
@@ -33,11 +32,5 @@ class RLOOConfig(GRPOConfig):
               "is symmetric here)", self.epsilon_high)
 
 
-def main(argv=None):
-    cfg = RLOOConfig.parse(argv, __doc__)  # --help and argument errors: before torch loads
-    from .rloo import RLOO
-
-    return RLOO(cfg).fit()
-
-
-cli = console_entry(main)
+def parse_args(argv=None) -> RLOOConfig:
+    return RLOOConfig.parse(argv, __doc__)

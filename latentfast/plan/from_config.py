@@ -1,8 +1,8 @@
 """``--plan`` on every trainer: the parsed config -> the planner's workload, printed, exit 0.
 
-``Config.parse`` (``latentfast.train.config``) calls :func:`plan_and_exit` when ``--plan``
-is given: nothing is loaded (no weights, no data, no tokenizer; the file checks of the
-command line are skipped), the step that these flags describe runs on fake tensors.
+The console scripts (``latentfast.scripts``) call :func:`plan_and_exit` when ``--plan`` is
+given: nothing is loaded (no weights, no data, no tokenizer; ``Config.parse`` skips the file
+checks of the command line), the step that these flags describe runs on fake tensors.
 ``--plan_device`` / ``--plan_device_memory`` pick the GPU.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ def workload_from_config(cfg) -> tuple[Workload, list[str]]:
         teachers = [cfg.teacher_model]
         if cfg.teachers:
             try:
-                from .kv_distill.spec import load_teachers
+                from latentfast.train.kv_distill.spec import load_teachers
 
                 teachers = [t.model for t in load_teachers(cfg.teachers).teachers]
             except Exception as e:  # noqa: BLE001 (the plan still answers for the single teacher)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from latentfast.choices import PLAN_IMPLS
 from latentfast.plan import devices as D
 
-from .config import Config, check, option
+from latentfast.train.config import Config, check, option
 
 # the planner and its steps (fake tensors: torch) load after parsing: --help and argument errors stay light
 if TYPE_CHECKING:
