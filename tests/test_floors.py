@@ -1,13 +1,15 @@
 """The floors of docs/architecture.md that are easy to break by accident: a model gives hidden states
 (decoding it is ``latentfast.generation``, its losses are the trainers'), so models/ never imports
-generation/ or train/; eval/ and data/ never import train/. Read from the source (no imports run)."""
+generation/ or train/; eval/ and data/ never import train/; train/ never imports the planner
+or the console scripts above it (plan/ runs the trainers' steps; scripts/ call both). Read from the source (no imports run)."""
 import ast
 import pathlib
 
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "latentfast"
-NEVER = {"models": ("generation", "train"), "eval": ("train",), "data": ("train",)}
+NEVER = {"models": ("generation", "train"), "eval": ("train",), "data": ("train",), "train": ("plan", "scripts"),
+         "plan": ("scripts",)}
 
 
 def imported_modules(source: str, package: str) -> set[str]:
