@@ -4,15 +4,23 @@ bench_rl_trl_gemma.py): the process RSS above the paged-in model after each phas
 
     python bench/profile_grpo_memory_phases.py
 """
-import sys, time, json
+import argparse
 import pathlib
+import sys
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench")); sys.path.insert(0, str(ROOT))
-import torch
-from measure import PeakRSS
-import bench_rl_trl_gemma as B
-from latentfast.train.rl.grpo import GRPO, GRPOConfig
-from latentfast.models.gemma3_270m import gemma3_270m_path
+argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+import bench_rl_trl_gemma as B  # noqa: E402
+import torch  # noqa: E402
+from measure import PeakRSS  # noqa: E402
+
+from latentfast.models.gemma3_270m import gemma3_270m_path  # noqa: E402
+from latentfast.train.rl.grpo import GRPO, GRPOConfig  # noqa: E402
+
 torch.set_num_threads(1)
 mem = PeakRSS()
 log = []
@@ -20,7 +28,7 @@ class P(GRPO):
     def build_model(self):
         m = super().build_model(); B.touch(m); mem.base = mem.peak = mem.proc.memory_info().rss; return m
     def batches(self, step):
-        p0 = mem.peak; out = super().batches(step)
+        out = super().batches(step)
         log.append(("rollout", step, (mem.peak - mem.base) / 2**20, (mem.proc.memory_info().rss - mem.base) / 2**20)); return out
     def loss(self, mb):
         r = super().loss(mb)
