@@ -13,4 +13,7 @@
     grpo.py        GRPO; grpo_config.py: latentfast-grpo (TRL GRPOConfig's flags)
     dpo.py         DPO; dpo_config.py: latentfast-dpo (TRL DPOConfig's flags)
     rloo.py        RLOO; rloo_config.py: latentfast-rloo: a new algorithm in two small files (the example to copy)
+
+MiniMind's dpo / ppo / grpo / spo stages are configurations of ``RLTrainer`` too
+(``train/minimind/rl.py``: the MiniMind model as a ``CausalLMPolicy``, MiniMind's flags and files).
 """
