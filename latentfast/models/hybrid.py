@@ -13,6 +13,7 @@ Training forward (``recompute="stored"``, the default)::
 
 ``forward`` stops there: the loss is the RL trainer's objective
 (``latentfast.train.rl.objectives.GRPOLoss``) on ``hidden`` and the lm_head, no logits tensor.
+Rollouts are the decode engine's: ``latentfast.generation.generate(model, ..., marker_ids=...)``.
 
 ``stored_hidden`` (N_think x D) is the last hidden state the rollout already computed
 at each thinking position, so the projection, normalisation and gates are recomputed
