@@ -16,6 +16,29 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _decorate_kernels_now():
+    """Import every Triton kernel module under this session's TRITON_INTERPRET. ``triton.jit``
+    reads the variable when it decorates: a test that sets it to "0" for a while (to take a
+    CPU backend) must not be the first importer, or the kernels would be compiled-mode
+    functions that later tests' interpreter launches cannot call ("Cannot call @triton.jit'd
+    outside of the scope of a kernel", seen with test_grpo_family then test_rl_trainer)."""
+    import importlib
+    import pkgutil
+
+    try:
+        import latentfast.kernels as kernels
+    except ImportError:  # pragma: no cover
+        return
+    for mod in pkgutil.iter_modules(kernels.__path__):
+        try:
+            importlib.import_module(f"latentfast.kernels.{mod.name}")
+        except ImportError:  # no triton: the kernels are never called
+            pass
+
+
+_decorate_kernels_now()
+
+
 @pytest.fixture
 def kernel_device():
     """Where this session runs the Triton kernels: CUDA, else the CPU under the
