@@ -9,6 +9,7 @@ from latentfast.data import build_tokenizer, make_arithmetic
 from latentfast.models import build_tiny_causal_lm
 from latentfast.models.codi import (LATENT, CODIModel, collate, encode_example, load_weights, new_cache,
                                     prepare_tokenizer, split_answer, split_batch)
+from latentfast.nn.codi import CODIObjective
 from latentfast.train import codi_data
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
@@ -23,6 +24,11 @@ def make_model(tok, num_latent=3, **kw):
     torch.manual_seed(0)
     lm = build_tiny_causal_lm(tok, **SMALL)
     return CODIModel(lm, tok.bot_token_id, tok.eot_token_id, num_latent=num_latent, prj_dim=32, **kw)
+
+
+def codi_loss(m, batch, idx, **kw):
+    """(loss, metrics): the trainer's loss hook, CODIObjective on the model's hidden states."""
+    return CODIObjective(**kw)(m(batch, idx), batch, m.head)
 
 
 def examples(tok, n=4, num_latent=3, seed=0, latent_prob=0.5):
@@ -64,7 +70,7 @@ def test_layout_forward_equals_per_sample_forward(tok):
     batch = collate(exs, tok.pad_token_id)
     assert any(k for *_, k in batch["segments"])
     with torch.no_grad():
-        _, hs = m.student_forward(batch)
+        hs = m.student_forward(batch)
         for i, e in enumerate(exs):
             cache, last, ref = new_cache(m.config), None, []
             for t, tid in enumerate(e["student_ids"]):
@@ -83,7 +89,7 @@ def test_distill_zero_when_student_is_teacher(tok):
     m = make_model(tok)
     exs = examples(tok, n=3, latent_prob=0.0)
     batch, idx = split_batch(exs, [False] * 3, tok.pad_token_id)
-    loss, met = m(batch, idx)
+    loss, met = codi_loss(m, batch, idx)
     assert float(met["distill"]) == pytest.approx(0.0, abs=1e-6)
     assert float(met["ce"]) == pytest.approx(float(met["ref_ce"]), rel=1e-5)
 
@@ -93,10 +99,10 @@ def test_cot_only_rows_skip_the_student(tok):
     exs = examples(tok, n=4, latent_prob=1.0)
     batch, idx = split_batch(exs, [True, False, True, False], tok.pad_token_id)
     assert idx.tolist() == [1, 3] and batch["student_ids"].shape[0] == 2
-    loss, met = m(batch, idx)
+    loss, met = codi_loss(m, batch, idx)
     assert {"ce", "distill", "ref_ce"} <= set(met)
     batch, idx = split_batch(exs, [True] * 4, tok.pad_token_id)
-    loss, met = m(batch, idx)
+    loss, met = codi_loss(m, batch, idx)
     assert set(met) == {"ref_ce", "loss"}
     loss.backward()  # prj still gets a (zero) gradient: DDP needs every parameter used
     assert all(p.grad is not None for p in m.prj.parameters())
@@ -108,7 +114,7 @@ def test_a_few_steps_decrease_the_loss(tok):
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
-        loss, met = m(batch, idx)
+        loss, met = codi_loss(m, batch, idx)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -184,7 +190,7 @@ def test_cuda_bf16_training_steps(tok):
     losses = []
     for _ in range(8):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = m(batch, idx.to(dev))
+            loss, _ = codi_loss(m, batch, idx.to(dev))
         loss.backward()
         opt.step()
         opt.zero_grad()

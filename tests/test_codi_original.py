@@ -5,6 +5,7 @@ import torch
 from latentfast.data import build_tokenizer
 from latentfast.models import build_tiny_causal_lm
 from latentfast.models.codi import CODIModel, encode_example, prepare_tokenizer, split_batch
+from latentfast.nn.codi import CODIObjective
 from latentfast.train import codi, codi_data
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
@@ -100,11 +101,10 @@ def test_original_datasets_and_filters(tok):
 
 def test_print_ref_model_stats_is_the_teachers_answer_probability(tok):
     torch.manual_seed(0)
-    m = CODIModel(build_tiny_causal_lm(tok, **SMALL), tok.bot_token_id, tok.eot_token_id, num_latent=2, prj_dim=16,
-                  ref_stats=True)
+    m = CODIModel(build_tiny_causal_lm(tok, **SMALL), tok.bot_token_id, tok.eot_token_id, num_latent=2, prj_dim=16)
     exs = [encode_example(tok, "Q%d" % i, ["1+%d=%d" % (i, i + 1)], str(i + 1), [True], 2) for i in range(3)]
     batch, idx = split_batch(exs, [False] * 3, tok.pad_token_id)
-    _, met = m(batch, idx)
+    _, met = CODIObjective(ref_stats=True)(m(batch, idx), batch, m.head)
     probs = []
     for e in exs:
         ids = torch.tensor([e["teacher_ids"]])

@@ -10,6 +10,9 @@ Linear -> LayerNorm, the original CODI module names, so CODI checkpoints load).
 Pure CODI is the case "every step latent"; seed note 003's hybrid samples mix
 explicit and latent steps.
 
+The model gives hidden states (``CODIModel.forward`` -> ``CODIOutput``); the training loss
+is ``latentfast.nn.codi.CODIObjective`` on them:
+
     loss = CE(student's explicit tokens) + distill_loss_factor * CODILoss(hidden at the
            token before the answer, every hidden state incl. the embeddings, smooth L1;
            the original CODI's defaults) + ref_loss_factor * CE(teacher's full explicit sequence)
@@ -23,16 +26,15 @@ KV cache. ``tests/test_codi.py`` checks this against per-sample forwards.
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from latentfast.data import ANSWER_MARKER, BOT, EOT, format_prompt
 from latentfast.hf import adapter
 from latentfast.hf.adapter import new_cache  # noqa: F401  (re-exported: callers build caches for CODIModel.run)
-from latentfast.nn import CODILoss
 from latentfast.runtime.checkpoint import latest
 
 LATENT = -1  # placeholder id of a latent position in an encoded student sequence
@@ -202,35 +204,45 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- model
+@dataclasses.dataclass
+class CODIOutput:
+    """What ``CODIModel.forward`` gives the loss (``latentfast.nn.codi.CODIObjective``).
+
+    ``teacher_hidden``: the teacher pass's hidden states (embeddings + every block, the last
+    after the final norm), ``teacher_last`` its ``last_hidden_state``; ``student_hidden``: the
+    student pass's, over the segment layout (None: no student row); ``student_index``: the
+    batch rows the student rows are; ``aux``: 0 in the graph of ``prj``'s parameters when no
+    latent position used them (DDP: every parameter gets a gradient), else None."""
+
+    teacher_hidden: tuple
+    teacher_last: torch.Tensor
+    student_hidden: tuple | None = None
+    student_index: torch.Tensor | slice | None = None
+    aux: torch.Tensor | None = None
+
+
 class CODIModel(nn.Module):
     """``codi``: the causal LM (optionally PEFT-wrapped); ``prj``: the latent projection.
+    ``forward`` gives hidden states (``CODIOutput``); the training loss is
+    ``latentfast.nn.codi.CODIObjective`` on them.
 
     Args:
         num_latent: latent positions per latent block.
         prj_dim: hidden width of ``prj`` (2048 at 1B scale); ``use_prj=False`` feeds the
             raw last hidden state back.
-        distill_layers / distill_loss_type / distill_div_std: ``CODILoss`` options, the
-            original CODI's defaults ('all' incl. the embedding output, 'smooth_l1', no std).
-        ref_stats: add ``ref_answer_prob`` to the metrics, the teacher's probability of the
-            first answer token (the original's ``--print_ref_model_stats``).
     """
 
     def __init__(self, lm, bot_id: int, eot_id: int, num_latent: int = 6, prj_dim: int = 2048, use_prj: bool = True,
-                 prj_dropout: float = 0.0, distill_loss_factor: float = 1.0, ref_loss_factor: float = 1.0,
-                 distill_layers="all", distill_loss_type: str = "smooth_l1", distill_div_std: bool = False,
-                 ref_stats: bool = False):
+                 prj_dropout: float = 0.0):
         super().__init__()
         self.codi = lm
         self.bot_id, self.eot_id, self.num_latent = bot_id, eot_id, num_latent
-        self.distill_loss_factor, self.ref_loss_factor = distill_loss_factor, ref_loss_factor
         dim = lm.config.hidden_size
         self.prj = None
         if use_prj:  # same layout and names as CODI's model.py: prj.1 / prj.3 / prj.ln
             self.prj = nn.Sequential(nn.Dropout(prj_dropout), nn.Linear(dim, prj_dim), nn.GELU(),
                                      nn.Linear(prj_dim, dim))
             self.prj.add_module("ln", nn.LayerNorm(dim))
-        self.distill = CODILoss(layers=distill_layers, loss_type=distill_loss_type, div_std=distill_div_std)
-        self.ref_stats = ref_stats
 
     # -- pieces -----------------------------------------------------------------
     @property
@@ -245,6 +257,14 @@ class CODIModel(nn.Module):
     @property
     def config(self):
         return self.lm.config
+
+    @property
+    def head(self) -> nn.Module:
+        """The lm_head (the loss applies it only where there are targets)."""
+        return self.lm.get_output_embeddings()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h)
 
     def add_lora(self, rank: int, alpha: int | None = None, dropout: float = 0.1):
         """LoRA on every linear of the blocks (CODI trains r=128, alpha=32 adapters)."""
@@ -264,32 +284,14 @@ class CODIModel(nn.Module):
         return adapter.run_decoder(self.codi, embeds, attention_mask, position_ids, cache, hidden_states,
                                    transformer=self.base)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_output_embeddings()(h)
-
-    def _ce(self, final_hidden, targets):
-        sel = targets != -100
-        if not sel.any():
-            return final_hidden.sum() * 0.0
-        return F.cross_entropy(self.logits(final_hidden[sel]).float(), targets[sel])
-
-    @torch.no_grad()
-    def answer_prob(self, final_hidden, batch) -> torch.Tensor:
-        """Mean teacher probability of the first answer token, predicted at the token before it."""
-        pos = batch["teacher_distill"]
-        b = torch.arange(pos.shape[0], device=pos.device)
-        p = self.logits(final_hidden[b, pos]).float().softmax(-1)
-        return p[b, batch["teacher_ids"][b, pos + 1]].mean()
-
     # -- passes -------------------------------------------------------------------
     def teacher_forward(self, batch):
-        """Explicit CoT pass: (CE over the CoT and answer, hidden-state tuple)."""
+        """Explicit CoT pass: the HF output (``last_hidden_state``, ``hidden_states``)."""
         ids, mask = batch["teacher_ids"], batch["teacher_mask"]
-        out = self.run(self.embed(ids), mask, adapter.positions_from_mask(mask), hidden_states=True)
-        return self._ce(out.last_hidden_state, batch["teacher_targets"]), out.hidden_states
+        return self.run(self.embed(ids), mask, adapter.positions_from_mask(mask), hidden_states=True)
 
-    def student_forward(self, batch):
-        """Hybrid pass over the segment layout: (CE on explicit tokens, hidden-state tuple)."""
+    def student_forward(self, batch) -> tuple:
+        """Hybrid pass over the segment layout: the hidden-state tuple."""
         ids, valid, pos = batch["student_ids"], batch["student_valid"], batch["student_positions"]
         B = ids.shape[0]
         cache = new_cache(self.config)
@@ -312,29 +314,21 @@ class CODIModel(nn.Module):
                 last = (v * torch.arange(1, e - s + 1, device=v.device)).argmax(1)
                 cur = out.last_hidden_state[torch.arange(B, device=v.device), last]
                 last_h = cur if last_h is None else torch.where(has[:, None], cur, last_h)
-        hidden = tuple(torch.cat(p, dim=1) for p in per_layer)
-        return self._ce(hidden[-1], batch["student_targets"]), hidden
+        return tuple(torch.cat(p, dim=1) for p in per_layer)
 
-    def forward(self, batch: dict, student_index: torch.Tensor | None = None):
-        """Total loss and metrics. ``student_index``: rows of the batch that get the latent
-        student pass (the others are pure-CoT samples: teacher CE only); default all."""
-        ref_ce, t_hidden = self.teacher_forward(batch)
-        loss = self.ref_loss_factor * ref_ce
-        metrics = {"ref_ce": ref_ce.detach()}
-        if self.ref_stats:
-            metrics["ref_answer_prob"] = self.answer_prob(t_hidden[-1], batch)
+    def forward(self, batch: dict, student_index: torch.Tensor | None = None) -> CODIOutput:
+        """Teacher and student hidden states. ``student_index``: rows of the batch that get the
+        latent student pass (the others are pure-CoT samples: teacher only); default all."""
+        t = self.teacher_forward(batch)
+        out = CODIOutput(t.hidden_states, t.last_hidden_state)
         has_student = batch.get("segments") is not None and batch["student_ids"].shape[0] > 0
         if has_student:
-            ce, s_hidden = self.student_forward(batch)
-            sel = student_index if student_index is not None else slice(None)
-            t_sel = tuple(h[sel] for h in t_hidden)
-            distill = self.distill(s_hidden, t_sel, batch["student_distill"], batch["teacher_distill"][sel])
-            loss = loss + ce + self.distill_loss_factor * distill
-            metrics.update(ce=ce.detach(), distill=distill.detach())
+            out.student_hidden = self.student_forward(batch)
+            out.student_index = student_index if student_index is not None else slice(None)
         if self.prj is not None and (not has_student or not bool(batch["student_latent"].any())):
-            loss = adapter.keep_in_graph(loss, self.prj.parameters())  # DDP: every param gets a grad
-        metrics["loss"] = loss.detach()
-        return loss, metrics
+            zero = t.last_hidden_state.new_zeros((), dtype=torch.float32)
+            out.aux = adapter.keep_in_graph(zero, self.prj.parameters())  # DDP: every param gets a grad
+        return out
 
 
 def split_batch(examples: list[dict], cot_only: list[bool], pad_id: int) -> tuple[dict, torch.Tensor]:

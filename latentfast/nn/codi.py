@@ -1,4 +1,6 @@
-"""CODI hidden-state distillation loss (Shen et al. 2025, "CODI").
+"""CODI's losses (Shen et al. 2025, "CODI"): the hidden-state distillation term ``CODILoss``
+(also the KV distiller's CODI term) and CODI's whole training loss ``CODIObjective`` on
+``latentfast.models.codi.CODIModel``'s hidden states.
 
 At the token right before the answer, the student's hidden state in every selected
 layer is pulled towards the teacher's (teacher side detached), and the per-layer
@@ -79,3 +81,58 @@ class CODILoss(nn.Module):
                 loss = loss / ht.std().clamp_min(1e-6) ** power
             losses.append(loss)
         return torch.stack(losses).mean()
+
+
+def target_ce(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE of the target tokens (``targets`` -100: none); ``head`` (the lm_head) runs only
+    at those positions, so no B x T x V logits. 0, still in the graph, when there are none."""
+    sel = targets != -100
+    if not sel.any():
+        return hidden.sum() * 0.0
+    return F.cross_entropy(head(hidden[sel]).float(), targets[sel])
+
+
+class CODIObjective(nn.Module):
+    """CODI's training loss on ``CODIModel.forward``'s hidden states (``CODIOutput``), the
+    original CODI's formula:
+
+        loss = ref_loss_factor * CE(teacher) + CE(student's explicit tokens)
+               + distill_loss_factor * CODILoss(student rows vs their teacher rows)
+
+    with the CODILoss options ``distill_layers`` / ``distill_loss_type`` / ``distill_div_std``
+    (defaults: the original's 'all', 'smooth_l1', no std). Rows without a student pass
+    (pure CoT) get the teacher CE only. ``ref_stats`` adds ``ref_answer_prob``, the teacher's
+    probability of the first answer token (the original's ``--print_ref_model_stats``).
+    ``forward(out, batch, head) -> (loss, metrics)``; ``head``: the lm_head module."""
+
+    def __init__(self, distill_loss_factor: float = 1.0, ref_loss_factor: float = 1.0, distill_layers="all",
+                 distill_loss_type: str = "smooth_l1", distill_div_std: bool = False, ref_stats: bool = False):
+        super().__init__()
+        self.distill_loss_factor, self.ref_loss_factor, self.ref_stats = distill_loss_factor, ref_loss_factor, ref_stats
+        self.distill = CODILoss(layers=distill_layers, loss_type=distill_loss_type, div_std=distill_div_std)
+
+    @torch.no_grad()
+    def answer_prob(self, head, final_hidden, batch) -> torch.Tensor:
+        """Mean teacher probability of the first answer token, predicted at the token before it."""
+        pos = batch["teacher_distill"]
+        b = torch.arange(pos.shape[0], device=pos.device)
+        p = head(final_hidden[b, pos]).float().softmax(-1)
+        return p[b, batch["teacher_ids"][b, pos + 1]].mean()
+
+    def forward(self, out, batch: dict, head):
+        ref_ce = target_ce(head, out.teacher_last, batch["teacher_targets"])
+        loss = self.ref_loss_factor * ref_ce
+        metrics = {"ref_ce": ref_ce.detach()}
+        if self.ref_stats:
+            metrics["ref_answer_prob"] = self.answer_prob(head, out.teacher_hidden[-1], batch)
+        if out.student_hidden is not None:
+            ce = target_ce(head, out.student_hidden[-1], batch["student_targets"])
+            t_sel = tuple(h[out.student_index] for h in out.teacher_hidden)
+            distill = self.distill(out.student_hidden, t_sel, batch["student_distill"],
+                                   batch["teacher_distill"][out.student_index])
+            loss = loss + ce + self.distill_loss_factor * distill
+            metrics.update(ce=ce.detach(), distill=distill.detach())
+        if out.aux is not None:
+            loss = loss + out.aux.to(loss.dtype)
+        metrics["loss"] = loss.detach()
+        return loss, metrics

@@ -18,6 +18,7 @@ from latentfast.eval import adaptive
 from latentfast.hf import adapter
 from latentfast.models.codi import CODIModel, collate, encode_example, load_weights, prepare_tokenizer, split_batch
 from latentfast.models.local import load_causal_lm
+from latentfast.nn.codi import CODIObjective
 
 from . import codi_data
 from .codi_config import CODIConfig, build_parser, parse_args
@@ -77,7 +78,8 @@ def load_samples(cfg: CODIConfig, tok, model, rank, amp):
 # ----------------------------------------------------------------------------- training
 class CODI(Trainer):
     """CODI on the loop: the model, warm-up and phase-1 data in ``setup``, hybrid batches in
-    ``batches``, ``CODIModel.forward`` as the loss, ``latentfast.eval.adaptive`` at the end."""
+    ``batches``, the loss ``CODIObjective`` on ``CODIModel.forward``'s hidden states,
+    ``latentfast.eval.adaptive`` at the end."""
 
     name = "codi"
 
@@ -94,10 +96,10 @@ class CODI(Trainer):
         self.tok.model_max_length = c.model_max_length
         torch.manual_seed(c.seed)  # identical prj init on every rank
         model = CODIModel(lm, self.tok.bot_token_id, self.tok.eot_token_id, num_latent=c.num_latent,
-                          prj_dim=c.prj_dim, use_prj=c.use_prj, prj_dropout=c.prj_dropout,
-                          distill_loss_factor=c.distill_loss_factor, ref_loss_factor=c.ref_loss_factor,
-                          distill_layers=c.distill_layers, distill_loss_type=c.distill_loss_type,
-                          distill_div_std=c.distill_loss_div_std, ref_stats=c.print_ref_model_stats).to(dev)
+                          prj_dim=c.prj_dim, use_prj=c.use_prj, prj_dropout=c.prj_dropout).to(dev)
+        self.objective = CODIObjective(distill_loss_factor=c.distill_loss_factor, ref_loss_factor=c.ref_loss_factor,
+                                       distill_layers=c.distill_layers, distill_loss_type=c.distill_loss_type,
+                                       distill_div_std=c.distill_loss_div_std, ref_stats=c.print_ref_model_stats)
         if c.lora_rank:
             model.add_lora(c.lora_rank, c.lora_alpha)
         if c.restore_from:
@@ -145,7 +147,7 @@ class CODI(Trainer):
 
     def loss(self, mb):
         batch, student_index = mb
-        return self.model(batch, student_index)
+        return self.objective(self.model(batch, student_index), batch, self.module.head)
 
     def log_line(self, row):
         stats = f" ref_answer_prob={row['ref_answer_prob']:.4f}" if "ref_answer_prob" in row else ""
