@@ -167,6 +167,8 @@ def test_demo_presets_only_fill_unset_args(tmp_path):
     real = hrpo.parse_args(["--model_name", str(tmp_path)])  # a model folder (the parser checks it exists)
     assert not real.demo and real.lr == 5e-6 and real.lora_rank == 32 and real.beta == 0.005
     assert real.residual_r_min == 0.99 and real.temperature == 0.5 and real.group_size == 4
+    # presets that differ from the defaults (the demo's group_size is the recipe's 4: it proves nothing)
+    assert args.beta == demos.HRPO["beta"] != real.beta and args.sft_steps == demos.HRPO["sft_steps"] != real.sft_steps
 
 
 
