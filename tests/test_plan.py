@@ -38,7 +38,7 @@ CASES = [  # the steps of ``plan.steps``: the peers' way (recipe), and the train
     ("hrpo", {}),
     ("hrpo", {"lora_rank": 4, "grad_ckpt": True}),  # FlopCounterMode's hooks once kept recomputed tensors alive
     ("dpo", {}),
-    ("kv", {"teachers": ["SELF"]}),
+    ("kv", {"teachers": ["SELF"], "impl": "recipe"}),
     ("ppo", {}),
     ("distill", {"teachers": ["SELF"], "impl": "recipe"}),
     pytest.param("codi", {"lora_rank": 4}, marks=pytest.mark.slow),  # its real step: ~30 s here
@@ -62,6 +62,8 @@ MM = dict(model_type="minimind", hidden_size=64, num_hidden_layers=2, use_moe=Tr
 # the trainers' own steps (``latentfast.plan.trainers``): trainer name -> family, workload fields
 OWN = [
     ("sft", "sft", {}),
+    ("kv", "kv", {"teachers": ["SELF"]}),
+    ("kv", "kv", {"teachers": ["SELF", "SELF"]}),  # multi-teacher (a teachers.yaml of two)
     ("pretrain", "sft", {"model": MM}),
     ("lora", "sft", {"model": MM, "lora_rank": 4}),
     ("distillation", "distill", {"model": dict(MM, hidden_size=32, num_hidden_layers=1, use_moe=False),
@@ -71,13 +73,15 @@ OWN = [
 ]
 
 
-@pytest.mark.parametrize("trainer,family,kw", OWN, ids=[c.values[0] if hasattr(c, "values") else c[0] for c in OWN])
+@pytest.mark.parametrize("trainer,family,kw", OWN, ids=[c.values[0] if hasattr(c, "values") else
+                                                         c[0] + ("-multi" if len(c[2].get("teachers", [])) > 1 else "")
+                                                         for c in OWN])
 def test_trainers_own_step_predicted_within_10_percent_of_measured(small, trainer, family, kw):
     """The trainer's own hooks (setup, build_model, batches, the loop's forward_backward, the
     optimizer step) on fake tensors vs the same on real CPU tensors."""
     from latentfast.plan.trainers import has_trainer
 
-    kw = dict(kw)
+    kw = {k: ([small] * len(v) if isinstance(v, list) and v[:1] == ["SELF"] else v) for k, v in kw.items()}
     model = kw.pop("model", small)
     w = Workload(model, family, micro_batch=4, grad_accum=2, completion_len=48, bf16=False, trainer=trainer, **kw)
     assert has_trainer(w)
@@ -100,8 +104,10 @@ def test_flops_match_the_analytic_count(small, tmp_path):
     B, T = 4, 64
     w = Workload(small, "sft", micro_batch=B, completion_len=T, bf16=False)
     flops = measure(w, "cpu", fake=True)[2]["train"]
-    trainer, _ = trainer_for(w, tmp_path)
-    H.prepare(trainer, None, False, str(tmp_path))
+    loader = H.PlanLoader(None)
+    with H.substituted(loader):
+        trainer, _ = trainer_for(w, tmp_path, "cpu")
+    H.prepare(trainer, loader, False, str(tmp_path))
     (batch,) = trainer.batches(0)
     assert batch["input_ids"].shape == (B, T)  # the planner's data fills --max_length
     answers = int((batch["targets"] != -100).sum())

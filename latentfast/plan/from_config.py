@@ -71,8 +71,9 @@ def workload_from_config(cfg) -> tuple[Workload, list[str]]:
                 teachers = [t.model for t in load_teachers(cfg.teachers).teachers]
             except Exception as e:  # noqa: BLE001 (the plan still answers for the single teacher)
                 notes.append(f"--teachers {cfg.teachers} unreadable ({e}); planned with --teacher_model")
+                cfg = cfg.replace(teachers=None)
         w = Workload(_model(cfg.model_name), "kv", completion_len=cfg.max_length,
-                     teachers=[_model(t) for t in teachers], **common)
+                     teachers=[_model(t) for t in teachers], trainer="kv", config=cfg, **common)
     elif kind == "SFTConfig":
         w = Workload(_model(cfg.model_name), "sft", completion_len=cfg.max_length, trainer="sft", config=cfg, **common)
     elif hasattr(cfg, "hidden_size") and hasattr(cfg, "max_seq_len"):  # MiniMind stages

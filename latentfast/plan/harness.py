@@ -50,7 +50,7 @@ class PlanLoader:
     """``load_causal_lm``'s substitute: the tokenizer and a model built from the config alone."""
 
     def __init__(self, mode=None):
-        self.mode, self.memo = mode, {}
+        self.mode = mode
 
     def tokenizer(self, name):
         from latentfast.data import build_tokenizer
@@ -96,7 +96,7 @@ class PlanLoader:
 
         with torch.device("meta"):
             m = make()
-        return fakeify(m, self.mode, "cpu", self.memo)
+        return fakeify(m, self.mode, "cpu", {})  # one memo per model: tied weights stay tied
 
 
 @contextlib.contextmanager
@@ -111,9 +111,9 @@ def _amp(bf16: bool):
     return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
 
-def prepare(trainer, mode=None, bf16: bool = False, workdir: str | None = None):
-    """What ``Trainer.fit`` does before the first step (no process group, no folder lock);
-    returns the loader (its memo holds the fake parameters)."""
+def prepare(trainer, loader: PlanLoader, bf16: bool = False, workdir: str | None = None):
+    """What ``Trainer.fit`` does before the first step (no process group, no folder lock), models
+    through ``loader`` (``PlanLoader(fake_mode)``, or ``PlanLoader(None)``: real tensors)."""
     from latentfast.train.common import warmup_schedule
 
     t = trainer
@@ -121,7 +121,6 @@ def prepare(trainer, mode=None, bf16: bool = False, workdir: str | None = None):
     t.out = pathlib.Path(workdir or tempfile.mkdtemp(prefix="latentfast-plan-"))
     t.run_id, t.step, t._stream_offset, t.total = "plan", 0, 0, 1
     t.amp = _amp(bf16)
-    loader = PlanLoader(mode)
     t._plan_loader = loader
     with substituted(loader):
         torch.manual_seed(t.cfg.seed)
@@ -131,7 +130,6 @@ def prepare(trainer, mode=None, bf16: bool = False, workdir: str | None = None):
     t.model = t.module = module
     t.optimizer = t.make_optimizer(t.optimizer_groups(module))
     t.scheduler = warmup_schedule(t.optimizer, 1, 0.0, "constant")
-    return loader
 
 
 def init_optimizer_state(optimizers):

@@ -85,8 +85,10 @@ def measure_trainer(w: Workload, device_type: str = "cuda", fake: bool = True):
         t0 = time.perf_counter()
         with (fake_mode() if fake else contextlib.nullcontext()) as mode, \
                 (balanced_moe() if fake else contextlib.nullcontext()):
-            trainer, bf16 = trainer_for(w, workdir)
-            H.prepare(trainer, mode, bf16, workdir)
+            loader = H.PlanLoader(mode)
+            with H.substituted(loader):
+                trainer, bf16 = trainer_for(w, workdir, device_type)
+            H.prepare(trainer, loader, bf16, workdir)
             main, others = H.modules(trainer)
             opts = [trainer.optimizer, *H.extra_optimizers(trainer)]
             with (mode if mode is not None else contextlib.nullcontext()):

@@ -448,13 +448,10 @@ class StepRunner:
                              for i in range(len(projs))])
                 del out, cache
         dec, head = _parts(b.model)
-        with _amp(w):
+        with _amp(w):  # the recipe's (full logits); latentfast's is latentfast-kv-distill's own step
             out = dec(input_ids=ids, use_cache=True)
-            if w.impl == "latentfast":
-                loss = _ce(w, b.model, out.last_hidden_state, ids)
-            else:
-                logits = head(out.last_hidden_state).float()
-                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            logits = head(out.last_hidden_state).float()
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             s_cache = out.cache
             for kvs, projs in zip(t_kv, b.extra):
                 for i, ((tk, tv), proj) in enumerate(zip(kvs, projs)):

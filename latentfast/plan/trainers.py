@@ -49,7 +49,7 @@ def _require(w, trainer: str, lora=False, ckpt=False):
 
 
 # ----------------------------------------------------------------------------- SFT
-def sft(w, workdir):
+def sft(w, workdir, device_type):
     from latentfast.train.sft import SFT, SFTConfig
 
     _require(w, "sft")
@@ -99,7 +99,7 @@ def _minimind_config(w, cls):
 
 
 def minimind(stage):
-    def build(w, workdir):
+    def build(w, workdir, device_type):
         import importlib
 
         mod_name, cls_name = MINIMIND_STAGES[stage]
@@ -123,13 +123,56 @@ def minimind(stage):
     return build
 
 
-# trainer name -> builder(w, workdir) -> (trainer, autocast bf16)
-BUILDERS = {"sft": sft, **{k: minimind(k) for k in MINIMIND_STAGES}, "distill": minimind("distillation")}
+# ----------------------------------------------------------------------------- KV distillation
+def kv(w, workdir, device_type):
+    """``latentfast-kv-distill``: the student, rows and teachers as its run (``kv_distill/run.py``)
+    builds them -- ``--teacher_model`` (one) or ``--teachers`` (a teachers.yaml; several)."""
+    import torch
+
+    from latentfast.data.rows import load_rows
+    from latentfast.models.local import load_causal_lm
+    from latentfast.train.kv_distill.config import KVDistillConfig
+    from latentfast.train.kv_distill.spec import load_teachers
+    from latentfast.train.kv_distill.teachers import compression_of, load_teachers_from_config, single_teacher
+    from latentfast.train.kv_distill.trainer import KVDistill
+
+    _require(w, "kv_distill")
+    cfg = w.config
+    if cfg is None:
+        cfg = KVDistillConfig(model_name=model_key(w.model))
+        if len(w.teachers) == 1:
+            cfg = cfg.replace(teacher_model=model_key(w.teachers[0]))
+        else:
+            yaml = "".join(f"  - {{name: t{i}, model: {json.dumps(model_key(t))}}}\n" for i, t in enumerate(w.teachers))
+            path = pathlib.Path(workdir) / "teachers.yaml"
+            path.write_text("teachers:\n" + yaml)
+            cfg = cfg.replace(teachers=str(path))
+    if cfg.multi_teacher_demo:
+        raise ValueError("--multi_teacher_demo: plan the demo's teachers with --teachers teachers.yaml")
+    rows = [{"question": "q", "answer": _long(w.completion_len) + " #### 7"} for _ in range(_rows_needed(w))]
+    cfg = cfg.replace(per_device_train_batch_size=w.micro_batch, gradient_accumulation_steps=w.grad_accum,
+                      max_length=w.completion_len, bf16=w.bf16, dataset_name=_write(workdir, "kv.jsonl", rows),
+                      subset_size=None, eval_size=0, output_dir=str(workdir), compare=False)
+    dev = torch.device(device_type)  # the planned device's choices (teachers' dtype "auto": bf16 on CUDA)
+    tok, student = load_causal_lm(cfg.model_name, dev, dtype=torch.float32, seed=cfg.seed)  # as run.py
+    rows = load_rows(cfg.dataset_name, cfg.subset_size, cfg.seed)
+    tcfg = load_teachers(cfg.teachers) if cfg.teachers is not None else single_teacher(cfg.teacher_model)
+    teachers = load_teachers_from_config(
+        tcfg, student.config, tok, kv_layers=cfg.kv_layers, device=dev, importance_layer=cfg.importance_layer,
+        compression=compression_of(cfg), need_importance=cfg.use_attention_weighted_kv and cfg.use_teacher_attention,
+        need_stats=cfg.teacher_weighting in ("confidence", "entropy", "min_ce") or (
+            cfg.teacher_weighting == "learned" and cfg.router_signal == "answer_nll"))
+    return KVDistill(cfg, student, teachers, tok, rows, [], tcfg.task_table()), cfg.bf16 is not False
+
+
+# trainer name -> builder(w, workdir, planned device type) -> (trainer, autocast bf16); called with
+# load_causal_lm substituted (``harness.PlanLoader``)
+BUILDERS = {"sft": sft, **{k: minimind(k) for k in MINIMIND_STAGES}, "distill": minimind("distillation"), "kv": kv}
 
 
 def has_trainer(w) -> bool:
     return w.impl == "latentfast" and w.trainer in BUILDERS
 
 
-def trainer_for(w, workdir):
-    return BUILDERS[w.trainer](w, workdir)
+def trainer_for(w, workdir, device_type: str = "cuda"):
+    return BUILDERS[w.trainer](w, workdir, device_type)

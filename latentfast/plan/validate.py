@@ -54,8 +54,10 @@ def measured_trainer_peak(w: Workload, seed: int = 0) -> int:
     workdir = tempfile.mkdtemp(prefix="latentfast-plan-")
     try:
         torch.manual_seed(seed)
-        trainer, bf16 = trainer_for(w, workdir)
-        H.prepare(trainer, None, bf16, workdir)
+        loader = H.PlanLoader(None)
+        with H.substituted(loader):
+            trainer, bf16 = trainer_for(w, workdir, "cpu")
+        H.prepare(trainer, loader, bf16, workdir)
         H.init_optimizer_state([trainer.optimizer, *H.extra_optimizers(trainer)])
         H.run_step(trainer)  # warm-up: one-time allocations (kernel caches) stay out
         base = H.live_bytes(trainer)
