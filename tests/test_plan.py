@@ -34,14 +34,13 @@ def small(tmp_path_factory):
 
 CASES = [  # the steps of ``plan.steps``: the peers' way (recipe), and the trainers not moved yet
     ("sft", {"impl": "recipe"}),
-    ("grpo", {"beta": 0.04, "lora_rank": 4}),
     ("hrpo", {}),
     ("hrpo", {"lora_rank": 4, "grad_ckpt": True}),  # FlopCounterMode's hooks once kept recomputed tensors alive
-    ("dpo", {}),
+    ("dpo", {"trainer": "steps"}),  # MiniMind's DPO (moving onto train/rl)
     ("kv", {"teachers": ["SELF"], "impl": "recipe"}),
     ("ppo", {}),
     ("distill", {"teachers": ["SELF"], "impl": "recipe"}),
-    pytest.param("codi", {"lora_rank": 4}, marks=pytest.mark.slow),  # its real step: ~30 s here
+    pytest.param("codi", {"lora_rank": 4, "impl": "recipe"}, marks=pytest.mark.slow),  # its real step: ~30 s here
 ]
 
 
@@ -62,10 +61,15 @@ MM = dict(model_type="minimind", hidden_size=64, num_hidden_layers=2, use_moe=Tr
 # the trainers' own steps (``latentfast.plan.trainers``): trainer name -> family, workload fields
 OWN = [
     ("sft", "sft", {}),
-    ("kv", "kv", {"teachers": ["SELF"]}),
+    pytest.param("kv", "kv", {"teachers": ["SELF"]}, marks=pytest.mark.slow),  # multi-teacher's path, one
     ("kv", "kv", {"teachers": ["SELF", "SELF"]}),  # multi-teacher (a teachers.yaml of two)
+    pytest.param("codi", "codi", {"lora_rank": 4}, marks=pytest.mark.slow),  # ~100 s here (fake: 74k ops)
+    ("grpo", "grpo", {"beta": 0.04, "lora_rank": 4, "prompt_len": 32}),  # rollout (decode engine), reference
+    pytest.param("grpo", "grpo", {"grad_ckpt": True, "prompt_len": 32}, marks=pytest.mark.slow),
+    pytest.param("rloo", "grpo", {"beta": 0.04, "lora_rank": 4, "prompt_len": 32}, marks=pytest.mark.slow),
+    ("dpo", "dpo", {}),  # a frozen reference copy
     ("pretrain", "sft", {"model": MM}),
-    ("lora", "sft", {"model": MM, "lora_rank": 4}),
+    pytest.param("lora", "sft", {"model": MM, "lora_rank": 4}, marks=pytest.mark.slow),
     ("distillation", "distill", {"model": dict(MM, hidden_size=32, num_hidden_layers=1, use_moe=False),
                                  "teachers": [MM]}),
     pytest.param("full_sft", "sft", {"model": MM}, marks=pytest.mark.slow),  # pretrain's path, chat rows
@@ -73,9 +77,12 @@ OWN = [
 ]
 
 
-@pytest.mark.parametrize("trainer,family,kw", OWN, ids=[c.values[0] if hasattr(c, "values") else
-                                                         c[0] + ("-multi" if len(c[2].get("teachers", [])) > 1 else "")
-                                                         for c in OWN])
+def _own_id(c):
+    t, _, kw = c.values if hasattr(c, "values") else c
+    return t + ("-multi" if len(kw.get("teachers", [])) > 1 else "") + ("-ckpt" if kw.get("grad_ckpt") else "")
+
+
+@pytest.mark.parametrize("trainer,family,kw", OWN, ids=[_own_id(c) for c in OWN])
 def test_trainers_own_step_predicted_within_10_percent_of_measured(small, trainer, family, kw):
     """The trainer's own hooks (setup, build_model, batches, the loop's forward_backward, the
     optimizer step) on fake tensors vs the same on real CPU tensors."""
@@ -146,7 +153,7 @@ def test_named_configs_have_their_published_sizes(name, published):
 
 
 def test_latentfast_needs_less_than_the_recipe_and_options_when_it_does_not_fit(small):
-    w = Workload(small, "grpo", micro_batch=8, prompt_len=32, completion_len=64, beta=0.04)
+    w = Workload(small, "grpo", micro_batch=8, prompt_len=32, completion_len=16, beta=0.04)
     dev = D.get_device("4090", memory_gb=0.005)
     lf = plan(w, dev, options=True)
     rc = plan(w.replace(impl="recipe"), dev, options=False)
@@ -156,7 +163,7 @@ def test_latentfast_needs_less_than_the_recipe_and_options_when_it_does_not_fit(
     assert any("checkpointing" in x for x in labels) and any("FSDP over 8" in x for x in labels)
     ckpt = next(o for o in lf.options if "checkpointing" in o[0])
     assert 0 < ckpt[1] < lf.needed_bytes  # recomputation lowers the peak
-    assert lf.step_s > 0 and lf.breakdown["rollout KV cache"] == 8 * 96 * 2 * 2 * 2 * 16 * 2
+    assert lf.step_s > 0 and lf.breakdown["rollout KV cache"] == 8 * 48 * 2 * 2 * 2 * 16 * 2
 
 
 def test_cli_prints_a_plan_and_rejects_bad_input(small, capsys):
@@ -231,3 +238,22 @@ def test_recipe_logps_without_trl_are_log_softmax_gather(dtype):
     want = logits.float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.02, atol=0.05)
     torch.testing.assert_close(selective_logps(logits, ids).float(), want, **tol)
+
+
+def test_roofline_per_op_is_runtime_estimators_cost_model():
+    """Each op recorded with torch's FLOP formula and its bytes read + written; the roofline takes
+    max(FLOPs / peak, bytes / bandwidth) per op (RuntimeEstimator's operator-level cost model)."""
+    from latentfast.plan.fake import _Tracker, fake_mode, roofline_seconds
+
+    with fake_mode():
+        a, b = torch.empty(256, 512), torch.empty(512, 128)
+        v = torch.empty(1 << 20)
+        with _Tracker("cpu") as t:
+            a @ b  # compute-bound on these numbers
+            v * 2.0  # memory-bound
+    f, by = t.ops["step"]
+    assert list(f) == [2 * 256 * 512 * 128, 0.0]
+    assert list(by) == [4 * (256 * 512 + 512 * 128 + 256 * 128), 4 * 2 * (1 << 20)]
+    peak, bw = 1e12, 1e9
+    assert roofline_seconds(t.ops["step"], peak, bw) == pytest.approx(
+        max(f[0] / peak, by[0] / bw) + by[1] / bw)

@@ -1,11 +1,13 @@
 """Will it fit, and how fast: a memory and step-time planner for real GPUs, from a config alone.
 
 ``latentfast-plan`` and every trainer's ``--plan`` (the console scripts, ``latentfast.scripts``;
-``from_config``: the trainers' flags -> a workload) build the model from
-its config on fake tensors, run one real step of the trainer's kind (``steps``), measure it with
-PyTorch's own tools (``fake``: MemTracker, flop_counter's formulas) and set it against a GPU's
-spec-sheet memory, FLOP/s and bandwidth (``devices``). ``validate`` checks the prediction
-against a real step on this CPU.
+``from_config``: the trainers' flags -> a workload) run one optimizer step of the trainer itself --
+its setup, build_model, batches (RL: rollout through the decode engine, rewards, reference), the
+loop's ``forward_backward`` and optimizer step (``harness``, ``trainers``) -- with every model built
+from its config alone on fake tensors, measure it with PyTorch's own tools (``fake``: MemTracker,
+flop_counter's formulas, RuntimeEstimator's per-op roofline) and set it against a GPU's spec-sheet
+memory, FLOP/s and bandwidth (``devices``). ``steps`` holds the peers' way (recipe) and the
+trainers not moved yet. ``validate`` checks the prediction against the same step on this CPU.
 """
 import importlib
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from array import array
 import math
 from copy import deepcopy
 
@@ -32,12 +33,16 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._runtime_estimation import _IGNORE_OPS, get_num_bytes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import flop_registry as _FLOP_REGISTRY
 from torch.utils.weak import WeakIdKeyDictionary
 
 CHUNK_KEY = "lm_head chunk"
 _UNKNOWN = object()
+_ACTIVE: list = []  # the _Trackers entered (host reads of fake tensors are answered)
+_A = torch.ops.aten
+_CONVERSIONS = (_A._to_copy, _A.clone, _A.view, _A.reshape, _A.squeeze, _A.alias, _A.detach, _A.lift_fresh)
 _KNOWN_NUMEL = 1 << 22  # values kept for tensors up to this size (token ids and masks of a step)
 
 
@@ -68,13 +73,13 @@ def lm_head_workspace(func, args, device_type: str, count=None) -> tuple[int, fl
         work = r * V * _elt(x) + 2 * n * H * _elt(x) + 4 * n * 4
         if args[9] > 0:
             work += 8 * r * V * 4
-        return work, 2.0 * n * H * V * (1 + need)
+        return work, 2.0 * n * H * V * (1 + need), _sweeps(n, r, V, H, _elt(x), 1 + need)
     if "lm_head_logp_entropy" in name:
         x, weight, chunk_rows = args[0], args[1], args[6]
         n = rows_of(args[4], x.numel() // x.shape[-1])
         V, H = weight.shape
         rows = chunk_rows if chunk_rows > 0 else chunk_rows_default(dev, V, _elt(x))
-        return min(rows, n) * V * _elt(x) + n * H * _elt(x), 2.0 * n * H * V
+        return min(rows, n) * V * _elt(x) + n * H * _elt(x), 2.0 * n * H * V, _sweeps(n, min(rows, n), V, H, _elt(x), 1)
     if "lm_head_distill" in name:
         xs, ws, xt, wt, chunk_rows = args[0], args[1], args[3], args[4], args[9]
         n = rows_of(args[7], xs.shape[0])
@@ -84,8 +89,16 @@ def lm_head_workspace(func, args, device_type: str, count=None) -> tuple[int, fl
         need = sum(bool(a) for a in args[10:12])
         work = r * (V * _elt(xs) + Vt * _elt(xt)) + 5 * r * V * 4 + n * (2 * xs.shape[1] * _elt(xs) +
                                                                        xt.shape[1] * _elt(xt))
-        return work, 2.0 * n * (xs.shape[1] * V * (1 + need) + xt.shape[1] * Vt)
-    return 0, 0.0
+        return work, 2.0 * n * (xs.shape[1] * V * (1 + need) + xt.shape[1] * Vt), \
+            _sweeps(n, r, V, xs.shape[1], _elt(xs), 1 + need) + _sweeps(n, r, Vt, xt.shape[1], _elt(xt), 1)
+    return 0, 0.0, 0
+
+
+def _sweeps(n, r, V, H, elt, gemms) -> int:
+    """Memory traffic of a chunked lm_head sweep: the weight read once per chunk and GEMM, the
+    (r, V) logits written and read (x2 for the gradient pass)."""
+    chunks = -(-n // max(r, 1))
+    return chunks * gemms * V * H * elt + 2 * gemms * n * V * elt
 
 
 class _NoHookHandle:
@@ -107,6 +120,19 @@ class _Tracker(MemTracker):
         self.flops: dict[str, float] = {}
         self._seen = weakref.WeakSet()
         self._known = WeakIdKeyDictionary()
+        # No module hierarchy: ModTracker's hooks register multi-grad hooks on every module's
+        # inputs, which fails for inputs that require grad under no_grad (a checkpointed model's
+        # rollout) and costs time; only the parameter registration of the user hook is kept.
+        mt = self._mod_tracker
+
+        def pre(mod, inputs):
+            if mt._user_pre_fw_hook is not None:
+                mt._user_pre_fw_hook(mod, inputs)
+
+        mt._fw_pre_hook = pre
+        mt._fw_post_hook = lambda mod, inputs, outputs: None
+        self.ops: dict[str, tuple] = {}  # phase -> (FLOPs per op, bytes per op)
+        self._assume = WeakIdKeyDictionary()  # unknown booleans read on the host: their worst case
 
     def _consider(self, extra: int = 0):
         for dev, snap in self._curr_mem_snap.items():
@@ -187,6 +213,14 @@ class _Tracker(MemTracker):
                 out.append(arg)
         return out
 
+    def __enter__(self):
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *args):
+        _ACTIVE.remove(self)
+        return super().__exit__(*args)
+
     def _count_nonzero(self, mask):
         v = self._known.get(mask) if isinstance(mask, FakeTensor) else None
         if v is None:
@@ -198,14 +232,12 @@ class _Tracker(MemTracker):
         """``nonzero`` of a fake boolean mask: exact when its value is known, else all true --
         the planned worst case, every row a mask can select is selected."""
         v = self._known.get(mask)
-        if v is not None:
-            with _disable_current_modes():
-                v = v.nonzero()
-        n = v.shape[0] if v is not None else mask.numel()
+        with _disable_current_modes():  # unknown: all true (and known as such from here on)
+            v = (v if v is not None else torch.ones(mask.shape, dtype=torch.bool)).nonzero()
+        n = v.shape[0]
         out = super().__torch_dispatch__(torch.ops.aten.zeros.default, (), ([n, mask.dim()],),
                                          {"dtype": torch.long, "device": mask.device})
-        if v is not None:
-            self._known[out] = v
+        self._known[out] = v
         return out
 
     def _bool_indices(self, indices):
@@ -227,15 +259,19 @@ class _Tracker(MemTracker):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         aten = torch.ops.aten
         kwargs = kwargs or {}
-        if func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+        if func in (aten._local_scalar_dense.default, aten.is_nonzero.default) and isinstance(args[0], FakeTensor):
             v = self._known.get(args[0])
             if v is not None:
                 with _disable_current_modes():
-                    return v.item()
-            # a value read on the host from the model (the ops' token-id range checks on sampled
-            # ids, AdamW's step count) is unknowable: 1; a boolean False (a rollout's "all rows
-            # done?" -> it runs to its full length)
-            return False if args[0].dtype == torch.bool else 1
+                    v = v.item()
+            else:
+                # a value read on the host from the model (the ops' token-id range checks on sampled
+                # ids, AdamW's step count) is unknowable: 1; a boolean the worst case: an ``all`` False
+                # (a rollout's "all rows done?": it runs to its full length), an ``any`` True
+                v = self._assume.get(args[0], False if args[0].dtype == torch.bool else 1)
+            return bool(v) if func is aten.is_nonzero.default else v
+        if kwargs.get("generator") is not None:  # a seeded draw (sampling noise): its values are not planned
+            kwargs = {**kwargs, "generator": None}
         if func is aten.nonzero.default and isinstance(args[0], FakeTensor):
             return self._nonzero(args[0])
         if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default) \
@@ -247,13 +283,18 @@ class _Tracker(MemTracker):
             return self.__torch_dispatch__(aten.index.Tensor, types, (x, idx))
         out = self._dispatch(func, types, args, kwargs)
         self._remember(func, args, kwargs, out)
+        if isinstance(out, FakeTensor) and out.numel() == 1 and out not in self._known:
+            pkt = func._overloadpacket
+            if pkt in (aten.any, aten.all):
+                self._assume[out] = pkt is aten.any
+            elif pkt in _CONVERSIONS and isinstance(args[0], FakeTensor) and args[0] in self._assume:
+                self._assume[out] = self._assume[args[0]]  # ``done.to(torch.int32)`` keeps the assumption
         return out
 
     def _dispatch(self, func, types, args, kwargs):
-        work = 0
+        work = flops = traffic = 0
         if str(func).startswith("latentfast."):
-            work, flops = lm_head_workspace(func, args, self.device_type, self._count_nonzero)
-            self._count(flops)
+            work, flops, traffic = lm_head_workspace(func, args, self.device_type, self._count_nonzero)
             if work:
                 self._consider(work)  # the op's inputs are live while it runs
         out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -261,14 +302,23 @@ class _Tracker(MemTracker):
             self._consider(work)  # outputs and workspace together at the op's end
         counter = _FLOP_REGISTRY.get(func._overloadpacket)
         if counter is not None:
-            self._count(counter(*args, **(kwargs or {}), out_val=out))
+            flops += counter(*args, **(kwargs or {}), out_val=out)
+        if func._overloadpacket not in _IGNORE_OPS:
+            traffic += sum(get_num_bytes(t) for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor))
+            self._count(flops, traffic)
         return out
 
-    def _count(self, flops: float) -> None:
-        """FLOPs per phase with torch's own formulas (``torch.utils.flop_counter``'s registry);
-        not ``FlopCounterMode`` itself: its module hooks keep activation-checkpointing's
-        recomputed tensors alive through the backward (the planned peak rose, not fell)."""
+    def _count(self, flops: float, traffic: int) -> None:
+        """Per op and phase: FLOPs with torch's own formulas (``torch.utils.flop_counter``'s
+        registry) and bytes read + written (``torch.utils._runtime_estimation.get_num_bytes``),
+        what ``RuntimeEstimator``'s roofline model takes per op (``roofline_seconds``). Not
+        ``FlopCounterMode`` itself: its module hooks keep activation-checkpointing's recomputed
+        tensors alive through the backward (the planned peak rose, not fell); not
+        ``RuntimeEstimator`` itself: its roofline asserts ``torch.cuda.is_available()``."""
         self.flops[self.phase] = self.flops.get(self.phase, 0.0) + flops
+        f, b = self.ops.setdefault(self.phase, (array("d"), array("d")))
+        f.append(flops)
+        b.append(traffic)
 
     @contextlib.contextmanager
     def in_phase(self, name: str):
@@ -307,12 +357,35 @@ def fake_mode():
                     self._buffers[key] = fn(b)
         return self
 
-    nn.Module._apply = _apply
+    def _deepcopy(self, memo):  # a reference copy (``copy.deepcopy(model)``): a fresh fake of this mode
+        if id(self) not in memo:
+            with self.fake_mode:
+                t = torch.empty_strided(self.shape, self.stride(), dtype=self.dtype, device=self.device)
+            memo[id(self)] = nn.Parameter(t, self.requires_grad) if isinstance(self, nn.Parameter) else \
+                t.requires_grad_(self.requires_grad)
+        return memo[id(self)]
+
+    # transformers counts a fake tensor as tracing and then always builds the 4-D attention mask
+    # (B x 1 x T x T; a real run without padding skips it for SDPA's causal path): within, fake
+    # masks are read like real ones (their known values; an unknown ``all`` is False: built)
+    import transformers.masking_utils as mu
+
+    orig_tracing = mu.is_tracing
+    mu.is_tracing = lambda tensor=None: orig_tracing(
+        None if isinstance(tensor, FakeTensor) and _ACTIVE else tensor)  # a _Tracker answers the reads
+    had = "__deepcopy__" in FakeTensor.__dict__
+    orig_copy = FakeTensor.__dict__.get("__deepcopy__")
+    nn.Module._apply, FakeTensor.__deepcopy__ = _apply, _deepcopy
     try:
         with FakeTensorMode(allow_non_fake_inputs=False) as mode:
             yield mode
     finally:
         nn.Module._apply = orig
+        mu.is_tracing = orig_tracing
+        if had:
+            FakeTensor.__deepcopy__ = orig_copy
+        else:
+            del FakeTensor.__deepcopy__
 
 
 def fakeify(module, mode, device: str = "cpu", memo: dict | None = None):
@@ -340,6 +413,16 @@ def fakeify(module, mode, device: str = "cpu", memo: dict | None = None):
                 memo[id(bf)] = fake(bf)
             sub._buffers[name] = memo[id(bf)]
     return module
+
+
+def roofline_seconds(ops: tuple, peak_flops: float, bandwidth: float) -> float:
+    """``RuntimeEstimator``'s roofline (``operator-level-cost-model``) over recorded ops: each op
+    takes max(FLOPs / peak, bytes / bandwidth); the sum. Peak and bandwidth are the caller's
+    (the device's spec sheet x the assumed efficiencies)."""
+    import numpy as np
+
+    f, b = (np.frombuffer(a, dtype=np.float64) for a in ops)
+    return float(np.maximum(f / peak_flops, b / bandwidth).sum())
 
 
 def categories(snap: dict) -> dict[str, int]:

@@ -48,20 +48,21 @@ def workload_from_config(cfg) -> tuple[Workload, list[str]]:
     elif kind == "GRPOConfig" and hasattr(cfg, "num_generations") and hasattr(cfg, "model_name_or_path"):
         w = Workload(_model(cfg.model_name_or_path), "grpo", prompt_len=cfg.max_prompt_length or 512,
                      completion_len=cfg.max_completion_length, lora_rank=cfg.lora_r if cfg.use_peft else 0,
-                     grad_ckpt=cfg.gradient_checkpointing, beta=cfg.beta, **common)
+                     grad_ckpt=cfg.gradient_checkpointing, beta=cfg.beta, trainer="grpo", config=cfg, **common)
     elif kind == "DPOConfig" and hasattr(cfg, "model_name_or_path"):
         w = Workload(_model(cfg.model_name_or_path), "dpo", completion_len=cfg.max_length or 1024,
                      lora_rank=cfg.lora_r if cfg.use_peft else 0, grad_ckpt=cfg.gradient_checkpointing,
-                     **{**common, "micro_batch": 2 * common["micro_batch"]})
+                     trainer="dpo", config=cfg, **{**common, "micro_batch": 2 * common["micro_batch"]})
     elif kind == "RLOOConfig":
         w = Workload(_model(cfg.model_name_or_path), "grpo", prompt_len=g("max_prompt_length") or 512,
                      completion_len=g("max_completion_length", 256), lora_rank=cfg.lora_r if cfg.use_peft else 0,
-                     grad_ckpt=cfg.gradient_checkpointing, beta=g("beta", 0.0), **common)
+                     grad_ckpt=cfg.gradient_checkpointing, beta=g("beta", 0.0), trainer="rloo", config=cfg, **common)
     elif kind == "CODIConfig":
-        lora = cfg.lora_rank if cfg.lora_rank else (128 if cfg.use_lora is not False else 0)
-        w = Workload(_model(cfg.model_name), "codi", completion_len=CODI_SEQ, lora_rank=lora,
-                     num_latent=cfg.num_latent, **common)
-        notes.append(f"CODI sequences assumed {CODI_SEQ} tokens (GSM8K CoT); lora rank {lora}")
+        seq = min(CODI_SEQ, cfg.max_token_num)
+        w = Workload(_model(cfg.model_name), "codi", completion_len=seq, lora_rank=cfg.lora_rank,
+                     num_latent=cfg.num_latent, trainer="codi", config=cfg, **common)
+        notes.append(f"CODI sequences (question + CoT + answer) assumed {seq} tokens (GSM8K CoT; at most "
+                     f"--max_token_num); lora rank {cfg.lora_rank}")
     elif kind == "KVDistillConfig":
         teachers = [cfg.teacher_model]
         if cfg.teachers:
@@ -94,8 +95,8 @@ def _minimind_workload(cfg, kind, common, notes) -> Workload:
     own = dict(trainer=MINIMIND_STAGES[kind], config=cfg) if kind in MINIMIND_STAGES else {}
     if kind == "LoRAArgs":
         return Workload(model, "sft", completion_len=cfg.max_seq_len, lora_rank=cfg.lora_rank, **own, **common)
-    if kind == "DPOArgs":
-        return Workload(model, "dpo", completion_len=cfg.max_seq_len,
+    if kind == "DPOArgs":  # MiniMind's own DPO is moving onto train/rl: the planner's DPO step until then
+        return Workload(model, "dpo", completion_len=cfg.max_seq_len, trainer="steps",
                         **{**common, "micro_batch": 2 * common["micro_batch"]})
     if kind == "DistillationArgs":
         teacher = _minimind(cfg, cfg.teacher_hidden_size, cfg.teacher_num_layers)
@@ -104,7 +105,7 @@ def _minimind_workload(cfg, kind, common, notes) -> Workload:
         n = getattr(cfg, "num_generations", 1)
         fam = "ppo" if kind == "PPOArgs" else "grpo"
         notes.append("reward model: internlm2-1.8b's shapes (frozen, bf16)")
-        return Workload(model, fam, prompt_len=cfg.max_seq_len, completion_len=cfg.max_gen_len,
+        return Workload(model, fam, prompt_len=cfg.max_seq_len, completion_len=cfg.max_gen_len, trainer="steps",
                         beta=getattr(cfg, "beta", getattr(cfg, "kl_coef", 0.02)), reward_model=True,
                         **{**common, "micro_batch": common["micro_batch"] * n})
     return Workload(model, "sft", completion_len=cfg.max_seq_len, **own, **common)  # pretrain / full_sft / distill_reason

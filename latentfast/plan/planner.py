@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import devices as D
-from .fake import CHUNK_KEY, _Tracker, categories, fake_mode, gib, nbytes
+from .fake import CHUNK_KEY, _Tracker, categories, fake_mode, gib, nbytes, roofline_seconds
 from .models import kv_bytes_per_token
 from . import harness as H
 from .steps import Built, StepRunner, Workload, balanced_moe, build, init_optimizer_state
@@ -94,6 +94,10 @@ def measure_trainer(w: Workload, device_type: str = "cuda", fake: bool = True):
             with (mode if mode is not None else contextlib.nullcontext()):
                 H.init_optimizer_state(opts)
             b = Built(main, None, others, None, opts, H.main_config(trainer))
+            if w.rl:  # the rollout: one generation round's rows, prompt + completion tokens
+                c = trainer.cfg
+                b.rollout = (c.per_device_train_batch_size * getattr(c, "generation_steps", 1),
+                             w.prompt_len + w.completion_len)
             t1 = time.perf_counter()
             tracker = _Tracker(device_type)
             tracker.track_external(main, *others, *opts)
@@ -102,6 +106,28 @@ def measure_trainer(w: Workload, device_type: str = "cuda", fake: bool = True):
         return tracker, b, tracker.flops, t1 - t0, time.perf_counter() - t1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+POOL_KEY = "rollout pool"
+
+
+def add_rollout_pool(peaks: dict, b: Built) -> dict:
+    """On CUDA the decode step is compiled and its buffers stay in the engine's pool between
+    rollouts (``generation.engine.BufferPool``): the static KV cache (``cache_len`` rounds the
+    length up to a bucket) and the sampling noise. The fake step runs the eager engine on the CPU,
+    which frees them after the rollout; here they are added to the later phases."""
+    from latentfast.generation.cache import cache_len
+
+    rows, n = b.rollout
+    pool = rows * cache_len(n, bucketed=True) * kv_bytes_per_token(b.cfg, 2) + rows * b.cfg.vocab_size * 4
+    out = {}
+    for ph, snap in peaks.items():
+        snap = dict(snap)
+        if ph != "rollout":
+            snap[POOL_KEY] = pool
+            snap["Total"] = snap["Total"] + pool
+        out[ph] = snap
+    return out
 
 
 def _split(snap: dict, b: Built, w: Workload, phase: str, keep_cache: bool) -> dict:
@@ -116,8 +142,10 @@ def _split(snap: dict, b: Built, w: Workload, phase: str, keep_cache: bool) -> d
     out["gradients"] = cat.pop("Gradient", 0)
     out["optimizer state"] = cat.pop("Optstate", 0)
     act = cat.pop("Activation", 0) + cat.pop("Temp", 0) + cat.pop("Other", 0)
+    act += cat.pop(POOL_KEY, 0)
     if w.rl and (phase == "rollout" or keep_cache):
-        kv = w.micro_batch * (w.prompt_len + w.completion_len) * kv_bytes_per_token(b.cfg, 2)
+        rows, n = b.rollout or (w.micro_batch, w.prompt_len + w.completion_len)
+        kv = rows * n * kv_bytes_per_token(b.cfg, 2)
         out["rollout KV cache"] = kv
         act -= kv
     out["activations + temporaries"] = act
@@ -140,6 +168,10 @@ def step_time(w: Workload, st: dict, flops: dict, dev: D.Device) -> dict:
     """Roofline seconds per phase: compute at COMPUTE_EFFICIENCY x peak, memory traffic at
     BANDWIDTH_EFFICIENCY x bandwidth, the larger of the two (decode: per token)."""
     peak, bw = dev.bf16_flops * D.COMPUTE_EFFICIENCY, dev.bandwidth * D.BANDWIDTH_EFFICIENCY
+    if st.get("ops"):  # a trainer's own step: RuntimeEstimator's per-op roofline over every op it ran
+        names = {"rollout": "rollout (decode, rewards, reference)", "data": "data", "train": "train fwd+bwd",
+                 "optimizer": "optimizer"}
+        return {names.get(ph, ph): roofline_seconds(ops, peak, bw) for ph, ops in st["ops"].items()}
     n_micro = min(w.grad_accum, w.max_micro_measured)
     parts = {}
     if w.rl:
@@ -158,9 +190,13 @@ def plan(w: Workload, dev: D.Device, options: bool = True, fake: bool = True) ->
     tracker, b, flops, build_s, run_s = measure(w, "cuda", fake)
     runner_keep = w.keep_rollout_cache if w.keep_rollout_cache is not None else w.impl == "latentfast"
     peaks = {k: v for k, v in tracker.phase_peaks.items()}
+    if b.rollout and runner_keep:
+        peaks = add_rollout_pool(peaks, b)
     phase = max(peaks, key=lambda k: peaks[k]["Total"])
     snap = peaks[phase]
     stats = step_stats(w, b)
+    if has_trainer(w):
+        stats["ops"] = tracker.ops
     parts = step_time(w, stats, flops, dev)
     p = Plan(w, dev, int(snap["Total"]), phase, _split(snap, b, w, phase, w.rl and runner_keep),
              {k: int(v["Total"]) for k, v in peaks.items()}, flops, sum(parts.values()), parts,
@@ -243,9 +279,11 @@ def format_plan(p: Plan) -> str:
     lines.append(f"  {dev.name}: needs {gib(total):.2f} of {gib(dev.memory_bytes):.2f} GiB -> {verdict} "
                  f"(headroom {gib(p.headroom_bytes):+.2f} GiB)")
     tp = ", ".join(f"{k} {v:.2f} s" for k, v in p.time_parts.items())
-    lines.append(f"  roofline step time ~ {p.step_s:.2f} s ({tp}); {dev.bf16_flops / 1e12:.1f} TFLOP/s bf16 dense x "
-                 f"{D.COMPUTE_EFFICIENCY:.0%} and {dev.bandwidth / 1e9:.0f} GB/s x {D.BANDWIDTH_EFFICIENCY:.0%} assumed "
-                 f"({dev.source}); a lower bound: launch/Python overhead not counted")
+    how = ("per op, max(FLOPs / peak, bytes / bandwidth) as RuntimeEstimator's cost model"
+           if p.stats.get("ops") else "FLOPs of the phases, analytic decode")
+    lines.append(f"  roofline step time ~ {p.step_s:.2f} s ({tp}); {how}; {dev.bf16_flops / 1e12:.1f} TFLOP/s bf16 "
+                 f"dense x {D.COMPUTE_EFFICIENCY:.0%} and {dev.bandwidth / 1e9:.0f} GB/s x "
+                 f"{D.BANDWIDTH_EFFICIENCY:.0%} assumed ({dev.source}); a lower bound: launch/Python overhead not counted")
     if p.options:
         lines.append("  options that change the peak:")
         for label, need, fits in p.options:

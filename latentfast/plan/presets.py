@@ -28,8 +28,8 @@ SEED_SETTINGS = [
     ("MiniMind pretrain 640x12 MoE, 32 x 340",
      Workload("minimind-640x12-moe", "sft", micro_batch=32, completion_len=340, trainer="pretrain")),
     ("MiniMind DPO 640x12 MoE, 4 pairs x 1024",
-     Workload("minimind-640x12-moe", "dpo", micro_batch=8, completion_len=1024)),
+     Workload("minimind-640x12-moe", "dpo", micro_batch=8, completion_len=1024, trainer="steps")),
     ("MiniMind GRPO 640x12 MoE, 2 x 8 gen (66+1536), RM",
      Workload("minimind-640x12-moe", "grpo", micro_batch=16, prompt_len=66, completion_len=1536, beta=0.02,
-              reward_model=True)),
+              reward_model=True, trainer="steps")),
 ]

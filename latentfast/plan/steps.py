@@ -1,20 +1,21 @@
-"""The steps the planner runs: one optimizer step of each trainer family, written once, run
-on fake tensors to plan and on real tensors (small shapes) to validate the plan.
+"""The workload (the planner's input) and the steps that are NOT a trainer's own code: the peers'
+way, and the trainers not moved onto the planner's harness yet.
 
-A :class:`Workload` names the model, the trainer family and the shapes. ``impl`` picks how
-the step computes its token losses:
+A :class:`Workload` names the model, the trainer, the shapes and switches (``config``: the
+trainer's own config when the user typed it, ``--plan``). With ``impl="latentfast"`` and a trainer
+of ``latentfast.plan.trainers`` (sft, kv, codi, grpo, rloo, dpo on train/rl, MiniMind pretrain /
+full_sft / lora / distill_reason / distillation) the planner runs that trainer's own step
+(``harness``); this file's ``StepRunner`` runs the rest:
 
-- ``latentfast``: the project's way -- the decoder's last hidden states go into the fused
-  lm_head ops (``fused_linear_cross_entropy`` / ``fused_linear_grpo_loss`` /
-  ``fused_linear_dpo_loss`` / ``fused_linear_distill_loss`` / ``lm_head_logps``), which never
-  build the (B, T, V) logits; the rollout's static KV cache stays in the decode engine's pool
-  when the one-token step is compiled (the default on CUDA).
-- ``recipe``: the peers' way -- full logits from the HF forward, HF's ``ForCausalLMLoss``
-  for cross-entropy, TRL's ``selective_log_softmax`` for GRPO/DPO log-probs (the recipe's
-  HRPO also runs its extra no-grad forward: two-pass), full teacher logits for distillation.
+- ``impl="recipe"``: the peers' way -- full logits from the HF forward, HF's ``ForCausalLMLoss``
+  for cross-entropy, TRL's ``selective_log_softmax`` for GRPO/DPO log-probs (the recipe's HRPO
+  also runs its extra no-grad forward: two-pass), full teacher logits for distillation and KV.
+- not moved yet (``impl="latentfast"``, re-implemented here with the fused lm_head ops): ``hrpo``
+  (train/hrpo.py is being moved onto train/rl), ``ppo`` and MiniMind's dpo / grpo / spo
+  (``trainer="steps"``; train/minimind's RL stages are being moved onto train/rl).
 
-What a step holds, by family (B = sequences per micro-batch):
-  sft       fwd + bwd of B x T with cross-entropy (pretrain / SFT / LoRA / reasoning distill)
+What these steps hold, by family (B = sequences per micro-batch):
+  sft       fwd + bwd of B x T with HF's cross-entropy on full logits
   grpo      rollout (no grad: static KV cache B x (P + C), prefill), reference log-probs (no grad,
             beta > 0), then per micro-batch fwd + bwd of the GRPO loss on B x (P + C); every
             micro-batch's rollout is kept until training (the loop's ``batches``). ``hrpo`` adds the
@@ -22,7 +23,7 @@ What a step holds, by family (B = sequences per micro-batch):
   ppo       grpo's rollout + a trainable critic (a second model with a value head and its own AdamW),
             a frozen old actor and reference, a reward model
   dpo       2B sequences (chosen + rejected), a frozen reference copy (LoRA: adapters off)
-  distill   a frozen teacher's no-grad forward, then the student's CE + KL
+  distill   a frozen teacher's no-grad forward, then the student's CE + KL on full logits
   kv        frozen teacher(s): K/V of the paired layers kept; the student's CE + K/V MSE through
             per-layer projections (multi-teacher: every teacher's K/V at once)
   codi      the CoT teacher pass (CE, with grad) and the latent student pass (question + latents +
@@ -144,6 +145,7 @@ class Built:
     critic: nn.Module | None
     optimizers: list
     cfg: object
+    rollout: tuple | None = None  # a trainer's own step: (generation batch rows, prompt + completion tokens)
 
 
 def build(w: Workload, fake_mode=None) -> Built:
@@ -233,13 +235,6 @@ def _amp(w: Workload):
 
 def _ids(V, *shape):
     return torch.randint(0, V, shape)
-
-
-def _ce(w, model, hidden, labels):
-    from latentfast.ops.cross_entropy import fused_linear_cross_entropy
-
-    _, head = _parts(model)
-    return fused_linear_cross_entropy(hidden, head.weight, labels, chunk_size=w.chunk_rows or None)
 
 
 def _trl_logps(logits, ids):
@@ -461,19 +456,19 @@ class StepRunner:
                         loss = loss + ((s2.float() - t_t.transpose(1, 2).flatten(2).float()) ** 2).mean()
         return loss
 
-    def _codi(self, _):
+    def _codi(self, _):  # the recipe's (full logits); latentfast's is latentfast-codi's own step
         w, b = self.w, self.b
         B, T = w.micro_batch, w.completion_len  # T: the CoT teacher sequence; the student's is shorter
         dec, head = _parts(b.model)
         ids = _ids(self.V, B, T)
         q = max(1, T // 2)
+
+        def ce(h, labels):
+            return nn.functional.cross_entropy(head(h).float()[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
         with _amp(w):
             t_out = dec(input_ids=ids, output_hidden_states=True)
-            if w.impl == "latentfast":
-                loss = _ce(w, b.model, t_out.last_hidden_state, ids)
-            else:
-                loss = nn.functional.cross_entropy(head(t_out.last_hidden_state).float()[:, :-1].flatten(0, 1),
-                                                   ids[:, 1:].flatten())
+            loss = ce(t_out.last_hidden_state, ids)
             embed = dec.get_input_embeddings()
             e = embed(ids[:, :q])
             out = dec(inputs_embeds=e, use_cache=True, output_hidden_states=True)
@@ -483,11 +478,7 @@ class StepRunner:
                 cache, h = out.cache, out.last_hidden_state
             a = ids[:, -8:]
             out = dec(inputs_embeds=embed(a), cache=cache, use_cache=True, output_hidden_states=True)
-            if w.impl == "latentfast":
-                loss = loss + _ce(w, b.model, out.last_hidden_state, a)
-            else:
-                loss = loss + nn.functional.cross_entropy(head(out.last_hidden_state).float()[:, :-1].flatten(0, 1),
-                                                          a[:, 1:].flatten())
+            loss = loss + ce(out.last_hidden_state, a)
             for hs, ht in zip(out.hidden_states, t_out.hidden_states):  # CODI's distillation at the answer
                 loss = loss + (hs[:, 0].float() - ht[:, -8].detach().float()).abs().mean()
         return loss

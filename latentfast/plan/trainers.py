@@ -165,9 +165,82 @@ def kv(w, workdir, device_type):
     return KVDistill(cfg, student, teachers, tok, rows, [], tcfg.task_table()), cfg.bf16 is not False
 
 
+# ----------------------------------------------------------------------------- CODI
+def codi(w, workdir, device_type):
+    """``latentfast-codi``: its setup loads the model (LoRA base in bf16 when bf16 is on), the
+    samples (question + CoT steps + answer, at most --max_token_num tokens) and the projection."""
+    from latentfast.train.codi import CODI, CODIConfig
+
+    _require(w, "codi", lora=True)
+    base = w.config or CODIConfig(model_name=model_key(w.model), num_latent=w.num_latent)
+    T = min(w.completion_len, base.max_token_num) - 8  # the teacher's sequence: question + CoT + answer
+    steps = "\n".join(_long(T // 8) for _ in range(4))
+    rows = [{"question": _long(T // 2), "answer": f"{steps}\n#### 7"} for _ in range(_rows_needed(w))]
+    cfg = base.replace(per_device_train_batch_size=w.micro_batch, gradient_accumulation_steps=w.grad_accum,
+                       lora_rank=w.lora_rank, use_lora=None, bf16=w.bf16, train_data=_write(workdir, "codi.jsonl", rows),
+                       hybrid_data_path=None, data_name=None, eval_data="none", eval_size=0, output_dir=str(workdir),
+                       sft_steps=0, hybrid_samples=0, restore_from=None, resume_from_checkpoint=None)
+    return CODI(cfg), cfg.bf16 is not False
+
+
+# ----------------------------------------------------------------------------- RL on train/rl
+RL = {"grpo": ("grpo", "GRPO", "grpo_config", "GRPOConfig"), "rloo": ("rloo", "RLOO", "rloo_config", "RLOOConfig"),
+      "dpo": ("dpo", "DPO", "dpo_config", "DPOConfig")}
+
+
+def _group(n_completions: int, want: int) -> int:
+    """The largest group size <= ``want`` (>= 2) dividing the generation batch."""
+    for g in range(min(want, n_completions), 1, -1):
+        if n_completions % g == 0:
+            return g
+    raise ValueError(f"--micro_batch: a generation batch of {n_completions} completions has no group of >= 2")
+
+
+def rl(kind):
+    """``latentfast-grpo`` / ``-rloo`` / ``-dpo``: the policy (``load_policy_model``: LoRA, gradient
+    checkpointing), the reference, the rollout through the decode engine, the rewards (``--reward_funcs``:
+    functions of the sampled text; a reward-model folder is not planned), the objective."""
+    def build(w, workdir, device_type):
+        import importlib
+        import pathlib as _p
+
+        mod, cls_name, cmod, ccls = RL[kind]
+        trainer_cls = getattr(importlib.import_module(f"latentfast.train.rl.{mod}"), cls_name)
+        cfg_cls = getattr(importlib.import_module(f"latentfast.train.rl.{cmod}"), ccls)
+        _require(w, kind, lora=True, ckpt=True)
+        base = w.config or cfg_cls(model_name_or_path=model_key(w.model))
+        kw = dict(per_device_train_batch_size=w.micro_batch, gradient_accumulation_steps=w.grad_accum,
+                  use_peft=bool(w.lora_rank), lora_r=w.lora_rank or base.lora_r, gradient_checkpointing=w.grad_ckpt,
+                  bf16=w.bf16, output_dir=str(workdir))
+        if base.dtype == "auto" and device_type == "cuda":
+            kw["dtype"] = "bfloat16"  # --dtype auto on CUDA
+        if kind == "dpo":
+            pairs = w.micro_batch // 2  # a workload's sequences: chosen + rejected
+            P = min(base.max_prompt_length or w.completion_len, w.completion_len // 2)  # responses fill the rest
+            kw.update(per_device_train_batch_size=max(1, pairs), max_length=w.completion_len,
+                      precompute_ref_log_probs=False)
+            rows = [{"prompt": _long(P), "chosen": _long(w.completion_len), "rejected": _long(w.completion_len)}
+                    for _ in range(_rows_needed(w))]
+        else:
+            folders = [f for f in getattr(base, "reward_funcs", []) if _p.Path(f).is_dir()]
+            if folders:
+                raise ValueError(f"--reward_funcs {folders}: reward-model folders are not planned (their weights "
+                                 f"would be read); plan with reward functions")
+            kw.update(max_prompt_length=w.prompt_len, max_completion_length=w.completion_len, beta=w.beta)
+            if w.config is None:
+                kw["num_generations"] = _group(w.micro_batch * w.grad_accum, base.num_generations)
+            rows = [{"prompt": _long(w.prompt_len), "answer": "7"} for _ in range(_rows_needed(w))]
+        kw["dataset_name"] = _write(workdir, f"{kind}.jsonl", rows)
+        cfg = base.replace(**kw)
+        return trainer_cls(cfg), cfg.bf16 is not False
+
+    return build
+
+
 # trainer name -> builder(w, workdir, planned device type) -> (trainer, autocast bf16); called with
 # load_causal_lm substituted (``harness.PlanLoader``)
-BUILDERS = {"sft": sft, **{k: minimind(k) for k in MINIMIND_STAGES}, "distill": minimind("distillation"), "kv": kv}
+BUILDERS = {"sft": sft, **{k: minimind(k) for k in MINIMIND_STAGES}, "distill": minimind("distillation"), "kv": kv,
+            "codi": codi, **{k: rl(k) for k in RL}}
 
 
 def has_trainer(w) -> bool:
