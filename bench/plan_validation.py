@@ -36,6 +36,7 @@ def cases(small):
         ("latentfast-grpo, checkpointing", Workload(small, "grpo", grad_ckpt=True, trainer="grpo")),
         ("latentfast-rloo LoRA r4, beta 0.04", Workload(small, "grpo", lora_rank=4, beta=0.04, trainer="rloo")),
         ("latentfast-dpo", Workload(small, "dpo", trainer="dpo")),
+        ("latentfast-hrpo LoRA r4, beta 0.005", Workload(small, "hrpo", lora_rank=4, beta=0.005, trainer="hrpo")),
         ("minimind pretrain (MoE)", Workload(MM, "sft", trainer="pretrain")),
         ("minimind full_sft (MoE)", Workload(MM, "sft", trainer="full_sft")),
         ("minimind lora r4 (MoE)", Workload(MM, "sft", lora_rank=4, trainer="lora")),

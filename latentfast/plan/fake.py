@@ -42,6 +42,8 @@ CHUNK_KEY = "lm_head chunk"
 _UNKNOWN = object()
 _ACTIVE: list = []  # the _Trackers entered (host reads of fake tensors are answered)
 _A = torch.ops.aten
+_STRUCTURAL = (_A.constant_pad_nd, _A.cat, _A.slice, _A.clone, _A._to_copy, _A.view, _A.reshape, _A.expand,
+               _A.unsqueeze, _A.squeeze, _A.permute, _A.transpose, _A.t, _A.alias, _A.detach)
 _CONVERSIONS = (_A._to_copy, _A.clone, _A.view, _A.reshape, _A.squeeze, _A.alias, _A.detach, _A.lift_fresh)
 _KNOWN_NUMEL = 1 << 22  # values kept for tensors up to this size (token ids and masks of a step)
 
@@ -132,6 +134,7 @@ class _Tracker(MemTracker):
         mt._fw_pre_hook = pre
         mt._fw_post_hook = lambda mod, inputs, outputs: None
         self.ops: dict[str, tuple] = {}  # phase -> (FLOPs per op, bytes per op)
+        self._mask_assumed = WeakIdKeyDictionary()  # boolean masks partly from unknown ones (``_assume_mask``)
         self._assume = WeakIdKeyDictionary()  # unknown booleans read on the host: their worst case
 
     def _consider(self, extra: int = 0):
@@ -205,6 +208,30 @@ class _Tracker(MemTracker):
             if isinstance(f, FakeTensor) and isinstance(r, torch.Tensor):
                 self._known[f] = r
 
+    def _assume_mask(self, func, args, kwargs, out):
+        """A boolean mask moved, padded or joined from an unknown one: its assumed value (unknown
+        parts all true, known parts -- the padding -- as they are), for ``nonzero`` to count."""
+        flat, spec = tree_flatten((args, kwargs))
+        if not any(isinstance(x, FakeTensor) and x.dtype == torch.bool and x in self._known for x in flat) and \
+                not any(isinstance(x, FakeTensor) and x in self._mask_assumed for x in flat) and \
+                func._overloadpacket not in (_A.constant_pad_nd, _A.cat):
+            return
+        vals = []
+        for x in flat:
+            if isinstance(x, FakeTensor):
+                v = self._known.get(x)
+                v = self._mask_assumed.get(x) if v is None else v
+                if v is None:
+                    with _disable_current_modes():
+                        v = torch.ones(x.shape, dtype=x.dtype)
+                x = v
+            vals.append(x)
+        a, k = tree_unflatten(vals, spec)
+        with _disable_current_modes():
+            real = func(*a, **k)
+        if isinstance(real, torch.Tensor) and real.shape == out.shape:
+            self._mask_assumed[out] = real
+
     @staticmethod
     def _mutated(func, args):
         out = []
@@ -232,6 +259,8 @@ class _Tracker(MemTracker):
         """``nonzero`` of a fake boolean mask: exact when its value is known, else all true --
         the planned worst case, every row a mask can select is selected."""
         v = self._known.get(mask)
+        if v is None:
+            v = self._mask_assumed.get(mask)
         with _disable_current_modes():  # unknown: all true (and known as such from here on)
             v = (v if v is not None else torch.ones(mask.shape, dtype=torch.bool)).nonzero()
         n = v.shape[0]
@@ -283,6 +312,9 @@ class _Tracker(MemTracker):
             return self.__torch_dispatch__(aten.index.Tensor, types, (x, idx))
         out = self._dispatch(func, types, args, kwargs)
         self._remember(func, args, kwargs, out)
+        if isinstance(out, FakeTensor) and out.dtype == torch.bool and out not in self._known \
+                and func._overloadpacket in _STRUCTURAL:
+            self._assume_mask(func, args, kwargs, out)
         if isinstance(out, FakeTensor) and out.numel() == 1 and out not in self._known:
             pkt = func._overloadpacket
             if pkt in (aten.any, aten.all):

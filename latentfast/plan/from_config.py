@@ -41,10 +41,7 @@ def workload_from_config(cfg) -> tuple[Workload, list[str]]:
     if kind == "HRPOConfig":
         w = Workload(_model(cfg.model_name), "hrpo", prompt_len=cfg.max_prompt_length,
                      completion_len=cfg.max_completion_length, lora_rank=cfg.lora_rank,
-                     grad_ckpt=cfg.gradient_checkpointing, beta=cfg.beta, **common)
-        if cfg.recompute != "stored":
-            w = w.replace(impl="recipe")
-            notes.append(f"--recompute {cfg.recompute}: planned as the recipe's two-pass step (full logits)")
+                     grad_ckpt=cfg.gradient_checkpointing, beta=cfg.beta, trainer="hrpo", config=cfg, **common)
     elif kind == "GRPOConfig" and hasattr(cfg, "num_generations") and hasattr(cfg, "model_name_or_path"):
         w = Workload(_model(cfg.model_name_or_path), "grpo", prompt_len=cfg.max_prompt_length or 512,
                      completion_len=cfg.max_completion_length, lora_rank=cfg.lora_r if cfg.use_peft else 0,

@@ -4,6 +4,7 @@ not fit, the changes that would make it fit, each with its own predicted peak.""
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
 import tempfile
 import time
@@ -83,7 +84,8 @@ def measure_trainer(w: Workload, device_type: str = "cuda", fake: bool = True):
     workdir = tempfile.mkdtemp(prefix="latentfast-plan-")
     try:
         t0 = time.perf_counter()
-        with (fake_mode() if fake else contextlib.nullcontext()) as mode, \
+        # the trainer's own set-up talks (demo banners, notes): a plan prints only the plan
+        with (fake_mode() if fake else contextlib.nullcontext()) as mode, contextlib.redirect_stdout(io.StringIO()), \
                 (balanced_moe() if fake else contextlib.nullcontext()):
             loader = H.PlanLoader(mode)
             with H.substituted(loader):

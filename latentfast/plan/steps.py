@@ -10,9 +10,10 @@ full_sft / lora / distill_reason / distillation) the planner runs that trainer's
 - ``impl="recipe"``: the peers' way -- full logits from the HF forward, HF's ``ForCausalLMLoss``
   for cross-entropy, TRL's ``selective_log_softmax`` for GRPO/DPO log-probs (the recipe's HRPO
   also runs its extra no-grad forward: two-pass), full teacher logits for distillation and KV.
-- not moved yet (``impl="latentfast"``, re-implemented here with the fused lm_head ops): ``hrpo``
-  (train/hrpo.py is being moved onto train/rl), ``ppo`` and MiniMind's dpo / grpo / spo
-  (``trainer="steps"``; train/minimind's RL stages are being moved onto train/rl).
+- not moved yet (``impl="latentfast"``, re-implemented here with the fused lm_head ops): ``ppo`` and
+  MiniMind's dpo / grpo / spo (``trainer="steps"``; train/minimind's RL stages moved onto train/rl
+  this session, their planner builders are still to write); ``hrpo`` with ``trainer="steps"`` (the
+  README table's rows: HRPO's own step on fake tensors decodes op by op, too slow for the table).
 
 What these steps hold, by family (B = sequences per micro-batch):
   sft       fwd + bwd of B x T with HF's cross-entropy on full logits

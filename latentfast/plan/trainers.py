@@ -237,10 +237,30 @@ def rl(kind):
     return build
 
 
+# ----------------------------------------------------------------------------- HRPO (on train/rl)
+def hrpo(w, workdir, device_type):
+    """``latentfast-hrpo``: its setup (the model: LoRA base in bf16 when bf16 is on; the task's rows),
+    the hybrid thinking policy, rollouts, the task's rewards, the reference (adapters off), GRPOLoss."""
+    from latentfast.train.hrpo import HRPO, HRPOConfig
+
+    _require(w, "hrpo", lora=True, ckpt=True)
+    base = w.config or HRPOConfig(model_name=model_key(w.model))
+    kw = dict(per_device_train_batch_size=w.micro_batch, gradient_accumulation_steps=w.grad_accum,
+              max_prompt_length=w.prompt_len, max_completion_length=w.completion_len, lora_rank=w.lora_rank,
+              beta=w.beta, gradient_checkpointing=w.grad_ckpt, bf16=w.bf16, eval_size=0, sft_steps=0,
+              output_dir=str(workdir), dataset_root=None, eval_data=None, resume_from_checkpoint=None)
+    if w.config is None:
+        kw["group_size"] = _group(w.micro_batch, base.group_size)
+    rows = [{"question": _long(w.prompt_len), "answer": "7 #### 7"} for _ in range(_rows_needed(w))]
+    kw["train_data"] = _write(workdir, "hrpo.jsonl", rows)
+    cfg = base.replace(**kw)
+    return HRPO(cfg), cfg.bf16 is not False
+
+
 # trainer name -> builder(w, workdir, planned device type) -> (trainer, autocast bf16); called with
 # load_causal_lm substituted (``harness.PlanLoader``)
 BUILDERS = {"sft": sft, **{k: minimind(k) for k in MINIMIND_STAGES}, "distill": minimind("distillation"), "kv": kv,
-            "codi": codi, **{k: rl(k) for k in RL}}
+            "codi": codi, **{k: rl(k) for k in RL}, "hrpo": hrpo}
 
 
 def has_trainer(w) -> bool:
