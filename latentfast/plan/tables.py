@@ -42,7 +42,9 @@ def build_table(settings=SEED_SETTINGS, out=print) -> str:
             f"peak + {D.ALLOCATOR_OVERHEAD:.0%} rounding/fragmentation + {D.CUDA_CONTEXT_BYTES / (1 << 30):.1f} GiB "
             f"CUDA context, against the card's memory (4090: 23.99 GiB, A100 80 GB: 80 GiB). Step time: roofline at "
             f"{D.COMPUTE_EFFICIENCY:.0%} of the dense bf16 peak (4090 165.2, A100 312 TFLOP/s) and "
-            f"{D.BANDWIDTH_EFFICIENCY:.0%} of the bandwidth (1008 / 2039 GB/s), a lower bound.")
+            f"{D.BANDWIDTH_EFFICIENCY:.0%} of the bandwidth (1008 / 2039 GB/s), a lower bound: per op "
+            f"(RuntimeEstimator's cost model) where the latentfast column is the trainer's own step, from the "
+            f"phases' FLOPs and an analytic decode for the HRPO and MiniMind DPO / GRPO rows (plan/steps.py's step).")
     return "\n".join(rows) + "\n\n" + note + "\n"
 
 
