@@ -68,6 +68,7 @@ OWN = [
     pytest.param("grpo", "grpo", {"grad_ckpt": True, "prompt_len": 32}, marks=pytest.mark.slow),
     pytest.param("rloo", "grpo", {"beta": 0.04, "lora_rank": 4, "prompt_len": 32}, marks=pytest.mark.slow),
     ("dpo", "dpo", {}),  # a frozen reference copy
+    ("minimind_dpo", "dpo", {"model": MM}),  # MiniMind's DPO (on train/rl): a frozen MiniMind reference
     pytest.param("hrpo", "hrpo", {"lora_rank": 4, "beta": 0.005, "prompt_len": 32},  # on train/rl; ~110 s here
                  marks=pytest.mark.slow),
     ("pretrain", "sft", {"model": MM}),

@@ -92,8 +92,8 @@ def _minimind_workload(cfg, kind, common, notes) -> Workload:
     own = dict(trainer=MINIMIND_STAGES[kind], config=cfg) if kind in MINIMIND_STAGES else {}
     if kind == "LoRAArgs":
         return Workload(model, "sft", completion_len=cfg.max_seq_len, lora_rank=cfg.lora_rank, **own, **common)
-    if kind == "DPOArgs":  # MiniMind's own DPO is moving onto train/rl: the planner's DPO step until then
-        return Workload(model, "dpo", completion_len=cfg.max_seq_len, trainer="steps",
+    if kind == "DPOArgs":  # MiniMind's own DPO (on train/rl)
+        return Workload(model, "dpo", completion_len=cfg.max_seq_len, trainer="minimind_dpo", config=cfg,
                         **{**common, "micro_batch": 2 * common["micro_batch"]})
     if kind == "DistillationArgs":
         teacher = _minimind(cfg, cfg.teacher_hidden_size, cfg.teacher_num_layers)

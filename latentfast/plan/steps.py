@@ -11,9 +11,10 @@ full_sft / lora / distill_reason / distillation) the planner runs that trainer's
   for cross-entropy, TRL's ``selective_log_softmax`` for GRPO/DPO log-probs (the recipe's HRPO
   also runs its extra no-grad forward: two-pass), full teacher logits for distillation and KV.
 - not moved yet (``impl="latentfast"``, re-implemented here with the fused lm_head ops): ``ppo`` and
-  MiniMind's dpo / grpo / spo (``trainer="steps"``; train/minimind's RL stages moved onto train/rl
-  this session, their planner builders are still to write); ``hrpo`` with ``trainer="steps"`` (the
-  README table's rows: HRPO's own step on fake tensors decodes op by op, too slow for the table).
+  MiniMind's grpo / spo / ppo (``trainer="steps"``; train/minimind's RL stages moved onto train/rl
+  this session, their planner builders are still to write -- MiniMind's dpo has one); ``hrpo`` and
+  MiniMind dpo with ``trainer="steps"`` in the README table's rows (computed before; HRPO's own step
+  on fake tensors decodes op by op, too slow for the table here).
 
 What these steps hold, by family (B = sequences per micro-batch):
   sft       fwd + bwd of B x T with HF's cross-entropy on full logits

@@ -65,7 +65,7 @@ def sft(w, workdir, device_type):
 # ----------------------------------------------------------------------------- MiniMind's stages
 MINIMIND_STAGES = {"pretrain": ("pretrain", "Pretrain"), "full_sft": ("full_sft", "FullSFT"),
                    "lora": ("lora", "LoRA"), "distill_reason": ("distill_reason", "DistillReason"),
-                   "distillation": ("distillation", "Distillation")}
+                   "distillation": ("distillation", "Distillation"), "minimind_dpo": ("dpo", "DPO")}
 
 
 def _minimind_shape(model) -> dict:
@@ -85,8 +85,9 @@ def _minimind_shape(model) -> dict:
 def _minimind_config(w, cls):
     lora = cls.__name__ == "LoRAArgs"
     _require(w, "MiniMind " + cls.__name__[:-4], lora=lora)
-    kw = dict(per_device_train_batch_size=w.micro_batch, gradient_accumulation_steps=w.grad_accum,
-              max_seq_len=w.completion_len)
+    pairs = cls.__name__ == "DPOArgs"  # a workload's sequences: chosen + rejected
+    kw = dict(per_device_train_batch_size=max(1, w.micro_batch // 2) if pairs else w.micro_batch,
+              gradient_accumulation_steps=w.grad_accum, max_seq_len=w.completion_len)
     if lora:
         kw["lora_rank"] = w.lora_rank or 8
     if w.config is not None:  # the flags typed (``--plan``): the shape and the rest are theirs
@@ -109,6 +110,9 @@ def minimind(stage):
         n = cfg.max_seq_len + 8
         if trainer_cls.data_kind == "pretrain":
             rows = [{"text": _long(2 * n)} for _ in range(_rows_needed(w))]
+        elif trainer_cls.data_kind == "dpo":
+            conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _long(2 * n)}]
+            rows = [{"chosen": conv, "rejected": conv} for _ in range(_rows_needed(w))]
         else:
             rows = [{"conversations": [{"role": "user", "content": "q"},
                                        {"role": "assistant", "content": _long(2 * n)}]} for _ in range(_rows_needed(w))]
