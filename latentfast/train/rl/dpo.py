@@ -1,14 +1,7 @@
-"""DPO for any local Hugging Face causal LM: the trainer. Its command line, TRL DPOConfig's
-arguments and defaults are ``dpo_config.py`` (``latentfast-dpo``; torch-free, so ``--help``
-answers at once); ``python -m latentfast.train.rl.dpo`` runs the same ``main``.
-
-Data: TRL's preference format, ``prompt``/``chosen``/``rejected`` (strings, or messages through
-the chat template), or conversational ``chosen``/``rejected`` whose shared leading messages are
-the prompt. ``per_device_train_batch_size`` pairs per micro-batch. The loss is the fused
-engine's DPO family (``objectives.DPOLoss``: every ``--loss_type``, ``--rpo_alpha``'s chosen NLL)
-on the policy's hidden states; reference log-probs come from the base with the LoRA adapter
-disabled (or a frozen copy without LoRA), per batch or once up front
-(``--precompute_ref_log_probs``).
+"""DPO for any local Hugging Face causal LM: the trainer (chosen / rejected log-probs from the
+policy's hidden states, the reference's per batch or precomputed, ``DPOLoss``). What it does, its
+data and TRL DPOConfig's flags are described once, in ``dpo_config.py`` (the ``--help`` text of
+``latentfast-dpo``); ``python -m latentfast.train.rl.dpo`` parses them and trains.
 """
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
-"""GRPO for any local Hugging Face causal LM: the trainer. Its command line, TRL GRPOConfig's
-arguments and defaults are ``grpo_config.py`` (``latentfast-grpo``; torch-free, so ``--help``
-answers at once); ``python -m latentfast.train.rl.grpo`` runs the same ``main``.
-
-Data: TRL's prompt-only format (``prompt``: a string, or messages through the chat template);
-other columns reach the reward functions as keywords. Rewards: ``module:function`` (TRL's
-signature), a local reward-model folder, or ``accuracy``; summed with ``--reward_weights``.
-Batching as TRL: ``per_device_train_batch_size`` completions per micro-batch; one generation
-round makes ``per_device_train_batch_size * steps_per_generation`` completions
-(``num_generations`` per prompt), used for ``num_iterations`` passes (old log-probs are taken
-then, so the clipped ratio is live). Loss: every GRPO-family type of the fused engine
-(``objectives.GRPOLoss``) on the policy's hidden states; rollouts: the decode engine.
+"""GRPO for any local Hugging Face causal LM: the trainer (rollout, score, advantages, old /
+reference log-probs per generation round, ``GRPOLoss``). What it does, its data, rewards, batching
+and TRL GRPOConfig's flags are described once, in ``grpo_config.py`` (the ``--help`` text of
+``latentfast-grpo``); ``python -m latentfast.train.rl.grpo`` parses them and trains.
 """
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
-"""RLOO (REINFORCE leave-one-out, TRL ``RLOOTrainer``) as a configuration of the GRPO trainer: the
-trainer. Its command line and TRL RLOOConfig's defaults are ``rloo_config.py`` (``latentfast-rloo``;
-torch-free, so ``--help`` answers at once).
-
-What differs from GRPO, after TRL 1.16: the advantage is the reward minus the mean of the
-other ``num_generations - 1`` samples of its prompt (``advantages.rloo_baseline``), optionally
-z-scored over the batch (``--normalize_advantages``); the KL to the reference is a reward
-penalty, ``r - beta * sum_t(old_t - ref_t)`` (first-order estimate, default beta 0.05); the loss is
-PPO's clipped term on the *sequence* log-prob ratio, averaged over sequences
-(``PPOSequenceObjective`` with no KL term, through the fused engine).
+"""RLOO (TRL ``RLOOTrainer``) as a configuration of the GRPO trainer: the trainer (leave-one-out
+advantages, the KL as a reward penalty, PPO's clipped sequence-ratio loss). What differs from GRPO
+and TRL RLOOConfig's flags are described once, in ``rloo_config.py`` (the ``--help`` text of
+``latentfast-rloo``); ``python -m latentfast.train.rl.rloo`` parses them and trains.
 """
 from __future__ import annotations
 
