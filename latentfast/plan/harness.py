@@ -217,10 +217,10 @@ def live_bytes(t) -> int:
     tensors = [x for m in [main, *others] for x in list(m.parameters()) + list(m.buffers())]
     tensors += [v for o in [t.optimizer, *extra_optimizers(t)] for st in o.state.values() for v in st.values()
                 if torch.is_tensor(v)]
-    seen, total = set(), 0
-    for x in tensors:
-        st = x.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
-    return total
+    return storage_bytes(tensors)
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (tied weights and views counted once)."""
+    storages = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in tensors}
+    return sum(storages.values())

@@ -20,16 +20,10 @@ from .trainers import has_trainer, trainer_for
 
 
 def _live_bytes(b) -> int:
-    seen, total = set(), 0
     mods = [b.model] + ([b.extra] if b.extra is not None else []) + b.frozen + ([b.critic] if b.critic else [])
     tensors = [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
     tensors += [v for o in b.optimizers for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
-    for t in tensors:
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
-    return total
+    return H.storage_bytes(tensors)
 
 
 def measured_peak(w: Workload, seed: int = 0) -> int:
