@@ -32,13 +32,12 @@ def small(tmp_path_factory):
     return str(path)
 
 
-CASES = [  # the steps of ``plan.steps``: the peers' way (recipe), and the trainers not moved yet
+CASES = [  # the steps of ``plan.steps``: the peers' way (recipe), and the table rows not moved yet
     ("sft", {"impl": "recipe"}),
     ("hrpo", {}),
     ("hrpo", {"lora_rank": 4, "grad_ckpt": True}),  # FlopCounterMode's hooks once kept recomputed tensors alive
     ("dpo", {"trainer": "steps"}),  # MiniMind's DPO (moving onto train/rl)
     ("kv", {"teachers": ["SELF"], "impl": "recipe"}),
-    ("ppo", {}),
     ("distill", {"teachers": ["SELF"], "impl": "recipe"}),
     pytest.param("codi", {"lora_rank": 4, "impl": "recipe"}, marks=pytest.mark.slow),  # its real step: ~30 s here
 ]
@@ -58,6 +57,9 @@ def test_predicted_peak_within_10_percent_of_measured(small, family, kw):
 
 
 MM = dict(model_type="minimind", hidden_size=64, num_hidden_layers=2, use_moe=True)
+RM = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+          num_key_value_heads=1, vocab_size=1024, max_position_embeddings=512, dtype="float32")  # a reward model
+MM_RL = {"model": MM, "prompt_len": 16, "completion_len": 16, "beta": 0.02, "reward_model": RM}  # rollouts of 16
 # the trainers' own steps (``latentfast.plan.trainers``): trainer name -> family, workload fields
 OWN = [
     ("sft", "sft", {}),
@@ -69,6 +71,10 @@ OWN = [
     pytest.param("rloo", "grpo", {"beta": 0.04, "lora_rank": 4, "prompt_len": 32}, marks=pytest.mark.slow),
     ("dpo", "dpo", {}),  # a frozen reference copy
     ("minimind_dpo", "dpo", {"model": MM}),  # MiniMind's DPO (on train/rl): a frozen MiniMind reference
+    # MiniMind's rollout stages (on train/rl): rollout, the reward model's scores, reference, advantages, loss
+    ("minimind_grpo", "grpo", MM_RL),  # 1 prompt x 4 generations
+    ("minimind_spo", "grpo", MM_RL),  # 4 prompts x 1, the value tracker's baseline
+    ("minimind_ppo", "ppo", MM_RL),  # + the critic (its own parameter group) and the old actor
     pytest.param("hrpo", "hrpo", {"lora_rank": 4, "beta": 0.005, "prompt_len": 32},  # on train/rl; ~110 s here
                  marks=pytest.mark.slow),
     ("pretrain", "sft", {"model": MM}),
@@ -93,7 +99,8 @@ def test_trainers_own_step_predicted_within_10_percent_of_measured(small, traine
 
     kw = {k: ([small] * len(v) if isinstance(v, list) and v[:1] == ["SELF"] else v) for k, v in kw.items()}
     model = kw.pop("model", small)
-    w = Workload(model, family, micro_batch=4, grad_accum=2, completion_len=48, bf16=False, trainer=trainer, **kw)
+    w = Workload(model, family, bf16=False, trainer=trainer, **{"micro_batch": 4, "grad_accum": 2,
+                                                                 "completion_len": 48, **kw})
     assert has_trainer(w)
     measured, predicted = measured_peak(w), predicted_peak(w)
     assert abs(predicted / measured - 1) < 0.10, (predicted, measured)

@@ -7,6 +7,7 @@ checks of the command line), the step that these flags describe runs on fake ten
 """
 from __future__ import annotations
 
+import pathlib
 import sys
 
 from latentfast.plan import devices as D
@@ -82,7 +83,8 @@ def workload_from_config(cfg) -> tuple[Workload, list[str]]:
 
 
 MINIMIND_STAGES = {"PretrainArgs": "pretrain", "MiniMindArgs": "pretrain", "FullSFTArgs": "full_sft",
-                   "LoRAArgs": "lora", "DistillReasonArgs": "distill_reason", "DistillationArgs": "distillation"}
+                   "LoRAArgs": "lora", "DistillReasonArgs": "distill_reason", "DistillationArgs": "distillation",
+                   "GRPOArgs": "minimind_grpo", "SPOArgs": "minimind_spo", "PPOArgs": "minimind_ppo"}
 
 
 def _minimind_workload(cfg, kind, common, notes) -> Workload:
@@ -98,13 +100,17 @@ def _minimind_workload(cfg, kind, common, notes) -> Workload:
     if kind == "DistillationArgs":
         teacher = _minimind(cfg, cfg.teacher_hidden_size, cfg.teacher_num_layers)
         return Workload(model, "distill", completion_len=cfg.max_seq_len, teachers=[teacher], **own, **common)
-    if kind in ("GRPOArgs", "PPOArgs", "SPOArgs", "RLArgs"):
+    if kind in ("GRPOArgs", "PPOArgs", "SPOArgs"):  # the rollout stages (on train/rl)
         n = getattr(cfg, "num_generations", 1)
         fam = "ppo" if kind == "PPOArgs" else "grpo"
-        notes.append("reward model: internlm2-1.8b's shapes (frozen, bf16)")
-        return Workload(model, fam, prompt_len=cfg.max_seq_len, completion_len=cfg.max_gen_len, trainer="steps",
-                        beta=getattr(cfg, "beta", getattr(cfg, "kl_coef", 0.02)), reward_model=True,
-                        **{**common, "micro_batch": common["micro_batch"] * n})
+        rm = cfg.reward_model_path
+        if rm != "none":
+            notes.append(f"reward model: {rm}'s config.json (its weights are not read)" if pathlib.Path(rm).is_dir()
+                         else f"reward model: --reward_model_path {rm} is not here; planned with internlm2-1.8b-reward's "
+                              f"shapes (bf16), MiniMind's default")
+        return Workload(model, fam, prompt_len=cfg.max_seq_len, completion_len=cfg.max_gen_len,
+                        beta=getattr(cfg, "beta", getattr(cfg, "kl_coef", 0.02)), reward_model=rm != "none",
+                        **own, **{**common, "micro_batch": common["micro_batch"] * n})
     return Workload(model, "sft", completion_len=cfg.max_seq_len, **own, **common)  # pretrain / full_sft / distill_reason
 
 

@@ -4,7 +4,9 @@
 ``build_model()``, ``optimizer_groups()`` -> ``make_optimizer()``, the schedule -- with
 ``latentfast.models.local.load_causal_lm`` substituted (``PlanLoader``: the tokenizer, and the
 model built from its config alone, on the meta device then turned into fake tensors of ``mode``;
-``mode=None``: real random weights, for validation). ``run_step(trainer, phase)`` then runs one
+``mode=None``: real random weights, for validation), and ``data.reward_model.RewardModel.load``
+substituted too (``PlanLoader.reward_model``: a reward model built from its folder's config.json
+alone, scoring responses of the rollout's full length). ``run_step(trainer, phase)`` then runs one
 optimizer step exactly as the loop does: ``batches(0)`` (RL: rollout, rewards, reference
 log-probs), ``forward_backward`` (the loop's own method), ``before_optimizer_step`` and
 ``common.optimizer_step`` (clipping, AdamW, schedule). Nothing of the algorithm is written here.
@@ -23,11 +25,15 @@ What differs from a GPU run, and why:
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import pathlib
 import tempfile
 
 import torch
 from torch import nn
+
+from latentfast.data.reward_model import RewardModel
 
 PLAN_MODELS: dict = {}  # "plan:<n>" -> a config dict (named configs need no entry)
 
@@ -47,10 +53,12 @@ def resolve_model(name):
 
 
 class PlanLoader:
-    """``load_causal_lm``'s substitute: the tokenizer and a model built from the config alone."""
+    """``load_causal_lm``'s substitute: the tokenizer and a model built from the config alone;
+    and ``RewardModel.load``'s (``reward_model``). ``response_tokens``: the length of a sampled
+    response a reward model scores (the rollout's new tokens: it runs to its full length)."""
 
-    def __init__(self, mode=None):
-        self.mode = mode
+    def __init__(self, mode=None, response_tokens: int = 0):
+        self.mode, self.response_tokens = mode, response_tokens
 
     def tokenizer(self, name):
         from latentfast.data import build_tokenizer
@@ -99,11 +107,52 @@ class PlanLoader:
         return fakeify(m, self.mode, "cpu", {})  # one memo per model: tied weights stay tied
 
 
+    def reward_model(self, path, device, dtype=None, trust_remote_code=False, scale=None):
+        """A sequence-classification reward model (one score per text, no lm_head) from the folder's
+        config.json alone; a config only ``trust_remote_code`` can build (InternLM2's reward model)
+        becomes a Llama of its shapes."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification, LlamaConfig
+
+        from latentfast.data.reward_model import REWARD_SCALE
+
+        d = json.loads((pathlib.Path(path) / "config.json").read_text())
+        try:
+            cfg = AutoConfig.for_model(**d)
+        except (KeyError, ValueError):  # a model type of its own code: a Llama of its shapes
+            keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings")
+            cfg = LlamaConfig(**{k: d[k] for k in keys if k in d})
+        cfg.num_labels = 1
+        tok = self.tokenizer(path)
+        cfg.pad_token_id = tok.pad_token_id
+        dtype = dtype or getattr(torch, str(d.get("dtype") or d.get("torch_dtype") or "bfloat16"))
+        model = self.build(lambda: AutoModelForSequenceClassification.from_config(cfg, dtype=dtype))
+        return PlanRewardModel(model, tok, self.response_tokens, REWARD_SCALE if scale is None else scale)
+
+
+class PlanRewardModel(RewardModel):
+    """A reward model of the planner: every response it scores is ``response_tokens`` tokens long
+    (sampled text is unknowable on fake tensors; the rollout runs to its full length, so do its
+    responses: the planned worst case). Real and fake steps score the same texts."""
+
+    def __init__(self, model, tok, response_tokens: int, scale: float):
+        super().__init__(model, tok, scale=scale)
+        per = len(tok(" 7" * 64, add_special_tokens=False).input_ids) / 64
+        self.response = " 7" * math.ceil(response_tokens / per) if response_tokens else None
+
+    def score(self, chats, batch_size: int = 8):
+        if self.response is not None:
+            chats = [c[:-1] + [{**c[-1], "content": self.response}] if c and c[-1]["role"] == "assistant" else c
+                     for c in chats]
+        return super().score(chats, batch_size)
+
+
 @contextlib.contextmanager
 def substituted(loader):
+    from latentfast.data import reward_model
     from latentfast.models import local
 
-    with local.substitute(loader):
+    with local.substitute(loader), reward_model.substitute(loader.reward_model):
         yield
 
 
@@ -163,6 +212,20 @@ def run_step(trainer, phase=None, first: str = "data"):
             opt.zero_grad(set_to_none=True)
 
 
+def response_tokens(w) -> int:
+    """The length of a response a reward model scores: the rollout's new tokens (RL), else 0."""
+    return w.completion_len if w.rl else 0
+
+
+def rollout_rows(t) -> int:
+    """Sequences of one rollout: train/rl's generation batch (completions), or a MiniMind RL
+    stage's micro-batch (prompts x --num_generations)."""
+    c = t.cfg
+    if hasattr(c, "max_gen_len"):
+        return c.per_device_train_batch_size * getattr(c, "num_generations", 1)
+    return c.per_device_train_batch_size * getattr(c, "generation_steps", 1)
+
+
 def extra_optimizers(t) -> list:
     """Optimizers a trainer keeps besides the loop's (a critic's, ...)."""
     return [o for o in _objects(t, torch.optim.Optimizer) if o is not t.optimizer]
@@ -194,9 +257,12 @@ def modules(t) -> tuple[nn.Module, list]:
     """(the trained module, the other models the trainer holds: teachers, references, reward
     models), each once."""
     inside = {id(m) for m in t.module.modules()}
+    trained = {id(p) for p in t.module.parameters()}
     others = []
     for m in _objects(t, nn.Module):
-        if id(m) not in inside:
+        if all(id(p) in trained for p in m.parameters()):  # a wrapper of the trained model's parts
+            inside.update(id(x) for x in m.modules())
+        elif id(m) not in inside:
             others.append(m)
             inside.update(id(x) for x in m.modules())
     return t.module, others

@@ -71,7 +71,7 @@ def measure(w: Workload, device_type: str = "cuda", fake: bool = True):
         init_optimizer_state(b)
         t1 = time.perf_counter()
         tracker = _Tracker(device_type)
-        mods = [b.model] + ([b.extra] if b.extra is not None else []) + b.frozen + ([b.critic] if b.critic else [])
+        mods = [b.model] + ([b.extra] if b.extra is not None else []) + b.frozen
         tracker.track_external(*mods, *b.optimizers)
         with tracker:
             StepRunner(w, b, _runner_phase(tracker), device_type).run()
@@ -87,7 +87,7 @@ def measure_trainer(w: Workload, device_type: str = "cuda", fake: bool = True):
         # the trainer's own set-up talks (demo banners, notes): a plan prints only the plan
         with (fake_mode() if fake else contextlib.nullcontext()) as mode, contextlib.redirect_stdout(io.StringIO()), \
                 (balanced_moe() if fake else contextlib.nullcontext()):
-            loader = H.PlanLoader(mode)
+            loader = H.PlanLoader(mode, H.response_tokens(w))
             with H.substituted(loader):
                 trainer, bf16 = trainer_for(w, workdir, device_type)
             H.prepare(trainer, loader, bf16, workdir)
@@ -95,11 +95,9 @@ def measure_trainer(w: Workload, device_type: str = "cuda", fake: bool = True):
             opts = [trainer.optimizer, *H.extra_optimizers(trainer)]
             with (mode if mode is not None else contextlib.nullcontext()):
                 H.init_optimizer_state(opts)
-            b = Built(main, None, others, None, opts, H.main_config(trainer))
+            b = Built(main, None, others, opts, H.main_config(trainer))
             if w.rl:  # the rollout: one generation round's rows, prompt + completion tokens
-                c = trainer.cfg
-                b.rollout = (c.per_device_train_batch_size * getattr(c, "generation_steps", 1),
-                             w.prompt_len + w.completion_len)
+                b.rollout = (H.rollout_rows(trainer), w.prompt_len + w.completion_len)
             t1 = time.perf_counter()
             tracker = _Tracker(device_type)
             tracker.track_external(main, *others, *opts)
@@ -136,7 +134,8 @@ def _split(snap: dict, b: Built, w: Workload, phase: str, keep_cache: bool) -> d
     """MemTracker's categories at the peak, with the frozen models and the rollout cache named."""
     cat = categories(snap)
     out = {}
-    frozen = nbytes(p for m in b.frozen for p in m.parameters())
+    trained = {id(p) for p in b.model.parameters()}
+    frozen = nbytes({id(p): p for m in b.frozen for p in m.parameters() if id(p) not in trained}.values())
     params = cat.pop("Parameter", 0) + cat.pop("Buffer", 0)
     out["weights (trained model)"] = params - frozen
     if frozen:

@@ -3,27 +3,23 @@ way, and the trainers not moved onto the planner's harness yet.
 
 A :class:`Workload` names the model, the trainer, the shapes and switches (``config``: the
 trainer's own config when the user typed it, ``--plan``). With ``impl="latentfast"`` and a trainer
-of ``latentfast.plan.trainers`` (sft, kv, codi, grpo, rloo, dpo on train/rl, MiniMind pretrain /
-full_sft / lora / distill_reason / distillation) the planner runs that trainer's own step
-(``harness``); this file's ``StepRunner`` runs the rest:
+of ``latentfast.plan.trainers`` (sft, kv, codi, hrpo, grpo, rloo, dpo on train/rl, every MiniMind
+stage) the planner runs that trainer's own step (``harness``); this file's ``StepRunner`` runs the rest:
 
 - ``impl="recipe"``: the peers' way -- full logits from the HF forward, HF's ``ForCausalLMLoss``
   for cross-entropy, TRL's ``selective_log_softmax`` for GRPO/DPO log-probs (the recipe's HRPO
   also runs its extra no-grad forward: two-pass), full teacher logits for distillation and KV.
-- not moved yet (``impl="latentfast"``, re-implemented here with the fused lm_head ops): ``ppo`` and
-  MiniMind's grpo / spo / ppo (``trainer="steps"``; train/minimind's RL stages moved onto train/rl
-  this session, their planner builders are still to write -- MiniMind's dpo has one); ``hrpo`` and
-  MiniMind dpo with ``trainer="steps"`` in the README table's rows (computed before; HRPO's own step
-  on fake tensors decodes op by op, too slow for the table here).
+  There is no peers' PPO step (PPO is MiniMind's only; it runs its own).
+- ``trainer="steps"`` (``impl="latentfast"``): the same steps with the fused lm_head ops, for the
+  README table's HRPO and MiniMind DPO rows until they use the trainers' own steps.
 
 What these steps hold, by family (B = sequences per micro-batch):
   sft       fwd + bwd of B x T with HF's cross-entropy on full logits
   grpo      rollout (no grad: static KV cache B x (P + C), prefill), reference log-probs (no grad,
             beta > 0), then per micro-batch fwd + bwd of the GRPO loss on B x (P + C); every
             micro-batch's rollout is kept until training (the loop's ``batches``). ``hrpo`` adds the
-            thinking modules (3 D x D) and the stored thinking states (B x C x D)
-  ppo       grpo's rollout + a trainable critic (a second model with a value head and its own AdamW),
-            a frozen old actor and reference, a reward model
+            thinking modules (3 D x D) and the stored thinking states (B x C x D); a reward model
+            (``reward_model``: MiniMind's train_grpo.py, the recipe) scores B x (P + C) tokens
   dpo       2B sequences (chosen + rejected), a frozen reference copy (LoRA: adapters off)
   distill   a frozen teacher's no-grad forward, then the student's CE + KL on full logits
   kv        frozen teacher(s): K/V of the paired layers kept; the student's CE + K/V MSE through
@@ -65,7 +61,8 @@ class Workload:
     bf16: bool = True  # bf16 autocast; LoRA bases in bf16, full fine-tuning keeps fp32 master weights
     beta: float = 0.0  # > 0: reference log-probs (RL)
     teachers: list[str] = field(default_factory=list)  # distill / kv: teacher models
-    reward_model: bool = False  # a frozen reward model scores the rollouts (MiniMind RL)
+    reward_model: bool | str | dict = False  # a frozen reward model scores the rollouts (MiniMind RL): True =
+    # internlm2-1.8b-reward's shapes (MiniMind's default), or its config (a named config, config.json, dict)
     chunk_rows: int = 0  # rows per fused lm_head chunk (0 = the op's per-device default)
     num_latent: int = 6  # codi
     keep_rollout_cache: bool | None = None  # None: latentfast on CUDA keeps the compiled engine's cache
@@ -144,7 +141,6 @@ class Built:
     model: nn.Module
     extra: nn.Module | None  # trainable modules beside the model (HRPO, KV projections, CODI prj)
     frozen: list  # teachers / reference / reward models
-    critic: nn.Module | None
     optimizers: list
     cfg: object
     rollout: tuple | None = None  # a trainer's own step: (generation batch rows, prompt + completion tokens)
@@ -153,6 +149,9 @@ class Built:
 def build(w: Workload, fake_mode=None) -> Built:
     """The step's models and optimizers: real CPU tensors, or with ``fake_mode`` built on the meta
     device and turned into fake tensors of that mode before the optimizers see them."""
+    if w.family == "ppo":  # the one PPO trainer here (MiniMind's) runs its own step (``plan.trainers``)
+        raise ValueError(f"--impl {w.impl}: no PPO step of the peers' is planned; MiniMind's PPO runs its own "
+                         f"(--impl latentfast, a MiniMind model)")
     if fake_mode is None:
         return _build(w, lambda m: m)
     from .fake import fakeify
@@ -176,7 +175,7 @@ def _build(w: Workload, finish, mode=None) -> Built:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         enable_activation_checkpointing(base, use_reentrant=False)
     frozen_dtype = torch.bfloat16 if w.bf16 else torch.float32
-    frozen, extra, critic = [], None, None
+    frozen, extra = [], None
     d = cfg.hidden_size
     if w.family == "hrpo":
         extra = ThinkingModules(d)
@@ -192,27 +191,21 @@ def _build(w: Workload, finish, mode=None) -> Built:
                                        for _ in range(min(cfg.num_hidden_layers, tc.num_hidden_layers))))
     if w.family == "codi":
         extra = nn.Sequential(nn.Linear(d, 2048), nn.GELU(), nn.Linear(2048, d), nn.LayerNorm(d))
-    needs_ref = (w.family in ("dpo", "ppo") or (w.rl and w.beta > 0)) and w.lora_rank == 0
+    needs_ref = (w.family == "dpo" or (w.rl and w.beta > 0)) and w.lora_rank == 0
     if needs_ref:  # a frozen copy (LoRA: the same model with adapters off)
         frozen.append(build_lm(w.model, frozen_dtype, trainable=False))
-    if w.family == "ppo":
-        frozen.append(build_lm(w.model, frozen_dtype, trainable=False))  # old actor
-        critic = build_lm(w.model, full_dtype)
-        critic.value_head = nn.Linear(d, 1, dtype=full_dtype)
     if w.reward_model:
-        frozen.append(build_lm(dict(REWARD_MODEL), frozen_dtype, trainable=False))
+        rm = dict(REWARD_MODEL) if w.reward_model is True else w.reward_model
+        frozen.append(build_lm(rm, frozen_dtype, trainable=False))
     model = finish(model)
     extra = None if extra is None else finish(extra)
     frozen = [finish(m) for m in frozen]
-    critic = None if critic is None else finish(critic)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if extra is not None:
         trainable += list(extra.parameters())
     with (mode if mode is not None else contextlib.nullcontext()), torch.device("cpu"):
         opts = [torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.99))]
-        if critic is not None:
-            opts.append(torch.optim.AdamW(critic.parameters(), lr=1e-5))
-    return Built(model, extra, frozen, critic, opts, cfg)
+    return Built(model, extra, frozen, opts, cfg)
 
 
 def init_optimizer_state(b: Built):
@@ -327,13 +320,11 @@ class StepRunner:
                     if w.reward_model:
                         rm = b.frozen[-1]
                         rm.model(input_ids=_ids(rm.config.vocab_size, B, P + C)).last_hidden_state[:, -1].sum()
-                    if w.beta > 0 or w.family == "ppo":
+                    if w.beta > 0:
                         ctx = b.model.disable_adapter() if w.lora_rank else contextlib.nullcontext()
                         ref_model = b.model if w.lora_rank else b.frozen[0]
                         with ctx:
                             item["ref"] = _no_grad_logps(w, ref_model, ids, P)
-                    if w.family == "ppo":
-                        item["old"] = _no_grad_logps(w, b.frozen[1], ids, P)
                 held.append(item)
             if self.keep_cache:
                 self.cache = cache
@@ -341,7 +332,7 @@ class StepRunner:
         return held
 
     def loss(self, item):
-        return getattr(self, "_" + ("grpo" if self.w.family in ("hrpo", "ppo") else self.w.family))(item)
+        return getattr(self, "_" + ("grpo" if self.w.family == "hrpo" else self.w.family))(item)
 
     def _sft(self, _):  # the recipe's (HF's loss on full logits); latentfast's is the trainers' own step
         w, b = self.w, self.b
@@ -388,11 +379,6 @@ class StepRunner:
                     d = item["ref"] - logps
                     per_tok = per_tok + w.beta * (torch.exp(d) - d - 1)
                 loss = ((per_tok * mask).sum(1) / mask.sum(1)).mean()
-        if w.family == "ppo":  # the critic: values on the last position, MSE to the rewards
-            with _amp(w):
-                hc = b.critic.model(input_ids=ids).last_hidden_state
-                v = b.critic.value_head(hc[:, -1]).squeeze(-1)
-                loss = loss + 0.5 * ((v.float() - adv) ** 2).mean()
         return loss
 
     def _dpo(self, _):

@@ -65,7 +65,8 @@ def sft(w, workdir, device_type):
 # ----------------------------------------------------------------------------- MiniMind's stages
 MINIMIND_STAGES = {"pretrain": ("pretrain", "Pretrain"), "full_sft": ("full_sft", "FullSFT"),
                    "lora": ("lora", "LoRA"), "distill_reason": ("distill_reason", "DistillReason"),
-                   "distillation": ("distillation", "Distillation"), "minimind_dpo": ("dpo", "DPO")}
+                   "distillation": ("distillation", "Distillation"), "minimind_dpo": ("dpo", "DPO"),
+                   "minimind_grpo": ("grpo", "GRPO"), "minimind_spo": ("spo", "SPO"), "minimind_ppo": ("ppo", "PPO")}
 
 
 def _minimind_shape(model) -> dict:
@@ -90,6 +91,15 @@ def _minimind_config(w, cls):
               gradient_accumulation_steps=w.grad_accum, max_seq_len=w.completion_len)
     if lora:
         kw["lora_rank"] = w.lora_rank or 8
+    if hasattr(cls, "max_gen_len"):  # the rollout stages: prompts per micro-batch, prompt / new tokens
+        G = getattr(w.config, "num_generations", None) or (_group(w.micro_batch, cls.num_generations)
+                                                           if hasattr(cls, "num_generations") else 1)
+        kw.update(per_device_train_batch_size=max(1, w.micro_batch // G), max_seq_len=w.prompt_len,
+                  max_gen_len=w.completion_len)
+        if w.config is None:
+            kw["kl_coef" if hasattr(cls, "kl_coef") else "beta"] = w.beta
+            if hasattr(cls, "num_generations"):
+                kw["num_generations"] = G
     if w.config is not None:  # the flags typed (``--plan``): the shape and the rest are theirs
         return w.config.replace(**kw)
     kw.update(_minimind_shape(w.model), dtype="bfloat16" if w.bf16 else "float32")
@@ -110,6 +120,9 @@ def minimind(stage):
         n = cfg.max_seq_len + 8
         if trainer_cls.data_kind == "pretrain":
             rows = [{"text": _long(2 * n)} for _ in range(_rows_needed(w))]
+        elif trainer_cls.data_kind == "rlaif":  # prompts of --max_seq_len tokens or more (the last ones kept)
+            conv = [{"role": "user", "content": _long(2 * n)}, {"role": "assistant", "content": "7"}]
+            rows = [{"conversations": conv} for _ in range(_rows_needed(w))]
         elif trainer_cls.data_kind == "dpo":
             conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _long(2 * n)}]
             rows = [{"chosen": conv, "rejected": conv} for _ in range(_rows_needed(w))]
@@ -120,11 +133,33 @@ def minimind(stage):
                        output_dir=str(workdir), use_wandb=False, from_resume=0, resume_from_checkpoint=None)
         if hasattr(cfg, "from_teacher_weight"):
             changes["from_teacher_weight"] = "none"
+        if hasattr(cfg, "reward_model_path"):
+            changes["reward_model_path"] = _reward_model_folder(w, cfg.reward_model_path, workdir)
         cfg = cfg.replace(**changes)
         trainer = trainer_cls(cfg, demo=False, save_weights=False)
         return trainer, trainer.cfg.bf16 is not False
 
     return build
+
+
+def _reward_model_folder(w, path, workdir) -> str:
+    """``--reward_model_path`` for the plan: the flag's folder when it exists (its config.json is
+    read, its weights are not: ``harness.PlanLoader.reward_model``), 'none' as typed, else a
+    folder written here with only a config: ``w.reward_model``'s (a config dict / path), or
+    internlm2-1.8b-reward's shapes -- the reward model MiniMind's flags default to."""
+    from .models import config_dict
+    from .steps import REWARD_MODEL
+
+    if w.config is not None and (path == "none" or pathlib.Path(path).is_dir()):
+        return path
+    if w.config is None and not w.reward_model:
+        return "none"
+    cfg = REWARD_MODEL if w.reward_model is True or w.config is not None else (
+        config_dict(w.reward_model) if isinstance(w.reward_model, str) else w.reward_model)
+    folder = pathlib.Path(workdir) / "reward_model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return str(folder)
 
 
 # ----------------------------------------------------------------------------- KV distillation

@@ -20,7 +20,7 @@ from .trainers import has_trainer, trainer_for
 
 
 def _live_bytes(b) -> int:
-    mods = [b.model] + ([b.extra] if b.extra is not None else []) + b.frozen + ([b.critic] if b.critic else [])
+    mods = [b.model] + ([b.extra] if b.extra is not None else []) + b.frozen
     tensors = [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
     tensors += [v for o in b.optimizers for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
     return H.storage_bytes(tensors)
@@ -48,7 +48,7 @@ def measured_trainer_peak(w: Workload, seed: int = 0) -> int:
     workdir = tempfile.mkdtemp(prefix="latentfast-plan-")
     try:
         torch.manual_seed(seed)
-        loader = H.PlanLoader(None)
+        loader = H.PlanLoader(None, H.response_tokens(w))
         with H.substituted(loader):
             trainer, bf16 = trainer_for(w, workdir, "cpu")
         H.prepare(trainer, loader, bf16, workdir)

@@ -32,7 +32,8 @@ TRAINERS = {"hrpo": "hrpo", "grpo": "grpo", "spo": "grpo", "ppo": "ppo", "dpo": 
 
 # trainer names users type -> the trainer whose own step runs (``latentfast.plan.trainers``)
 OWN_STEP = {"sft": "sft", "pretrain": "pretrain", "full_sft": "full_sft", "lora": "lora",
-            "distill_reason": "distill_reason", "distillation": "distillation", "distill": "distillation"}
+            "distill_reason": "distill_reason", "distillation": "distillation", "distill": "distillation",
+            "spo": "minimind_spo", "ppo": "minimind_ppo"}  # (grpo: train/rl's; MiniMind's with --plan on its stage)
 
 
 @dataclass
@@ -130,7 +131,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"latentfast-plan: error: {e}", file=sys.stderr)
         return 2
-    run_plan(w, dev, cfg.options, cfg.compare)
+    try:
+        run_plan(w, dev, cfg.options, cfg.compare)
+    except ValueError as e:  # what the trainer's own set-up refuses (a MiniMind stage on another model, ...)
+        print(f"latentfast-plan: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
