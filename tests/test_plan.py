@@ -32,11 +32,9 @@ def small(tmp_path_factory):
     return str(path)
 
 
-CASES = [  # the steps of ``plan.steps``: the peers' way (recipe), and the table rows not moved yet
+CASES = [  # the steps of ``plan.steps``: the peers' way (recipe). Its GRPO / HRPO / DPO sketches predict
+    # 11-20 % above their measured CPU peak at these shapes (TRL's log-probs on full logits): not in this list
     ("sft", {"impl": "recipe"}),
-    ("hrpo", {}),
-    ("hrpo", {"lora_rank": 4, "grad_ckpt": True}),  # FlopCounterMode's hooks once kept recomputed tensors alive
-    ("dpo", {"trainer": "steps"}),  # MiniMind's DPO (moving onto train/rl)
     ("kv", {"teachers": ["SELF"], "impl": "recipe"}),
     ("distill", {"teachers": ["SELF"], "impl": "recipe"}),
     pytest.param("codi", {"lora_rank": 4, "impl": "recipe"}, marks=pytest.mark.slow),  # its real step: ~30 s here
@@ -75,8 +73,7 @@ OWN = [
     ("minimind_grpo", "grpo", MM_RL),  # 1 prompt x 4 generations
     ("minimind_spo", "grpo", MM_RL),  # 4 prompts x 1, the value tracker's baseline
     ("minimind_ppo", "ppo", MM_RL),  # + the critic (its own parameter group) and the old actor
-    pytest.param("hrpo", "hrpo", {"lora_rank": 4, "beta": 0.005, "prompt_len": 32},  # on train/rl; ~110 s here
-                 marks=pytest.mark.slow),
+    ("hrpo", "hrpo", {"lora_rank": 4, "beta": 0.005, "prompt_len": 32}),  # on train/rl
     ("pretrain", "sft", {"model": MM}),
     pytest.param("lora", "sft", {"model": MM, "lora_rank": 4}, marks=pytest.mark.slow),
     ("distillation", "distill", {"model": dict(MM, hidden_size=32, num_hidden_layers=1, use_moe=False),
@@ -251,19 +248,44 @@ def test_recipe_logps_without_trl_are_log_softmax_gather(dtype):
 
 
 def test_roofline_per_op_is_runtime_estimators_cost_model():
-    """Each op recorded with torch's FLOP formula and its bytes read + written; the roofline takes
-    max(FLOPs / peak, bytes / bandwidth) per op (RuntimeEstimator's operator-level cost model)."""
+    """Each op recorded with torch's FLOP formula and its bytes read + written (an embedding: the
+    rows it looks up); the roofline takes max(FLOPs / peak, bytes / bandwidth) per op
+    (RuntimeEstimator's operator-level cost model)."""
     from latentfast.plan.fake import _Tracker, fake_mode, roofline_seconds
 
     with fake_mode():
         a, b = torch.empty(256, 512), torch.empty(512, 128)
         v = torch.empty(1 << 20)
+        table, idx = torch.empty(50000, 64), torch.zeros(8, dtype=torch.long)
         with _Tracker("cpu") as t:
             a @ b  # compute-bound on these numbers
             v * 2.0  # memory-bound
+            torch.nn.functional.embedding(idx, table)  # reads 8 rows of the table, not all of it
     f, by = t.ops["step"]
-    assert list(f) == [2 * 256 * 512 * 128, 0.0]
-    assert list(by) == [4 * (256 * 512 + 512 * 128 + 256 * 128), 4 * 2 * (1 << 20)]
+    assert list(f) == [2 * 256 * 512 * 128, 0.0, 0.0]
+    assert list(by) == [4 * (256 * 512 + 512 * 128 + 256 * 128), 4 * 2 * (1 << 20), 2 * 4 * 8 * 64 + 8 * 8]
     peak, bw = 1e12, 1e9
     assert roofline_seconds(t.ops["step"], peak, bw) == pytest.approx(
-        max(f[0] / peak, by[0] / bw) + by[1] / bw)
+        max(f[0] / peak, by[0] / bw) + (by[1] + by[2]) / bw)
+
+
+def test_decode_steps_counted_as_copies_match_running_every_step(monkeypatch):
+    """``fake.repeated_decode_steps``: a rollout's decode steps after the second counted as copies of
+    it give the same peak, FLOPs and bytes per phase as running every step on fake tensors."""
+    import contextlib
+
+    import numpy as np
+
+    from latentfast.plan import planner
+
+    w = Workload(MM, "grpo", micro_batch=2, grad_accum=1, prompt_len=8, completion_len=12, bf16=False,
+                 trainer="minimind_grpo", beta=0.02)
+
+    def run():
+        tracker, _, flops, *_ = measure(w, "cpu", fake=True)
+        return ({k: int(v["Total"]) for k, v in tracker.phase_peaks.items()}, flops,
+                {k: (len(f), float(np.frombuffer(b).sum())) for k, (f, b) in tracker.ops.items()})
+
+    copied = run()
+    monkeypatch.setattr(planner, "repeated_decode_steps", lambda tracker: contextlib.nullcontext())
+    assert run() == copied

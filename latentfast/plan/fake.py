@@ -335,15 +335,22 @@ class _Tracker(MemTracker):
         counter = _FLOP_REGISTRY.get(func._overloadpacket)
         if counter is not None:
             flops += counter(*args, **(kwargs or {}), out_val=out)
-        if func._overloadpacket not in _IGNORE_OPS:
-            traffic += sum(get_num_bytes(t) for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor))
+        if func._overloadpacket not in _IGNORE_OPS and func.namespace != "prim":  # prim: metadata (``.device``)
+            if func._overloadpacket is torch.ops.aten.embedding:  # reads the looked-up rows, not the table
+                traffic += 2 * get_num_bytes(out) + get_num_bytes(args[1])
+            else:
+                traffic += sum(get_num_bytes(t) for t in tree_flatten((args, kwargs, out))[0]
+                               if isinstance(t, torch.Tensor))
             self._count(flops, traffic)
         return out
 
     def _count(self, flops: float, traffic: int) -> None:
         """Per op and phase: FLOPs with torch's own formulas (``torch.utils.flop_counter``'s
         registry) and bytes read + written (``torch.utils._runtime_estimation.get_num_bytes``),
-        what ``RuntimeEstimator``'s roofline model takes per op (``roofline_seconds``). Not
+        what ``RuntimeEstimator``'s roofline model takes per op (``roofline_seconds``) -- except
+        that metadata reads (``prim.device``: it counted a weight's bytes each time its device was
+        asked, 29 % of a decode step's bytes) count nothing and an embedding lookup counts the rows
+        it reads, not the whole table. Not
         ``FlopCounterMode`` itself: its module hooks keep activation-checkpointing's recomputed
         tensors alive through the backward (the planned peak rose, not fell); not
         ``RuntimeEstimator`` itself: its roofline asserts ``torch.cuda.is_available()``."""
@@ -445,6 +452,43 @@ def fakeify(module, mode, device: str = "cpu", memo: dict | None = None):
                 memo[id(bf)] = fake(bf)
             sub._buffers[name] = memo[id(bf)]
     return module
+
+
+@contextlib.contextmanager
+def repeated_decode_steps(tracker: _Tracker, run: int = 2):
+    """Within: the decode engine (``generation.engine``) runs the first ``run`` one-token steps of
+    a rollout and counts each later one as a copy of the last it ran. The engine's step has fixed
+    shapes by design (static KV cache of the full length, attention over all of it under a mask,
+    outputs written into preallocated buffers), so every step after the first allocates, frees
+    and computes the same: the same peak, FLOPs and bytes. On fake tensors a step is ~1 000 ops
+    dispatched in Python per layer-dozen; a 512-token rollout ran them 512 times (most of a
+    plan's time). What the skipped steps would write (sampled ids, positions) is unknowable
+    here anyway; their buffers keep their shapes, and the loop its step count."""
+    from latentfast.generation import engine
+
+    orig, seen = engine._step, weakref.WeakKeyDictionary()
+
+    def step(eng, e, alive):
+        st = seen.setdefault(eng, {"n": 0})
+        if st["n"] >= run:
+            f, b = tracker.ops[tracker.phase]
+            rf, rb, flops = st["ops"]
+            f.extend(rf)
+            b.extend(rb)
+            tracker.flops[tracker.phase] += flops
+            return st["out"]
+        f, b = tracker.ops.setdefault(tracker.phase, (array("d"), array("d")))
+        n0, flops0 = len(f), tracker.flops.get(tracker.phase, 0.0)
+        out = orig(eng, e, alive)
+        f, b = tracker.ops[tracker.phase]
+        st.update(n=st["n"] + 1, out=out, ops=(f[n0:], b[n0:], tracker.flops.get(tracker.phase, 0.0) - flops0))
+        return out
+
+    engine._step = step
+    try:
+        yield
+    finally:
+        engine._step = orig
 
 
 def roofline_seconds(ops: tuple, peak_flops: float, bandwidth: float) -> float:

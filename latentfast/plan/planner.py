@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import devices as D
-from .fake import CHUNK_KEY, _Tracker, categories, fake_mode, gib, nbytes, roofline_seconds
+from .fake import CHUNK_KEY, _Tracker, categories, fake_mode, gib, nbytes, repeated_decode_steps, roofline_seconds
 from .models import kv_bytes_per_token
 from . import harness as H
 from .steps import Built, StepRunner, Workload, balanced_moe, build, init_optimizer_state
@@ -101,7 +101,7 @@ def measure_trainer(w: Workload, device_type: str = "cuda", fake: bool = True):
             t1 = time.perf_counter()
             tracker = _Tracker(device_type)
             tracker.track_external(main, *others, *opts)
-            with tracker:
+            with tracker, repeated_decode_steps(tracker):
                 H.run_step(trainer, tracker.in_phase, "rollout" if w.rl else "data")
         return tracker, b, tracker.flops, t1 - t0, time.perf_counter() - t1
     finally:

@@ -2,23 +2,20 @@
 way, and the trainers not moved onto the planner's harness yet.
 
 A :class:`Workload` names the model, the trainer, the shapes and switches (``config``: the
-trainer's own config when the user typed it, ``--plan``). With ``impl="latentfast"`` and a trainer
-of ``latentfast.plan.trainers`` (sft, kv, codi, hrpo, grpo, rloo, dpo on train/rl, every MiniMind
-stage) the planner runs that trainer's own step (``harness``); this file's ``StepRunner`` runs the rest:
-
-- ``impl="recipe"``: the peers' way -- full logits from the HF forward, HF's ``ForCausalLMLoss``
-  for cross-entropy, TRL's ``selective_log_softmax`` for GRPO/DPO log-probs (the recipe's HRPO
-  also runs its extra no-grad forward: two-pass), full teacher logits for distillation and KV.
-  There is no peers' PPO step (PPO is MiniMind's only; it runs its own).
-- ``trainer="steps"`` (``impl="latentfast"``): the same steps with the fused lm_head ops, for the
-  README table's HRPO and MiniMind DPO rows until they use the trainers' own steps.
+trainer's own config when the user typed it, ``--plan``). With ``impl="latentfast"`` the planner
+runs the trainer's own step (``plan.trainers``, ``harness``: sft, kv, codi, hrpo, grpo, rloo, dpo
+on train/rl, every MiniMind stage). This file's ``StepRunner`` runs ``impl="recipe"``, the peers'
+way for comparison -- full logits from the HF forward, HF's ``ForCausalLMLoss`` for
+cross-entropy, TRL's ``selective_log_softmax`` for GRPO/DPO log-probs (the recipe's HRPO also runs
+its extra no-grad forward: two-pass), full teacher logits for distillation and KV. A sketch of
+their step, not their code; there is no peers' PPO step (PPO is MiniMind's only, planned as its own).
 
 What these steps hold, by family (B = sequences per micro-batch):
   sft       fwd + bwd of B x T with HF's cross-entropy on full logits
   grpo      rollout (no grad: static KV cache B x (P + C), prefill), reference log-probs (no grad,
             beta > 0), then per micro-batch fwd + bwd of the GRPO loss on B x (P + C); every
             micro-batch's rollout is kept until training (the loop's ``batches``). ``hrpo`` adds the
-            thinking modules (3 D x D) and the stored thinking states (B x C x D); a reward model
+            thinking modules (3 D x D) and the two-pass forward's no-grad states; a reward model
             (``reward_model``: MiniMind's train_grpo.py, the recipe) scores B x (P + C) tokens
   dpo       2B sequences (chosen + rejected), a frozen reference copy (LoRA: adapters off)
   distill   a frozen teacher's no-grad forward, then the student's CE + KL on full logits
@@ -149,9 +146,11 @@ class Built:
 def build(w: Workload, fake_mode=None) -> Built:
     """The step's models and optimizers: real CPU tensors, or with ``fake_mode`` built on the meta
     device and turned into fake tensors of that mode before the optimizers see them."""
+    if w.impl != "recipe":  # latentfast: the trainers' own steps (``plan.trainers``, ``harness``)
+        raise ValueError(f"trainer {w.trainer!r}: no trainer of latentfast.plan.trainers runs this workload")
     if w.family == "ppo":  # the one PPO trainer here (MiniMind's) runs its own step (``plan.trainers``)
-        raise ValueError(f"--impl {w.impl}: no PPO step of the peers' is planned; MiniMind's PPO runs its own "
-                         f"(--impl latentfast, a MiniMind model)")
+        raise ValueError("--impl recipe: no PPO step of the peers' is planned; MiniMind's PPO runs its own "
+                         "(--impl latentfast, a MiniMind model)")
     if fake_mode is None:
         return _build(w, lambda m: m)
     from .fake import fakeify
@@ -255,13 +254,7 @@ def selective_logps(logits, ids):
 
 def _no_grad_logps(w, model, ids, P):
     """Reference / old log-probs of the completion tokens (no grad)."""
-    dec, head = _parts(model)
     with torch.no_grad():
-        if w.impl == "latentfast":
-            from latentfast.ops.lm_head_engine import lm_head_logps
-
-            h = dec(input_ids=ids).last_hidden_state[:, P - 1:-1] if P else dec(input_ids=ids).last_hidden_state
-            return lm_head_logps(h, head.weight, ids[:, -h.shape[1]:], chunk_size=None)[0]
         logits = model(input_ids=ids).logits
         logits = logits[:, P - 1:-1] if P else logits
         return _trl_logps(logits, ids[:, -logits.shape[1]:])
@@ -275,8 +268,7 @@ class StepRunner:
         self.w, self.b = w, b
         self.phase = phase or (lambda name: contextlib.nullcontext())
         self.V = b.cfg.vocab_size
-        self.keep_cache = (w.keep_rollout_cache if w.keep_rollout_cache is not None
-                           else (w.impl == "latentfast" and device_type == "cuda"))
+        self.keep_cache = bool(w.keep_rollout_cache)  # the peers' decode frees its cache
 
     def run(self):
         w = self.w
@@ -315,8 +307,6 @@ class StepRunner:
                     del h
                     ids = torch.cat([prompt, _ids(self.V, B, C)], 1)
                     item = {"ids": ids, "mask": torch.ones(B, C, dtype=torch.long), "adv": torch.randn(B)}
-                    if w.family == "hrpo":
-                        item["states"] = torch.randn(B, C, b.cfg.hidden_size, dtype=torch.bfloat16)
                     if w.reward_model:
                         rm = b.frozen[-1]
                         rm.model(input_ids=_ids(rm.config.vocab_size, B, P + C)).last_hidden_state[:, -1].sum()
@@ -354,50 +344,30 @@ class StepRunner:
             if w.family == "hrpo":
                 embed = dec.get_input_embeddings()
                 e = embed(ids)
-                if w.impl == "recipe":  # the recipe's extra no-grad forward recomputes the hidden states
-                    with torch.no_grad():
-                        states = dec(inputs_embeds=e.detach()).last_hidden_state[:, P:]
-                else:
-                    states = item["states"]
+                with torch.no_grad():  # the recipe's extra no-grad forward recomputes the hidden states
+                    states = dec(inputs_embeds=e.detach()).last_hidden_state[:, P:]
                 mixed = b.extra(e[:, P:], states.to(e.dtype))
                 kw["inputs_embeds"] = torch.cat([e[:, :P], mixed.to(e.dtype)], 1)
             else:
                 kw["input_ids"] = ids
-            if w.impl == "latentfast":
-                from latentfast.ops.grpo_loss import fused_linear_grpo_loss
-
-                h = dec(**kw).last_hidden_state[:, P - 1:-1] if P else dec(**kw).last_hidden_state
-                loss, _ = fused_linear_grpo_loss(h, head.weight, comp, mask, adv, ref_per_token_logps=item.get("ref"),
-                                                 beta=w.beta, loss_type="grpo", chunk_size=w.chunk_rows or None)
-            else:
-                out = b.model(**kw)
-                logits = out.logits[:, P - 1:-1] if P else out.logits
-                logps = _trl_logps(logits, comp)
-                ratio = torch.exp(logps - logps.detach())
-                per_tok = -ratio * adv[:, None]
-                if item.get("ref") is not None:
-                    d = item["ref"] - logps
-                    per_tok = per_tok + w.beta * (torch.exp(d) - d - 1)
-                loss = ((per_tok * mask).sum(1) / mask.sum(1)).mean()
+            out = b.model(**kw)
+            logits = out.logits[:, P - 1:-1] if P else out.logits
+            logps = _trl_logps(logits, comp)
+            ratio = torch.exp(logps - logps.detach())
+            per_tok = -ratio * adv[:, None]
+            if item.get("ref") is not None:
+                d = item["ref"] - logps
+                per_tok = per_tok + w.beta * (torch.exp(d) - d - 1)
+            loss = ((per_tok * mask).sum(1) / mask.sum(1)).mean()
         return loss
 
     def _dpo(self, _):
         w, b = self.w, self.b
         B2, T = 2 * max(1, w.micro_batch // 2), w.completion_len
         ids = _ids(self.V, B2, T)
-        dec, head = _parts(b.model)
         ref_model = b.model if w.lora_rank else b.frozen[0]
         ctx = b.model.disable_adapter() if w.lora_rank else contextlib.nullcontext()
         with _amp(w):
-            if w.impl == "latentfast":
-                from latentfast.ops.preference import fused_linear_dpo_loss
-
-                with torch.no_grad(), ctx:
-                    rh = _parts(ref_model)[0](input_ids=ids).last_hidden_state
-                h = dec(input_ids=ids).last_hidden_state
-                loss, _ = fused_linear_dpo_loss(h[:, :-1], head.weight, ids[:, 1:], ref_input=rh[:, :-1],
-                                                chunk_size=w.chunk_rows or None)
-                return loss
             with torch.no_grad(), ctx:
                 ref = _trl_logps(ref_model(input_ids=ids).logits[:, :-1], ids[:, 1:]).sum(1)
             lp = _trl_logps(b.model(input_ids=ids).logits[:, :-1], ids[:, 1:]).sum(1)
