@@ -5,7 +5,8 @@
 Each row runs the trainer's own step (``latentfast.plan.trainers``) twice: on real CPU tensors,
 its peak taken from the CPU allocator's events (``torch.profiler``, second step), and on fake
 tensors (the prediction). A 2-layer Qwen2 (hidden 64, vocab 2048) or MiniMind (hidden 64, MoE),
-4 sequences x 48 tokens (RL: 32 + 48), accumulation 2, fp32 -- the cases of tests/test_plan.py.
+4 sequences x 48 tokens (RL: 32 + 48), accumulation 2, fp32 (MiniMind's rollout stages: a 1-layer
+Llama reward model, hidden 32) -- the cases of tests/test_plan.py.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from latentfast.plan.validate import measured_peak, predicted_peak  # noqa: E402
 SMALL = dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True, max_position_embeddings=1024)
 MM = dict(model_type="minimind", hidden_size=64, num_hidden_layers=2, use_moe=True)
+RM = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+          num_key_value_heads=1, vocab_size=1024, max_position_embeddings=512, dtype="float32")  # a reward model
 
 
 def cases(small):
@@ -42,6 +45,13 @@ def cases(small):
         ("minimind lora r4 (MoE)", Workload(MM, "sft", lora_rank=4, trainer="lora")),
         ("minimind distill_reason (MoE)", Workload(MM, "sft", trainer="distill_reason")),
         ("minimind distillation (MoE teacher)", Workload(mm_student, "distill", teachers=[MM], trainer="distillation")),
+        ("minimind dpo (MoE)", Workload(MM, "dpo", trainer="minimind_dpo")),
+        ("minimind grpo (MoE), 1 x 4 gen, reward model", Workload(MM, "grpo", beta=0.02, reward_model=RM,
+                                                                   trainer="minimind_grpo")),
+        ("minimind spo (MoE), 4 x 1, reward model", Workload(MM, "grpo", beta=0.02, reward_model=RM,
+                                                              trainer="minimind_spo")),
+        ("minimind ppo (MoE), critic, reward model", Workload(MM, "ppo", beta=0.02, reward_model=RM,
+                                                               trainer="minimind_ppo")),
     ]
 
 

@@ -100,7 +100,9 @@ def test_trainers_own_step_predicted_within_10_percent_of_measured(small, traine
                                                                  "completion_len": 48, **kw})
     assert has_trainer(w)
     measured, predicted = measured_peak(w), predicted_peak(w)
-    assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+    # RL leans high by design (the fake rollout never stops early); the other steps are exact
+    # (distillation too, since the op's objective workspace is measured: it was 0.919 assumed)
+    assert abs(predicted / measured - 1) < (0.10 if w.rl else 0.02), (predicted, measured)
 
 
 def _per_layer(c):

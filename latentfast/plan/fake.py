@@ -23,6 +23,7 @@ what differs on a GPU (CUDA context, allocator rounding) explicitly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from array import array
 import math
@@ -89,11 +90,54 @@ def lm_head_workspace(func, args, device_type: str, count=None) -> tuple[int, fl
         rows = chunk_rows if chunk_rows > 0 else max(16, chunk_rows_default(dev, max(V, Vt), 4) // 16)
         r = min(rows, n)
         need = sum(bool(a) for a in args[10:12])
-        work = r * (V * _elt(xs) + Vt * _elt(xt)) + 5 * r * V * 4 + n * (2 * xs.shape[1] * _elt(xs) +
-                                                                       xt.shape[1] * _elt(xt))
+        work = r * (V * _elt(xs) + Vt * _elt(xt)) + int(distill_vjp_units(args[8]) * r * V * 4) + n * (2 * xs.shape[1] * _elt(xs) +
+                                                                              xt.shape[1] * _elt(xt))
         return work, 2.0 * n * (xs.shape[1] * V * (1 + need) + xt.shape[1] * Vt), \
             _sweeps(n, r, V, xs.shape[1], _elt(xs), 1 + need) + _sweeps(n, r, Vt, xt.shape[1], _elt(xt), 1)
     return 0, 0.0, 0
+
+
+@functools.lru_cache(maxsize=None)
+def distill_vjp_units(objective: str) -> float:
+    """Peak bytes of a distillation objective's ``torch.func.vjp`` over one chunk -- the forward's
+    temporaries, the saved ones, the student logits' gradient -- in units of an (R, V) fp32
+    tensor (all its temporaries are (R, V) elementwise: the count does not depend on R or V),
+    measured once per objective on a small real chunk from the CPU allocator's events. The op
+    (``ops.lm_head_distill``) is opaque to the tracker; MiniMind's KL (beta 0) peaks at 6."""
+    from latentfast.ops.lm_head_engine import _func_enabled, objective_from_key
+
+    obj, r, V = objective_from_key(objective), 64, 512
+    with _disable_current_modes(), torch.random.fork_rng():
+        s, t, ids, n = torch.randn(r, V), torch.randn(r, V), torch.randint(0, V, (r,)), torch.tensor(float(r))
+
+        def chunk():
+            with _func_enabled():
+                _, vjp, _ = torch.func.vjp(lambda z: (lambda o: (o[0], (o[1], o[2])))(obj.terms(z, t, ids, n)),
+                                           s, has_aux=True)
+                s.copy_(vjp(torch.ones(()))[0])
+
+        chunk()  # one-time allocations stay out
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            chunk()
+    return allocation_peak(prof) / (r * V * 4)
+
+
+def allocation_peak(prof) -> int:
+    """The running peak of the bytes allocated minus freed within a ``torch.profiler`` profile
+    (``profile_memory=True``): every allocator event in time order."""
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.typed[0] == _EventType.Allocation:
+            events.append((node.start_time_ns, node.typed[1].alloc_size))
+        stack.extend(node.children)
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
 
 
 def _sweeps(n, r, V, H, elt, gemms) -> int:

@@ -14,6 +14,7 @@ import tempfile
 import torch
 
 from . import harness as H
+from .fake import allocation_peak
 from .planner import measure
 from .steps import StepRunner, Workload, build, init_optimizer_state
 from .trainers import has_trainer, trainer_for
@@ -36,11 +37,7 @@ def measured_peak(w: Workload, seed: int = 0) -> int:
     base = _live_bytes(b)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         StepRunner(w, b, device_type="cpu").run()
-    live = peak = 0
-    for _, size in sorted(_allocations(prof)):
-        live += size
-        peak = max(peak, live)
-    return base + peak
+    return base + allocation_peak(prof)
 
 
 def measured_trainer_peak(w: Workload, seed: int = 0) -> int:
@@ -57,30 +54,9 @@ def measured_trainer_peak(w: Workload, seed: int = 0) -> int:
         base = H.live_bytes(trainer)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             H.run_step(trainer)
-        return base + _running_peak(prof)
+        return base + allocation_peak(prof)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _running_peak(prof) -> int:
-    live = peak = 0
-    for _, size in sorted(_allocations(prof)):
-        live += size
-        peak = max(peak, live)
-    return peak
-
-
-def _allocations(prof) -> list:
-    """(time ns, +bytes / -bytes) of every allocator event the profiler recorded."""
-    from torch._C._profiler import _EventType
-
-    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.typed[0] == _EventType.Allocation:
-            out.append((node.start_time_ns, node.typed[1].alloc_size))
-        stack.extend(node.children)
-    return out
 
 
 def predicted_peak(w: Workload) -> int:
