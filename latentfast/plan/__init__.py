@@ -6,8 +6,8 @@ its setup, build_model, batches (RL: rollout through the decode engine, rewards,
 loop's ``forward_backward`` and optimizer step (``harness``, ``trainers``) -- with every model built
 from its config alone on fake tensors, measure it with PyTorch's own tools (``fake``: MemTracker,
 flop_counter's formulas, RuntimeEstimator's per-op roofline) and set it against a GPU's spec-sheet
-memory, FLOP/s and bandwidth (``devices``). ``steps`` holds the peers' way (recipe) and the
-trainers not moved yet. ``validate`` checks the prediction against the same step on this CPU.
+memory, FLOP/s and bandwidth (``devices``). ``steps`` holds the workload and a sketch of the
+peers' way (recipe). ``validate`` checks the prediction against the same step on this CPU.
 """
 import importlib
 

@@ -60,8 +60,8 @@ def _runner_phase(tracker):
 
 def measure(w: Workload, device_type: str = "cuda", fake: bool = True):
     """Build and run ``w``'s step; returns (tracker, built, flops per phase, build s, run s).
-    The trainer's own step (``harness``) where the trainer has moved over (``trainers``);
-    else the step of ``steps`` (the peers' way, and trainers not moved yet)."""
+    The trainer's own step (``harness``, ``trainers``) for ``impl="latentfast"``;
+    else the step of ``steps`` (the peers' way)."""
     if has_trainer(w):
         return measure_trainer(w, device_type, fake)
     ctx = fake_mode() if fake else contextlib.nullcontext()

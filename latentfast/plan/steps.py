@@ -1,5 +1,5 @@
-"""The workload (the planner's input) and the steps that are NOT a trainer's own code: the peers'
-way, and the trainers not moved onto the planner's harness yet.
+"""The workload (the planner's input) and the one step that is NOT a trainer's own code: a sketch
+of the peers' way (recipe), for comparison.
 
 A :class:`Workload` names the model, the trainer, the shapes and switches (``config``: the
 trainer's own config when the user typed it, ``--plan``). With ``impl="latentfast"`` the planner
