@@ -33,7 +33,8 @@ def small(tmp_path_factory):
 
 
 CASES = [  # the steps of ``plan.steps``: the peers' way (recipe). Its GRPO / HRPO / DPO sketches predict
-    # 11-20 % above their measured CPU peak at these shapes (TRL's log-probs on full logits): not in this list
+    # 11-20 % above their measured CPU peak at these shapes (TRL's log-probs: torch.gather's backward on the full
+    # logits holds two logits-size tensors on fake tensors, one on real CPU ones): not in this list
     ("sft", {"impl": "recipe"}),
     ("kv", {"teachers": ["SELF"], "impl": "recipe"}),
     ("distill", {"teachers": ["SELF"], "impl": "recipe"}),
