@@ -26,6 +26,26 @@ def test_synthetic_is_gsm8k_format_and_deterministic():
         assert correctness_reward([r["answer"]], [r["answer"]]) == [1.0]
 
 
+def test_named_synthetic_sets_reach_every_loader():
+    import pytest
+
+    from latentfast.data.rows import DATA_NAMES, load_rows
+    from latentfast.data.synthetic import SETS, synthetic_rows
+    from latentfast.data.tasks import load_task_rows
+
+    one = synthetic_rows("synthetic_one_step", 40, seed=5)
+    assert all(len(r["answer"].split("\n")) == 2 for r in one)  # one worked line, then '#### n'
+    assert {len(r["answer"].split("\n")) for r in synthetic_rows("synthetic", 200, seed=5)} == {2, 3, 4}
+    for name in SETS:
+        assert name in DATA_NAMES and load_rows(name, 40, seed=5) == synthetic_rows(name, 40, seed=5)
+        task_rows = load_task_rows("gsm8k", name, "train", 40, seed=5)
+        assert [r["question"] for r in task_rows] == [r["question"] for r in synthetic_rows(name, 40, seed=5)]
+    with pytest.raises(ValueError, match="synthetic_one_step"):
+        synthetic_rows("synthetic_two_steps", 4)
+    with pytest.raises(ValueError, match="needs a path"):
+        load_task_rows("math", "synthetic_one_step", "train")
+
+
 def test_gsm8k_sample_ships():
     assert len(load_gsm8k("train")) == 200 and len(load_gsm8k("test")) == 100
     assert sample_path("test").endswith("gsm8k_sample_test.jsonl")

@@ -49,6 +49,19 @@ def make_arithmetic(n: int, seed: int = 0, min_steps: int = 1, max_steps: int = 
     return out
 
 
+# the named synthetic sets: data name -> operations per problem (min, max)
+SETS = {"synthetic": (1, 3), "synthetic_one_step": (1, 1)}
+
+
+def synthetic_rows(name: str, n: int, seed: int = 0) -> list[dict]:
+    """``n`` problems of the named set (``SETS``): ``synthetic`` (1-3 operations) or
+    ``synthetic_one_step`` (one operation: a tiny model learns it in ~150 CPU steps)."""
+    if name not in SETS:
+        raise ValueError(f"unknown synthetic set {name!r}; known: {sorted(SETS)}")
+    lo, hi = SETS[name]
+    return make_arithmetic(n, seed=seed, min_steps=lo, max_steps=hi)
+
+
 MODES = ("eq", "nl")
 _NL_OPS = {"+": "plus", "-": "minus", "*": "times"}
 

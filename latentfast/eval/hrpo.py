@@ -33,6 +33,7 @@ import pathlib
 from latentfast.cli import check_path, cli_parser, finite_float, positive_int
 from latentfast.data.prompts import encode_prompts, prepare_tokenizer
 from latentfast.data.rewards import marker_format_reward
+from latentfast.data.synthetic import SETS as SYNTHETIC_SETS
 from latentfast.data.tasks import BUILTIN, TASKS, get_task, load_task_rows
 
 
@@ -259,7 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         resolve_checkpoint(args.checkpoint_path)
     except FileNotFoundError as e:
         p.error(f"{e} (expected a checkpoint-<step> folder or a run folder holding them)")
-    if args.data not in BUILTIN and args.data != "synthetic":
+    if args.data not in BUILTIN and args.data not in SYNTHETIC_SETS:
         check_path(p, "--data", args.data, "path", what="a .jsonl/.json file or a folder with the split")
     check_path(p, "--dataset_root", args.dataset_root, "dir")
     check_path(p, "--subset_path", args.subset_path, "path")

@@ -13,7 +13,8 @@ import time
 import torch
 
 from latentfast import files
-from latentfast.data import get_reward_funcs, make_arithmetic
+from latentfast.data import get_reward_funcs
+from latentfast.data.synthetic import SETS as SYNTHETIC_SETS, synthetic_rows
 from latentfast.data import prompts as prompting
 from latentfast.data.qa import encode_answers
 from latentfast.data.tasks import get_task, load_task_rows
@@ -166,7 +167,9 @@ class HRPO(RLTrainer):
         prompting.prepare_tokenizer(self.tok)
         self.task = get_task(c.task)
         if c.sft_steps > 0 and not warmed:  # the demo's tiny model starts random
-            warm_up(c, self.lm, self.tok, make_arithmetic(20000, seed=c.seed + 7), steps=c.sft_steps, lr=c.sft_lr,
+            # on worked solutions of the training set's kind (its synthetic set; other seed), else 1-3 operations
+            kind = c.train_data if c.train_data in SYNTHETIC_SETS else "synthetic"
+            warm_up(c, self.lm, self.tok, synthetic_rows(kind, 20000, c.seed + 7), steps=c.sft_steps, lr=c.sft_lr,
                     output_dir=self.out / "sft_warmup", encode=warmup_encoder(c),
                     warmup_ratio=min(1.0, 20 / c.sft_steps), max_length=c.max_prompt_length + c.max_completion_length)
             if self.rank == 0 and c.demo:

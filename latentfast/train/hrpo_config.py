@@ -78,7 +78,8 @@ class HRPOConfig(EmbeddedDemo, TrainConfig):
     # --- data / eval / output ---
     task: str = option("gsm8k", "the recipe's task (data fields, prompt, reward)", choices=sorted(TASKS))
     train_data: str | None = option(None, "file/folder; default: --dataset_root's train split, else for gsm8k the "
-                                          "shipped sample ('gsm8k_sample'); 'synthetic' = arithmetic")
+                                          "shipped sample ('gsm8k_sample'); 'synthetic' = arithmetic (1-3 operations), "
+                                          "'synthetic_one_step' = one operation")
     eval_data: str | None = option(None, "file/folder; default: --dataset_root's test split, else for gsm8k "
                                          "'gsm8k_sample_test'")
     dataset_root: str | None = option(None, "folder with the task's splits (the recipe's --dataset_root)", path="dir")

@@ -16,6 +16,7 @@ Hugging Face ``save_to_disk`` folder); ``--dataset_root`` is a folder holding th
 """
 from __future__ import annotations
 
+from ..synthetic import SETS as SYNTHETIC_SETS, synthetic_rows
 from . import arc, gsm8k, math, mmlu, rag
 from .base import Task, read_records
 
@@ -35,7 +36,7 @@ def get_task(name: str | Task) -> Task:
 
 def load_task_rows(task: str | Task, data: str | None, split: str, limit: int | None = None, seed: int = 0,
                    dataset_root: str | None = None) -> list[dict]:
-    """Canonical rows of ``task``: from ``data`` (a path, or for gsm8k ``synthetic`` / the shipped
+    """Canonical rows of ``task``: from ``data`` (a path, or for gsm8k a synthetic set / the shipped
     sample's names), else from ``dataset_root``'s ``split``."""
     task = get_task(task)
     if data is None and dataset_root is None:
@@ -43,15 +44,13 @@ def load_task_rows(task: str | Task, data: str | None, split: str, limit: int | 
             raise ValueError(f"task {task.name!r} needs data: pass a data path or --dataset_root")
         data = "gsm8k_sample_test" if split == "test" else "gsm8k_sample"
     if data is not None and task.name == "gsm8k":
-        if data == "synthetic":
-            from ..synthetic import make_arithmetic
-
-            return [gsm8k.to_row(r) for r in make_arithmetic(limit or 20000, seed=seed, min_steps=1, max_steps=3)]
+        if data in SYNTHETIC_SETS:
+            return [gsm8k.to_row(r) for r in synthetic_rows(data, limit or 20000, seed)]
         if data in BUILTIN:
             from ..gsm8k import sample_path
 
             return task.load(sample_path(BUILTIN[data]), None, limit)
-    if data in BUILTIN or data == "synthetic":
+    if data in BUILTIN or data in SYNTHETIC_SETS:
         raise ValueError(f"{data!r} is gsm8k data; task {task.name!r} needs a path (or --dataset_root)")
     return task.load(data if data is not None else dataset_root, split if data is None else None, limit)
 
