@@ -209,7 +209,9 @@ def test_plan_flag_on_a_trainer_prints_the_plan_and_exits(script, argv, family, 
         main(argv)
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"plan: {family} (latentfast)") and "RTX 4090" in out and "peak memory" in out
+    assert out.startswith(f"plan: {family} (latentfast") and "RTX 4090" in out and "peak memory" in out
+    if script == "minimind_main":  # the family's header names the trainer whose step ran
+        assert out.startswith("plan: grpo (latentfast, trainer minimind_grpo)")
     if family == "grpo":  # 1 prompt x 2 generations, 16 + 16 tokens, a reward model
         assert "2 seqs x (16 + 16) tokens" in out and "frozen models" in out
 

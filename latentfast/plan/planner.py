@@ -261,7 +261,8 @@ def format_plan(p: Plan) -> str:
              else f"{w.micro_batch} seqs x {w.completion_len} tokens")
     from .models import label
 
-    lines = [f"plan: {w.family} ({w.impl}) on {label(w.model)}: {shape}, accumulation {w.grad_accum}, "
+    trainer = "" if w.trainer == w.family else f", trainer {w.trainer}"  # e.g. grpo family, minimind_spo
+    lines = [f"plan: {w.family} ({w.impl}{trainer}) on {label(w.model)}: {shape}, accumulation {w.grad_accum}, "
              f"LoRA {'r' + str(w.lora_rank) if w.lora_rank else 'off (full)'}, grad checkpointing "
              f"{'on' if w.grad_ckpt else 'off'}, bf16 {'on' if w.bf16 else 'off'}"
              + (f", beta {w.beta}" if w.rl else "") + (f", teachers {[label(t) for t in w.teachers]}" if w.teachers else ""),
