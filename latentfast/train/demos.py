@@ -20,14 +20,15 @@ SFT = dict(lr=3e-3, per_device_train_batch_size=32, max_steps=200, warmup_ratio=
            logging_steps=50, train_data="synthetic", eval_data="synthetic", max_length=128, max_new_tokens=32)
 SFT_FULL = dict(max_steps=600, eval_size=256)  # --full: the longer run
 
-# latentfast-hrpo: a warm-up strong enough to leave room (held-out ~0.47 after 250 steps at 5e-3; 200 steps
-# at 3e-3 gave 0.29 and HRPO only drifted), then 16 prompts x 4 samples per step (8 x 8 saw too few problems per
-# step to generalise: the held-out accuracy fell in every run) with beta 0.04 holding the policy near the warm-up
+# latentfast-hrpo: one-operation problems (the tiny model learns them in 200 warm-up steps; with 1-3 operations
+# the warm-up ended where it was just learning to copy operands and HRPO showed no gain in 5 minutes), then 150
+# HRPO steps of 16 prompts x 4 samples (8 x 8 saw too few problems per step to generalise) at lr 1e-3 with beta
+# 0.04 holding the policy near the warm-up. The runs tried: bench/results/hrpo_demo_sweep.md
 HRPO = dict(lr=1e-3, lora_rank=16, lr_residual_gate=5e-4, lr_residual_Lambda=1e-3, lr_thinking_projection=5e-4,
             beta=0.04, group_size=4, per_device_train_batch_size=64, gradient_accumulation_steps=1,
-            temperature=1.0, max_prompt_length=96, max_completion_length=28, max_steps=50, warmup_ratio=0.05,
-            max_grad_norm=1.0, train_data="synthetic", eval_data="synthetic", eval_size=256, eval_steps=0,
-            sft_steps=250, sft_lr=5e-3, save_steps=100, logging_steps=10,
+            temperature=1.0, max_prompt_length=96, max_completion_length=16, max_steps=150, warmup_ratio=0.05,
+            max_grad_norm=1.0, train_data="synthetic_one_step", eval_data="synthetic_one_step", eval_size=256,
+            eval_steps=0, sft_steps=200, sft_lr=5e-3, save_steps=100, logging_steps=10,
             system_prompt="")  # the tiny tokenizer's chat template, without the 132-token system turn
 # --full: the longer run
 HRPO_FULL = dict(max_steps=400, eval_steps=100)
