@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU validation: the whole test suite (CUDA tests and kernel-path tests run on
-# the GPU), then the benchmarks at GPU shapes.
+# the GPU), then the benchmarks at GPU shapes, then the planner against the real step
+# (bench/plan_validation.py --device cuda: peak and step time, measured vs predicted).
 #   bash bench/gpu_suite.sh [pytest paths...]
 #   BENCH="thinking_residual:90 grpo_loss" bash bench/gpu_suite.sh   (pick benchmarks, optional per-bench timeout)
 # Logs and bench JSON land in $OUT when set (the device tool), else bench/results/.
@@ -21,3 +22,5 @@ for entry in ${BENCH:-thinking_residual grpo_loss attention_importance hrpo_step
 done
 # per-kernel time of the thinking residual (fused / eager / GEMMs alone): where to look next
 timeout "${PROFILE_TIMEOUT:-90}" python3 bench/profile_thinking_residual.py --out "$OUT" 2>&1 | tail -5
+# the planner against the real step: torch.cuda.max_memory_allocated and step time vs predicted
+timeout "${PLAN_TIMEOUT:-300}" python3 bench/plan_validation.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/plan_validation.log" | tail -20

@@ -294,3 +294,70 @@ def test_decode_steps_counted_as_copies_match_running_every_step(monkeypatch):
     copied = run()
     monkeypatch.setattr(planner, "repeated_decode_steps", lambda tracker: contextlib.nullcontext())
     assert run() == copied
+
+
+def _plan_validation_script():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "plan_validation.py"
+    spec = importlib.util.spec_from_file_location("plan_validation_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_card_is_named_from_the_device_name():
+    assert D.card_of("NVIDIA H100 80GB HBM3") == "h100"
+    assert D.card_of("NVIDIA H200") == "h200"
+    assert D.card_of("NVIDIA A100-SXM4-40GB") == "a100-40"
+    assert D.card_of("NVIDIA A100-SXM4-80GB", 80 * D.GiB) == "a100-80"
+    assert D.card_of("NVIDIA GeForce RTX 4090") == "4090"
+    assert D.card_of("Tesla T4") is None
+
+
+def test_cuda_validation_without_cuda_exits_2_naming_device(capsys):
+    assert not torch.cuda.is_available()  # the CPU build here
+    assert _plan_validation_script().main(["--device", "cuda"]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
+def test_cuda_validation_measures_with_torch_cuda_and_writes_table_and_json(tmp_path, monkeypatch):
+    """``--device cuda``'s path with torch.cuda's counters stubbed (the tensors stay on this CPU):
+    the real step is run for device type cuda and measured between synchronizes, the prediction
+    is planned for cuda on the card the device name gives, the ratios are predicted / measured."""
+    import types
+
+    from latentfast.plan import harness as H, planner, validate as V
+
+    bench = _plan_validation_script()
+    calls, planned_for, run_for = [], [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(total_memory=80 << 30))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: calls.append("max") or 12_000_000)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    prepare, trainer_for, measure_trainer = H.prepare, V.trainer_for, planner.measure_trainer
+    monkeypatch.setattr(H, "prepare", lambda t, ld, bf16, wd=None, device_type="cpu": prepare(t, ld, bf16, wd, "cpu"))
+    monkeypatch.setattr(V, "trainer_for", lambda w, wd, dt: run_for.append(dt) or trainer_for(w, wd, dt))
+    monkeypatch.setattr(planner, "measure_trainer",
+                        lambda w, dt="cuda", fake=True: planned_for.append(dt) or measure_trainer(w, dt, fake))
+    monkeypatch.setattr(bench, "GPU_MODEL", SMALL)
+    monkeypatch.setattr(bench, "GPU_SHAPES", dict(micro_batch=2, grad_accum=1, prompt_len=16, rl_completion_len=16,
+                                                  completion_len=32))
+    assert bench.main(["--device", "cuda", "--only", "latentfast-sft", "--steps", "2", "--out", str(tmp_path)]) == 0
+    assert calls == ["sync", "reset", "sync", "max"] and run_for == ["cuda"] and planned_for == ["cuda"]
+    data = json.loads((tmp_path / "plan_validation_cuda.json").read_text())
+    assert data["info"]["card"] == D.get_device("h100").name and data["info"]["steps"] == 2
+    (r,) = data["results"]
+    assert r["case"] == "latentfast-sft" and r["measured_peak_bytes"] == 12_000_000
+    assert r["predicted_peak_bytes"] > 0 and r["predicted_needed_bytes"] > r["predicted_peak_bytes"]
+    assert r["peak_ratio"] == pytest.approx(r["predicted_peak_bytes"] / 12_000_000)
+    assert r["measured_step_s"] > 0 and r["predicted_step_s"] > 0
+    assert r["step_ratio"] == pytest.approx(r["predicted_step_s"] / r["measured_step_s"])
+    md = (tmp_path / "plan_validation_cuda.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in md and "max_memory_allocated" in md
+    assert (f"| latentfast-sft | 11.4 MiB | {r['predicted_peak_bytes'] / 2**20:.1f} MiB | {r['peak_ratio']:.3f} | "
+            f"{r['measured_step_s']:.4f} | {r['predicted_step_s']:.4f} | {r['step_ratio']:.3f} |") in md

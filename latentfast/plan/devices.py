@@ -70,3 +70,21 @@ def get_device(name: str, memory_gb: float | None = None) -> Device:
         dev = Device(f"{dev.name} (memory set to {memory_gb:g} GiB)", int(memory_gb * GiB), dev.bf16_flops,
                      dev.bandwidth, dev.source)
     return dev
+
+
+def card_of(gpu_name: str, memory_bytes: int | None = None) -> str | None:
+    """The ``DEVICES`` key of a GPU as ``torch.cuda.get_device_name()`` names it ("NVIDIA H100
+    80GB HBM3", "NVIDIA A100-SXM4-40GB", "NVIDIA GeForce RTX 4090", ...); an A100's size from
+    ``memory_bytes`` when its name does not say. None for a card the planner has no figures for."""
+    n = gpu_name.upper()
+    if "H200" in n:
+        return "h200"
+    if "H100" in n:
+        return "h100"
+    if "4090" in n:
+        return "4090"
+    if "A100" in n:
+        if "40GB" in n.replace(" ", "") or (memory_bytes is not None and memory_bytes < 60 * GiB):
+            return "a100-40"
+        return "a100-80"
+    return None

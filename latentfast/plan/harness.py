@@ -15,7 +15,8 @@ What differs from a GPU run, and why:
 - tensors live on (fake) CPU: fake tensors on ``cuda`` need the CUDA build of torch and a device
   for the backward (``fake.py``). The trainer is told the device is the CPU, so choices it makes
   from the device type are set in its config instead (``trainers.py``: bf16 weights / autocast as
-  on CUDA); autocast runs as CPU autocast to bf16.
+  on CUDA); autocast runs as CPU autocast to bf16. (The GPU validation runs the same step on real
+  CUDA tensors: ``prepare(..., device_type="cuda")``.)
 - data: the trainer reads a data file the planner writes (``trainers.py``) whose rows fill the
   configured lengths -- every sequence at its maximum, the planned worst case -- and its tokenizer
   is the project tokenizer unless the model folder has one.
@@ -93,13 +94,14 @@ class PlanLoader:
         tok = self.tokenizer(name)
         cfg = self.config(name, tok, size, **overrides)
         dtype = dtype or torch.bfloat16  # load_causal_lm's default on CUDA, the planned device
-        return tok, self.build(lambda: AutoModelForCausalLM.from_config(cfg, dtype=dtype), seed)
+        return tok, self.build(lambda: AutoModelForCausalLM.from_config(cfg, dtype=dtype), seed, device)
 
-    def build(self, make, seed: int = 0):
-        """``make()`` on real tensors (validation), or on the meta device turned into fake ones."""
+    def build(self, make, seed: int = 0, device=None):
+        """``make()`` on real tensors moved to ``device`` (validation: CPU, or a real CUDA step), or
+        on the meta device turned into fake CPU ones (``device`` is then the planned one: ignored)."""
         if self.mode is None:
-            torch.manual_seed(seed)
-            return make()
+            torch.manual_seed(seed)  # initialised on the CPU: the same weights on either device
+            return make().to(device or "cpu")
         from .fake import fakeify
 
         with torch.device("meta"):
@@ -126,7 +128,7 @@ class PlanLoader:
         tok = self.tokenizer(path)
         cfg.pad_token_id = tok.pad_token_id
         dtype = dtype or getattr(torch, str(d.get("dtype") or d.get("torch_dtype") or "bfloat16"))
-        model = self.build(lambda: AutoModelForSequenceClassification.from_config(cfg, dtype=dtype))
+        model = self.build(lambda: AutoModelForSequenceClassification.from_config(cfg, dtype=dtype), device=device)
         return PlanRewardModel(model, tok, self.response_tokens, REWARD_SCALE if scale is None else scale)
 
 
@@ -156,20 +158,22 @@ def substituted(loader):
         yield
 
 
-def _amp(bf16: bool):
-    return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+def _amp(bf16: bool, device_type: str = "cpu"):
+    return (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
 
-def prepare(trainer, loader: PlanLoader, bf16: bool = False, workdir: str | None = None):
+def prepare(trainer, loader: PlanLoader, bf16: bool = False, workdir: str | None = None, device_type: str = "cpu"):
     """What ``Trainer.fit`` does before the first step (no process group, no folder lock), models
-    through ``loader`` (``PlanLoader(fake_mode)``, or ``PlanLoader(None)``: real tensors)."""
+    through ``loader`` (``PlanLoader(fake_mode)``, or ``PlanLoader(None)``: real tensors).
+    ``device_type``: where the tensors live -- the CPU (fake steps, CPU validation) or, for the
+    real-GPU validation (``validate.run_trainer_step(w, "cuda")``), ``cuda``."""
     from latentfast.train.common import warmup_schedule
 
     t = trainer
-    t.device, t.rank, t.world = torch.device("cpu"), 0, 1
+    t.device, t.rank, t.world = torch.device(device_type), 0, 1
     t.out = pathlib.Path(workdir or tempfile.mkdtemp(prefix="latentfast-plan-"))
     t.run_id, t.step, t._stream_offset, t.total = "plan", 0, 0, 1
-    t.amp = _amp(bf16)
+    t.amp = _amp(bf16, device_type)
     t._plan_loader = loader
     with substituted(loader):
         torch.manual_seed(t.cfg.seed)
