@@ -98,9 +98,14 @@ def main(argv=None) -> int:
     ap.add_argument("--card", default=None, help="the planner's card for the prediction (default: the GPU's name)")
     ap.add_argument("--only", default=None, help="comma-separated substrings of case labels (cuda)")
     ap.add_argument("--steps", type=int, default=3, help="measured steps after the warm-up (cuda)")
+    ap.add_argument("--gpu_shapes", action="store_true",
+                    help="cpu: the --device cuda cases and shapes on this CPU (the CPU's own choices: fp32 where "
+                         "--dtype auto), measured and planned for the CPU: bench/results/plan_validation_gpu_shapes.md")
     args = ap.parse_args(argv)
     if args.device == "cuda":
         return main_cuda(args)
+    if args.gpu_shapes:
+        return main_gpu_shapes_on_cpu(args)
     small = str(pathlib.Path(tempfile.mkdtemp()) / "config.json")
     pathlib.Path(small).write_text(json.dumps(SMALL))
     rows = ["| trainer (its own step) | measured peak | predicted | ratio |", "|---|---|---|---|"]
@@ -113,6 +118,29 @@ def main(argv=None) -> int:
     text = "\n".join(rows) + "\n"
     out = pathlib.Path("bench/results/plan_validation.md")
     out.write_text(__doc__.split("\n\n", 2)[2].split("\n\n")[0].strip() + "\n\n" + text)
+    print(f"written to {out}")
+    return 0
+
+
+def main_gpu_shapes_on_cpu(args) -> int:
+    """``--device cuda``'s cases at its shapes, run and planned on this CPU (``validate.measured_peak`` /
+    ``predicted_peak``): the planner at larger shapes where it can be measured here."""
+    rows = ["| case | measured peak | predicted | ratio |", "|---|---|---|---|"]
+    for label, w in gpu_cases(args.only):
+        t0 = time.process_time()
+        m, p = measured_peak(w), predicted_peak(w)
+        rows.append(f"| {label} | {m / 2**20:.1f} MiB | {p / 2**20:.1f} MiB | {p / m:.3f} |")
+        print(rows[-1], f"({time.process_time() - t0:.0f} CPU s)", flush=True)
+    s = GPU_SHAPES
+    head = (f"The cases of `--device cuda` at its shapes (Qwen2 {GPU_MODEL['hidden_size']}x{GPU_MODEL['num_hidden_layers']}, "
+            f"vocab {GPU_MODEL['vocab_size']} / MiniMind {GPU_MM['hidden_size']}x{GPU_MM['num_hidden_layers']} MoE; "
+            f"{s['micro_batch']} x {s['completion_len']} tokens, RL {s['micro_batch']} x ({s['prompt_len']} + "
+            f"{s['rl_completion_len']}), accumulation {s['grad_accum']}), run and planned on this CPU "
+            "(`python bench/plan_validation.py --gpu_shapes`): the trainers' CPU choices (fp32 weights where "
+            "`--dtype auto`, bf16 autocast where the trainer has it), measured with the CPU allocator's events "
+            "(`torch.profiler`, second step) against the fake step planned for the CPU. Ratio: predicted / measured.")
+    out = pathlib.Path("bench/results/plan_validation_gpu_shapes.md")
+    out.write_text(head + "\n\n" + "\n".join(rows) + "\n")
     print(f"written to {out}")
     return 0
 
