@@ -148,3 +148,24 @@ def test_unregistered_objective_is_a_clear_error():
     x, W, b, ids, mask, inputs = _data()
     with pytest.raises(TypeError, match="register_objective"):
         E.objective_loss(Unregistered(), x, W, b, ids, mask, {})
+
+
+def test_a_bf16_head_is_never_copied_to_fp32():
+    """The fast path's sum_v W_v (GRPO's zsum) and DPO's logits mean sum a bf16 W in fp32
+    without a V x H fp32 copy of it (that transient was 4 bytes per weight, more than the
+    whole chunk budget: the planner's fake step could not see it)."""
+    from latentfast.ops.grpo_loss import fused_linear_grpo_loss
+    from latentfast.ops.preference import logits_mean
+    from latentfast.plan.fake import allocation_peak
+
+    torch.manual_seed(0)
+    B, T, H, V = 2, 8, 64, 65536  # an fp32 copy of W: 16 MiB; row_sum_fp32 upcasts 4 MiB at a time
+    W = torch.randn(V, H, dtype=torch.bfloat16) * 0.05
+    x = torch.randn(B, T, H, dtype=torch.bfloat16, requires_grad=True)
+    ids, mask, adv = torch.randint(0, V, (B, T)), torch.ones(B, T), torch.randn(B)
+    for fn in (lambda: fused_linear_grpo_loss(x, W, ids, mask, adv, beta=0.0)[0].backward(),
+               lambda: logits_mean(x, W, None)):
+        fn()  # one-time allocations out of the measurement
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        assert allocation_peak(prof) < V * H * 4 // 2, "an fp32 copy of the bf16 head was allocated"

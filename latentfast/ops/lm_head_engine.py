@@ -201,6 +201,19 @@ def chunk_rows_default(device: torch.device, V: int, elt: int) -> int:
     return 1 << int(math.log2(rows))
 
 
+def row_sum_fp32(t: torch.Tensor, budget: int = 1 << 22) -> torch.Tensor:
+    """``t.float().sum(0)`` of an (N, H) tensor, upcast ``budget`` bytes of rows at a time: a bf16
+    lm_head's ``.float()`` would be a transient N x H x 4 bytes (on CPU ``sum(dtype=float32)``
+    makes that copy too), more than the whole logits chunk and invisible to the planner's fake step."""
+    if t.dtype == torch.float32:
+        return t.sum(0)
+    rows = max(16, budget // (4 * t.shape[1]))
+    out = torch.zeros(t.shape[1], device=t.device, dtype=torch.float32)
+    for s in range(0, t.shape[0], rows):
+        out += t[s:s + rows].float().sum(0)
+    return out
+
+
 def _chunk_bounds(n_rows: int, rows: int, seq_ends: Optional[list[int]]) -> list[tuple[int, int]]:
     """[start, end) row ranges of at most ``rows`` rows. With ``seq_ends`` (cumulative
     row counts per group) chunks hold whole groups; a longer group gets its own."""
@@ -362,7 +375,7 @@ def _engine_fwd(
         bounds = _group_chunks(seq_len.long().tolist(), obj.seqs_per_group, rows)
     need_zsum = "zsum" in obj.stats
     if fast:  # sum_v z_v = (x_c . sum_v W_v + sum b) / T: a GEMV, L untouched
-        w_sum = weight.float().sum(0)
+        w_sum = row_sum_fp32(weight)
         b_sum = bias.float().sum() if bias is not None else 0.0
 
     loss = torch.zeros((), device=dev, dtype=torch.float32)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from latentfast.ops._dispatch import check_shape, check_tensor
-from latentfast.ops.lm_head_engine import autocast_head, check_head, lm_head_logps, objective_loss
+from latentfast.ops.lm_head_engine import autocast_head, check_head, lm_head_logps, objective_loss, row_sum_fp32
 from latentfast.ops.objectives.preference import (DPOObjective, ORPOObjective, SimPOObjective,
                                                   check_dpo_options, pair_order)
 
@@ -42,7 +42,7 @@ def logits_mean(x, weight, bias) -> torch.Tensor:
     ``chosen_logits_mean``), as one GEMV: no logits."""
     with torch.no_grad():
         n = x.shape[0] * x.shape[1]
-        s = x.float().reshape(-1, x.shape[-1]).sum(0) @ weight.float().sum(0)
+        s = row_sum_fp32(x.reshape(-1, x.shape[-1])) @ row_sum_fp32(weight)
         if bias is not None:
             s = s + n * bias.float().sum()
         return s / (n * weight.shape[0])
