@@ -13,11 +13,12 @@ are gone before theirs exist (MiniMind users hit OOM there).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 
 import torch
+
+from latentfast.seam import Seam
 
 from .rewards import REWARD_SCALE
 
@@ -25,20 +26,10 @@ _FORMAT = (re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.
            re.compile(r"^<think>\n.*?\n</think>\n\n<answer>\n.*?\n</answer>$", re.S))
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_SUBSTITUTE = None  # ``substitute``: what ``RewardModel.load`` returns instead of reading weights
-
-
-@contextlib.contextmanager
-def substitute(loader):
-    """Within: ``RewardModel.load(path, device, ...)`` is ``loader(path, device, ...)`` (same
-    arguments, a ``RewardModel``). The planner (``latentfast.plan``) scores a trainer's rollouts
-    this way with a reward model built from a config alone on fake tensors."""
-    global _SUBSTITUTE
-    old, _SUBSTITUTE = _SUBSTITUTE, loader
-    try:
-        yield
-    finally:
-        _SUBSTITUTE = old
+_SEAM = Seam()
+# ``with substitute(loader):`` makes ``RewardModel.load(path, device, ...)`` return ``loader(path, device,
+# ...)`` (a ``RewardModel``): the planner scores rollouts with a reward model built from its config alone
+substitute = _SEAM.substitute
 
 
 def format_rewards(responses: list[str]) -> list[float]:
@@ -67,8 +58,8 @@ class RewardModel:
 
     @classmethod
     def load(cls, path: str, device, dtype=None, trust_remote_code: bool = False, scale: float = REWARD_SCALE):
-        if _SUBSTITUTE is not None:
-            return _SUBSTITUTE(path, device, dtype=dtype, trust_remote_code=trust_remote_code, scale=scale)
+        if _SEAM.current is not None:
+            return _SEAM.current(path, device, dtype=dtype, trust_remote_code=trust_remote_code, scale=scale)
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
         if not os.path.isdir(path):

@@ -3,13 +3,13 @@ downloaded at run time): ``from_local`` (any ``from_pretrained`` class) and
 ``load_causal_lm`` (a tokenizer and causal LM by name, ``tiny`` built in code)."""
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from latentfast.cli import is_local_model
 from latentfast.data import build_tokenizer
+from latentfast.seam import Seam
 
 from .tiny import build_tiny_causal_lm
 
@@ -29,28 +29,18 @@ def from_local(cls, name, **kwargs):
                       f"run time): {e}") from e
 
 
-_SUBSTITUTE = None  # set by ``substitute``: the planner builds models from configs on fake tensors
-
-
-@contextlib.contextmanager
-def substitute(loader):
-    """Within: ``load_causal_lm(...)`` is ``loader(...)`` (same arguments, same result). The
-    planner (``latentfast.plan``) runs a trainer's own step this way with models built from a
-    config alone on fake tensors; nothing else changes in the trainer."""
-    global _SUBSTITUTE
-    old, _SUBSTITUTE = _SUBSTITUTE, loader
-    try:
-        yield
-    finally:
-        _SUBSTITUTE = old
+_SEAM = Seam()
+# ``with substitute(loader):`` makes ``load_causal_lm(...)`` return ``loader(...)`` (same arguments,
+# same result): the planner's models built from a config alone on fake tensors
+substitute = _SEAM.substitute
 
 
 def load_causal_lm(name: str, device, dtype=None, seed: int = 0, size: str = "tiny", **overrides):
     """(tokenizer, model). ``name='tiny'`` builds the project tokenizer and a small Qwen2
     from a config (``size`` / ``overrides``, random weights, no download); anything
     else is a local Hugging Face model path."""
-    if _SUBSTITUTE is not None:
-        return _SUBSTITUTE(name, device, dtype=dtype, seed=seed, size=size, **overrides)
+    if _SEAM.current is not None:
+        return _SEAM.current(name, device, dtype=dtype, seed=seed, size=size, **overrides)
     if name == "tiny":
         tok = build_tokenizer()
         lm = build_tiny_causal_lm(tok, size=size, seed=seed, **overrides).to(device)
