@@ -90,30 +90,32 @@ def lm_head_workspace(func, args, device_type: str, count=None) -> tuple[int, fl
         rows = chunk_rows if chunk_rows > 0 else max(16, chunk_rows_default(dev, max(V, Vt), 4) // 16)
         r = min(rows, n)
         need = sum(bool(a) for a in args[10:12])
-        work = r * (V * _elt(xs) + Vt * _elt(xt)) + int(distill_vjp_units(args[8]) * r * V * 4) + n * (2 * xs.shape[1] * _elt(xs) +
-                                                                              xt.shape[1] * _elt(xt))
+        vjp = int(distill_vjp_units(args[8], xs.dtype, xt.dtype) * r * V * 4)
+        work = r * (V * _elt(xs) + Vt * _elt(xt)) + vjp + n * (2 * xs.shape[1] * _elt(xs) + xt.shape[1] * _elt(xt))
         return work, 2.0 * n * (xs.shape[1] * V * (1 + need) + xt.shape[1] * Vt), \
             _sweeps(n, r, V, xs.shape[1], _elt(xs), 1 + need) + _sweeps(n, r, Vt, xt.shape[1], _elt(xt), 1)
     return 0, 0.0, 0
 
 
 @functools.lru_cache(maxsize=None)
-def distill_vjp_units(objective: str) -> float:
-    """Peak bytes of a distillation objective's ``torch.func.vjp`` over one chunk -- the forward's
-    temporaries, the saved ones, the student logits' gradient -- in units of an (R, V) fp32
-    tensor (all its temporaries are (R, V) elementwise: the count does not depend on R or V),
-    measured once per objective on a small real chunk from the CPU allocator's events. The op
-    (``ops.lm_head_distill``) is opaque to the tracker; MiniMind's KL (beta 0) peaks at 6."""
+def distill_vjp_units(objective: str, student_dtype=torch.float32, teacher_dtype=torch.float32) -> float:
+    """Peak bytes of a distillation objective's ``torch.func.vjp`` over one chunk -- the student
+    logits' fp32 upcast (bf16 under autocast), the forward's temporaries (the teacher's upcast
+    among them), the saved ones, the gradient -- in units of an (R, V) fp32 tensor (all its
+    temporaries are (R, V) elementwise: the count does not depend on R or V), measured once per
+    objective and dtypes on a small real chunk from the CPU allocator's events. The op
+    (``ops.lm_head_distill``) is opaque to the tracker; MiniMind's KL (beta 0) peaks at 6 in fp32."""
     from latentfast.ops.lm_head_engine import _func_enabled, objective_from_key
 
     obj, r, V = objective_from_key(objective), 64, 512
     with _disable_current_modes(), torch.random.fork_rng():
-        s, t, ids, n = torch.randn(r, V), torch.randn(r, V), torch.randint(0, V, (r,)), torch.tensor(float(r))
+        s = torch.randn(r, V).to(student_dtype)
+        t, ids, n = torch.randn(r, V).to(teacher_dtype), torch.randint(0, V, (r,)), torch.tensor(float(r))
 
-        def chunk():
+        def chunk():  # as the op runs it: the vjp over the chunk's fp32 copy, the gradient back in place
             with _func_enabled():
                 _, vjp, _ = torch.func.vjp(lambda z: (lambda o: (o[0], (o[1], o[2])))(obj.terms(z, t, ids, n)),
-                                           s, has_aux=True)
+                                           s.float(), has_aux=True)
                 s.copy_(vjp(torch.ones(()))[0])
 
         chunk()  # one-time allocations stay out
